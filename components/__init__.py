@@ -1,0 +1,1 @@
+"""MLOps building blocks of lidgate: one real library each."""

@@ -1,0 +1,1 @@
+"""Prefect flows and the lidgate CLI: entry points only, no maths here."""

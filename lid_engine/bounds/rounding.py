@@ -1,0 +1,126 @@
+"""A-priori floating-point error bounds for certification mode.
+
+Certification must hold for the real-number model *and* for any IEEE evaluation of it, without
+hoping that rounding errors are small. We use the classical a-priori bound for a dot product of
+``n`` terms computed in any summation order with round-to-nearest (Higham, Thm 3.1; Rump's
+midpoint–radius papers):
+
+    |fl(a·b) − a·b| ≤ γ_n · |a|·|b| + n·η,     γ_n = n·u / (1 − n·u),
+
+where ``u`` is the unit roundoff and ``η`` the smallest positive subnormal (underflow). Each
+bounded layer computes, besides its centre/radius (or lower/upper) in floating point, a *magnitude*
+``Mag ≥ |a|·|b|`` with one extra product of non-negative operands, and widens its output by
+
+    slack = c_n · Mag + k_n · η,
+
+with ``c_n`` covering (i) the rounding of our own bound computation, (ii) the rounding of ``Mag``
+itself (which can only be under-estimated by a factor (1 − u)(1 − γ_n)), and (iii) the rounding of
+a float forward pass of any parameter vector in the box (so sampled float forwards are enclosed
+too). Every final subtraction/addition is then rounded outward by one ulp with ``nextafter``.
+
+The bound requires a plain dot-product kernel (BLAS gemm, im2col convolution): no Winograd/FFT
+convolutions, no TF32 or bf16 reduced precision. ``certification_backend()`` enforces that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+_UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
+_SMALLEST_SUBNORMAL = {torch.float32: 2.0**-149, torch.float64: 2.0**-1074}
+SUPPORTED_DTYPES = tuple(_UNIT_ROUNDOFF)
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    try:
+        return _UNIT_ROUNDOFF[dtype]
+    except KeyError:
+        raise ValueError(f"certification supports float32 and float64, got {dtype}") from None
+
+
+def gamma(n: int, dtype: torch.dtype) -> float:
+    """γ_n = n·u / (1 − n·u), the relative error bound of an n-term dot product."""
+    u = unit_roundoff(dtype)
+    if n * u >= 0.5:
+        raise ValueError(f"dot product of length {n} is too long for a rounding bound in {dtype}")
+    return n * u / (1 - n * u)
+
+
+def slack_coefficients(n_terms: int, dtype: torch.dtype) -> tuple[float, float]:
+    """(c, k) such that ``c·Mag + k·η`` bounds all rounding of an ``n_terms`` dot product layer.
+
+    2γ covers our own computation and a float forward pass of any θ' in the box; 4u covers
+    forming ``centre ± radius`` (both bounded by ``Mag``); the division by (1 − u)(1 − γ) covers
+    ``Mag`` having been computed in floating point; the final 1.01 margin absorbs the rounding of
+    the multiplication ``c·Mag`` itself.
+    """
+    u, g = unit_roundoff(dtype), gamma(n_terms, dtype)
+    c = (2.0 * g + 4.0 * u) / ((1 - u) * (1 - g)) * 1.01
+    k = 4.0 * (n_terms + 1)
+    return c, k
+
+
+def eta(dtype: torch.dtype) -> float:
+    return _SMALLEST_SUBNORMAL[dtype]
+
+
+def round_down(t: Tensor) -> Tensor:
+    """One ulp towards −∞: turns a round-to-nearest result into a guaranteed lower bound."""
+    return torch.nextafter(t, t.new_full((), -math.inf))
+
+
+def round_up(t: Tensor) -> Tensor:
+    """One ulp towards +∞: turns a round-to-nearest result into a guaranteed upper bound."""
+    return torch.nextafter(t, t.new_full((), math.inf))
+
+
+def widen(lo: Tensor, hi: Tensor, mag: Tensor, n_terms: int) -> tuple[Tensor, Tensor]:
+    """Widen a computed interval by the a-priori rounding slack of an ``n_terms`` dot product."""
+    c, k = slack_coefficients(n_terms, lo.dtype)
+    slack = round_up(round_up(mag * c) + k * eta(lo.dtype))
+    return round_down(lo - slack), round_up(hi + slack)
+
+
+def midpoint_radius(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
+    """Floating-point (mid, rad) with [mid − rad, mid + rad] ⊇ [lower, upper] guaranteed."""
+    mid = (lower + upper) / 2
+    rad = round_up(torch.maximum(upper - mid, mid - lower))
+    return mid, rad
+
+
+@contextlib.contextmanager
+def certification_backend() -> Iterator[None]:
+    """Force kernels whose rounding obeys the dot-product error model.
+
+    oneDNN (mkldnn) and cuDNN may choose Winograd or FFT convolutions and TF32 matmuls, whose
+    errors the γ_n bound does not cover; the native im2col + gemm path does obey it.
+    """
+    old_precision = torch.get_float32_matmul_precision()
+    old_tf32_matmul = torch.backends.cuda.matmul.allow_tf32
+    old_tf32_cudnn = torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with warnings.catch_warnings():
+            # torch warns about oneDNN TF32 on Intel GPUs whenever the mkldnn flags are touched.
+            warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+            mkldnn_off = torch.backends.mkldnn.flags(enabled=False)
+            mkldnn_off.__enter__()
+        try:
+            with torch.backends.cudnn.flags(enabled=False):
+                yield
+        finally:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+                mkldnn_off.__exit__(None, None, None)
+    finally:
+        torch.set_float32_matmul_precision(old_precision)
+        torch.backends.cuda.matmul.allow_tf32 = old_tf32_matmul
+        torch.backends.cudnn.allow_tf32 = old_tf32_cudnn

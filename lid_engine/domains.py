@@ -1,0 +1,339 @@
+"""Parameter-space domains: orthotopes (``Box``) over a model's named parameters.
+
+A box is stored canonically as (lower, upper) per ``model.named_parameters()`` name. Midpoint and
+radius are derived on demand and never stored, so there is a single source of truth that an
+auditor can fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .errors import DomainMismatchError, InvalidDomainError
+
+BOX_FORMAT = "lidgate.box/1"
+_TENSORS_FILE = "domain.safetensors"
+_META_FILE = "domain.json"
+
+
+def _as_tensor_dict(arg: str, value: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    if not isinstance(value, Mapping):
+        raise InvalidDomainError(f"Box: '{arg}' must be a mapping name -> tensor, got {type(value).__name__}")
+    out = {}
+    for name, t in value.items():
+        if not isinstance(t, Tensor):
+            raise InvalidDomainError(f"Box: {arg}['{name}'] must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise InvalidDomainError(f"Box: {arg}['{name}'] must be floating point, got {t.dtype}")
+        out[name] = t
+    return out
+
+
+class Box:
+    """An orthotope ``{θ : lower ≤ θ ≤ upper}`` over named parameters.
+
+    ``lower``/``upper`` map every ``model.named_parameters()`` name to a tensor of that
+    parameter's shape. Tensors may require grad (the LID search optimises them directly).
+    """
+
+    kind = "box"
+
+    def __init__(self, lower: Mapping[str, Tensor], upper: Mapping[str, Tensor], *, check: bool = True):
+        self.lower = _as_tensor_dict("lower", lower)
+        self.upper = _as_tensor_dict("upper", upper)
+        if check:
+            self.validate()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def around(
+        cls,
+        model: nn.Module,
+        radius: float,
+        *,
+        relative: bool = False,
+        names: Iterable[str] | None = None,
+    ) -> Box:
+        """Symmetric box around the model's current parameters.
+
+        ``radius`` is absolute (every coordinate gets ``±radius``) or, with ``relative=True``,
+        proportional to the magnitude of each weight (``±radius·|θ_i|``). ``names`` restricts the
+        width to those parameters; all others get zero width.
+        """
+        if not isinstance(radius, (int, float)) or not math.isfinite(radius) or radius < 0:
+            raise InvalidDomainError(f"Box.around: 'radius' must be a finite number ≥ 0, got {radius!r}")
+        params = dict(model.named_parameters())
+        if not params:
+            raise DomainMismatchError(f"Box.around: model {type(model).__name__} has no parameters")
+        widen = set(params) if names is None else set(names)
+        unknown = widen - set(params)
+        if unknown:
+            raise DomainMismatchError(f"Box.around: 'names' lists unknown parameters {sorted(unknown)}")
+        lower, upper = {}, {}
+        for name, p in params.items():
+            centre = p.detach().clone()
+            if name in widen:
+                r = radius * centre.abs() if relative else torch.full_like(centre, float(radius))
+            else:
+                r = torch.zeros_like(centre)
+            lower[name], upper[name] = centre - r, centre + r
+            # centre ± r may round inward; push outward so the centre is always inside.
+            lower[name] = torch.minimum(lower[name], centre)
+            upper[name] = torch.maximum(upper[name], centre)
+        return cls(lower, upper)
+
+    @classmethod
+    def relative_around(cls, model: nn.Module, radius: float, **kwargs) -> Box:
+        """Box with radius ``radius·|θ_i|`` per coordinate (zero-valued weights get zero width)."""
+        return cls.around(model, radius, relative=True, **kwargs)
+
+    @classmethod
+    def point(cls, model: nn.Module) -> Box:
+        """Zero-width box at the model's current parameters."""
+        return cls.around(model, 0.0)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ``InvalidDomainError`` unless names match, shapes match, bounds are finite and ordered."""
+        if set(self.lower) != set(self.upper):
+            missing = sorted(set(self.lower) ^ set(self.upper))
+            raise InvalidDomainError(f"Box: lower and upper name different parameters: {missing}")
+        if not self.lower:
+            raise InvalidDomainError("Box: no parameters")
+        for name in self.lower:
+            lo, hi = self.lower[name], self.upper[name]
+            if lo.shape != hi.shape:
+                raise InvalidDomainError(
+                    f"Box: parameter '{name}': lower has shape {tuple(lo.shape)}, upper {tuple(hi.shape)}"
+                )
+            if lo.dtype != hi.dtype or lo.device != hi.device:
+                raise InvalidDomainError(f"Box: parameter '{name}': lower/upper differ in dtype or device")
+            with torch.no_grad():
+                if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+                    raise InvalidDomainError(f"Box: parameter '{name}' has NaN or infinite bounds")
+                bad = lo > hi
+                if bad.any():
+                    idx = tuple(int(i) for i in bad.nonzero()[0])
+                    raise InvalidDomainError(
+                        f"Box: parameter '{name}' has lower > upper at index {idx} "
+                        f"({float(lo[idx]):.6g} > {float(hi[idx]):.6g})"
+                    )
+
+    def check_matches(self, model: nn.Module, where: str = "domain") -> None:
+        """Raise ``DomainMismatchError`` unless the box covers exactly the model's named parameters."""
+        params = dict(model.named_parameters())
+        missing = sorted(set(params) - set(self.lower))
+        extra = sorted(set(self.lower) - set(params))
+        if missing or extra:
+            raise DomainMismatchError(
+                f"{where}: the box does not match model {type(model).__name__}: "
+                f"missing parameters {missing}, unknown parameters {extra}"
+            )
+        for name, p in params.items():
+            if tuple(self.lower[name].shape) != tuple(p.shape):
+                raise DomainMismatchError(
+                    f"{where}: parameter '{name}' has shape {tuple(p.shape)} in the model but "
+                    f"{tuple(self.lower[name].shape)} in the box"
+                )
+
+    # ------------------------------------------------------------------ derived quantities
+    @property
+    def names(self) -> list[str]:
+        return list(self.lower)
+
+    def midpoint(self, name: str) -> Tensor:
+        return (self.lower[name] + self.upper[name]) / 2
+
+    def radius(self, name: str) -> Tensor:
+        return (self.upper[name] - self.lower[name]) / 2
+
+    def width(self, name: str) -> Tensor:
+        return self.upper[name] - self.lower[name]
+
+    def numel(self) -> int:
+        return sum(t.numel() for t in self.lower.values())
+
+    def width_sum(self) -> float:
+        """Sum of all coordinate widths (the paper's L1 size, α = 0)."""
+        with torch.no_grad():
+            return float(sum(self.width(n).double().sum() for n in self.names))
+
+    def mean_width(self) -> float:
+        return self.width_sum() / self.numel()
+
+    def log_volume(self, eps: float = 0.0) -> float:
+        """Σ log(width_i + eps); ``-inf`` when some width is zero and ``eps == 0``."""
+        with torch.no_grad():
+            return float(sum(torch.log(self.width(n).double() + eps).sum() for n in self.names))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.lower.values())).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.lower.values())).device
+
+    # ------------------------------------------------------------------ set operations
+    def contains(self, model_or_params: nn.Module | Mapping[str, Tensor], atol: float = 0.0) -> bool:
+        """True iff every parameter lies in [lower − atol, upper + atol]."""
+        params = self._params_of(model_or_params, "contains")
+        with torch.no_grad():
+            for name, lo in self.lower.items():
+                p = params[name].to(lo.device, lo.dtype)
+                if not bool(((p >= lo - atol) & (p <= self.upper[name] + atol)).all()):
+                    return False
+        return True
+
+    def distance2(self, model_or_params: nn.Module | Mapping[str, Tensor]) -> float:
+        """Squared Euclidean distance from the parameters to the box (0 inside)."""
+        params = self._params_of(model_or_params, "distance2")
+        with torch.no_grad():
+            total = 0.0
+            for name, lo in self.lower.items():
+                p = params[name].to(lo.device, lo.dtype)
+                gap = (lo - p).clamp(min=0) + (p - self.upper[name]).clamp(min=0)
+                total += float(gap.double().pow(2).sum())
+        return total
+
+    def project_(self, model: nn.Module) -> nn.Module:
+        """Clamp the model's parameters into the box in place (Euclidean projection) and return it."""
+        self.check_matches(model, "Box.project_")
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                lo = self.lower[name].to(p.device, p.dtype)
+                hi = self.upper[name].to(p.device, p.dtype)
+                torch.clamp_(p, min=lo, max=hi)
+        return model
+
+    def intersection(self, other: Box) -> Box:
+        """Element-wise intersection; raises ``InvalidDomainError`` when it is empty."""
+        if set(self.names) != set(other.names):
+            raise DomainMismatchError("Box.intersection: the boxes name different parameters")
+        lower = {n: torch.maximum(self.lower[n], other.lower[n].to(self.lower[n])) for n in self.names}
+        upper = {n: torch.minimum(self.upper[n], other.upper[n].to(self.upper[n])) for n in self.names}
+        for n in self.names:
+            if bool((lower[n] > upper[n]).any()):
+                raise InvalidDomainError(f"Box.intersection: empty intersection in parameter '{n}'")
+        return Box(lower, upper)
+
+    def is_subset(self, other: Box, atol: float = 0.0) -> bool:
+        """True iff this box lies inside ``other``."""
+        if set(self.names) != set(other.names):
+            return False
+        with torch.no_grad():
+            return all(
+                bool((self.lower[n] >= other.lower[n].to(self.lower[n]) - atol).all())
+                and bool((self.upper[n] <= other.upper[n].to(self.upper[n]) + atol).all())
+                for n in self.names
+            )
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Box:
+        """Copy onto ``device``/``dtype``. Casting to a lower precision rounds outward (stays sound)."""
+        lower, upper = {}, {}
+        for n in self.names:
+            lo = self.lower[n].detach().to(device=device)
+            hi = self.upper[n].detach().to(device=device)
+            if dtype is not None and dtype != lo.dtype:
+                lo_c, hi_c = lo.to(dtype), hi.to(dtype)
+                # Round outward: a narrowing cast may move a bound inside the original box.
+                lo_c = torch.where(lo_c.to(lo.dtype) > lo, torch.nextafter(lo_c, torch.full_like(lo_c, -math.inf)), lo_c)
+                hi_c = torch.where(hi_c.to(hi.dtype) < hi, torch.nextafter(hi_c, torch.full_like(hi_c, math.inf)), hi_c)
+                lo, hi = lo_c, hi_c
+            lower[n], upper[n] = lo, hi
+        return Box(lower, upper)
+
+    def detach(self) -> Box:
+        return Box({n: t.detach().clone() for n, t in self.lower.items()},
+                   {n: t.detach().clone() for n, t in self.upper.items()}, check=False)
+
+    def sample(self, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """A parameter vector drawn uniformly from the box (clamped so rounding cannot leave it)."""
+        out = {}
+        for n in self.names:
+            lo, hi = self.lower[n].detach(), self.upper[n].detach()
+            u = torch.rand(lo.shape, generator=generator, dtype=lo.dtype, device="cpu").to(lo.device)
+            out[n] = torch.minimum(torch.maximum(lo + (hi - lo) * u, lo), hi)
+        return out
+
+    def vertex(self, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """A random vertex of the box: each coordinate at its lower or its upper bound."""
+        out = {}
+        for n in self.names:
+            lo, hi = self.lower[n].detach(), self.upper[n].detach()
+            pick = torch.rand(lo.shape, generator=generator, device="cpu").to(lo.device) < 0.5
+            out[n] = torch.where(pick, hi, lo)
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def tensors(self) -> dict[str, Tensor]:
+        """Flat tensor dict as stored on disk (``lower/NAME``, ``upper/NAME``)."""
+        flat = {}
+        for n in self.names:
+            flat[f"lower/{n}"] = self.lower[n].detach().cpu().contiguous()
+            flat[f"upper/{n}"] = self.upper[n].detach().cpu().contiguous()
+        return flat
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``domain.safetensors`` + ``domain.json`` into ``directory`` (created if needed)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(self.tensors(), str(directory / _TENSORS_FILE))
+        meta = {
+            "format": BOX_FORMAT,
+            "kind": self.kind,
+            "names": self.names,
+            "shapes": {n: list(self.lower[n].shape) for n in self.names},
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+        (directory / _META_FILE).write_text(json.dumps(meta, indent=2))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Box:
+        directory = Path(directory)
+        meta_path, tensor_path = directory / _META_FILE, directory / _TENSORS_FILE
+        if not meta_path.is_file() or not tensor_path.is_file():
+            raise InvalidDomainError(f"Box.load: '{directory}' lacks {_META_FILE} or {_TENSORS_FILE}")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != BOX_FORMAT:
+            raise InvalidDomainError(f"Box.load: '{meta_path}' has format {meta.get('format')!r}, expected {BOX_FORMAT!r}")
+        flat = load_file(str(tensor_path))
+        lower, upper = {}, {}
+        for n in meta["names"]:
+            try:
+                lower[n], upper[n] = flat[f"lower/{n}"], flat[f"upper/{n}"]
+            except KeyError as exc:
+                raise InvalidDomainError(f"Box.load: tensor {exc.args[0]!r} missing from '{tensor_path}'") from None
+        if set(flat) != {f"{s}/{n}" for n in meta["names"] for s in ("lower", "upper")}:
+            raise InvalidDomainError(f"Box.load: '{tensor_path}' holds tensors not named in '{meta_path}'")
+        return cls(lower, upper)
+
+    # ------------------------------------------------------------------ helpers
+    def _params_of(self, model_or_params, where: str) -> dict[str, Tensor]:
+        if isinstance(model_or_params, nn.Module):
+            self.check_matches(model_or_params, f"Box.{where}")
+            return dict(model_or_params.named_parameters())
+        params = dict(model_or_params)
+        missing = sorted(set(self.lower) - set(params))
+        if missing:
+            raise DomainMismatchError(f"Box.{where}: parameters {missing} are missing")
+        return params
+
+    def __repr__(self) -> str:
+        return f"Box({len(self.names)} tensors, {self.numel()} coordinates, width_sum={self.width_sum():.4g})"
+
+
+def load_parameters_(model: nn.Module, params: Mapping[str, Tensor]) -> nn.Module:
+    """Copy a name → tensor mapping into the model's parameters in place."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(params[name].to(p.device, p.dtype))
+    return model
