@@ -72,7 +72,7 @@ class Box:
         params = dict(model.named_parameters())
         if not params:
             raise DomainMismatchError(f"Box.around: model {type(model).__name__} has no parameters")
-        widen = set(params) if names is None else set(names)
+        widen = set(params) if names is None else {names} if isinstance(names, str) else set(names)
         unknown = widen - set(params)
         if unknown:
             raise DomainMismatchError(f"Box.around: 'names' lists unknown parameters {sorted(unknown)}")
@@ -103,8 +103,10 @@ class Box:
     def validate(self) -> None:
         """Raise ``InvalidDomainError`` unless names match, shapes match, bounds are finite and ordered."""
         if set(self.lower) != set(self.upper):
-            missing = sorted(set(self.lower) ^ set(self.upper))
-            raise InvalidDomainError(f"Box: lower and upper name different parameters: {missing}")
+            only_lo, only_hi = sorted(set(self.lower) - set(self.upper)), sorted(set(self.upper) - set(self.lower))
+            raise InvalidDomainError(
+                f"Box: lower and upper name different parameters: only in lower {only_lo}, only in upper {only_hi}"
+            )
         if not self.lower:
             raise InvalidDomainError("Box: no parameters")
         for name in self.lower:
@@ -187,8 +189,8 @@ class Box:
         params = self._params_of(model_or_params, "contains")
         with torch.no_grad():
             for name, lo in self.lower.items():
-                p = params[name].to(lo.device, lo.dtype)
-                if not bool(((p >= lo - atol) & (p <= self.upper[name] + atol)).all()):
+                p, lo, hi = _common(params[name], lo, self.upper[name])
+                if not bool(((p >= lo - atol) & (p <= hi + atol)).all()):
                     return False
         return True
 
@@ -198,8 +200,8 @@ class Box:
         with torch.no_grad():
             total = 0.0
             for name, lo in self.lower.items():
-                p = params[name].to(lo.device, lo.dtype)
-                gap = (lo - p).clamp(min=0) + (p - self.upper[name]).clamp(min=0)
+                p, lo, hi = _common(params[name], lo, self.upper[name])
+                gap = (lo - p).clamp(min=0) + (p - hi).clamp(min=0)
                 total += float(gap.double().pow(2).sum())
         return total
 
@@ -208,17 +210,38 @@ class Box:
         self.check_matches(model, "Box.project_")
         with torch.no_grad():
             for name, p in model.named_parameters():
-                lo = self.lower[name].to(p.device, p.dtype)
-                hi = self.upper[name].to(p.device, p.dtype)
-                torch.clamp_(p, min=lo, max=hi)
+                lo, hi = self.lower[name].detach(), self.upper[name].detach()
+                lo_c, hi_c = lo.to(p.device, p.dtype), hi.to(p.device, p.dtype)
+                if p.dtype != lo.dtype:
+                    # Round inward: a nearest-rounded bound may lie outside the box, and a parameter
+                    # clamped onto it would then not be contained.
+                    lo_w, hi_w = lo.to(p.device), hi.to(p.device)
+                    lo_c = torch.where(_wider(lo_c, lo_w) < lo_w, torch.nextafter(lo_c, torch.full_like(lo_c, math.inf)), lo_c)
+                    hi_c = torch.where(_wider(hi_c, hi_w) > hi_w, torch.nextafter(hi_c, torch.full_like(hi_c, -math.inf)), hi_c)
+                    if bool((lo_c > hi_c).any()):
+                        idx = tuple(int(i) for i in (lo_c > hi_c).nonzero()[0])
+                        raise InvalidDomainError(
+                            f"Box.project_: parameter '{name}' at index {idx}: no {p.dtype} value lies in the "
+                            f"box (it is narrower than one {p.dtype} ulp there)"
+                        )
+                torch.clamp_(p, min=lo_c, max=hi_c)
         return model
 
     def intersection(self, other: Box) -> Box:
         """Element-wise intersection; raises ``InvalidDomainError`` when it is empty."""
         if set(self.names) != set(other.names):
             raise DomainMismatchError("Box.intersection: the boxes name different parameters")
-        lower = {n: torch.maximum(self.lower[n], other.lower[n].to(self.lower[n])) for n in self.names}
-        upper = {n: torch.minimum(self.upper[n], other.upper[n].to(self.upper[n])) for n in self.names}
+        for n in self.names:
+            if self.lower[n].shape != other.lower[n].shape:
+                raise DomainMismatchError(
+                    f"Box.intersection: parameter '{n}' has shape {tuple(self.lower[n].shape)} in one box "
+                    f"and {tuple(other.lower[n].shape)} in the other"
+                )
+        lower, upper = {}, {}
+        for n in self.names:
+            a_lo, b_lo = _common(self.lower[n], other.lower[n])
+            a_hi, b_hi = _common(self.upper[n], other.upper[n])
+            lower[n], upper[n] = torch.maximum(a_lo, b_lo), torch.minimum(a_hi, b_hi)
         for n in self.names:
             if bool((lower[n] > upper[n]).any()):
                 raise InvalidDomainError(f"Box.intersection: empty intersection in parameter '{n}'")
@@ -228,19 +251,22 @@ class Box:
         """True iff this box lies inside ``other``."""
         if set(self.names) != set(other.names):
             return False
+        if any(self.lower[n].shape != other.lower[n].shape for n in self.names):
+            return False
         with torch.no_grad():
-            return all(
-                bool((self.lower[n] >= other.lower[n].to(self.lower[n]) - atol).all())
-                and bool((self.upper[n] <= other.upper[n].to(self.upper[n]) + atol).all())
-                for n in self.names
-            )
+            for n in self.names:
+                a_lo, b_lo = _common(self.lower[n], other.lower[n])
+                a_hi, b_hi = _common(self.upper[n], other.upper[n])
+                if not (bool((a_lo >= b_lo - atol).all()) and bool((a_hi <= b_hi + atol).all())):
+                    return False
+            return True
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Box:
         """Copy onto ``device``/``dtype``. Casting to a lower precision rounds outward (stays sound)."""
         lower, upper = {}, {}
         for n in self.names:
-            lo = self.lower[n].detach().to(device=device)
-            hi = self.upper[n].detach().to(device=device)
+            lo = self.lower[n].detach().to(device=device, copy=True)
+            hi = self.upper[n].detach().to(device=device, copy=True)
             if dtype is not None and dtype != lo.dtype:
                 lo_c, hi_c = lo.to(dtype), hi.to(dtype)
                 # Round outward: a narrowing cast may move a bound inside the original box.
@@ -302,18 +328,34 @@ class Box:
         meta_path, tensor_path = directory / _META_FILE, directory / _TENSORS_FILE
         if not meta_path.is_file() or not tensor_path.is_file():
             raise InvalidDomainError(f"Box.load: '{directory}' lacks {_META_FILE} or {_TENSORS_FILE}")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != BOX_FORMAT:
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidDomainError(f"Box.load: '{meta_path}' is not valid JSON ({exc})") from None
+        if not isinstance(meta, dict) or meta.get("format") != BOX_FORMAT:
+            meta = meta if isinstance(meta, dict) else {}
             raise InvalidDomainError(f"Box.load: '{meta_path}' has format {meta.get('format')!r}, expected {BOX_FORMAT!r}")
-        flat = load_file(str(tensor_path))
+        try:
+            flat = load_file(str(tensor_path))
+        except Exception as exc:  # safetensors raises its own error type for corrupt files
+            raise InvalidDomainError(f"Box.load: '{tensor_path}' is not a readable safetensors file ({exc})") from None
+        names = meta.get("names")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise InvalidDomainError(f"Box.load: '{meta_path}' has no list of parameter 'names'")
         lower, upper = {}, {}
-        for n in meta["names"]:
+        for n in names:
             try:
                 lower[n], upper[n] = flat[f"lower/{n}"], flat[f"upper/{n}"]
             except KeyError as exc:
                 raise InvalidDomainError(f"Box.load: tensor {exc.args[0]!r} missing from '{tensor_path}'") from None
-        if set(flat) != {f"{s}/{n}" for n in meta["names"] for s in ("lower", "upper")}:
+        if set(flat) != {f"{s}/{n}" for n in names for s in ("lower", "upper")}:
             raise InvalidDomainError(f"Box.load: '{tensor_path}' holds tensors not named in '{meta_path}'")
+        for n, shape in meta.get("shapes", {}).items():
+            if n in lower and list(lower[n].shape) != list(shape):
+                raise InvalidDomainError(
+                    f"Box.load: parameter '{n}' has shape {tuple(lower[n].shape)} in '{tensor_path}' but "
+                    f"{tuple(shape)} in '{meta_path}'"
+                )
         return cls(lower, upper)
 
     # ------------------------------------------------------------------ helpers
@@ -325,14 +367,45 @@ class Box:
         missing = sorted(set(self.lower) - set(params))
         if missing:
             raise DomainMismatchError(f"Box.{where}: parameters {missing} are missing")
+        for name, lo in self.lower.items():
+            p = params[name]
+            if not isinstance(p, Tensor):
+                raise DomainMismatchError(f"Box.{where}: parameter '{name}' must be a torch.Tensor, got {type(p).__name__}")
+            if p.shape != lo.shape:
+                raise DomainMismatchError(
+                    f"Box.{where}: parameter '{name}' has shape {tuple(p.shape)}, the box {tuple(lo.shape)}"
+                )
         return params
 
     def __repr__(self) -> str:
         return f"Box({len(self.names)} tensors, {self.numel()} coordinates, width_sum={self.width_sum():.4g})"
 
 
+def _common(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors on the first one's device, in their widest dtype (so no comparison is rounded)."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return tuple(t.to(tensors[0].device, dtype) for t in tensors)
+
+
+def _wider(narrow: Tensor, wide: Tensor) -> Tensor:
+    """``narrow`` cast (exactly) to ``wide``'s dtype for comparison."""
+    return narrow.to(torch.promote_types(narrow.dtype, wide.dtype))
+
+
 def load_parameters_(model: nn.Module, params: Mapping[str, Tensor]) -> nn.Module:
     """Copy a name → tensor mapping into the model's parameters in place."""
+    named = dict(model.named_parameters())
+    missing = sorted(set(named) - set(params))
+    if missing:
+        raise DomainMismatchError(f"load_parameters_: parameters {missing} of model {type(model).__name__} are missing")
+    for name, p in named.items():
+        if tuple(params[name].shape) != tuple(p.shape):
+            raise DomainMismatchError(
+                f"load_parameters_: parameter '{name}' has shape {tuple(p.shape)} in the model but "
+                f"{tuple(params[name].shape)} in the mapping"
+            )
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(params[name].to(p.device, p.dtype))

@@ -8,6 +8,7 @@ can lose to, both in the forward pass and in the bounds, so predictions and cert
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -39,12 +40,22 @@ class TaskMask(nn.Module):
         self.task: int | None = None
 
     def set_task(self, task: int | None) -> TaskMask:
+        if task is not None:
+            try:
+                task = operator.index(task)
+            except TypeError:
+                raise InvalidInputError(f"TaskMask.set_task: 'task' must be an integer or None, got {task!r}") from None
         if task is not None and not 0 <= task < len(self.masks):
             raise InvalidInputError(f"TaskMask.set_task: task {task} outside 0..{len(self.masks) - 1}")
         self.task = task
         return self
 
     def forward(self, logits: Tensor) -> Tensor:
+        if logits.shape[-1] != self.n_classes:
+            raise InvalidInputError(
+                f"TaskMask: built for {self.n_classes} classes but received {logits.shape[-1]} logits "
+                f"(shape {tuple(logits.shape)})"
+            )
         if self.task is None:
             return logits
         keep = self.masks[self.task].to(logits.device)

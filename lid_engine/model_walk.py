@@ -16,22 +16,54 @@ from .errors import UnsupportedLayerError
 
 
 def iter_layers(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """Yield ``(path, module)`` for every leaf layer of a (nested) ``nn.Sequential``.
+    """Yield ``(path, module)`` for every leaf layer of a (nested) ``nn.Sequential``, in execution order.
 
-    ``path`` is the dotted name used by ``named_parameters()`` (empty for a bare top-level leaf).
+    ``path`` is the dotted name used by ``named_parameters()`` (empty for a bare top-level leaf). A
+    module that occurs several times is yielded at every occurrence (the forward pass runs it every
+    time), each time with the path of its first occurrence, which is where ``named_parameters()``
+    lists its parameters.
     """
-    if isinstance(model, nn.Sequential):
-        for name, child in model.named_children():
-            yield from iter_layers(child, f"{prefix}{name}.")
+    canonical = {id(p): n for n, p in model.named_parameters(prefix=prefix[:-1] if prefix else "")}
+    # Walk (and check) the whole model before yielding: callers may replace parameters as they go.
+    yield from list(_walk(model, prefix, {}, canonical))
+
+
+def _walk(model: nn.Module, prefix: str, seen: dict[int, str], canonical: dict[int, str]) -> Iterator[tuple[str, nn.Module]]:
+    where = prefix[:-1] or "<model>"
+    if model._forward_hooks or model._forward_pre_hooks:
+        raise UnsupportedLayerError(
+            f"module '{where}' ({type(model).__name__}) has forward hooks, which may change what it computes "
+            "(e.g. pruning or weight_norm); remove them before bounding the model"
+        )
+    if isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward and "forward" not in vars(model):
+        # _modules, not named_children(): named_children() skips a module that occurs twice, but the
+        # forward pass runs it at every occurrence.
+        for name, child in model._modules.items():
+            if child is not None:
+                yield from _walk(child, f"{prefix}{name}.", seen, canonical)
         return
     if len(list(model.children())) > 0:
-        where = prefix[:-1] or "<model>"
         raise UnsupportedLayerError(
             f"module '{where}' ({type(model).__name__}) is a container with a custom forward(); "
             "lid_engine bounds models built from (nested) nn.Sequential containers, whose execution "
-            "order is known. Rewrite it as nn.Sequential(...) of supported layers."
+            "order is known. Rewrite it as nn.Sequential(...) of supported layers. "
+            f"Supported: {_supported_layers()}."
         )
-    yield prefix[:-1], model
+    path = seen.setdefault(id(model), prefix[:-1])
+    for attr, p in model.named_parameters(recurse=False):
+        if canonical.get(id(p)) != param_name(path, attr):
+            raise UnsupportedLayerError(
+                f"layer '{where}' ({type(model).__name__}): parameter '{attr}' is the same tensor as "
+                f"'{canonical.get(id(p))}' of another layer (tied weights); lid_engine bounds each layer's "
+                "parameters under their own name, so tied parameters are not supported"
+            )
+    yield path, model
+
+
+def _supported_layers() -> str:
+    from .bounds.ibp import SUPPORTED_LAYERS  # lazy: bounds.ibp imports this module
+
+    return SUPPORTED_LAYERS
 
 
 def param_name(path: str, attr: str) -> str:

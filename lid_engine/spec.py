@@ -9,6 +9,7 @@ used by the search is the softmax probability of the label under the worst-case 
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass
 
 import torch
@@ -37,6 +38,17 @@ def check_labels(y: Tensor, n_outputs: int, n_examples: int, where: str) -> Tens
             f"got range {int(y.min())}..{int(y.max())}"
         )
     return y
+
+
+def _certify_logits(model, domain, x, method, dtype, batch_size, where: str) -> tuple[Tensor, Tensor]:
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1):
+        raise InvalidInputError(f"{where}: 'batch_size' must be a positive integer or None, got {batch_size!r}")
+    lo, hi = bound_logits(model, domain, x, method, mode="certify", dtype=dtype, batch_size=batch_size)
+    if lo.dim() != 2:
+        raise InvalidInputError(
+            f"{where}: the model must output logits of shape (N, n_classes), got shape {tuple(lo.shape)}"
+        )
+    return lo, hi
 
 
 def worst_case_logits(lo: Tensor, hi: Tensor, y: Tensor) -> Tensor:
@@ -109,7 +121,7 @@ def certified_accuracy(
     batch_size: int | None = 2048,
 ) -> float:
     """Sound lower bound on the (balanced) accuracy on ``(x, y)`` of every parameter vector in ``domain``."""
-    lo, hi = bound_logits(model, domain, x, method, mode="certify", dtype=dtype, batch_size=batch_size)
+    lo, hi = _certify_logits(model, domain, x, method, dtype, batch_size, "certified_accuracy")
     y = check_labels(y, lo.shape[1], len(lo), "certified_accuracy").to(lo.device)
     return float(Spec("balanced_accuracy" if balanced else "accuracy").hard(lo, hi, y))
 
@@ -119,6 +131,6 @@ def certified_examples(
     batch_size: int | None = 2048,
 ) -> Tensor:
     """Boolean mask of the examples certified for every parameter vector in ``domain``."""
-    lo, hi = bound_logits(model, domain, x, "ibp", mode="certify", dtype=dtype, batch_size=batch_size)
+    lo, hi = _certify_logits(model, domain, x, "ibp", dtype, batch_size, "certified_examples")
     y = check_labels(y, lo.shape[1], len(lo), "certified_examples").to(lo.device)
     return certified_mask(lo, hi, y)

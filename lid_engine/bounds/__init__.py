@@ -41,6 +41,8 @@ def bound_logits(
         raise LidError(f"bound_logits: 'mode' must be one of {MODES}, got {mode!r}")
     if not isinstance(domain, Box):
         raise DomainMismatchError(f"bound_logits: 'domain' must be a lid_engine Box, got {type(domain).__name__}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise LidError(f"bound_logits: 'batch_size' must be a positive int or None, got {batch_size!r}")
     domain.check_matches(model, "bound_logits")
     x = _check_input(x, dtype)
     if method != "ibp" and mode == "certify":
@@ -54,7 +56,7 @@ def bound_logits(
     los, his = [], []
     if method == "ibp":
         layers = ibp.check_supported(model)
-        ctx = rounding.certification_backend() if mode == "certify" else _null_ctx()
+        ctx = rounding.certification_backend() if mode == "certify" else rounding.native_kernels()
         with ctx, (torch.no_grad() if mode == "certify" else _null_ctx()):
             for chunk in chunks:
                 lo, hi = ibp.propagate(model, domain, chunk, certify=mode == "certify", layers=layers)

@@ -3,16 +3,23 @@
 Each layer maps an input interval [lo, hi] (the activations of all parameter vectors in the box)
 to an output interval. Three cases are told apart because they differ in cost and tightness:
 
-* **point input** (the model's input, unchanged by Flatten/Identity): the set ``{W x : W ∈ box}`` is
-  exactly ``W_mid x ± W_rad |x|`` — two products, no interval arithmetic on x.
-* **non-negative interval** (after ReLU/MaxPool of non-negative values): the exact interval product
-  ``lo = W_l⁺ x_l + W_l⁻ x_u``, ``hi = W_u⁺ x_u + W_u⁻ x_l`` (tighter than midpoint–radius).
+* **point input** (the model's input, unchanged by exact parameter-free layers): for a
+  non-negative x the set ``{W x : W ∈ [W_l, W_u]}`` is exactly ``[W_l x, W_u x]``; for a general x
+  it is ``W_mid x ± W_rad |x|``. No interval arithmetic on x.
+* **non-negative interval** (after ReLU): the exact interval product
+  ``lo = W_l⁺ x_l + W_l⁻ x_u``, ``hi = W_u⁺ x_u + W_u⁻ x_l`` (7–12% tighter than midpoint–radius).
 * **general interval**: Rump's midpoint–radius product
   ``W_mid x_mid ± (|W_mid| x_rad + W_rad (|x_mid| + x_rad))``.
 
-``mode="certify"`` additionally widens every affine layer by an a-priori rounding bound
-(``rounding.py``) and rounds outward, so the result encloses the real-number outputs and those of
-any float evaluation; ``mode="search"`` skips that and stays differentiable for the LID search.
+Intervals are kept *stacked*: one tensor whose channel/feature axis (dim 1) holds the lower bounds
+followed by the upper bounds. An affine layer is then a single matmul/convolution against the block
+weight ``[[W_l⁺, W_l⁻], [W_u⁻, W_u⁺]]``, and ReLU/pooling run once on both bounds — this is what
+keeps a bound pass within a small multiple of the nominal forward pass.
+
+``certify=True`` additionally widens every affine layer by an a-priori rounding bound
+(``rounding.py``; the magnitude it needs is one more block row of the same product) and rounds
+outward, so the result encloses the real-number outputs and those of any float evaluation;
+``certify=False`` (search mode) skips that and stays differentiable for the LID search.
 """
 
 from __future__ import annotations
@@ -38,12 +45,31 @@ SUPPORTED_LAYERS = (
 
 @dataclass
 class Interval:
-    """Activations of every parameter vector in the box: ``lo ≤ a ≤ hi`` element-wise."""
+    """Activations of every parameter vector in the box.
 
-    lo: Tensor
-    hi: Tensor
-    point: bool = False  # lo and hi are the same exact tensor (the fixed input)
+    ``z`` stacks lower then upper bounds along dim 1; for a point (``point=True``) ``z`` is the
+    exact value itself, unstacked.
+    """
+
+    z: Tensor
+    point: bool = False
     nonneg: bool = False  # lo ≥ 0 holds exactly
+
+    @property
+    def lo(self) -> Tensor:
+        return self.z if self.point else self.z.chunk(2, dim=1)[0]
+
+    @property
+    def hi(self) -> Tensor:
+        return self.z if self.point else self.z.chunk(2, dim=1)[1]
+
+
+def _stacked(lo: Tensor, hi: Tensor, nonneg: bool = False) -> Interval:
+    return Interval(torch.cat([lo, hi], dim=1), nonneg=nonneg)
+
+
+def _point(t: Tensor, nonneg: bool = False) -> Interval:
+    return Interval(t, point=True, nonneg=nonneg)
 
 
 @dataclass
@@ -53,101 +79,135 @@ class _Ctx:
     dtype: torch.dtype
     device: torch.device
 
-    def bounds(self, path: str, attr: str) -> tuple[Tensor, Tensor] | None:
+    def bounds(self, path: str, attr: str) -> tuple[Tensor, Tensor]:
         name = param_name(path, attr)
-        if name not in self.box.lower:
-            return None
         return (self.box.lower[name].to(self.device, self.dtype), self.box.upper[name].to(self.device, self.dtype))
 
 
 # --------------------------------------------------------------------------------------- affine
-def _affine(
-    ctx: _Ctx,
-    x: Interval,
-    w: tuple[Tensor, Tensor],
-    b: tuple[Tensor, Tensor] | None,
-    op: Callable[[Tensor, Tensor], Tensor],
-    n_terms: int,
-    bias_shape: tuple[int, ...],
-) -> Interval:
-    """Bound ``op(x, W) + b`` over W ∈ [w_l, w_u], b ∈ [b_l, b_u], x ∈ [x.lo, x.hi].
+@dataclass
+class _Affine:
+    """A bilinear layer ``op(x, W) + b``: matmul (Linear) or convolution (Conv2d)."""
 
-    ``op`` is bilinear (matmul or convolution); ``n_terms`` is the length of each dot product.
-    """
+    op: Callable[..., Tensor]  # op(input, weight, bias=None)
+    n_terms: int  # length of each dot product
+    bias_shape: tuple[int, ...]  # how a (out,) bias broadcasts against op's output
+    can_stack: bool  # whether block weights along dim 0/1 express several products at once
+
+
+def _affine(ctx: _Ctx, x: Interval, w: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor] | None, a: _Affine) -> Interval:
     wl, wu = w
-    bl, bu = (b[0].reshape(bias_shape), b[1].reshape(bias_shape)) if b is not None else (None, None)
-    if x.nonneg and not x.point:
-        lo = op(x.lo, wl.clamp(min=0)) + op(x.hi, wl.clamp(max=0))
-        hi = op(x.hi, wu.clamp(min=0)) + op(x.lo, wu.clamp(max=0))
-        if bl is not None:
-            lo, hi = lo + bl, hi + bu
-        if ctx.certify:
-            mag = op(x.hi, torch.maximum(wl.abs(), wu.abs()))
-            if bl is not None:
-                mag = mag + torch.maximum(bl.abs(), bu.abs())
-            # two n-term products, one addition, one bias addition: γ_{n+2} covers it
-            lo, hi = rounding.widen(lo, hi, mag, n_terms + 2)
-        return Interval(lo, hi)
+    bl, bu = b if b is not None else (None, None)
+    if x.nonneg and a.can_stack:
+        return _affine_nonneg(ctx, x, wl, wu, bl, bu, a)
+    if x.nonneg:  # grouped convolution: same exact product, one call per block
+        return _affine_nonneg_split(ctx, x, wl, wu, bl, bu, a)
+    return _affine_midrad(ctx, x, wl, wu, bl, bu, a)
 
+
+def _affine_nonneg(ctx, x: Interval, wl, wu, bl, bu, a: _Affine) -> Interval:
+    """Exact interval product for non-negative inputs, as one stacked product."""
+    rows = 2
+    if x.point:  # x ≥ 0 fixed: the extreme weights are simply W_l and W_u
+        blocks = [wl, wu]
+        if ctx.certify:
+            blocks.append(torch.maximum(wl.abs(), wu.abs()))
+        weight = torch.cat(blocks, dim=0)
+        terms = a.n_terms + 1
+    else:
+        wlp, wln, wup, wun = wl.clamp(min=0), wl.clamp(max=0), wu.clamp(min=0), wu.clamp(max=0)
+        blocks = [torch.cat([wlp, wln], 1), torch.cat([wun, wup], 1)]
+        if ctx.certify:
+            blocks.append(torch.cat([torch.zeros_like(wl), torch.maximum(wl.abs(), wu.abs())], 1))
+        weight = torch.cat(blocks, dim=0)
+        terms = a.n_terms + 2  # two n-term products summed, plus the bias
     if ctx.certify:
-        wm, wr = rounding.midpoint_radius(wl, wu)
-        bm, br = rounding.midpoint_radius(bl, bu) if bl is not None else (None, None)
-    else:
-        wm, wr = (wl + wu) / 2, (wu - wl) / 2
-        bm, br = ((bl + bu) / 2, (bu - bl) / 2) if bl is not None else (None, None)
+        rows = 3
+    bias = None
+    if bl is not None:
+        bias = torch.cat([bl, bu] + ([torch.maximum(bl.abs(), bu.abs())] if ctx.certify else []))
+    out = a.op(x.z, weight, bias)
+    if not ctx.certify:
+        return Interval(out)
+    lo, hi, mag = out.chunk(rows, dim=1)
+    return _stacked(*rounding.widen(lo, hi, mag, terms))
 
+
+def _affine_nonneg_split(ctx, x: Interval, wl, wu, bl, bu, a: _Affine) -> Interval:
+    xl, xu = x.lo, x.hi
+    lo = a.op(xl, wl.clamp(min=0)) + a.op(xu, wl.clamp(max=0))
+    hi = a.op(xu, wu.clamp(min=0)) + a.op(xl, wu.clamp(max=0))
+    if bl is not None:
+        lo, hi = lo + bl.reshape(a.bias_shape), hi + bu.reshape(a.bias_shape)
+    if ctx.certify:
+        mag = a.op(xu, torch.maximum(wl.abs(), wu.abs()))
+        if bl is not None:
+            mag = mag + torch.maximum(bl.abs(), bu.abs()).reshape(a.bias_shape)
+        lo, hi = rounding.widen(lo, hi, mag, a.n_terms + 2)
+    return _stacked(lo, hi)
+
+
+def _affine_midrad(ctx, x: Interval, wl, wu, bl, bu, a: _Affine) -> Interval:
+    """Rump's midpoint–radius product for inputs of either sign."""
+    split = rounding.midpoint_radius if ctx.certify else (lambda l, u: ((l + u) / 2, (u - l) / 2))
+    wm, wr = split(wl, wu)
     if x.point:
-        xabs = x.lo.abs()
-        centre, radius = op(x.lo, wm), op(xabs, wr)
-        terms = n_terms + 1
-        mag = op(xabs, wm.abs() + wr) if ctx.certify else None
+        xabs = x.z.abs()
+        centre, radius = a.op(x.z, wm), a.op(xabs, wr)
+        mag = a.op(xabs, wm.abs() + wr) if ctx.certify else None
     else:
-        if ctx.certify:
-            xm, xr = rounding.midpoint_radius(x.lo, x.hi)
-        else:
-            xm, xr = (x.lo + x.hi) / 2, (x.hi - x.lo) / 2
+        xm, xr = split(x.lo, x.hi)
         xmag = xm.abs() + xr
-        centre = op(xm, wm)
-        radius = op(xr, wm.abs()) + op(xmag, wr)
-        terms = n_terms + 2  # two n-term products + two additions (radius); centre has n + 1
-        mag = op(xmag, wm.abs() + wr) if ctx.certify else None
-    if bm is not None:
-        centre, radius = centre + bm, radius + br
+        centre = a.op(xm, wm)
+        radius = a.op(xr, wm.abs()) + a.op(xmag, wr)
+        mag = a.op(xmag, wm.abs() + wr) if ctx.certify else None
+    if bl is not None:
+        bm, br = split(bl, bu)
+        centre, radius = centre + bm.reshape(a.bias_shape), radius + br.reshape(a.bias_shape)
         if mag is not None:
-            mag = mag + bm.abs() + br
+            mag = mag + (bm.abs() + br).reshape(a.bias_shape)
     lo, hi = centre - radius, centre + radius
     if ctx.certify:
-        lo, hi = rounding.widen(lo, hi, mag, terms)
-    return Interval(lo, hi)
+        # centre: n products + bias; radius: two n-term products + two additions
+        lo, hi = rounding.widen(lo, hi, mag, a.n_terms + 2)
+    return _stacked(lo, hi)
 
 
 def _linear(ctx: _Ctx, path: str, m: nn.Linear, x: Interval) -> Interval:
+    width = x.z.shape[-1] if x.point else x.z.shape[-1] // 2
+    if x.z.dim() != 2 or width != m.in_features:
+        raise UnsupportedLayerError(
+            f"layer '{path}' (Linear) expects inputs of shape (N, {m.in_features}), got "
+            f"{tuple(x.lo.shape)}; add nn.Flatten() before it"
+        )
     w = ctx.bounds(path, "weight")
     b = ctx.bounds(path, "bias") if m.bias is not None else None
-    if x.lo.shape[-1] != m.in_features:
-        raise UnsupportedLayerError(
-            f"layer '{path}' (Linear) expects {m.in_features} input features, got shape {tuple(x.lo.shape[1:])}"
-        )
-    return _affine(ctx, x, w, b, lambda a, wt: a @ wt.T, m.in_features, (m.out_features,))
+    spec = _Affine(F.linear, m.in_features, (1, -1), can_stack=True)
+    return _affine(ctx, x, w, b, spec)
 
 
 def _conv2d(ctx: _Ctx, path: str, m: nn.Conv2d, x: Interval) -> Interval:
     if m.padding_mode != "zeros":
         raise UnsupportedLayerError(f"layer '{path}' (Conv2d): padding_mode={m.padding_mode!r}; only 'zeros' is supported")
+    if x.lo.dim() != 4 or x.lo.shape[1] != m.in_channels:
+        raise UnsupportedLayerError(
+            f"layer '{path}' (Conv2d) expects inputs of shape (N, {m.in_channels}, H, W), got {tuple(x.lo.shape)}"
+        )
     w = ctx.bounds(path, "weight")
     b = ctx.bounds(path, "bias") if m.bias is not None else None
 
-    def op(a: Tensor, wt: Tensor) -> Tensor:
-        return F.conv2d(a, wt, None, m.stride, m.padding, m.dilation, m.groups)
+    def op(t: Tensor, wt: Tensor, bias: Tensor | None = None) -> Tensor:
+        return F.conv2d(t, wt, bias, m.stride, m.padding, m.dilation, m.groups)
 
     n_terms = (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-    return _affine(ctx, x, w, b, op, n_terms, (1, m.out_channels, 1, 1))
+    spec = _Affine(op, n_terms, (1, -1, 1, 1), can_stack=m.groups == 1)
+    return _affine(ctx, x, w, b, spec)
 
 
 # --------------------------------------------------------------------------------------- elementwise
 def _interval_mul(al: Tensor, ah: Tensor, bl: Tensor, bh: Tensor) -> tuple[Tensor, Tensor]:
     """Exact interval product (min/max of the four corner products)."""
-    p = torch.stack([al * bl, al * bh, ah * bl, ah * bh])
+    p = torch.stack(torch.broadcast_tensors(al * bl, al * bh, ah * bl, ah * bh))
     return p.min(dim=0).values, p.max(dim=0).values
 
 
@@ -159,70 +219,68 @@ def _batchnorm(ctx: _Ctx, path: str, m: nn.modules.batchnorm._BatchNorm, x: Inte
         )
     if m.running_mean is None or m.running_var is None:
         raise UnsupportedLayerError(f"layer '{path}' ({type(m).__name__}) has no running statistics (track_running_stats=False)")
-    shape = (1, -1) + (1,) * (x.lo.dim() - 2)
+    xl, xh = x.lo, x.hi
+    shape = (1, -1) + (1,) * (xl.dim() - 2)
     mean = m.running_mean.to(ctx.device, ctx.dtype).reshape(shape)
     inv_std = torch.rsqrt(m.running_var.to(ctx.device, ctx.dtype) + m.eps).reshape(shape)
     if m.affine:
         gl, gu = (t.reshape(shape) for t in ctx.bounds(path, "weight"))
         bl, bu = (t.reshape(shape) for t in ctx.bounds(path, "bias"))
     else:
-        one = torch.ones_like(mean)
-        gl = gu = one
+        gl = gu = torch.ones_like(mean)
         bl = bu = torch.zeros_like(mean)
     if not ctx.certify:
-        zl, zh = (x.lo - mean) * inv_std, (x.hi - mean) * inv_std
-        yl, yh = _interval_mul(zl, zh, gl, gu)
-        return Interval(yl + bl, yh + bu)
-    # Certification: interval arithmetic rounded outward op by op. 1/sqrt is given a generous
-    # 16-ulp enclosure so that any reasonable float implementation of the forward pass is covered.
+        yl, yh = _interval_mul((xl - mean) * inv_std, (xh - mean) * inv_std, gl, gu)
+        return _stacked(yl + bl, yh + bu)
+    # Certification: interval arithmetic rounded outward op by op. 1/sqrt gets a generous 16-ulp
+    # enclosure so that any reasonable float implementation of the forward pass is covered.
     u = rounding.unit_roundoff(ctx.dtype)
     dn, up = rounding.round_down, rounding.round_up
     s_lo, s_hi = dn(inv_std * (1 - 16 * u)), up(inv_std * (1 + 16 * u))
-    al, ah = dn(x.lo - mean), up(x.hi - mean)
-    zl, _ = _interval_mul(al, al, s_lo, s_hi)
-    _, zh = _interval_mul(ah, ah, s_lo, s_hi)
-    zl, zh = dn(zl), up(zh)
+    al, ah = dn(xl - mean), up(xh - mean)
+    zl = dn(torch.minimum(al * s_lo, al * s_hi))
+    zh = up(torch.maximum(ah * s_lo, ah * s_hi))
     yl, yh = _interval_mul(zl, zh, gl, gu)
     yl, yh = dn(dn(yl) + bl), up(up(yh) + bu)
     # A float forward may associate differently ((x·γs) + (β − μγs)); cover that deviation too.
-    mag = (torch.maximum(x.lo.abs(), x.hi.abs()) + mean.abs()) * s_hi * torch.maximum(gl.abs(), gu.abs())
+    mag = (torch.maximum(xl.abs(), xh.abs()) + mean.abs()) * s_hi * torch.maximum(gl.abs(), gu.abs())
     mag = mag + torch.maximum(bl.abs(), bu.abs())
     slack = up(up(mag * (8 * u)) + 8 * rounding.eta(ctx.dtype))
-    return Interval(dn(yl - slack), up(yh + slack))
+    return _stacked(dn(yl - slack), up(yh + slack))
 
 
 def _avgpool(ctx: _Ctx, path: str, m: nn.AvgPool2d, x: Interval) -> Interval:
-    lo, hi = m(x.lo), m(x.hi)  # positive averaging weights: monotone
-    if ctx.certify:
-        ks = m.kernel_size
-        k = ks * ks if isinstance(ks, int) else ks[0] * ks[1]
+    z = m(x.z)  # positive averaging weights: monotone, and per channel so stacking is kept
+    if not ctx.certify:
+        return Interval(z, point=x.point, nonneg=x.nonneg)
+    ks = m.kernel_size
+    k = ks * ks if isinstance(ks, int) else ks[0] * ks[1]
+    if x.point:
+        lo = hi = z
+        mag = m(x.z.abs())
+    else:
+        lo, hi = z.chunk(2, dim=1)
         mag = m(torch.maximum(x.lo.abs(), x.hi.abs()))
-        lo, hi = rounding.widen(lo, hi, mag, k + 1)
-    return Interval(lo, hi, nonneg=x.nonneg)
+    return _stacked(*rounding.widen(lo, hi, mag, k + 1), nonneg=x.nonneg)
 
 
-def _maxpool(ctx: _Ctx, path: str, m: nn.MaxPool2d, x: Interval) -> Interval:
-    if m.return_indices:
-        raise UnsupportedLayerError(f"layer '{path}' (MaxPool2d): return_indices=True is not supported")
-    if x.point:  # max is exact in floating point
-        return _point(m(x.lo), x.nonneg)
-    return Interval(m(x.lo), m(x.hi), nonneg=x.nonneg)  # max is monotone
+def _monotone_exact(ctx: _Ctx, path: str, m: nn.Module, x: Interval) -> Interval:
+    """Per-channel, monotone and exact in floating point (MaxPool2d): apply to both bounds at once."""
+    if getattr(m, "return_indices", False):
+        raise UnsupportedLayerError(f"layer '{path}' ({type(m).__name__}): return_indices=True is not supported")
+    return Interval(m(x.z), point=x.point, nonneg=x.nonneg)
 
 
 def _relu(ctx: _Ctx, path: str, m: nn.ReLU, x: Interval) -> Interval:
-    if x.point:  # ReLU is exact in floating point, so a point stays a point
-        return _point(torch.relu(x.lo), True)
-    return Interval(torch.relu(x.lo), torch.relu(x.hi), nonneg=True)
+    return Interval(torch.relu(x.z), point=x.point, nonneg=True)  # exact in floating point
 
 
 def _flatten(ctx: _Ctx, path: str, m: nn.Flatten, x: Interval) -> Interval:
     if x.point:
-        return _point(m(x.lo), x.nonneg)
-    return Interval(m(x.lo), m(x.hi), nonneg=x.nonneg)
-
-
-def _point(t: Tensor, nonneg: bool = False) -> Interval:
-    return Interval(t, t, point=True, nonneg=nonneg)
+        return _point(m(x.z), x.nonneg)
+    if m.start_dim == 1 and m.end_dim == -1:
+        return Interval(m(x.z), nonneg=x.nonneg)  # (N, 2C, H, W) → (N, 2CHW) keeps lo | hi order
+    return _stacked(m(x.lo), m(x.hi), nonneg=x.nonneg)
 
 
 def _identity(ctx: _Ctx, path: str, m: nn.Module, x: Interval) -> Interval:
@@ -232,7 +290,9 @@ def _identity(ctx: _Ctx, path: str, m: nn.Module, x: Interval) -> Interval:
 
 
 def _task_mask(ctx: _Ctx, path: str, m: TaskMask, x: Interval) -> Interval:
-    return Interval(m(x.lo), m(x.hi))
+    if x.point:
+        return _point(m(x.z))
+    return _stacked(m(x.lo), m(x.hi))
 
 
 _HANDLERS: dict[type, Callable[[_Ctx, str, nn.Module, Interval], Interval]] = {
@@ -243,7 +303,7 @@ _HANDLERS: dict[type, Callable[[_Ctx, str, nn.Module, Interval], Interval]] = {
     nn.BatchNorm1d: _batchnorm,
     nn.BatchNorm2d: _batchnorm,
     nn.AvgPool2d: _avgpool,
-    nn.MaxPool2d: _maxpool,
+    nn.MaxPool2d: _monotone_exact,
     nn.Dropout: _identity,
     nn.Identity: _identity,
     TaskMask: _task_mask,
@@ -268,16 +328,25 @@ def propagate(
     """Push the point input ``x`` through ``model`` for every parameter vector in ``box``."""
     layers = check_supported(model) if layers is None else layers
     ctx = _Ctx(box, certify, x.dtype, x.device)
-    state = _point(x, nonneg=bool((x >= 0).all()))
+    state = _point(x, nonneg=bool(x.min() >= 0))
+    flags = []
     for path, m in layers:
         state = _HANDLERS[type(m)](ctx, path, m, state)
-        if certify:
-            _check_interval(state, path, m)
+        if certify:  # one flag per layer, read back in a single sync at the end
+            flags.append(_invalid(state))
+    if flags:
+        bad = torch.stack(flags).cpu()
+        if bool(bad.any()):  # never repaired: name the first layer where it happened
+            path, m = layers[int(bad.nonzero()[0])]
+            raise UnsoundBoundError(
+                f"layer '{path or '<model>'}' ({type(m).__name__}): bounds overflowed to inf/NaN or lower > upper"
+            )
     return state.lo, state.hi
 
 
-def _check_interval(state: Interval, path: str, m: nn.Module) -> None:
-    if not (torch.isfinite(state.lo).all() and torch.isfinite(state.hi).all()):
-        raise UnsoundBoundError(f"layer '{path}' ({type(m).__name__}): bounds overflowed to inf/NaN")
-    if bool((state.lo > state.hi).any()):
-        raise UnsoundBoundError(f"layer '{path}' ({type(m).__name__}): lower bound above upper bound")
+def _invalid(state: Interval) -> Tensor:
+    """0-dim bool tensor: the interval holds NaN/inf or has lower > upper somewhere."""
+    bad = ~torch.isfinite(state.z).all()
+    if not state.point:
+        bad = bad | (state.lo > state.hi).any()
+    return bad

@@ -95,6 +95,27 @@ def midpoint_radius(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @contextlib.contextmanager
+def native_kernels() -> Iterator[None]:
+    """Run convolutions on torch's native im2col + gemm path instead of oneDNN/cuDNN.
+
+    Besides obeying the dot-product error model, the native path is 2–4× faster than oneDNN for
+    the few-channel convolutions of the stacked bound pass (measured on the paper's MNIST CNN).
+    """
+    with warnings.catch_warnings():
+        # torch warns about oneDNN TF32 on Intel GPUs whenever the mkldnn flags are touched.
+        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+        mkldnn_off = torch.backends.mkldnn.flags(enabled=False)
+        mkldnn_off.__enter__()
+    try:
+        with torch.backends.cudnn.flags(enabled=False):
+            yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+            mkldnn_off.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
 def certification_backend() -> Iterator[None]:
     """Force kernels whose rounding obeys the dot-product error model.
 
@@ -108,18 +129,8 @@ def certification_backend() -> Iterator[None]:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     try:
-        with warnings.catch_warnings():
-            # torch warns about oneDNN TF32 on Intel GPUs whenever the mkldnn flags are touched.
-            warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
-            mkldnn_off = torch.backends.mkldnn.flags(enabled=False)
-            mkldnn_off.__enter__()
-        try:
-            with torch.backends.cudnn.flags(enabled=False):
-                yield
-        finally:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
-                mkldnn_off.__exit__(None, None, None)
+        with native_kernels():
+            yield
     finally:
         torch.set_float32_matmul_precision(old_precision)
         torch.backends.cuda.matmul.allow_tf32 = old_tf32_matmul
