@@ -31,7 +31,7 @@ test-fast: venv
 	$(PY) -m pytest -q -ra -m "not slow"
 
 demo: venv
-	$(PY) -m lid_engine.demo
+	$(PY) -m flows.demo
 
 bench: venv
 	$(PY) -m benchmarks.bounds

@@ -16,12 +16,31 @@ from .errors import (
     UnsoundBoundError,
     UnsupportedLayerError,
 )
+from .certificate import Certificate, clopper_pearson_lower, fingerprint_data, fingerprint_model
 from .layers import TaskMask
+from .lid import LID
+from .projection import ProjectedOptimizer, Projector, project_
+from .search import LidSearchError, SearchConfig, compute_lid, tau_from_accuracy
 from .spec import Spec, certified_accuracy, certified_examples, certified_mask, worst_case_logits
+
+from .verify import verify  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LID",
+    "Certificate",
+    "LidSearchError",
+    "ProjectedOptimizer",
+    "Projector",
+    "SearchConfig",
+    "clopper_pearson_lower",
+    "compute_lid",
+    "fingerprint_data",
+    "fingerprint_model",
+    "project_",
+    "tau_from_accuracy",
+    "verify",
     "Box",
     "DomainMismatchError",
     "InvalidDomainError",

@@ -29,3 +29,11 @@ class UnsupportedLayerError(LidError):
 
 class UnsoundBoundError(RuntimeError):
     """A bound came out with lower > upper. Never repaired silently: it signals a bug or overflow."""
+
+
+class CertificateError(LidError):
+    """A certificate or a saved LID is malformed, inconsistent or does not match its files.
+
+    Raised when loading: a missing or unknown field, a wrong type, a fingerprint that does not match
+    the tensors it describes (a tampered or corrupted file). The message names the member and file.
+    """

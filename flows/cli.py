@@ -1,0 +1,438 @@
+"""The ``lidgate`` command line: certify a model, verify a saved LID, inspect one.
+
+Exit codes: 0 ok; 1 verification failed (or nothing could be certified, or a saved LID fails its
+integrity checks); 2 bad input (missing file, bad factory string, malformed npz or weights, shapes
+that do not fit the model) — always a one-line message on stderr, never a traceback.
+
+Heavy imports (torch, lid_engine) happen inside the commands so that ``lidgate --help`` is quick.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    name="lidgate",
+    help="Provably safe model updates: certify locally invariant domains (LIDs) and verify them.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+CERT_DATA_FILE = "cert_data.npz"
+
+
+class BadInput(Exception):
+    """Exit 2 with this message."""
+
+
+class Failed(Exception):
+    """Exit 1 with this message."""
+
+
+@contextlib.contextmanager
+def _cli_errors():
+    """Turn every error into a one-line message and an exit code (no tracebacks at the boundary)."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        raise
+    except BadInput as exc:
+        _die(str(exc), 2)
+    except Failed as exc:
+        _die(str(exc), 1)
+    except Exception as exc:  # noqa: BLE001 — LidError and anything else: bad input, clear message
+        from lid_engine.errors import CertificateError
+
+        if isinstance(exc, CertificateError):
+            _die(f"integrity check failed: {exc}", 1)
+        search_error = _search_error_type()
+        if search_error is not None and isinstance(exc, search_error):
+            _die(f"certification failed: {exc}", 1)
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        _die(msg if _is_lid_error(exc) else f"{type(exc).__name__}: {msg}", 2)
+
+
+def _search_error_type():
+    try:
+        from lid_engine.search import LidSearchError
+    except Exception:  # noqa: BLE001 — search module missing or broken: no special case
+        return None
+    return LidSearchError
+
+
+def _is_lid_error(exc: BaseException) -> bool:
+    from lid_engine.errors import LidError
+
+    return isinstance(exc, LidError)
+
+
+def _die(message: str, code: int):
+    typer.echo(f"lidgate: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+# ----------------------------------------------------------------------------------- loaders
+def _load_factory(spec: str):
+    """``package.module:factory`` (or ``path/to/file.py:factory``) → the model the factory returns."""
+    from torch import nn
+
+    if spec.count(":") < 1:
+        raise BadInput(f"--model must look like 'package.module:factory', got {spec!r}")
+    module_name, attr = spec.rsplit(":", 1)
+    if not module_name or not attr or not all(part.isidentifier() for part in attr.split(".")):
+        raise BadInput(f"--model must look like 'package.module:factory', got {spec!r}")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise BadInput(f"--model: file '{path}' does not exist")
+            mod_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        else:
+            if not all(part.isidentifier() for part in module_name.split(".")):
+                raise BadInput(f"--model: {module_name!r} is not a module name")
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(module_name)
+    except BadInput:
+        raise
+    except ImportError as exc:
+        raise BadInput(f"--model: cannot import module {module_name!r} ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 — the user's module failed while importing
+        raise BadInput(f"--model: importing {module_name!r} raised {type(exc).__name__}: {exc}") from None
+    factory = module
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            raise BadInput(f"--model: module {module_name!r} has no attribute {attr!r}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise BadInput(f"--model: {spec!r} is not callable")
+    try:
+        model = factory()
+    except Exception as exc:  # noqa: BLE001
+        raise BadInput(f"--model: calling {spec}() raised {type(exc).__name__}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise BadInput(f"--model: {spec}() returned {type(model).__name__}, expected a torch.nn.Module")
+    return model
+
+
+def _load_weights(model, path: Path):
+    """Load a safetensors state dict strictly: same keys, shapes and dtypes as the model's."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise BadInput(f"--weights: file '{path}' does not exist")
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise BadInput(f"--weights: '{path}' is not a readable safetensors file ({exc})") from None
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise BadInput(
+            f"--weights: '{path}' does not fit the model: missing keys {missing}, unexpected keys {unexpected}"
+        )
+    for k, t in expected.items():
+        if tuple(state[k].shape) != tuple(t.shape):
+            raise BadInput(f"--weights: '{k}' has shape {tuple(state[k].shape)} in '{path}', the model expects {tuple(t.shape)}")
+        if state[k].dtype != t.dtype:
+            raise BadInput(f"--weights: '{k}' has dtype {state[k].dtype} in '{path}', the model has {t.dtype}")
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def _load_npz(path: Path, option: str):
+    """``x`` (float) and ``y`` (integer class indices) from an npz file, as torch tensors."""
+    import zipfile
+
+    import numpy as np
+    import torch
+
+    if not path.is_file():
+        raise BadInput(f"{option}: file '{path}' does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            keys = set(f.files)
+            if not {"x", "y"} <= keys:
+                raise BadInput(f"{option}: '{path}' must hold arrays 'x' and 'y', found {sorted(keys)}")
+            x, y = f["x"], f["y"]
+    except BadInput:
+        raise
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise BadInput(f"{option}: '{path}' is not a readable npz file ({exc})") from None
+    if x.dtype.kind not in "fiub":
+        raise BadInput(f"{option}: 'x' in '{path}' must be numeric, got dtype {x.dtype}")
+    if x.ndim < 2 or len(x) == 0:
+        raise BadInput(f"{option}: 'x' in '{path}' must be a non-empty batch (N, ...), got shape {x.shape}")
+    if y.ndim != 1 or len(y) != len(x):
+        raise BadInput(f"{option}: 'y' in '{path}' must have shape ({len(x)},), got {y.shape}")
+    if y.dtype.kind == "f":
+        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+            raise BadInput(f"{option}: 'y' in '{path}' holds non-integer labels")
+    elif y.dtype.kind not in "iu":
+        raise BadInput(f"{option}: 'y' in '{path}' must hold integer class indices, got dtype {y.dtype}")
+    if x.dtype.kind != "f" or x.dtype == np.float16:
+        x = x.astype(np.float32)
+    if not np.all(np.isfinite(x)):
+        raise BadInput(f"{option}: 'x' in '{path}' holds NaN or inf")
+    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y).astype(np.int64))
+
+
+def _check_fits(model, x, y, option: str) -> int:
+    """Run the model on two examples: the shapes must fit and the labels must index its outputs."""
+    import torch
+
+    p = next(model.parameters(), None)
+    if p is None:
+        raise BadInput("--model: the model has no parameters")
+    try:
+        with torch.no_grad():
+            out = model(x[:2].to(p.device, p.dtype))
+    except Exception as exc:  # noqa: BLE001
+        raise BadInput(f"{option}: the model cannot take 'x' of shape {tuple(x.shape)} ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if out.dim() != 2:
+        raise BadInput(f"--model: the model must output logits of shape (N, classes), got {tuple(out.shape)}")
+    n_out = out.shape[1]
+    if int(y.min()) < 0 or int(y.max()) >= n_out:
+        raise BadInput(f"{option}: labels must lie in 0..{n_out - 1} (the model has {n_out} outputs), "
+                       f"got {int(y.min())}..{int(y.max())}")
+    return n_out
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _nominal_accuracy(model, x, y, balanced: bool) -> float:
+    import torch
+
+    p = next(model.parameters())
+    correct = []
+    with torch.no_grad():
+        for s in range(0, len(x), 2048):
+            correct.append((model(x[s:s + 2048].to(p.device, p.dtype)).argmax(1).cpu() == y[s:s + 2048]).double())
+    c = torch.cat(correct)
+    if not balanced:
+        return float(c.mean())
+    return float(sum(c[y == k].mean() for k in torch.unique(y)) / len(torch.unique(y)))
+
+
+# ----------------------------------------------------------------------------------- certify
+@app.command()
+def certify(
+    model: Annotated[str, typer.Option("--model", help="Model factory 'package.module:factory' (called with no arguments).")],
+    weights: Annotated[Path, typer.Option("--weights", help="Trained weights (safetensors state dict).")],
+    data: Annotated[Path, typer.Option("--data", help="npz with arrays x, y: data for the search.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory to write the LID to (must be empty or absent).")],
+    tau: Annotated[Optional[float], typer.Option("--tau", help="Required certified accuracy τ.")] = None,
+    tau_from_accuracy: Annotated[Optional[float], typer.Option(
+        "--tau-from-accuracy", metavar="DELTA", help="τ = max(acc − DELTA, acc/2), acc = nominal accuracy on the search data.")] = None,
+    cert_data: Annotated[Optional[Path], typer.Option("--cert-data", help="npz with held-out certification data x, y.")] = None,
+    cert_fraction: Annotated[Optional[float], typer.Option(
+        "--cert-fraction", help="Without --cert-data: fraction of --data held out for certification (default 0.3).")] = None,
+    iterations: Annotated[int, typer.Option("--iterations")] = 200,
+    checkpoints: Annotated[int, typer.Option("--checkpoints")] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 500,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    confidence: Annotated[float, typer.Option("--confidence")] = 0.95,
+    balanced: Annotated[bool, typer.Option("--balanced", help="Certify balanced accuracy instead of accuracy.")] = False,
+) -> None:
+    """Search and certify an LID around a trained model; write it to --out."""
+    with _cli_errors():
+        if (tau is None) == (tau_from_accuracy is None):
+            raise BadInput("give exactly one of --tau and --tau-from-accuracy")
+        if tau is not None and not 0.0 <= tau <= 1.0:
+            raise BadInput(f"--tau must lie in [0, 1], got {tau}")
+        if tau_from_accuracy is not None and not 0.0 <= tau_from_accuracy <= 1.0:
+            raise BadInput(f"--tau-from-accuracy must lie in [0, 1], got {tau_from_accuracy}")
+        if cert_data is not None and cert_fraction is not None:
+            raise BadInput("give at most one of --cert-data and --cert-fraction")
+        if cert_fraction is not None and not 0.0 < cert_fraction < 1.0:
+            raise BadInput(f"--cert-fraction must lie strictly between 0 and 1, got {cert_fraction}")
+        if not 0.0 < confidence < 1.0:
+            raise BadInput(f"--confidence must lie strictly between 0 and 1, got {confidence}")
+        if iterations < 1 or batch_size < 1 or not 1 <= checkpoints <= iterations:
+            raise BadInput("need --iterations ≥ 1, --batch-size ≥ 1 and 1 ≤ --checkpoints ≤ --iterations")
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise BadInput(f"--out: '{out}' exists and is not an empty directory")
+
+        import numpy as np
+        import torch
+
+        net = _load_weights(_load_factory(model), weights)
+        x, y = _load_npz(data, "--data")
+        _check_fits(net, x, y, "--data")
+        if cert_data is not None:
+            cx, cy = _load_npz(cert_data, "--cert-data")
+            _check_fits(net, cx, cy, "--cert-data")
+            if tuple(cx.shape[1:]) != tuple(x.shape[1:]):
+                raise BadInput(f"--cert-data: examples of shape {tuple(cx.shape[1:])}, --data has {tuple(x.shape[1:])}")
+            split = False
+        else:
+            fraction = 0.3 if cert_fraction is None else cert_fraction
+            perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+            n_cert = max(1, int(round(len(x) * fraction)))
+            if n_cert >= len(x):
+                raise BadInput(f"--data: {len(x)} examples are too few to hold out a certification fraction of {fraction}")
+            cert_idx, search_idx = perm[:n_cert], perm[n_cert:]
+            cx, cy = x[cert_idx].contiguous(), y[cert_idx].contiguous()
+            x, y = x[search_idx].contiguous(), y[search_idx].contiguous()
+            split = True
+
+        from lid_engine.search import compute_lid
+
+        if tau_from_accuracy is not None:
+            from lid_engine.search import tau_from_accuracy as rule
+
+            acc = _nominal_accuracy(net, x, y, balanced)
+            tau = rule(acc, tau_from_accuracy)
+            typer.echo(f"nominal {'balanced ' if balanced else ''}accuracy on the search data {acc:.4f} → τ = {tau:.4f}", err=True)
+
+        lid = compute_lid(
+            net, x, y, tau=tau, iterations=iterations, checkpoints=checkpoints, batch_size=batch_size, seed=seed,
+            cert_x=cx, cert_y=cy, confidence=confidence, spec_kind="balanced_accuracy" if balanced else "accuracy",
+        )
+        lid.save(out)
+        if split:
+            np.savez(out / CERT_DATA_FILE, x=cx.numpy(), y=cy.numpy())
+        _print_lid(lid, out)
+        if split:
+            typer.echo(f"held-out certification data written to {out / CERT_DATA_FILE} (needed by `lidgate verify`)")
+
+
+# ----------------------------------------------------------------------------------- verify
+@app.command()
+def verify(
+    directory: Annotated[Path, typer.Argument(help="A saved LID directory.")],
+    model: Annotated[str, typer.Option("--model", help="Model factory 'package.module:factory'.")],
+    weights: Annotated[Path, typer.Option("--weights", help="Weights of the model to check (safetensors).")],
+    data: Annotated[Optional[list[str]], typer.Option(
+        "--data", help=f"Certification data npz (x, y); TASK=PATH for several tasks. Default: DIR/{CERT_DATA_FILE}.")] = None,
+    allow_update: Annotated[bool, typer.Option(
+        "--allow-update", help="Accept any model inside the LID (a δ-safe update) instead of the nominal one.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Recompute every certificate of a saved LID and check the model against it."""
+    with _cli_errors():
+        if not directory.is_dir():
+            raise BadInput(f"'{directory}' is not a directory")
+        net = _load_weights(_load_factory(model), weights)
+        items = list(data or [])
+        if not items:
+            default = directory / CERT_DATA_FILE
+            if not default.is_file():
+                raise BadInput(f"--data is required (no {CERT_DATA_FILE} in '{directory}')")
+            items = [str(default)]
+        kwargs = {}
+        if len(items) == 1 and "=" not in items[0]:
+            x, y = _load_npz(Path(items[0]), "--data")
+            _check_fits(net, x, y, "--data")
+            kwargs.update(x=x, y=y)
+        else:
+            mapping = {}
+            for item in items:
+                task, sep, path = item.partition("=")
+                if not sep or not task or not path:
+                    raise BadInput(f"--data: with several files use TASK=PATH, got {item!r}")
+                if task in mapping:
+                    raise BadInput(f"--data: task {task!r} given twice")
+                mapping[task] = _load_npz(Path(path), f"--data {task}")
+                _check_fits(net, *mapping[task], f"--data {task}")
+            kwargs["data"] = mapping
+
+        from lid_engine.verify import verify as run_verify
+
+        report = run_verify(directory, net, allow_update=allow_update, **kwargs)
+        if as_json:
+            import json
+
+            typer.echo(json.dumps(report.to_dict(), indent=2))
+        else:
+            _print_report(report)
+        if not report.ok:
+            raise typer.Exit(1)
+
+
+def _print_report(report) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"lidgate verify {report.directory}")
+    table.add_column("check")
+    table.add_column("result")
+    table.add_column("detail", overflow="fold")
+    for c in report.checks:
+        table.add_row(c.name, "[green]ok[/green]" if c.ok else "[bold red]FAIL[/bold red]", c.detail)
+    console = _console()
+    console.print(table)
+    if report.ok:
+        console.print(f"[bold green]VERIFIED[/bold green]: all {len(report.checks)} checks passed"
+                      + (f"; the model lies in member {report.member}" if report.member is not None else ""))
+    else:
+        console.print(f"[bold red]VERIFICATION FAILED[/bold red]: {len(report.failures)} of {len(report.checks)} checks "
+                      f"failed: {', '.join(c.name for c in report.failures)}")
+
+
+# ----------------------------------------------------------------------------------- inspect
+@app.command()
+def inspect(directory: Annotated[Path, typer.Argument(help="A saved LID directory.")]) -> None:
+    """Show a saved LID: widths per layer, the certificate of every checkpoint, the guarantee in words."""
+    with _cli_errors():
+        if not directory.is_dir():
+            raise BadInput(f"'{directory}' is not a directory")
+        from lid_engine.lid import LID
+
+        lid = LID.load(directory)
+        _print_lid(lid, directory, widths=True)
+        typer.echo("inspect checks the files' integrity only; `lidgate verify` recomputes the bounds.")
+
+
+def _print_lid(lid, directory: Path, widths: bool = False) -> None:
+    from rich.table import Table
+
+    console = _console()
+    config = lid.search_config if isinstance(lid.search_config, dict) else {}
+    iters, kept = config.get("checkpoint_iterations"), config.get("member_indices", list(range(len(lid))))
+    if widths:
+        wt = Table(title="widths per parameter tensor")
+        for col in ("member", "parameter", "numel", "sum", "mean", "max"):
+            wt.add_column(col, justify="right" if col not in ("parameter",) else "left")
+        for i, row in enumerate(lid.widths()):
+            for name, s in row.items():
+                wt.add_row(str(i), name, str(s["numel"]), f"{s['sum']:.6g}", f"{s['mean']:.6g}", f"{s['max']:.6g}")
+        console.print(wt)
+    ct = Table(title=f"LID {directory}: {len(lid)} member(s)")
+    for col in ("member", "iteration", "width sum", "task", "τ", "certified", "n", "certified metric", "lower bound", "meets τ"):
+        ct.add_column(col, justify="right")
+    sums = lid.width_sum()
+    for i, certs in enumerate(lid.certificates):
+        try:
+            it = str(iters[kept[i]])
+        except (TypeError, IndexError, KeyError):
+            it = "-"
+        for t, c in certs.items():
+            ct.add_row(str(i), it, f"{sums[i]:.6g}", t, f"{c.tau:g}", str(c.certified), str(c.n),
+                       f"{c.certified_accuracy:.4f}", f"{c.lower_bound:.4f}", "yes" if c.meets_tau else "[red]no[/red]")
+    console.print(ct)
+    for t in lid.tasks:
+        console.print(lid.statement(t), soft_wrap=True)
+
+
+def main() -> None:  # pragma: no cover - console entry convenience
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

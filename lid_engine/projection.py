@@ -1,0 +1,212 @@
+"""Projection of updates back into a domain: the step that makes any optimiser δ-safe.
+
+For one box the Euclidean projection is a coordinate-wise clamp. An LID is a union of boxes that
+all contain the nominal point; the projector stays in its current member while the parameters are
+inside it, and otherwise picks a member by a strategy (METHOD.md §2.3) and clamps into it:
+
+* ``closest`` — the member at the smallest Euclidean distance;
+* ``sample_largest_closest`` — sample with probabilities softmax(size / distance);
+* ``best_loss`` — clamp into each member and keep the one with the smallest loss (callback).
+
+Members are kept flattened on the parameters' device, so a projection is a few vectorised ops and
+the cost per optimiser step stays a small fraction of the step itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .domains import Box
+from .errors import DomainMismatchError, InvalidInputError
+
+STRATEGIES = ("closest", "sample_largest_closest", "best_loss")
+
+
+def _members_of(domain) -> list[Box]:
+    if isinstance(domain, Box):
+        return [domain]
+    members = getattr(domain, "members", None)
+    if members is None:
+        if isinstance(domain, Sequence) and domain and all(isinstance(b, Box) for b in domain):
+            return list(domain)
+        raise InvalidInputError(f"projection: expected a Box, an LID or a list of Boxes, got {type(domain).__name__}")
+    return list(members)
+
+
+class Projector:
+    """Projects a model's parameters onto a union of boxes, remembering the current member."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        domain,
+        strategy: str = "closest",
+        loss_fn: Callable[[nn.Module], Tensor] | None = None,
+        seed: int = 0,
+        inside_tol: float = 0.0,
+    ):
+        if strategy not in STRATEGIES:
+            raise InvalidInputError(f"projection: 'strategy' must be one of {STRATEGIES}, got {strategy!r}")
+        if strategy == "best_loss" and loss_fn is None:
+            raise InvalidInputError("projection: strategy='best_loss' needs loss_fn=callable(model) -> loss")
+        members = _members_of(domain)
+        for i, box in enumerate(members):
+            box.check_matches(model, f"projection (member {i})")
+        self.model = model
+        self.params = [p for _, p in model.named_parameters()]
+        self.names = [n for n, _ in model.named_parameters()]
+        ref = self.params[0]
+        # (m, p) matrices of member bounds, rounded inward to the parameters' dtype so a clamped
+        # value is always inside the (possibly higher-precision) box.
+        lows, highs = [], []
+        for box in members:
+            inner = box if box.dtype == ref.dtype else _inward(box, ref.dtype)
+            lows.append(torch.cat([inner.lower[n].detach().reshape(-1) for n in self.names]))
+            highs.append(torch.cat([inner.upper[n].detach().reshape(-1) for n in self.names]))
+        self.lower = torch.stack(lows).to(ref.device)
+        self.upper = torch.stack(highs).to(ref.device)
+        self.sizes = (self.upper - self.lower).sum(1)
+        self.strategy, self.loss_fn, self.inside_tol = strategy, loss_fn, inside_tol
+        self.generator = torch.Generator().manual_seed(seed)
+        self.current: int | None = None
+        self.switches = 0
+
+    # ----------------------------------------------------------------------------- primitives
+    def _flat(self) -> Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self.params])
+
+    def _write(self, flat: Tensor) -> None:
+        with torch.no_grad():
+            offset = 0
+            for p in self.params:
+                k = p.numel()
+                p.copy_(flat[offset : offset + k].view_as(p))
+                offset += k
+
+    def distances2(self, flat: Tensor | None = None) -> Tensor:
+        """Squared distance from the parameters to every member (0 inside)."""
+        flat = self._flat() if flat is None else flat
+        gap = (self.lower - flat).clamp(min=0) + (flat - self.upper).clamp(min=0)
+        return gap.pow(2).sum(1)
+
+    # ----------------------------------------------------------------------------- projection
+    @torch.no_grad()
+    def project_(self) -> int:
+        """Project in place; returns the index of the member the parameters now lie in."""
+        flat = self._flat()
+        if self.current is not None:
+            lo, hi = self.lower[self.current], self.upper[self.current]
+            outside = (flat < lo - self.inside_tol) | (flat > hi + self.inside_tol)
+            if not bool(outside.any()):
+                return self.current
+            if len(self.lower) == 1:  # one member: the clamp is the projection
+                self._write(torch.minimum(torch.maximum(flat, lo), hi))
+                return self.current
+        d2 = self.distances2(flat)
+        inside = (d2 <= self.inside_tol).nonzero()
+        if len(inside):
+            chosen = int(inside[0])
+        else:
+            chosen = self._choose(flat, d2)
+        if chosen != self.current:
+            self.switches += 1
+        self.current = chosen
+        self._write(torch.minimum(torch.maximum(flat, self.lower[chosen]), self.upper[chosen]))
+        return chosen
+
+    def _choose(self, flat: Tensor, d2: Tensor) -> int:
+        if self.strategy == "closest" or len(d2) == 1:
+            return int(d2.argmin())
+        if self.strategy == "sample_largest_closest":
+            score = self.sizes / d2.clamp(min=1e-12)
+            probs = torch.softmax(score.double() - score.double().max(), 0).cpu()
+            return int(torch.multinomial(probs, 1, generator=self.generator))
+        losses = []
+        for i in range(len(d2)):  # best_loss: try each member
+            self._write(torch.minimum(torch.maximum(flat, self.lower[i]), self.upper[i]))
+            with torch.no_grad():
+                losses.append(float(self.loss_fn(self.model)))
+        return int(torch.tensor(losses).argmin())
+
+    def state_dict(self) -> dict:
+        return {"current": self.current, "switches": self.switches, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.current, self.switches = state["current"], state["switches"]
+        self.generator.set_state(state["generator"])
+
+
+def _inward(box: Box, dtype: torch.dtype) -> Box:
+    lower, upper = {}, {}
+    for n in box.names:
+        lo, hi = box.lower[n].detach(), box.upper[n].detach()
+        lo_c, hi_c = lo.to(dtype), hi.to(dtype)
+        lo_c = torch.where(lo_c.to(lo.dtype) < lo, torch.nextafter(lo_c, torch.full_like(lo_c, torch.inf)), lo_c)
+        hi_c = torch.where(hi_c.to(hi.dtype) > hi, torch.nextafter(hi_c, torch.full_like(hi_c, -torch.inf)), hi_c)
+        if bool((lo_c > hi_c).any()):
+            raise DomainMismatchError(f"projection: parameter '{n}' has an interval with no {dtype} value inside")
+        lower[n], upper[n] = lo_c, hi_c
+    return Box(lower, upper, check=False)
+
+
+def project_(model: nn.Module, domain, strategy: str = "closest", **kwargs) -> nn.Module:
+    """Project the model's parameters into ``domain`` (Box, LID or list of Boxes) once, in place."""
+    Projector(model, domain, strategy, **kwargs).project_()
+    return model
+
+
+class ProjectedOptimizer:
+    """Wrap any torch optimizer so that every ``step()`` is followed by a projection onto the LID.
+
+    ``ProjectedOptimizer(torch.optim.Adam(model.parameters(), 1e-3), model, lid)``; behaves like
+    the wrapped optimizer (``zero_grad``, ``param_groups``, ``state_dict``/``load_state_dict``).
+    The model is projected once at construction, so it is inside the LID from the start.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        lid,
+        strategy: str = "closest",
+        loss_fn: Callable[[nn.Module], Tensor] | None = None,
+        seed: int = 0,
+    ):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise InvalidInputError(f"ProjectedOptimizer: 'optimizer' must be a torch optimizer, got {type(optimizer).__name__}")
+        self.optimizer = optimizer
+        self.projector = Projector(model, lid, strategy, loss_fn=loss_fn, seed=seed)
+        self.projector.project_()
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @property
+    def current_member(self) -> int | None:
+        return self.projector.current
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Callable[[], Tensor] | None = None):
+        loss = self.optimizer.step(closure)
+        self.projector.project_()
+        return loss
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "projector": self.projector.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.projector.load_state_dict(state["projector"])
+
+    def __repr__(self) -> str:
+        return f"ProjectedOptimizer({self.optimizer.__class__.__name__}, members={len(self.projector.lower)})"

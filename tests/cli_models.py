@@ -1,0 +1,19 @@
+"""Model factories for the CLI tests (``--model tests.cli_models:mlp``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def broken() -> nn.Module:
+    raise RuntimeError("the factory failed")
+
+
+def not_a_model():
+    return 42

@@ -1,0 +1,221 @@
+"""LID search and projection: what a user relies on when they make updates safe."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lid_engine as le
+from components.datasets import blobs
+from lid_engine.models import mlp
+from lid_engine.projection import Projector
+from lid_engine.search import LidSearchError, _split
+from lid_engine.training import accuracy, train_classifier
+from tests.sampling import sample_parameters, sampled_outputs
+
+
+@pytest.fixture(scope="module")
+def task():
+    """Blobs task 1 (classes 0/1 of a 6-class head), an MLP 2-32-6 trained on it, held-out split."""
+    x, y = (torch.from_numpy(a) for a in blobs(n=2400, seed=0))
+    keep = y < 2
+    x, y = x[keep], y[keep]
+    torch.manual_seed(0)
+    model = mlp([2, 32, 6])
+    train_classifier(model, x[:400], y[:400], epochs=20, batch_size=32, lr=1e-2)
+    return model, x[400:], y[400:]
+
+
+@pytest.fixture(scope="module")
+def lid(task):
+    model, x, y = task
+    acc = accuracy(model, x, y)
+    assert acc > 0.95
+    return le.compute_lid(model, x, y, tau=0.9, iterations=60, checkpoints=6, batch_size=256,
+                          primal_lr=0.5, progress=False, seed=0)
+
+
+def test_search_returns_certified_members_containing_theta(task, lid):
+    model, _, _ = task
+    assert len(lid) >= 1
+    for i, box in enumerate(lid.members):
+        assert box.contains(model), f"member {i} does not contain θ"
+        cert = lid.certificates[i]["task"]
+        assert cert.certified_accuracy >= 0.9
+        assert 0 < cert.lower_bound <= cert.certified_accuracy
+    assert lid.width_sum()[-1] > 0
+    # the boxes grow along the trajectory
+    assert lid.width_sum() == sorted(lid.width_sum())
+
+
+def test_certification_set_is_held_out_from_the_search(task, lid):
+    model, x, y = task
+    search, cert = _split(x, y, 0.3, seed=0)
+    assert lid.certificates[0]["task"].n == len(cert[0])
+    assert lid.certificates[0]["task"].data_sha256 == le.fingerprint_data(*cert)
+    search_rows = {tuple(r.tolist()) for r in search[0]}
+    assert not any(tuple(r.tolist()) in search_rows for r in cert[0])
+
+
+def test_certificate_is_sound_for_sampled_models(task, lid):
+    model, x, y = task
+    _, (xc, yc) = _split(x, y, 0.3, seed=0)
+    box = lid.members[-1]
+    outs = sampled_outputs(model, sample_parameters(box, 2000, seed=1), xc)
+    sampled_acc = (outs.argmax(-1) == yc).double().mean(-1)
+    assert lid.certificates[-1]["task"].certified_accuracy <= float(sampled_acc.min())
+
+
+def test_unmeetable_tau_fails_closed(task):
+    model, x, y = task
+    with pytest.raises(LidSearchError, match="no checkpoint reaches"):
+        le.compute_lid(model, x, y, tau=1.0, iterations=10, checkpoints=2, progress=False,
+                       cert_x=x[:50], cert_y=(y[:50] + 1) % 2)
+
+
+def test_masked_coordinates_keep_zero_width(task):
+    model, x, y = task
+    g = torch.Generator().manual_seed(3)
+    mask = {n: torch.rand(p.shape, generator=g) < 0.6 for n, p in model.named_parameters()}
+    lid = le.compute_lid(model, x, y, tau=0.85, iterations=30, checkpoints=3, progress=False, mask=mask, keep="all")
+    for box in lid.members:
+        for n, m in mask.items():
+            assert bool((box.width(n)[m] == 0).all())
+        assert any(bool((box.width(n)[~m] > 0).any()) for n, m in mask.items())
+
+
+def test_nested_lid_stays_inside_within(task, lid):
+    model, x, y = task
+    outer = lid.members[0]
+    inner = le.compute_lid(model, x, y, tau=0.85, iterations=40, checkpoints=4, progress=False,
+                           within=lid, keep="all", primal_lr=2.0)
+    member = lid.members[lid.member_index(model)]
+    for box in inner.members:
+        assert box.is_subset(member)
+    with pytest.raises(le.InvalidDomainError, match="outside 'within'"):
+        shifted = le.Box({n: t + 1.0 for n, t in outer.lower.items()}, {n: t + 1.0 for n, t in outer.upper.items()})
+        le.compute_lid(model, x, y, tau=0.85, iterations=5, checkpoints=1, progress=False, within=shifted)
+
+
+def test_several_tasks_get_one_constraint_each(task):
+    model, x, y = task
+    half = len(x) // 2
+    lid = le.compute_lid(model, tasks={"a": (x[:half], y[:half], 0.85), "b": (x[half:], y[half:], 0.8)},
+                         iterations=20, checkpoints=2, progress=False, keep="all")
+    assert set(lid.certificates[0]) == {"a", "b"}
+    assert len(lid.history[-1]["lambda"]) == 2
+
+
+def test_bad_search_arguments_are_clear(task):
+    model, x, y = task
+    with pytest.raises(le.InvalidInputError, match="'checkpoints'"):
+        le.compute_lid(model, x, y, tau=0.9, iterations=5, checkpoints=10, progress=False)
+    with pytest.raises(le.InvalidInputError, match="tau"):
+        le.compute_lid(model, x, y, tau=1.5, progress=False)
+    with pytest.raises(le.InvalidInputError, match="mask"):
+        le.compute_lid(model, x, y, tau=0.9, mask={"0.weight": torch.zeros(3)}, progress=False)
+    with pytest.raises(le.InvalidInputError, match="labels must lie"):
+        le.compute_lid(model, x, y + 10, tau=0.9, progress=False)
+
+
+# ------------------------------------------------------------------------------------ projection
+def _random_point(model, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.floats(1e-3, 3.0), st.sampled_from(["closest", "sample_largest_closest"]))
+def test_every_projection_lands_inside_and_recertifies(task, lid, seed, scale, strategy):
+    model, x, y = task
+    m = mlp([2, 32, 6])
+    m.load_state_dict(model.state_dict())
+    _random_point(m, scale, seed)
+    le.project_(m, lid, strategy=strategy, seed=seed)
+    index = lid.member_index(m)
+    assert index is not None
+    _, (xc, yc) = _split(x, y, 0.3, seed=0)
+    with torch.no_grad():
+        acc = float((m(xc).argmax(1) == yc).double().mean())
+    assert acc >= lid.certificates[index]["task"].certified_accuracy
+
+
+def test_single_box_projection_is_the_euclidean_one(task):
+    model, _, _ = task
+    box = le.Box.around(model, 0.05)
+    m = mlp([2, 32, 6])
+    m.load_state_dict(model.state_dict())
+    _random_point(m, 0.5, 1)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    le.project_(m, box)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p, before[n].clamp(box.lower[n], box.upper[n]))
+
+
+def test_projected_optimizer_keeps_model_inside_through_1000_random_steps(task, lid):
+    model, x, y = task
+    m = mlp([2, 32, 6])
+    m.load_state_dict(model.state_dict())
+    opt = le.ProjectedOptimizer(torch.optim.Adam(m.parameters(), lr=0.05), m, lid, strategy="sample_largest_closest")
+    g = torch.Generator().manual_seed(0)
+    for step in range(1000):
+        opt.zero_grad()
+        for p in m.parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+        if step % 50 == 0 or step == 999:
+            assert lid.member_index(m) is not None, f"left the LID at step {step}"
+    assert lid.member_index(m) == opt.current_member
+
+
+def test_projected_optimizer_state_dict_round_trip(task, lid):
+    model, x, y = task
+    m = mlp([2, 32, 6])
+    m.load_state_dict(model.state_dict())
+    opt = le.ProjectedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), m, lid)
+    loss = torch.nn.functional.cross_entropy(m(x[:64]), (y[:64] + 1) % 2)
+    loss.backward()
+    opt.step()
+    state = opt.state_dict()
+    opt2 = le.ProjectedOptimizer(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), m, lid)
+    opt2.load_state_dict(state)
+    assert opt2.current_member == opt.current_member
+    assert opt2.param_groups[0]["momentum"] == 0.9
+    assert len(opt2.state) == len(opt.state)
+
+
+def test_best_loss_strategy_picks_the_lowest_loss_member(task, lid):
+    model, x, y = task
+    m = mlp([2, 32, 6])
+    m.load_state_dict(model.state_dict())
+    _random_point(m, 1.0, 7)
+
+    def loss_fn(mm):
+        return torch.nn.functional.cross_entropy(mm(x[:200]), y[:200])
+
+    proj = Projector(m, lid, "best_loss", loss_fn=loss_fn)
+    flat = proj._flat().clone()
+    chosen = proj.project_()
+    losses = []
+    for i in range(len(lid)):
+        proj._write(torch.minimum(torch.maximum(flat, proj.lower[i]), proj.upper[i]))
+        with torch.no_grad():
+            losses.append(float(loss_fn(m)))
+    assert losses[chosen] == min(losses)
+    with pytest.raises(le.InvalidInputError, match="loss_fn"):
+        Projector(m, lid, "best_loss")
+
+
+def test_projection_into_float64_box_stays_inside_for_float32_model(task):
+    model, _, _ = task
+    box = le.Box.around(model, 0.01).to(dtype=torch.float64)
+    box = le.Box({n: t + 1e-9 for n, t in box.lower.items()}, {n: t + 1e-9 for n, t in box.upper.items()})
+    m = mlp([2, 32, 6])
+    m.load_state_dict(model.state_dict())
+    _random_point(m, 1.0, 2)
+    le.project_(m, box)
+    assert box.contains(m)
