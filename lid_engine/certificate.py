@@ -24,6 +24,14 @@ A ``Certificate`` records a *deterministic* claim and a *statistical* one:
 reported, including ones discarded afterwards because their certificate was too low — otherwise
 the selection would invalidate the union bound. ``LID.subset`` keeps the original count.
 
+**Floating point.** IBP in certification mode encloses the exact real-number outputs *and* any
+floating-point forward pass carried out in the arithmetic of the bound computation (``dtype``). A
+float32 model certified with ``dtype=float64`` would therefore not be covered when it runs in its own
+float32 arithmetic (a 1e-8 logit margin certified in float64 can vanish in a float32 forward). So an
+example counts as certified only if it is certified in ``dtype`` *and* in every lower precision the
+model's parameters are stored in; ``evaluation_dtypes`` records them all, and the claim covers exact
+arithmetic and IEEE evaluation in each (plain dot-product kernels, no TF32).
+
 Fingerprints (sha256) bind the certificate to the nominal model (parameters and buffers), the
 architecture, the domain's tensors and the certification data, so ``lid_engine.verify`` can
 recompute every number from the files.
@@ -237,6 +245,7 @@ class Certificate:
     data_sha256: str
     bound_method: str = "ibp"
     dtype: str = "float64"
+    evaluation_dtypes: list[str] = field(default_factory=lambda: ["float64"])
     engine_version: str = field(default_factory=_engine_version)
     created_at: str = field(default_factory=_utc_now)
     member: int = 0
@@ -269,6 +278,14 @@ class Certificate:
             )
         if self.dtype not in DTYPES:
             raise CertificateError(f"Certificate: 'dtype' must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        ev = self.evaluation_dtypes
+        if (not isinstance(ev, list) or not ev or ev[0] != self.dtype or len(set(map(str, ev))) != len(ev)
+                or not all(isinstance(d, str) and d in DTYPES for d in ev)):
+            raise CertificateError(
+                f"Certificate: 'evaluation_dtypes' must be a list of distinct names from {tuple(DTYPES)} starting "
+                f"with 'dtype' ({self.dtype!r}), got {ev!r}"
+            )
+        object.__setattr__(self, "evaluation_dtypes", list(ev))
         for name in ("model_sha256", "architecture_sha256", "domain_sha256", "data_sha256"):
             if not _SHA_RE.match(getattr(self, name)):
                 raise CertificateError(f"Certificate: '{name}' must be 64 lowercase hex digits, got {getattr(self, name)!r}")
@@ -336,8 +353,8 @@ class Certificate:
         metric = "balanced accuracy" if self.kind == "balanced_accuracy" else "accuracy"
         return (
             f"Every parameter vector in domain {self.member} has {metric} ≥ {self.certified_accuracy:.4f} on the "
-            f"{self.n} certification examples of task '{self.task}' ({self.certified} certified; sound IBP in "
-            f"{self.dtype}). If those examples are i.i.d. from the deployment distribution and unseen by the "
+            f"{self.n} certification examples of task '{self.task}' ({self.certified} certified; sound IBP, "
+            f"covering exact arithmetic and evaluation in {' and '.join(self.evaluation_dtypes)}). If those examples are i.i.d. from the deployment distribution and unseen by the "
             f"search, then with probability ≥ {self.confidence:g} every such parameter vector has population "
             f"{metric} ≥ {self.lower_bound:.4f} (one-sided Clopper–Pearson, union bound over "
             f"{self.n_domains} domain(s))."
@@ -347,6 +364,7 @@ class Certificate:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["per_class"] = {c: dict(v) for c, v in self.per_class.items()}
+        d["evaluation_dtypes"] = list(self.evaluation_dtypes)
         return d
 
     @classmethod
@@ -385,24 +403,48 @@ def _check_dtype(dtype, where: str) -> str:
     raise InvalidInputError(f"{where}: 'dtype' must be torch.float32 or torch.float64, got {dtype!r}")
 
 
+def evaluation_dtypes(model: nn.Module, dtype: torch.dtype) -> list[torch.dtype]:
+    """``dtype`` followed by every lower precision among the model's floating parameters and buffers."""
+    out = [dtype]
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point() and t.dtype not in out and torch.finfo(t.dtype).eps > torch.finfo(dtype).eps:
+            out.append(t.dtype)
+    return out
+
+
 def certified_counts(
     model: nn.Module, box: Box, x: Tensor, y: Tensor, *, dtype: torch.dtype = torch.float64,
     batch_size: int | None = 2048, where: str = "certify_box",
-) -> tuple[int, int, dict[str, dict[str, int]]]:
-    """(n, certified, per_class) of the sound IBP certificate of ``box`` on ``(x, y)``."""
+) -> tuple[int, int, dict[str, dict[str, int]], list[str]]:
+    """(n, certified, per_class, evaluation dtypes) of the sound IBP certificate of ``box`` on ``(x, y)``.
+
+    An example is certified when it is certified in ``dtype`` and in every lower precision the model
+    is stored in (see the module docstring), so the count also holds for the model's own arithmetic.
+    """
     if not isinstance(box, Box):
         raise InvalidInputError(f"{where}: 'box' must be a lid_engine Box, got {type(box).__name__}")
-    lo, hi = bound_logits(model, box, x, "ibp", mode="certify", dtype=dtype, batch_size=batch_size)
-    if lo.dim() != 2:
-        raise InvalidInputError(f"{where}: the model must output logits of shape (N, n_classes), got {tuple(lo.shape)}")
-    yy = check_labels(canonical_labels(y, where), lo.shape[1], len(lo), where).to(lo.device)
-    mask = certified_mask(lo, hi, yy).cpu()
+    dtypes = evaluation_dtypes(model, dtype)
+    names = []
+    mask = yy = None
+    for d in dtypes:
+        if d not in DTYPES.values():
+            raise InvalidInputError(
+                f"{where}: the model holds {d} tensors; certification supports float32 and float64 arithmetic only"
+            )
+        lo, hi = bound_logits(model, box, x, "ibp", mode="certify", dtype=d, batch_size=batch_size)
+        if lo.dim() != 2:
+            raise InvalidInputError(f"{where}: the model must output logits of shape (N, n_classes), got {tuple(lo.shape)}")
+        if yy is None:
+            yy = check_labels(canonical_labels(y, where), lo.shape[1], len(lo), where)
+        m = certified_mask(lo, hi, yy.to(lo.device)).cpu()
+        mask = m if mask is None else mask & m
+        names.append(_check_dtype(d, where))
     yy = yy.cpu()
     per_class = {}
     for c in torch.unique(yy).tolist():
         sel = yy == c
         per_class[str(int(c))] = {"n": int(sel.sum()), "certified": int(mask[sel].sum())}
-    return len(yy), int(mask.sum()), per_class
+    return len(yy), int(mask.sum()), per_class, names
 
 
 def certify_box(
@@ -443,7 +485,7 @@ def certify_box(
         raise InvalidInputError(f"{where}: the certification set is empty (n must be ≥ 1)")
     if model_sha256 is None:
         model_sha256 = fingerprint_model(model)
-    n, certified, per_class = certified_counts(model, box, x, y, dtype=dtype, batch_size=batch_size, where=where)
+    n, certified, per_class, evaluated = certified_counts(model, box, x, y, dtype=dtype, batch_size=batch_size, where=where)
     confidence = float(confidence)
     return Certificate(
         task=task,
@@ -462,6 +504,7 @@ def certify_box(
         data_sha256=fingerprint_data(x, y),
         bound_method="ibp",
         dtype=dtype_name,
+        evaluation_dtypes=evaluated,
         member=int(member),
     )
 
@@ -473,6 +516,7 @@ __all__ = [
     "certified_counts",
     "certify_box",
     "clopper_pearson_lower",
+    "evaluation_dtypes",
     "fingerprint_architecture",
     "fingerprint_data",
     "fingerprint_model",

@@ -29,7 +29,7 @@ import os
 import shutil
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -42,7 +42,6 @@ from .certificate import (
     _engine_version,
     _utc_now,
     certify_box,
-    fingerprint_architecture,
     fingerprint_tensors,
     model_state,
 )
@@ -272,7 +271,7 @@ class LID:
                         "bound must count every certified domain)"
                     )
                 ref = reference.setdefault(t, c)
-                for f in ("data_sha256", "n", "confidence", "n_domains", "dtype", "bound_method"):
+                for f in ("data_sha256", "n", "confidence", "n_domains", "dtype", "evaluation_dtypes", "bound_method"):
                     if getattr(c, f) != getattr(ref, f):
                         problems.append(f"'{f}' differs from member {ref.member}'s certificate for this task")
                 if problems:
@@ -468,7 +467,8 @@ class LID:
         return (
             f"Task '{t}' ({metric} ≥ τ = {c0.tau:g}): every parameter vector in the union of the {len(self)} "
             f"domain(s) has {metric} ≥ {self.certified_accuracy(t):.4f} on the {c0.n} held-out certification "
-            f"examples (deterministic, sound IBP bounds in {c0.dtype}). Provided those examples are i.i.d. draws "
+            f"examples (deterministic, sound IBP bounds covering exact arithmetic and evaluation in "
+            f"{' and '.join(c0.evaluation_dtypes)}). Provided those examples are i.i.d. draws "
             f"from the deployment distribution that the search never saw, with probability ≥ {c0.confidence:g} "
             f"over their draw every such parameter vector has population {metric} ≥ {self.lower_bound(t):.4f} "
             f"(one-sided Clopper–Pearson, union bound over {c0.n_domains} certified domain(s)"

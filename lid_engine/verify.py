@@ -245,7 +245,7 @@ def verify(
             certs[(i, t)] = c
     for t in manifest["tasks"]:
         group = [c for (i, tt), c in certs.items() if tt == t]
-        for f in ("data_sha256", "n", "confidence", "n_domains", "dtype", "bound_method"):
+        for f in ("data_sha256", "n", "confidence", "n_domains", "dtype", "evaluation_dtypes", "bound_method"):
             values = {json.dumps(getattr(c, f)) for c in group}
             if len(values) > 1:
                 report.add(f"task '{t}' certificates agree", False, f"members disagree on '{f}': {sorted(values)}")
@@ -314,13 +314,16 @@ def verify(
             report.add(name, False, f"requested dtype {dtype} but the certificate was computed in {c.dtype}")
             continue
         try:
-            n, k, per_class = certified_counts(ref_model, boxes[i], *supplied[t], dtype=DTYPES[c.dtype],
-                                               batch_size=batch_size, where="verify")
+            n, k, per_class, evaluated = certified_counts(ref_model, boxes[i], *supplied[t], dtype=DTYPES[c.dtype],
+                                                          batch_size=batch_size, where="verify")
         except Exception as exc:  # noqa: BLE001
             report.add(name, False, _err(exc))
             continue
+        if evaluated != c.evaluation_dtypes:
+            report.add(name, False, f"the certificate claims evaluation in {c.evaluation_dtypes}, the model needs {evaluated}")
+            continue
         ok = (n, k, per_class) == (c.n, c.certified, c.per_class)
-        report.add(name, ok, f"{k}/{n} certified, as stored" if ok else
+        report.add(name, ok, f"{k}/{n} certified in {' and '.join(evaluated)}, as stored" if ok else
                    f"recomputed {k}/{n} certified (per class {per_class}), stored {c.certified}/{c.n} ({c.per_class})")
     return report
 

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -167,6 +166,23 @@ def test_certify_box_is_sound_by_sampling(dtype):
     assert int(correct.sum(1).min()) >= cert.certified
 
 
+def test_float64_certificate_covers_the_float32_model():
+    """A 1e-8 logit margin is certified by float64 bounds, but the float32 model ties and predicts
+    class 0: the certificate must also hold in the model's own arithmetic, so it must not count it."""
+    m = nn.Sequential(nn.Linear(2, 2, bias=False)).eval()
+    with torch.no_grad():
+        m[0].weight.copy_(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+    x, y = torch.tensor([[1.0, 1e-8]]), torch.tensor([1])
+    assert int(m(x).argmax(1)) == 0  # the float32 model is wrong on it
+    box = Box.point(m)
+    lo, hi = le.bound_logits(m, box, x, mode="certify", dtype=torch.float64)
+    assert bool(certified_mask(lo, hi, y).all())  # float64 arithmetic alone would certify it
+    cert = certify_box(m, box, x, y, Spec())
+    assert cert.certified == 0
+    assert (cert.dtype, cert.evaluation_dtypes) == ("float64", ["float64", "float32"])
+    assert certify_box(m.double(), box.to(dtype=torch.float64), x.double(), y, Spec()).evaluation_dtypes == ["float64"]
+
+
 def test_certify_box_fields_and_balanced_bound():
     model = mlp()
     x, y = make_data(model)
@@ -227,6 +243,8 @@ def test_certificate_round_trip(setup):
     lambda d: d.update(format="lidgate.certificate/0"),
     lambda d: d.update(bound_method="crown"),
     lambda d: d.update(dtype="float16"),
+    lambda d: d.update(evaluation_dtypes=["float32"]),
+    lambda d: d.update(evaluation_dtypes="float64"),
     lambda d: d.update(model_sha256="abc"),
     lambda d: d.update(created_at="2025-01-01T00:00:00"),  # no time zone
     lambda d: d.update(per_class={"0": {"n": 1}}),

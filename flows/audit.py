@@ -1,0 +1,83 @@
+"""Audit: re-verify the certificate of every registered version and write an HTML report with plots.
+
+For each version: its own LID is re-verified on its registered certification data against its own
+weights (``allow_update=False``), and each earlier LID in its lineage is re-verified with the
+version's weights inside it (``allow_update=True``). Nothing is trusted from tags except the status.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import flows  # noqa: F401  (environment defaults before prefect is imported)
+from prefect import flow, get_run_logger
+
+
+def build_records(registry) -> list:
+    from components.audit import TaskAudit, VersionAudit
+    from lid_engine import verify
+
+    champion = registry.champion()
+    records = []
+    cache: dict[str, object] = {}
+
+    def load(version: str):
+        if version not in cache:
+            cache[version] = registry.load(version=version)
+        return cache[version]
+
+    for info in registry.history():
+        version = str(info.version)
+        tags = dict(info.tags)
+        reasons = json.loads(tags.get("lid.block_reasons", "[]") or "[]")
+        try:
+            loaded = load(version)
+        except Exception as exc:  # an unreadable or tampered version is reported, never skipped
+            records.append(VersionAudit(version=version, status=tags.get("lid.status", "unknown"),
+                                        is_champion=version == champion, created=str(info.created), verified=False,
+                                        tasks=[], block_reasons=reasons + [{"code": "load_failed", "detail": str(exc)}],
+                                        lid=None))
+            continue
+        tasks = []
+        if loaded.lid is not None:
+            report = verify(loaded.lid_dir, loaded.model, data=loaded.cert_data)
+            failures = [f"{c.name}: {c.detail}" for c in report.failures]
+            for task_name, spec in loaded.lid.tasks.items():
+                tasks.append(TaskAudit(task=task_name, tau=spec.tau, certified_accuracy=loaded.lid.certified_accuracy(task_name),
+                                       lower_bound=loaded.lid.lower_bound(task_name),
+                                       n=loaded.lid.certificates[0][task_name].n, verified=report.ok, failures=failures))
+        for earlier_version in loaded.lineage:
+            earlier = load(str(earlier_version))
+            if earlier.lid is None:
+                continue
+            report = verify(earlier.lid_dir, loaded.model, data=earlier.cert_data, allow_update=True)
+            for task_name, spec in earlier.lid.tasks.items():
+                tasks.append(TaskAudit(task=f"{task_name} (LID of v{earlier_version})", tau=spec.tau,
+                                       certified_accuracy=earlier.lid.certified_accuracy(task_name),
+                                       lower_bound=earlier.lid.lower_bound(task_name),
+                                       n=earlier.lid.certificates[0][task_name].n, verified=report.ok,
+                                       failures=[f"{c.name}: {c.detail}" for c in report.failures]))
+        verified = bool(tasks) and all(t.verified for t in tasks)
+        records.append(VersionAudit(version=version, status=tags.get("lid.status", "unknown"),
+                                    is_champion=version == champion, created=str(info.created), verified=verified,
+                                    tasks=tasks, block_reasons=reasons, lid=loaded.lid))
+    return records
+
+
+@flow(name="audit", log_prints=True)
+def audit_flow(model_name: str | None = None, out_dir: str | None = None) -> dict:
+    """Re-verify every registered version; returns the summary and the report paths."""
+    from components.audit import render_audit_report
+    from components.registry import Registry
+    from flows.settings import get_settings
+
+    settings = get_settings(model_name)
+    registry = Registry(settings.tracking_uri, settings.model_name, artifact_location=settings.artifact_location,
+                        cache_dir=settings.cache_dir)
+    records = build_records(registry)
+    out = Path(out_dir) if out_dir else settings.audit_dir / settings.model_name
+    html, summary_path = render_audit_report(records, out, model_name=settings.model_name)
+    summary = json.loads(Path(summary_path).read_text())
+    get_run_logger().info("audit of %d versions written to %s", len(records), html)
+    return {"report": str(html), "summary": str(summary_path), "ok": summary.get("ok"), "versions": len(records)}

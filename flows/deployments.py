@@ -1,0 +1,67 @@
+"""Prefect deployments: scheduled retraining and auditing on the ``cpu`` pool, certification on ``gpu``.
+
+``python -m flows.deployments apply`` creates the two process work pools (if missing) and applies
+the deployments to the Prefect server in ``PREFECT_API_URL``; then start workers with
+``prefect worker start --pool cpu`` and ``prefect worker start --pool gpu`` (on a CUDA machine).
+The same deployments are declared in ``deployment/prefect.yaml`` for ``prefect deploy --all``.
+Schedules need a real server: Prefect's ephemeral mode refuses them.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import flows  # noqa: F401  (environment defaults before prefect is imported)
+
+RETRAIN_CRON = "0 2 * * *"  # nightly
+AUDIT_CRON = "0 6 * * *"  # every morning
+WORK_POOLS = {"cpu": "training and auditing", "gpu": "LID certification (CUDA when present)"}
+
+
+def build_deployments(retrain_cron: str = RETRAIN_CRON, audit_cron: str = AUDIT_CRON, task_ref: str = "mnist:2,3"):
+    from flows.audit import audit_flow
+    from flows.certify import certify_flow
+    from flows.retrain import retrain_flow
+
+    return [
+        retrain_flow.to_deployment(name="retrain-nightly", work_pool_name="cpu", cron=retrain_cron,
+                                   parameters={"task_ref": task_ref}, tags=["lidgate", "retrain"],
+                                   description="Retrain the champion with projection onto its LID, certify, gate."),
+        certify_flow.to_deployment(name="certify-gpu", work_pool_name="gpu", tags=["lidgate", "certify"],
+                                   description="Re-verify earlier certificates and certify the next nested LID."),
+        audit_flow.to_deployment(name="audit-daily", work_pool_name="cpu", cron=audit_cron,
+                                 tags=["lidgate", "audit"], description="Re-verify every registered certificate."),
+    ]
+
+
+def ensure_work_pools() -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with get_client(sync_client=True) as client:
+        for name, description in WORK_POOLS.items():
+            try:
+                client.create_work_pool(WorkPoolCreate(name=name, type="process", description=description))
+            except ObjectAlreadyExists:
+                pass
+
+
+def apply_deployments(**kwargs) -> list[str]:
+    """Create the work pools and apply every deployment; returns the deployment ids."""
+    ensure_work_pools()
+    return [str(d.apply()) for d in build_deployments(**kwargs)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] != ["apply"]:
+        print("usage: python -m flows.deployments apply   (needs PREFECT_API_URL pointing at a Prefect server)")
+        return 2
+    for deployment_id in apply_deployments():
+        print(deployment_id)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,197 @@
+"""The ``lidgate`` CLI: exit codes 0 (ok) / 1 (verification failed) / 2 (bad input), one-line
+messages on stderr and never a traceback; ``inspect`` and ``verify`` on a saved LID; a full
+``certify`` → ``verify`` → ``inspect`` round trip."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from flows.cli import app
+from lid_engine import Box, Spec
+from lid_engine.lid import LID
+from tests.cli_models import mlp
+
+FACTORY = "tests.cli_models:mlp"
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("cli")
+    model = mlp().eval()
+    save_file(model.state_dict(), str(d / "w.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 5, generator=g)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    np.savez(d / "data.npz", x=x.numpy(), y=y.numpy())
+    cx = torch.randn(150, 5, generator=g)  # held out: disjoint from the search data
+    with torch.no_grad():
+        cy = model(cx).argmax(1)
+    np.savez(d / "cert.npz", x=cx.numpy(), y=cy.numpy())
+    np.savez(d / "no_y.npz", x=x.numpy())
+    np.savez(d / "bad_shape.npz", x=np.zeros((10, 7), np.float32), y=np.zeros(10, np.int64))
+    np.savez(d / "bad_labels.npz", x=x[:10].numpy(), y=np.full(10, 9))
+    (d / "not.npz").write_text("not a zip file")
+    state = model.state_dict()
+    save_file({k: v for k, v in state.items() if k != "2.bias"}, str(d / "missing_key.safetensors"))
+    save_file({**state, "extra": torch.zeros(1)}, str(d / "extra_key.safetensors"))
+    save_file({**state, "2.bias": torch.zeros(4)}, str(d / "bad_shape.safetensors"))
+    lid = LID.certify(model, [Box.around(model, r) for r in (0.001, 0.01)], {"task": (cx, cy)}, {"task": Spec("accuracy", 0.8)})
+    lid.save(d / "lid")
+    other = mlp()
+    with torch.no_grad():
+        other[0].weight[0, 0] += 1e-6
+    save_file(other.state_dict(), str(d / "other.safetensors"))
+    return {p.name: p for p in d.iterdir()}
+
+
+def run(*args: str):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+def assert_bad_input(result, *fragments: str):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    err = result.stderr.strip()
+    assert err.startswith("lidgate: error:") and len(err.splitlines()) == 1, err
+    for f in fragments:
+        assert f in err, err
+
+
+# ------------------------------------------------------------------------------- bad input → 2
+def test_bad_factory_strings(files, tmp_path):
+    common = ["--weights", files["w.safetensors"], "--data", files["data.npz"], "--out", tmp_path / "o", "--tau", "0.8"]
+    assert_bad_input(run("certify", "--model", "no_colon", *common), "package.module:factory")
+    assert_bad_input(run("certify", "--model", "no_such_module_xyz:f", *common), "cannot import module 'no_such_module_xyz'")
+    assert_bad_input(run("certify", "--model", "tests.cli_models:nope", *common), "no attribute 'nope'")
+    assert_bad_input(run("certify", "--model", "tests.cli_models:broken", *common), "the factory failed")
+    assert_bad_input(run("certify", "--model", "tests.cli_models:not_a_model", *common), "expected a torch.nn.Module")
+
+
+def test_missing_files(files, tmp_path):
+    assert_bad_input(run("certify", "--model", FACTORY, "--weights", tmp_path / "nope.safetensors", "--data",
+                         files["data.npz"], "--out", tmp_path / "o", "--tau", "0.8"), "--weights", "does not exist")
+    assert_bad_input(run("certify", "--model", FACTORY, "--weights", files["w.safetensors"], "--data",
+                         tmp_path / "nope.npz", "--out", tmp_path / "o", "--tau", "0.8"), "--data", "does not exist")
+    assert_bad_input(run("verify", tmp_path / "no_dir", "--model", FACTORY, "--weights", files["w.safetensors"],
+                         "--data", files["cert.npz"]), "is not a directory")
+    assert_bad_input(run("inspect", tmp_path / "no_dir"), "is not a directory")
+
+
+@pytest.mark.parametrize("weights,fragment", [
+    ("missing_key.safetensors", "missing keys ['2.bias']"),
+    ("extra_key.safetensors", "unexpected keys ['extra']"),
+    ("bad_shape.safetensors", "'2.bias' has shape (4,)"),
+    ("data.npz", "not a readable safetensors file"),
+])
+def test_bad_weights(files, tmp_path, weights, fragment):
+    assert_bad_input(run("verify", files["lid"], "--model", FACTORY, "--weights", files[weights],
+                         "--data", files["cert.npz"]), fragment)
+
+
+@pytest.mark.parametrize("data,fragment", [
+    ("no_y.npz", "must hold arrays 'x' and 'y'"),
+    ("not.npz", "not a readable npz file"),
+    ("bad_shape.npz", "cannot take 'x' of shape (10, 7)"),
+    ("bad_labels.npz", "labels must lie in 0..2"),
+])
+def test_bad_data(files, tmp_path, data, fragment):
+    assert_bad_input(run("verify", files["lid"], "--model", FACTORY, "--weights", files["w.safetensors"],
+                         "--data", files[data]), fragment)
+    assert_bad_input(run("certify", "--model", FACTORY, "--weights", files["w.safetensors"], "--data", files[data],
+                         "--out", tmp_path / "o", "--tau", "0.8"), fragment)
+
+
+def test_bad_options(files, tmp_path):
+    base = ["certify", "--model", FACTORY, "--weights", files["w.safetensors"], "--data", files["data.npz"]]
+    assert_bad_input(run(*base, "--out", tmp_path / "o"), "exactly one of --tau and --tau-from-accuracy")
+    assert_bad_input(run(*base, "--out", tmp_path / "o", "--tau", "0.8", "--tau-from-accuracy", "0.1"), "exactly one")
+    assert_bad_input(run(*base, "--out", tmp_path / "o", "--tau", "1.5"), "--tau must lie in [0, 1]")
+    assert_bad_input(run(*base, "--out", tmp_path / "o", "--tau", "0.8", "--cert-fraction", "1.0"), "--cert-fraction")
+    assert_bad_input(run(*base, "--out", tmp_path / "o", "--tau", "0.8", "--cert-data", files["cert.npz"],
+                         "--cert-fraction", "0.2"), "at most one of --cert-data and --cert-fraction")
+    assert_bad_input(run(*base, "--out", files["lid"], "--tau", "0.8"), "not an empty directory")
+    assert_bad_input(run(*base, "--out", tmp_path / "o", "--tau", "0.8", "--cert-data", files["data.npz"]),
+                     "400 of its 400 examples also occur in --data")
+
+
+# ------------------------------------------------------------------------------- inspect / verify
+def test_inspect(files):
+    result = run("inspect", files["lid"])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "widths per parameter tensor" in out and "0.weight" in out
+    assert "Clopper–Pearson" in out and "union of the 2" in out
+    lid = LID.load(files["lid"])
+    assert f"{lid.lower_bound():.4f}" in out
+
+
+def test_verify_ok_and_json(files):
+    args = ["verify", files["lid"], "--model", FACTORY, "--weights", files["w.safetensors"], "--data", files["cert.npz"]]
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    assert "VERIFIED" in result.stdout
+    result = run(*args, "--json")
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["ok"] is True
+
+
+def test_verify_fails_on_other_model_and_tampering(files, tmp_path):
+    result = run("verify", files["lid"], "--model", FACTORY, "--weights", files["other.safetensors"], "--data", files["cert.npz"])
+    assert result.exit_code == 1 and "model fingerprint" in result.stdout
+    result = run("verify", files["lid"], "--model", FACTORY, "--weights", files["other.safetensors"],
+                 "--data", files["cert.npz"], "--allow-update")
+    assert result.exit_code == 0, result.output  # a 1e-6 change stays inside the LID
+    d = Path(shutil.copytree(files["lid"], tmp_path / "t"))
+    manifest = json.loads((d / "lid.json").read_text())
+    manifest["members"][1]["certificates"]["task"]["certified"] += 1
+    (d / "lid.json").write_text(json.dumps(manifest))
+    result = run("verify", d, "--model", FACTORY, "--weights", files["w.safetensors"], "--data", files["cert.npz"])
+    assert result.exit_code == 1 and "VERIFICATION FAILED" in result.stdout
+    result = run("inspect", d)
+    assert result.exit_code == 1 and "integrity check failed" in result.stderr and "digest" in result.stderr
+    result = run("verify", files["lid"], "--model", FACTORY, "--weights", files["w.safetensors"], "--data", files["data.npz"])
+    assert result.exit_code == 1 and "data 'task' fingerprint" in result.stdout
+
+
+# ------------------------------------------------------------------------------- certify end to end
+def test_certify_verify_inspect(files, tmp_path):
+    out = tmp_path / "lid"
+    result = run("certify", "--model", FACTORY, "--weights", files["w.safetensors"], "--data", files["data.npz"],
+                 "--out", out, "--tau", "0.6", "--iterations", "20", "--checkpoints", "2", "--batch-size", "200",
+                 "--seed", "3")
+    assert result.exit_code == 0, result.output
+    assert (out / "lid.json").is_file() and (out / "cert_data.npz").is_file()
+    lid = LID.load(out)
+    assert lid.meets_spec() and lid.tasks["task"].tau == 0.6
+    with np.load(out / "cert_data.npz") as f:
+        assert len(f["y"]) == 120  # 30% of 400 held out, disjoint from the search data
+        assert lid.certificates[0]["task"].n == 120
+    result = run("verify", out, "--model", FACTORY, "--weights", files["w.safetensors"])  # default: DIR/cert_data.npz
+    assert result.exit_code == 0, result.output
+    result = run("inspect", out)
+    assert result.exit_code == 0, result.output
+
+
+def test_certify_with_cert_data_and_tau_rule(files, tmp_path):
+    out = tmp_path / "lid"
+    result = run("certify", "--model", FACTORY, "--weights", files["w.safetensors"], "--data", files["data.npz"],
+                 "--cert-data", files["cert.npz"], "--out", out, "--tau-from-accuracy", "0.4", "--iterations", "10",
+                 "--checkpoints", "5", "--balanced")
+    assert result.exit_code == 0, result.output
+    lid = LID.load(out)
+    assert lid.tasks["task"].kind == "balanced_accuracy" and lid.tasks["task"].tau == pytest.approx(0.6)
+    assert not (out / "cert_data.npz").exists()
+    result = run("verify", out, "--model", FACTORY, "--weights", files["w.safetensors"], "--data", files["cert.npz"])
+    assert result.exit_code == 0, result.output
