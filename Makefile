@@ -37,7 +37,7 @@ demo-engine: venv
 	$(PY) -m flows.engine_demo
 
 bench: venv
-	$(PY) -m benchmarks.bounds
+	$(PY) -m benchmarks.bounds && $(PY) -m benchmarks.lid
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -136,7 +136,7 @@ def certify_flow(
     summary["biasing"] = biasing if mask is not None else "none"
     try:
         lid = le.compute_lid(
-            model.to(device), *data.search, tau=tau, cert_x=data.cert[0], cert_y=data.cert[1],
+            model.to(device), tasks={data.name: (*data.search, tau)}, cert={data.name: data.cert},
             within=within, mask=mask, iterations=iterations, checkpoints=checkpoints, batch_size=batch_size,
             confidence=confidence, seed=seed, device=device, progress=True,
         )

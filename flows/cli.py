@@ -444,6 +444,43 @@ def _print_lid(lid, directory: Path, widths: bool = False) -> None:
         console.print(lid.statement(t))
 
 
+@app.command()
+def audit(
+    model: Annotated[Optional[str], typer.Option("--model", help="Registered model name (default: $LIDGATE_MODEL_NAME).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Report directory (default: $LIDGATE_HOME/audit/NAME).")] = None,
+) -> None:
+    """Re-verify every registered version's certificates and write an HTML report and a JSON summary."""
+    with _cli_errors():
+        import flows  # noqa: F401  (environment defaults)
+        from components.registry import Registry
+        from flows.settings import get_settings
+
+        settings = get_settings(model)
+        registry = Registry(settings.tracking_uri, settings.model_name, artifact_location=settings.artifact_location,
+                            cache_dir=settings.cache_dir)
+        if not registry.history():
+            raise BadInput(f"no registered versions of model {settings.model_name!r} at {settings.tracking_uri}")
+        from components.audit import render_audit_report
+        from flows.audit import build_records
+
+        records = build_records(registry)
+        html, summary = render_audit_report(records, out or settings.audit_dir / settings.model_name,
+                                            model_name=settings.model_name)
+        from rich.table import Table
+
+        table = Table(title=f"audit of {settings.model_name!r}")
+        for col in ("version", "status", "champion", "verified", "tasks"):
+            table.add_column(col)
+        for r in records:
+            tasks = ", ".join(f"{t.task}: {t.certified_accuracy:.3f}≥{t.tau:.3f}" for t in r.tasks) or "—"
+            table.add_row(r.version, r.status, "yes" if r.is_champion else "", "✓" if r.verified else "✗", tasks)
+        _console().print(table)
+        typer.echo(f"report: {html}\nsummary: {summary}")
+        promoted = [r for r in records if r.status == "promoted" or r.is_champion]
+        if not all(r.verified for r in promoted):
+            raise Failed("a promoted version failed re-verification")
+
+
 def main() -> None:  # pragma: no cover - console entry convenience
     app()
 

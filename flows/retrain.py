@@ -170,7 +170,7 @@ def _pipeline(
         new_lid = LID.load(candidate_dir / "lid")
     version = registry.register(
         model.cpu(), spec, lid=new_lid, cert_data={data.name: data.cert}, lineage=lineage,
-        validation=reports, extra_tags={"lid.task_ref": task_ref, "lid.projection": str(projection).lower()},
+        validation=reports, extra_tags={"pipeline.task_ref": task_ref, "pipeline.projection": str(projection).lower()},
         example_input=data.cert[0][:2],
     )
     decision = promote(registry, version, validation_passed=validation_passed, validation_summary=reports)

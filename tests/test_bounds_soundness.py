@@ -269,3 +269,61 @@ def test_task_mask_restricts_the_competition() -> None:
     assert bool((lo[:, [0, 1, 4, 5]] == -1e4).all() and (hi[:, [0, 1, 4, 5]] == -1e4).all())
     y = model(x).argmax(1)
     assert set(y.tolist()) <= {2, 3}
+
+
+@pytest.mark.parametrize("radius", [0.0, 1e-3])
+def test_certify_mode_encloses_float64_forward_on_large_real_batches(radius: float) -> None:
+    """Regression: torch's fallback float32 conv kernel (oneDNN off) is outside the γ_n model.
+
+    On large batches it returned pure-bias outputs ~25 ulps off; certification must not depend on
+    it. The float64 forward of the nominal model stands in for real arithmetic (its own error is
+    ~1e-16, far below the float32 slack), at the nominal point and at box vertices.
+    """
+    from components.datasets import load_mnist
+    from lid_engine.models import mnist_cnn
+
+    torch.manual_seed(0)
+    model = mnist_cnn()
+    with torch.no_grad():
+        model[0].bias.fill_(0.0313219)  # outputs over blank borders are pure bias: lo == hi exactly
+    x = torch.from_numpy(load_mnist("test", copy=False)[0][:2048])
+    box = le.Box.around(model, radius)
+    lo, hi = le.bound_logits(model, box, x, dtype=torch.float32)
+    for params in [dict(model.named_parameters()), box.vertex(torch.Generator().manual_seed(1))]:
+        m64 = mnist_cnn().double()
+        le.load_parameters_(m64, {n: p.detach().double() for n, p in params.items()})
+        with torch.no_grad():
+            exact = m64(x.double())
+        assert bool((lo.double() <= exact).all() and (exact <= hi.double()).all())
+
+
+@pytest.mark.parametrize("shape,out_channels", [((2048, 16, 26, 26), 3), ((2048, 1, 28, 28), 24)])
+def test_certification_kernels_obey_the_dot_product_error_model(shape, out_channels) -> None:
+    """The γ_n bound is only as good as the kernels: measure them on the stacked CNN shapes.
+
+    Regression: with oneDNN off, torch's CPU conv fell back to NNPACK, measured at 1.9e-4·Σ|x||w| —
+    4× beyond the allowance — which made a certified MNIST LID fail its own lo ≤ hi check.
+    """
+    import torch.nn.functional as F
+
+    from lid_engine.bounds import rounding
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(shape, generator=g)
+    x[..., :10] = 0  # blank borders, as in MNIST: pure-bias outputs
+    w = torch.randn(out_channels, shape[1], 5, 5, generator=g) * 0.2
+    b = torch.randn(out_channels, generator=g) * 0.1
+    n_terms = shape[1] * 25 + 1
+    xf = x.flatten(1)[:, :576]
+    wl = torch.randn(20, 576, generator=g) * 0.05
+    with rounding.certification_backend():
+        y = F.conv2d(x, w, b, padding=1)
+        z = F.linear(xf, wl, b[:1].expand(20).contiguous())
+
+    def excess(out, op, inp, weight, bias, n):
+        exact = op(inp.double(), weight.double(), bias.double())
+        mag = op(inp.double().abs(), weight.double().abs(), bias.double().abs())
+        return float(((out.double() - exact).abs() - rounding.gamma(n, torch.float32) * mag).max())
+
+    assert excess(y, lambda a, c, d: F.conv2d(a, c, d, padding=1), x, w, b, n_terms) <= 0
+    assert excess(z, F.linear, xf, wl, b[:1].expand(20), 577) <= 0

@@ -197,6 +197,8 @@ def _conv2d(ctx: _Ctx, path: str, m: nn.Conv2d, x: Interval) -> Interval:
     b = ctx.bounds(path, "bias") if m.bias is not None else None
 
     def op(t: Tensor, wt: Tensor, bias: Tensor | None = None) -> Tensor:
+        # In certification, rounding.certification_backend() has switched oneDNN, NNPACK and cuDNN
+        # off, leaving torch's im2col + gemm kernel (slow_conv2d): plain dot products.
         return F.conv2d(t, wt, bias, m.stride, m.padding, m.dilation, m.groups)
 
     n_terms = (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]

@@ -1,0 +1,401 @@
+"""The promotion gate: the ONLY code path that moves the ``champion`` alias.
+
+``promote(registry, version, validation_passed=...)`` promotes a registered version only if
+
+1. the data validation passed (``validation_failed``);
+2. the version's artifacts are intact: weights, spec, ``lid.json``, certification data and the
+   rebuilt model match the fingerprints recorded at registration (``artifact_tampered``);
+3. with a champion: the candidate's parameters lie inside the champion's LID (``outside_champion_lid``);
+4. every earlier certificate still holds for this exact model: for the champion and every version
+   of the candidate's lineage, ``verify(<its LID>, candidate, data=<its cert data>, allow_update=True)``
+   passes and the member containing the model certifies τ (``earlier_certificate_failed``);
+5. the candidate's own certificate verifies (``new_certificate_failed``) and meets τ on every task
+   (``below_tau``); a candidate registered without a LID is blocked (``no_certificate``).
+
+Every check runs and every failure is collected. Writes happen in the order decide → move the
+alias → record the status tags. Fail closed: any exception (``gate_error``) blocks, the alias
+stays where it was; if the alias cannot be moved the version is tagged blocked; if the promotion
+cannot be recorded after the alias moved, the alias is moved back.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from lid_engine import verify
+
+from .registry import (
+    STATUS_BLOCKED,
+    STATUS_PROMOTED,
+    TAG_CERT_ACC,
+    TAG_LOWER_BOUND,
+    TAG_STATUS,
+    TAG_TAU,
+    LoadedVersion,
+    Registry,
+)
+
+__all__ = ["CODES", "GateDecision", "Reason", "promote"]
+
+CODES = (
+    "validation_failed",
+    "artifact_tampered",
+    "outside_champion_lid",
+    "earlier_certificate_failed",
+    "new_certificate_failed",
+    "below_tau",
+    "no_certificate",
+    "gate_error",
+)
+
+TAG_BLOCK_REASONS = "lid.block_reasons"
+TAG_PROMOTED_AT = "lid.promoted_at"
+TAG_BLOCKED_AT = "lid.blocked_at"
+TAG_PREVIOUS_CHAMPION = "lid.previous_champion"
+TAG_VALIDATION = "lid.validation"
+DETAIL_LIMIT = 600       # characters per reason detail in the tag
+TAG_VALUE_LIMIT = 5000   # MLflow caps model-version tag values (5000 on older stores; 100k on 3.x SQL)
+
+
+@dataclass
+class Reason:
+    code: str     # machine-readable, one of CODES
+    detail: str   # for humans
+
+    def to_dict(self) -> dict:
+        return {"code": self.code, "detail": self.detail}
+
+
+@dataclass
+class GateDecision:
+    version: str
+    promoted: bool
+    reasons: list[Reason]
+    champion_before: str | None
+    champion_after: str | None
+    checks: list[dict] = field(default_factory=list)
+    decided_at: str = ""
+
+    @property
+    def codes(self) -> list[str]:
+        return [r.code for r in self.reasons]
+
+    def to_dict(self) -> dict:
+        return {
+            "version": self.version,
+            "promoted": self.promoted,
+            "reasons": [r.to_dict() for r in self.reasons],
+            "champion_before": self.champion_before,
+            "champion_after": self.champion_after,
+            "checks": list(self.checks),
+            "decided_at": self.decided_at,
+        }
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _err(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 15] + "… [truncated]"
+
+
+def reasons_tag(reasons: list[Reason], limit: int = TAG_VALUE_LIMIT) -> str:
+    """JSON list of {code, detail} that fits MLflow's tag value limit (details truncated, then dropped)."""
+    for per_detail in (DETAIL_LIMIT, 200, 60, 0):
+        items = [{"code": r.code, "detail": _clip(r.detail, per_detail) if per_detail else ""} for r in reasons]
+        text = json.dumps(items, ensure_ascii=False)
+        if len(text) <= limit:
+            return text
+    # still too long: keep the distinct codes only
+    items = [{"code": c, "detail": ""} for c in dict.fromkeys(r.code for r in reasons)]
+    return json.dumps(items)[:limit]
+
+
+class _Evaluation:
+    """Collects checks and reasons; every step is isolated so one failure never hides another."""
+
+    def __init__(self, decision: GateDecision):
+        self.decision = decision
+        self._loaded: dict[str, LoadedVersion | None] = {}
+
+    def check(self, name: str, ok: bool, detail: str = "", **extra) -> bool:
+        self.decision.checks.append({"check": name, "ok": bool(ok), "detail": detail, **extra})
+        return bool(ok)
+
+    def fail(self, code: str, detail: str) -> None:
+        self.decision.reasons.append(Reason(code, detail))
+
+    def error(self, step: str, exc: BaseException) -> None:
+        self.check(step, False, _err(exc))
+        self.fail("gate_error", f"{step}: {_err(exc)}")
+
+    def load(self, registry: Registry, version: str, role: str) -> LoadedVersion | None:
+        """Lenient load (every integrity problem reported as ``artifact_tampered``), cached per version."""
+        if version in self._loaded:
+            return self._loaded[version]
+        lv = None
+        try:
+            lv = registry._load(version=version, strict=False)
+        except Exception as exc:  # noqa: BLE001 — missing version, store unreachable, ...
+            self.error(f"load version {version} ({role})", exc)
+        if lv is not None:
+            ok = not lv.problems
+            detail = "artifacts match their registered fingerprints" if ok else \
+                "; ".join(f"{a}: {d}" for a, d in lv.problems)
+            self.check(f"artifacts of version {version} ({role})", ok, detail, version=version)
+            if not ok:
+                self.fail("artifact_tampered", f"version {version} ({role}): {detail}")
+        self._loaded[version] = lv
+        return lv
+
+
+    def release(self, registry: Registry) -> None:
+        for lv in self._loaded.values():
+            if lv is not None:
+                try:
+                    registry.release(lv)
+                except Exception:  # noqa: BLE001 — disk clean-up never changes a decision
+                    pass
+
+
+def _failing(report) -> list:
+    return [c for c in report.checks if not c.ok]
+
+
+def _evaluate(ev: _Evaluation, registry: Registry, version: str, validation_passed, validation_summary) -> None:
+    d = ev.decision
+
+    # (1) validation ------------------------------------------------------------------------------
+    ok = validation_passed is True or (type(validation_passed).__name__ == "bool_" and bool(validation_passed))
+    summary = "" if validation_summary is None else _clip(json.dumps(validation_summary, default=str), 1000)
+    ev.check("validation", ok, summary or ("passed" if ok else f"validation_passed={validation_passed!r}"))
+    if not ok:
+        ev.fail("validation_failed", "data validation did not pass" + (f": {summary}" if summary else ""))
+
+    # champion ------------------------------------------------------------------------------------
+    champion = None
+    try:
+        champion = d.champion_before = registry.champion()
+        ev.check("champion", True, f"current champion: {champion}" if champion else "no champion yet")
+    except Exception as exc:  # noqa: BLE001
+        ev.error("read champion", exc)
+        champion_known = False
+    else:
+        champion_known = True
+
+    # (2) candidate artifacts ---------------------------------------------------------------------
+    cand = ev.load(registry, version, "candidate")
+    model = None if cand is None else cand.model
+    if cand is not None and model is None:
+        ev.check("candidate model", False, "the model could not be rebuilt; model checks skipped")
+
+    # (5) the candidate's own certificate ---------------------------------------------------------
+    if cand is not None:
+        try:
+            _check_new_certificate(ev, cand)
+        except Exception as exc:  # noqa: BLE001
+            ev.error("new certificate", exc)
+
+    # (3) inside the champion's LID ---------------------------------------------------------------
+    champ = None
+    if champion_known and champion is not None:
+        champ = ev.load(registry, champion, "champion")
+        try:
+            if champ is None:
+                pass  # gate_error recorded by load
+            elif champ.lid is None:
+                ev.check("inside champion LID", False, f"champion {champion} has no usable LID")
+                ev.fail("earlier_certificate_failed", f"version {champion} (champion): its LID did not load")
+            elif model is None:
+                ev.check("inside champion LID", False, "not checked: the candidate model did not load")
+            else:
+                idx = champ.lid.member_index(model)
+                ev.check("inside champion LID", idx is not None,
+                         f"inside member {idx} of version {champion}'s LID" if idx is not None else
+                         f"the parameters lie in none of the {len(champ.lid)} members of version {champion}'s LID",
+                         version=champion)
+                if idx is None:
+                    ev.fail("outside_champion_lid",
+                            f"the candidate's parameters lie outside every member of champion {champion}'s LID")
+        except Exception as exc:  # noqa: BLE001
+            ev.error("inside champion LID", exc)
+
+    # (4) every earlier certificate on this exact model -------------------------------------------
+    earlier: list[str] = []
+    for v in (cand.lineage if cand is not None else []) + ([champion] if champion else []):
+        if v not in earlier and v != version:
+            earlier.append(v)
+    for v in earlier:
+        role = "champion" if v == champion else "lineage"
+        try:
+            _check_earlier(ev, registry, v, role, model)
+        except Exception as exc:  # noqa: BLE001
+            ev.error(f"earlier certificate of version {v}", exc)
+
+
+def _check_new_certificate(ev: _Evaluation, cand: LoadedVersion) -> None:
+    v = cand.version
+    if not cand.has_lid:
+        ev.check("new certificate", False, "registered without a LID")
+        ev.fail("no_certificate", f"version {v} was registered without a LID certificate")
+        return
+    if cand.lid is None or cand.lid_dir is None:
+        ev.check("new certificate", False, "the LID did not load")
+        ev.fail("new_certificate_failed", f"version {v}: its LID did not load")
+        return
+    if cand.model is None:
+        ev.check("new certificate", False, "not verified: the candidate model did not load")
+        ev.fail("new_certificate_failed", f"version {v}: not verified, the model did not load")
+    else:
+        report = verify(cand.lid_dir, cand.model, data=cand.cert_data, allow_update=False)
+        bad = _failing(report)
+        ev.check("new certificate", report.ok, "verified" if report.ok else
+                 "; ".join(f"{c.name}: {c.detail}" for c in bad), version=v)
+        if not report.ok:
+            ev.fail("new_certificate_failed",
+                    f"version {v}: " + "; ".join(f"{c.name}: {c.detail}" for c in bad))
+    lid = cand.lid
+    for t, spec in lid.tasks.items():
+        acc, lb = lid.certified_accuracy(t), lid.lower_bound(t)
+        ok = acc >= spec.tau and lid.meets_spec(t)
+        ev.check(f"tau '{t}'", ok, f"certified {spec.kind} {acc:.4f} vs τ = {spec.tau:g} (lower bound {lb:.4f})",
+                 version=v, task=t)
+        if not ok:
+            ev.fail("below_tau", f"version {v}, task '{t}': certified {spec.kind} {acc:.4f} < τ = {spec.tau:g}")
+        # the tags shown to people must say what the certificate says
+        for tag, value in ((TAG_CERT_ACC + t, acc), (TAG_LOWER_BOUND + t, lb), (TAG_TAU + t, spec.tau)):
+            recorded = cand.tags.get(tag)
+            try:
+                same = recorded is not None and float(recorded) == float(value)
+            except ValueError:
+                same = False
+            if not same:
+                ev.check(f"tag {tag}", False, f"tag says {recorded!r}, the certificate {value!r}", version=v)
+                ev.fail("artifact_tampered", f"version {v}: tag '{tag}' = {recorded!r} but the certificate says {value!r}")
+
+
+def _check_earlier(ev: _Evaluation, registry: Registry, v: str, role: str, model) -> None:
+    lv = ev.load(registry, v, role)
+    if lv is None:
+        ev.fail("earlier_certificate_failed", f"version {v} ({role}): could not be loaded")
+        return
+    if lv.lid is None or lv.lid_dir is None:
+        ev.check(f"earlier certificate of version {v}", False, "no usable LID", version=v)
+        ev.fail("earlier_certificate_failed",
+                f"version {v} ({role}): " + ("registered without a LID" if not lv.has_lid else "its LID did not load"))
+        return
+    if model is None:
+        ev.check(f"earlier certificate of version {v}", False, "not verified: the candidate model did not load", version=v)
+        ev.fail("earlier_certificate_failed", f"version {v} ({role}): not verified, the candidate model did not load")
+        return
+    report = verify(lv.lid_dir, model, data=lv.cert_data, allow_update=True)
+    bad = _failing(report)
+    for t, spec in lv.lid.tasks.items():
+        mine = [c for c in bad if f"'{t}'" in c.name or not any(f"'{u}'" in c.name for u in lv.lid.tasks)]
+        problems = [f"{c.name}: {c.detail}" for c in mine]
+        if report.ok and report.member is not None:
+            acc = lv.lid.certificates[report.member][t].certified_accuracy
+            if acc < spec.tau:
+                problems.append(f"member {report.member} containing the model certifies {acc:.4f} < τ = {spec.tau:g}")
+        ev.check(f"earlier certificate v{v} '{t}'", not problems,
+                 f"holds (model inside member {report.member})" if not problems else "; ".join(problems),
+                 version=v, task=t)
+        if problems:
+            ev.fail("earlier_certificate_failed", f"version {v} ({role}), task '{t}': " + "; ".join(problems))
+
+
+def _record(registry: Registry, decision: GateDecision, tags: Mapping[str, str]) -> bool:
+    try:
+        registry.set_tags(decision.version, tags)
+        return True
+    except Exception as exc:  # noqa: BLE001
+        decision.checks.append({"check": "record status", "ok": False, "detail": _err(exc)})
+        return False
+
+
+def promote(
+    registry: Registry,
+    version: str,
+    *,
+    validation_passed: bool,
+    validation_summary: Mapping | None = None,
+) -> GateDecision:
+    """Run every check; move ``champion`` to ``version`` only if all pass. Never raises on a check
+    failure or a registry error: the decision says what happened (fail closed)."""
+    version = str(version)
+    decision = GateDecision(version=version, promoted=False, reasons=[], champion_before=None,
+                            champion_after=None, checks=[], decided_at=_now())
+    ev = _Evaluation(decision)
+    try:
+        _evaluate(ev, registry, version, validation_passed, validation_summary)
+    except Exception as exc:  # noqa: BLE001 — fail closed
+        decision.reasons.append(Reason("gate_error", f"unexpected error: {_err(exc)}"))
+        decision.checks.append({"check": "gate", "ok": False, "detail": traceback.format_exc(limit=5)})
+        if decision.champion_before is None:
+            try:
+                decision.champion_before = registry.champion()
+            except Exception:  # noqa: BLE001 — unknown; the alias is not touched anyway
+                pass
+    decision.champion_after = decision.champion_before
+
+    passed = not decision.reasons and bool(decision.checks) and all(c["ok"] for c in decision.checks)
+    if not passed and not decision.reasons:  # a failed check without a reason must still block
+        decision.reasons.append(Reason("gate_error", "a check failed without a reason"))
+
+    # move the alias ------------------------------------------------------------------------------
+    if passed:
+        try:
+            now = registry.champion()
+            if now != decision.champion_before:
+                raise RuntimeError(f"the champion changed from {decision.champion_before} to {now} while the gate ran")
+            registry._set_champion(version)
+            decision.promoted = True
+            decision.champion_after = version
+        except Exception as exc:  # noqa: BLE001
+            decision.reasons.append(Reason("gate_error", f"moving the alias failed: {_err(exc)}"))
+            decision.checks.append({"check": "move alias", "ok": False, "detail": _err(exc)})
+            try:
+                decision.champion_after = registry.champion()
+            except Exception:  # noqa: BLE001
+                decision.champion_after = decision.champion_before
+            if decision.champion_after == version:  # the move happened after all
+                decision.promoted = True
+                decision.reasons.pop()
+
+    # record the status ---------------------------------------------------------------------------
+    decision.decided_at = _now()
+    if decision.promoted:
+        ok = _record(registry, decision, {
+            TAG_STATUS: STATUS_PROMOTED, TAG_PROMOTED_AT: decision.decided_at, TAG_BLOCK_REASONS: "[]",
+            TAG_PREVIOUS_CHAMPION: decision.champion_before or "", TAG_VALIDATION: "passed",
+        })
+        if not ok:  # champion without a recorded promotion: undo the move (fail closed)
+            try:
+                registry._set_champion(decision.champion_before)
+                decision.promoted = False
+                decision.champion_after = decision.champion_before
+                decision.reasons.append(Reason("gate_error", "recording the promotion failed; the alias was moved back"))
+            except Exception as exc:  # noqa: BLE001
+                decision.reasons.append(Reason(
+                    "gate_error", f"recording the promotion failed and the alias could not be moved back: {_err(exc)}"))
+    if not decision.promoted:
+        _record(registry, decision, {
+            TAG_STATUS: STATUS_BLOCKED, TAG_BLOCKED_AT: decision.decided_at,
+            TAG_BLOCK_REASONS: reasons_tag(decision.reasons),
+            TAG_VALIDATION: "passed" if not any(r.code == "validation_failed" for r in decision.reasons) else "failed",
+        })
+    try:  # the full decision next to the version's artifacts, for audits (best effort)
+        registry.log_record(version, f"gate/decision-{decision.decided_at.replace(':', '')}.json", decision.to_dict())
+    except Exception:  # noqa: BLE001
+        pass
+    ev.release(registry)
+    return decision
