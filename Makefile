@@ -18,7 +18,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (lidgate needs CPython 3.11)"; exit 2; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet -e ".[dev]" --config-settings editable_mode=compat
+	$(PIP) install --quiet -e ".[dev,postgres]" --config-settings editable_mode=compat
 	# auto_LiRPA 0.3's metadata pins torch<1.13; lid_engine/bounds/_lirpa_compat.py patches it for torch 2.13.
 	$(PIP) install --quiet --no-deps auto-lirpa==0.3 appdirs==1.4.4
 	$(PIP) install --quiet --no-deps $(DATA_PACKAGES)

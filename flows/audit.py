@@ -62,6 +62,8 @@ def build_records(registry) -> list:
         records.append(VersionAudit(version=version, status=tags.get("lid.status", "unknown"),
                                     is_champion=version == champion, created=str(info.created), verified=verified,
                                     tasks=tasks, block_reasons=reasons, lid=loaded.lid))
+    for loaded in cache.values():
+        registry.release(loaded)
     return records
 
 

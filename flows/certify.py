@@ -56,6 +56,7 @@ def reverify_earlier(registry, model, lineage: list[str]) -> list[dict]:
             results.append({"version": version, "ok": False, "failures": ["no LID registered"]})
             continue
         report = verify(earlier.lid_dir, model, data=earlier.cert_data, allow_update=True)
+        registry.release(earlier)  # downloaded artifacts are not needed any more
         results.append({"version": version, "ok": bool(report.ok),
                         "failures": [f"{c.name}: {c.detail}" for c in report.failures]})
     return results
@@ -118,6 +119,8 @@ def certify_flow(
     champion_version = registry.champion()
     champion = registry.load(version=champion_version) if champion_version else None
     lineage = (list(champion.lineage) + [champion.version]) if champion else []
+    if champion is not None:
+        registry.release(champion)  # its LID stays in memory; the downloaded files can go
     summary["lineage"] = lineage
     summary["reverify"] = reverify_earlier(registry, model, lineage)
     if not all(r["ok"] for r in summary["reverify"]):

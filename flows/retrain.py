@@ -90,6 +90,7 @@ def export_promoted(registry, version: str, model, example_input, onnx_dir: Path
         metadata={"lidgate.version": str(version), "lidgate.model_sha256": loaded.tags.get("lid.model_sha256", "")},
     )
     log_onnx_to_mlflow(export, loaded.run_id)
+    registry.release(loaded)
     return {"path": str(export.path), "sha256": export.sha256, "max_abs_diff": export.max_abs_diff}
 
 
@@ -139,6 +140,7 @@ def _pipeline(
         champion = registry.load(version=champion_version)
         spec, model, lid = champion.spec, champion.model, champion.lid
         lineage = list(champion.lineage) + [champion.version]
+        registry.release(champion)  # model and LID stay in memory; the downloaded files can go
 
     reports = validate_inputs(data, lookahead_dir, confidence, tau if tau is not None else 0.85)
     validation_passed = all(r["success"] for r in reports.values())

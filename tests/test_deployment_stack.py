@@ -1,0 +1,96 @@
+"""The production shape on one machine: PostgreSQL → MLflow server, Prefect server, work pools.
+
+Starts ``deployment/local_stack.sh`` on free loopback ports, registers and promotes a certified model
+through the MLflow *server* (PostgreSQL backend), checks the Prefect deployments and pools, stops.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    if shutil.which("initdb") is None and not Path("/usr/lib/postgresql").exists():
+        pytest.fail("PostgreSQL server binaries are missing: `apt-get install -y postgresql` (.ci/run does this)")
+    # The postgres account must reach the cluster directory: pytest's own temp root is 0700.
+    home = Path(tempfile.mkdtemp(prefix="lidgate-stack-"))
+    os.chmod(home, 0o755)
+    ports = {"PG_PORT": _free_port(), "MLFLOW_PORT": _free_port(), "PREFECT_PORT": _free_port()}
+    env = {**os.environ, "LIDGATE_HOME": str(home), **{k: str(v) for k, v in ports.items()}}
+    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PREFECT_HOME"):
+        env.pop(key, None)
+    script = REPO / "deployment" / "local_stack.sh"
+    started = subprocess.run([str(script), "start"], env=env, capture_output=True, text=True, timeout=300)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield {"home": home, "env": env, **ports}
+    finally:
+        subprocess.run([str(script), "stop"], env=env, capture_output=True, text=True, timeout=120)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_mlflow_server_on_postgres_registers_and_gates(stack, tmp_path):
+    import lid_engine as le
+    from components.datasets import blobs
+    from components.gate import promote
+    from components.registry import ModelSpec, Registry
+    from lid_engine.models import mlp
+    from lid_engine.training import train_classifier
+
+    x, y = (torch.from_numpy(a) for a in blobs(n=600, n_classes=4, seed=1))
+    torch.manual_seed(0)
+    spec = ModelSpec("lid_engine.models:mlp", {"sizes": [2, 16, 4]})
+    model = mlp([2, 16, 4])
+    train_classifier(model, x[:300], y[:300], epochs=30, batch_size=32, lr=1e-2)
+    lid = le.LID.certify(model, [le.Box.around(model, r) for r in (1e-3, 1e-2)], {"t": (x[300:], y[300:])},
+                         {"t": le.Spec("accuracy", 0.5)})
+    uri = f"http://127.0.0.1:{stack['MLFLOW_PORT']}"
+    registry = Registry(uri, "stack-model", artifact_location=None, cache_dir=tmp_path / "cache")
+    version = registry.register(model, spec, lid=lid, cert_data={"t": (x[300:], y[300:])})
+    assert isinstance(version, str)
+    decision = promote(registry, version, validation_passed=True)
+    assert decision.promoted, decision.reasons
+    assert registry.champion() == version
+    loaded = registry.load(alias="champion")
+    torch.testing.assert_close(loaded.model(x[:5]), model(x[:5]))
+    # the backend really is PostgreSQL
+    psql = subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(stack["PG_PORT"]), "-U", "postgres", "-d", "mlflow",
+                           "-tAc", "select count(*) from model_versions"], capture_output=True, text=True)
+    assert psql.returncode == 0 and int(psql.stdout.strip()) == 1
+
+
+def test_prefect_server_has_pools_and_scheduled_deployments(stack):
+    env = {**stack["env"], "PREFECT_API_URL": f"http://127.0.0.1:{stack['PREFECT_PORT']}/api"}
+    code = (
+        "from prefect.client.orchestration import get_client\n"
+        "with get_client(sync_client=True) as c:\n"
+        "    print(sorted(p.name for p in c.read_work_pools()))\n"
+        "    d = c.read_deployment_by_name('retrain/retrain-nightly')\n"
+        "    print(d.work_pool_name, [s.schedule.cron for s in d.schedules])\n"
+        "    print(c.read_deployment_by_name('certify/certify-gpu').work_pool_name)\n"
+    )
+    out = subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-c", code], env=env, capture_output=True,
+                         text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert "'cpu'" in lines[0] and "'gpu'" in lines[0]
+    assert lines[1] == "cpu ['0 2 * * *']"
+    assert lines[2] == "gpu"
