@@ -47,9 +47,16 @@ start() {
   echo "export MLFLOW_TRACKING_URI=$MLFLOW_TRACKING_URI PREFECT_API_URL=$PREFECT_API_URL LIDGATE_HOME=$LIDGATE_HOME"
 }
 
+stop_pid() {  # TERM, wait up to 10 s, then KILL the process and its children
+  local pid=$1
+  pkill -TERM -P "$pid" 2>/dev/null || true; kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.5; done
+  pkill -KILL -P "$pid" 2>/dev/null || true; kill -KILL "$pid" 2>/dev/null || true
+}
+
 stop() {
   for f in "$STACK"/worker-*.pid "$STACK/prefect.pid" "$STACK/mlflow.pid"; do
-    [ -f "$f" ] && { kill "$(cat "$f")" 2>/dev/null || true; rm -f "$f"; }
+    [ -f "$f" ] && { stop_pid "$(cat "$f")"; rm -f "$f"; }
   done
   [ -d "$STACK/pg" ] && as_pg "$PGBIN/pg_ctl" -w -D "$STACK/pg" stop >/dev/null 2>&1 || true
 }

@@ -26,6 +26,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _workers() -> set[str]:
+    out = subprocess.run(["pgrep", "-f", "prefect worker start --pool"], capture_output=True, text=True).stdout
+    return set(out.split())
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     if shutil.which("initdb") is None and not Path("/usr/lib/postgresql").exists():
@@ -38,13 +43,18 @@ def stack(tmp_path_factory):
     for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PREFECT_HOME"):
         env.pop(key, None)
     script = REPO / "deployment" / "local_stack.sh"
+    workers_before = _workers()
     started = subprocess.run([str(script), "start"], env=env, capture_output=True, text=True, timeout=300)
     try:
         assert started.returncode == 0, started.stdout + started.stderr
         yield {"home": home, "env": env, **ports}
     finally:
         subprocess.run([str(script), "stop"], env=env, capture_output=True, text=True, timeout=120)
+        leftover = subprocess.run(["pgrep", "-f", f"{home}|--port {ports['PREFECT_PORT']}|--port {ports['MLFLOW_PORT']}"],
+                                  capture_output=True, text=True).stdout.split()
+        leftover += sorted(_workers() - workers_before)
         shutil.rmtree(home, ignore_errors=True)
+        assert not leftover, f"local_stack.sh stop left processes behind: {leftover}"
 
 
 def test_mlflow_server_on_postgres_registers_and_gates(stack, tmp_path):
