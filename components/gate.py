@@ -297,7 +297,7 @@ def _check_earlier(ev: _Evaluation, registry: Registry, v: str, role: str, model
         ev.check(f"earlier certificate of version {v}", False, "not verified: the candidate model did not load", version=v)
         ev.fail("earlier_certificate_failed", f"version {v} ({role}): not verified, the candidate model did not load")
         return
-    report = verify(lv.lid_dir, model, data=lv.cert_data, allow_update=True)
+    report = verify(lv.lid_dir, model, data=lv.cert_data, allow_update=True, recompute="containing")
     bad = _failing(report)
     for t, spec in lv.lid.tasks.items():
         mine = [c for c in bad if f"'{t}'" in c.name or not any(f"'{u}'" in c.name for u in lv.lid.tasks)]

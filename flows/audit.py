@@ -1,8 +1,9 @@
 """Audit: re-verify the certificate of every registered version and write an HTML report with plots.
 
 For each version: its own LID is re-verified on its registered certification data against its own
-weights (``allow_update=False``), and each earlier LID in its lineage is re-verified with the
-version's weights inside it (``allow_update=True``). Nothing is trusted from tags except the status.
+weights (``allow_update=False``, every member recomputed), and each earlier LID in its lineage is
+re-verified with the version's weights inside it (``allow_update=True``, recomputing the member that
+contains them — the certificate that covers this version). Nothing is trusted from tags except the status.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def build_records(registry) -> list:
             earlier = load(str(earlier_version))
             if earlier.lid is None:
                 continue
-            report = verify(earlier.lid_dir, loaded.model, data=earlier.cert_data, allow_update=True)
+            report = verify(earlier.lid_dir, loaded.model, data=earlier.cert_data, allow_update=True,
+                            recompute="containing")
             for task_name, spec in earlier.lid.tasks.items():
                 tasks.append(TaskAudit(task=f"{task_name} (LID of v{earlier_version})", tau=spec.tau,
                                        certified_accuracy=earlier.lid.certified_accuracy(task_name),

@@ -140,6 +140,7 @@ def verify(
     allow_update: bool = False,
     dtype: torch.dtype | None = None,
     batch_size: int | None = 2048,
+    recompute: str = "all",
 ) -> VerificationReport:
     """Recompute everything about the LID saved in ``directory``; see the module docstring.
 
@@ -147,9 +148,16 @@ def verify(
     ``allow_update=False``: ``model`` must be the nominal model (same fingerprint).
     ``allow_update=True``: ``model`` may be any update that lies inside some member (δ-safe update).
     ``dtype``: the arithmetic of the recomputation; must equal the certificates' (default: theirs).
+    ``recompute``: ``"all"`` recomputes the bounds of every member; ``"containing"`` (only with
+    ``allow_update=True``) recomputes just the member the updated model lies in — the certificate
+    that covers it — which is what a promotion gate needs, at a fraction of the cost. Every
+    integrity and fingerprint check runs either way.
     """
     directory = Path(directory)
     report = VerificationReport(str(directory))
+    if recompute not in ("all", "containing") or (recompute == "containing" and not allow_update):
+        report.add("inputs", False, f"'recompute' must be 'all', or 'containing' with allow_update=True; got {recompute!r}")
+        return report
     if not isinstance(model, nn.Module):
         report.add("inputs", False, f"'model' must be a torch.nn.Module, got {type(model).__name__}")
         return report
@@ -297,6 +305,8 @@ def verify(
         except Exception as exc:  # noqa: BLE001
             report.add("nominal model", False, f"cannot load the nominal parameters into the model: {_err(exc)}")
     for (i, t), c in sorted(certs.items()):
+        if recompute == "containing" and i != report.member:
+            continue  # not the certificate that covers this model (its member is checked below)
         name = f"member {i} / '{t}' recomputed"
         if t not in supplied:
             report.add(name, False, "not recomputed: no certification data")

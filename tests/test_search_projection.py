@@ -219,3 +219,23 @@ def test_projection_into_float64_box_stays_inside_for_float32_model(task):
     _random_point(m, 1.0, 2)
     le.project_(m, box)
     assert box.contains(m)
+
+
+def test_verify_containing_member_only(task, lid, tmp_path):
+    """The gate's cheap re-verification still checks the certificate that covers the update."""
+    model, x, y = task
+    _, (xc, yc) = _split(x, y, 0.3, seed=0)
+    lid.save(tmp_path / "lid")
+    m = mlp([2, 32, 6])
+    m.load_state_dict(model.state_dict())
+    _random_point(m, 1.0, 11)
+    le.project_(m, lid)
+    report = le.verify(tmp_path / "lid", m, xc, yc, allow_update=True, recompute="containing")
+    assert report.ok and report.member == lid.member_index(m)
+    recomputed = [c.name for c in report.checks if "recomputed" in c.name]
+    assert recomputed == [f"member {report.member} / 'task' recomputed"]
+    # outside every member: fails even though nothing is recomputed
+    _random_point(m, 5.0, 12)
+    assert not le.verify(tmp_path / "lid", m, xc, yc, allow_update=True, recompute="containing").ok
+    bad = le.verify(tmp_path / "lid", model, xc, yc, recompute="containing")
+    assert not bad.ok and "recompute" in bad.failures[0].detail
