@@ -9,7 +9,9 @@ Schedules need a real server: Prefect's ephemeral mode refuses them.
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import flows  # noqa: F401  (environment defaults before prefect is imported)
 
@@ -18,18 +20,27 @@ AUDIT_CRON = "0 6 * * *"  # every morning
 WORK_POOLS = {"cpu": "training and auditing", "gpu": "LID certification (CUDA when present)"}
 
 
+def repo_dir() -> Path:
+    """Where workers find the code: ``$LIDGATE_REPO``, else the checkout this module lives in."""
+    return Path(os.environ.get("LIDGATE_REPO") or Path(__file__).resolve().parents[1])
+
+
 def build_deployments(retrain_cron: str = RETRAIN_CRON, audit_cron: str = AUDIT_CRON, task_ref: str = "mnist:2,3"):
     from flows.audit import audit_flow
     from flows.certify import certify_flow
     from flows.retrain import retrain_flow
 
+    # Process workers run each flow in `working_dir`; without it they use a temporary directory
+    # where the entrypoints (flows/*.py) do not exist.
+    job = {"working_dir": str(repo_dir())}
     return [
         retrain_flow.to_deployment(name="retrain-nightly", work_pool_name="cpu", cron=retrain_cron,
-                                   parameters={"task_ref": task_ref}, tags=["lidgate", "retrain"],
+                                   parameters={"task_ref": task_ref}, tags=["lidgate", "retrain"], job_variables=job,
                                    description="Retrain the champion with projection onto its LID, certify, gate."),
         certify_flow.to_deployment(name="certify-gpu", work_pool_name="gpu", tags=["lidgate", "certify"],
+                                   job_variables=job,
                                    description="Re-verify earlier certificates and certify the next nested LID."),
-        audit_flow.to_deployment(name="audit-daily", work_pool_name="cpu", cron=audit_cron,
+        audit_flow.to_deployment(name="audit-daily", work_pool_name="cpu", cron=audit_cron, job_variables=job,
                                  tags=["lidgate", "audit"], description="Re-verify every registered certificate."),
     ]
 

@@ -72,9 +72,17 @@ def run_certification(candidate_dir: Path, **params) -> dict:
     if prefect_server_configured():
         from prefect.deployments import run_deployment
 
-        run = run_deployment(CERTIFY_DEPLOYMENT, parameters={"candidate_dir": str(candidate_dir), **params}, timeout=None)
+        import os
+
+        timeout = float(os.environ.get("LIDGATE_CERTIFY_TIMEOUT", "7200"))
+        run = run_deployment(CERTIFY_DEPLOYMENT, parameters={"candidate_dir": str(candidate_dir), **params},
+                             timeout=timeout)
         if run.state is None or not run.state.is_completed():
-            raise RuntimeError(f"certify deployment run {run.id} ended in state {run.state and run.state.name}")
+            # No gpu worker picked it up in time, or it failed: no certificate, so the gate will block.
+            raise RuntimeError(
+                f"certify deployment run {run.id} is {run.state and run.state.name} after {timeout:.0f} s "
+                "(is a worker polling the 'gpu' pool?)"
+            )
         return read_result(candidate_dir)
     return certify_flow(candidate_dir=str(candidate_dir), **params)
 

@@ -128,10 +128,10 @@ def test_crash_between_registration_and_alias_move_leaves_champion(home, monkeyp
     def crash(self, version):
         raise RuntimeError("injected crash before the alias move")
 
-    monkeypatch.setattr(Registry, "_set_champion", crash)
-    r = retrain_flow(task_ref="digits:2,3", projection=True, biasing="none", **FAST)
+    with monkeypatch.context() as patch:  # scoped: the fixture's LIDGATE_HOME must stay set
+        patch.setattr(Registry, "_set_champion", crash)
+        r = retrain_flow(task_ref="digits:2,3", projection=True, biasing="none", **FAST)
     assert not r["promoted"] and r["reasons"][-1]["code"] == "gate_error"
-    monkeypatch.undo()
     registry = _registry()
     assert registry.champion() == "1"
     assert {str(v.version): v.tags.get("lid.status") for v in registry.history()} == {"1": "promoted", "2": "blocked"}
@@ -182,6 +182,7 @@ def test_prefect_yaml_declares_the_same_deployments():
         assert Path(path).is_file() and f"def {func}(" in Path(path).read_text()
 
 
+@pytest.mark.timeout(900)
 def test_retrain_calls_certify_through_the_gpu_pool_deployment(home, harness, monkeypatch):
     """With a server configured, certification runs as a deployment picked up by a `gpu` worker."""
     from prefect.settings import PREFECT_API_URL
@@ -193,7 +194,8 @@ def test_retrain_calls_certify_through_the_gpu_pool_deployment(home, harness, mo
     apply_deployments()
     api = PREFECT_API_URL.value()
     env = {**os.environ, "PREFECT_API_URL": api, "LIDGATE_HOME": str(home), "LIDGATE_MODEL_NAME": "e2e"}
-    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "gpu", "--run-once"],
+    monkeypatch.setenv("LIDGATE_CERTIFY_TIMEOUT", "420")  # fail, don't hang, if the worker never picks it up
+    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "gpu"],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         monkeypatch.setenv("PREFECT_API_URL", api)
@@ -205,4 +207,5 @@ def test_retrain_calls_certify_through_the_gpu_pool_deployment(home, harness, mo
     finally:
         worker.kill()
         out = worker.communicate(timeout=30)[0]
+        print(out[-4000:])  # shown by pytest when the test fails
     assert "certify" in out.lower() or r["promoted"]

@@ -101,7 +101,7 @@ def midpoint_radius(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @contextlib.contextmanager
-def native_kernels() -> Iterator[None]:
+def native_kernels(nnpack: bool = True) -> Iterator[None]:
     """Run convolutions on torch's native CPU path instead of oneDNN/cuDNN (search mode).
 
     The native path is 2–4× faster than oneDNN for the few-channel convolutions of the stacked
@@ -114,7 +114,7 @@ def native_kernels() -> Iterator[None]:
         mkldnn_off = torch.backends.mkldnn.flags(enabled=False)
         mkldnn_off.__enter__()
     try:
-        with torch.backends.cudnn.flags(enabled=False), torch.backends.nnpack.flags(enabled=False):
+        with torch.backends.cudnn.flags(enabled=False), torch.backends.nnpack.flags(enabled=nnpack):
             yield
     finally:
         with warnings.catch_warnings():
@@ -136,7 +136,7 @@ def certification_backend() -> Iterator[None]:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     try:
-        with native_kernels():
+        with native_kernels(nnpack=False):  # NNPACK's fast algorithms break the γ_n model
             yield
     finally:
         torch.set_float32_matmul_precision(old_precision)
