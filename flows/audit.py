@@ -73,12 +73,10 @@ def build_records(registry) -> list:
 def audit_flow(model_name: str | None = None, out_dir: str | None = None) -> dict:
     """Re-verify every registered version; returns the summary and the report paths."""
     from components.audit import render_audit_report
-    from components.registry import Registry
-    from flows.settings import get_settings
+    from flows.settings import get_settings, open_registry
 
     settings = get_settings(model_name)
-    registry = Registry(settings.tracking_uri, settings.model_name, artifact_location=settings.artifact_location,
-                        cache_dir=settings.cache_dir)
+    registry = open_registry(settings)
     records = build_records(registry)
     out = Path(out_dir) if out_dir else settings.audit_dir / settings.model_name
     html, summary_path = render_audit_report(records, out, model_name=settings.model_name)

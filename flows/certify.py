@@ -100,17 +100,15 @@ def certify_flow(
     import torch
 
     import lid_engine as le
-    from components.registry import Registry
     from flows.data import load_task
-    from flows.settings import get_settings
+    from flows.settings import get_settings, open_registry
     from lid_engine.training import accuracy
 
     log = get_run_logger()
     if biasing not in ("fisher", "si", "none"):
         raise ValueError(f"certify_flow: 'biasing' must be 'fisher', 'si' or 'none', got {biasing!r}")
     settings = get_settings(model_name)
-    registry = Registry(settings.tracking_uri, settings.model_name, artifact_location=settings.artifact_location,
-                        cache_dir=settings.cache_dir)
+    registry = open_registry(settings)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     spec, model = load_candidate(candidate_dir)
     data = load_task(task_ref, max_eval=max_eval, seed=seed)

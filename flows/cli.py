@@ -452,12 +452,10 @@ def audit(
     """Re-verify every registered version's certificates and write an HTML report and a JSON summary."""
     with _cli_errors():
         import flows  # noqa: F401  (environment defaults)
-        from components.registry import Registry
-        from flows.settings import get_settings
+        from flows.settings import get_settings, open_registry
 
         settings = get_settings(model)
-        registry = Registry(settings.tracking_uri, settings.model_name, artifact_location=settings.artifact_location,
-                            cache_dir=settings.cache_dir)
+        registry = open_registry(settings)
         if not registry.history():
             raise BadInput(f"no registered versions of model {settings.model_name!r} at {settings.tracking_uri}")
         from components.audit import render_audit_report

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from flows.settings import get_settings
+    from flows.settings import get_settings, open_registry
 
     console = Console()
     settings = get_settings()
@@ -37,12 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     console.rule("[bold]lidgate pipeline demo (embedded defaults)")
     console.print(f"home: {settings.home}\nMLflow: {settings.tracking_uri}\nPrefect: ephemeral (PREFECT_HOME={os.environ['PREFECT_HOME']})")
 
-    from components.registry import Registry
     from flows.audit import audit_flow
     from flows.retrain import bootstrap_flow, retrain_flow
 
-    registry = Registry(settings.tracking_uri, settings.model_name, artifact_location=settings.artifact_location,
-                        cache_dir=settings.cache_dir)
+    registry = open_registry(settings)
     results = []
     if registry.champion() is None:
         console.print("[bold]1.[/bold] bootstrap: train on digits 0/1, certify the LID, register v1")

@@ -122,17 +122,16 @@ def _pipeline(
     import torch
 
     from components.gate import promote
-    from components.registry import ModelSpec, Registry
+    from components.registry import ModelSpec
     from flows.data import load_task
-    from flows.settings import get_settings
+    from flows.settings import get_settings, open_registry
     from lid_engine.training import accuracy
 
     log = get_run_logger()
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     settings = get_settings(model_name)
-    registry = Registry(settings.tracking_uri, settings.model_name, artifact_location=settings.artifact_location,
-                        cache_dir=settings.cache_dir)
+    registry = open_registry(settings)
     data = load_task(task_ref, max_train=max_train, max_eval=max_eval, seed=seed)
     lookahead_dir = lookahead_dir or (str(settings.lookahead_dir) if settings.lookahead_dir.exists() else None)
 

@@ -53,3 +53,11 @@ def get_settings(model_name: str | None = None) -> Settings:
 def prefect_server_configured() -> bool:
     """True when a real Prefect server is configured (then deployments and work pools are used)."""
     return bool(os.environ.get("PREFECT_API_URL"))
+
+
+def open_registry(settings: Settings):
+    """The MLflow registry for ``settings`` (the one way flows, the demo and the CLI open it)."""
+    from components.registry import Registry
+
+    return Registry(settings.tracking_uri, settings.model_name, artifact_location=settings.artifact_location,
+                    cache_dir=settings.cache_dir)

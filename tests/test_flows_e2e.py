@@ -39,11 +39,10 @@ def home(tmp_path, monkeypatch, harness):
 
 
 def _registry():
-    from components.registry import Registry
-    from flows.settings import get_settings
+    from flows.settings import get_settings, open_registry
 
     s = get_settings()
-    return Registry(s.tracking_uri, s.model_name, artifact_location=s.artifact_location, cache_dir=s.cache_dir)
+    return open_registry(s)
 
 
 def _bootstrap():
