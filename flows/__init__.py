@@ -7,11 +7,14 @@ nothing is downloaded, no telemetry leaves the machine.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 
-def _bootstrap_env() -> None:
+def _bootstrap_env()
+# Great Expectations logs a line per ephemeral context at INFO; keep the flows' output readable.
+logging.getLogger("great_expectations").setLevel(logging.WARNING) -> None:
     home = Path(os.environ.get("LIDGATE_HOME", "lidgate-home")).resolve()
     os.environ.setdefault("LIDGATE_HOME", str(home))
     os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
@@ -25,3 +28,5 @@ def _bootstrap_env() -> None:
 
 
 _bootstrap_env()
+# Great Expectations logs a line per ephemeral context at INFO; keep the flows' output readable.
+logging.getLogger("great_expectations").setLevel(logging.WARNING)

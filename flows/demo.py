@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from flows.settings import get_settings, open_registry
 
-    console = Console()
+    console = Console(width=max(Console().width, 140))  # the summary table needs the room
     settings = get_settings()
     if "--fresh" in argv and settings.home.exists():
         shutil.rmtree(settings.home)
