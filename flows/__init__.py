@@ -12,9 +12,7 @@ import os
 from pathlib import Path
 
 
-def _bootstrap_env()
-# Great Expectations logs a line per ephemeral context at INFO; keep the flows' output readable.
-logging.getLogger("great_expectations").setLevel(logging.WARNING) -> None:
+def _bootstrap_env() -> None:
     home = Path(os.environ.get("LIDGATE_HOME", "lidgate-home")).resolve()
     os.environ.setdefault("LIDGATE_HOME", str(home))
     os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
