@@ -148,25 +148,27 @@ def measure_case(c: dict) -> dict:
     if any(isinstance(m, nn.Conv2d) for m in model.modules()):
         layers = ibp.check_supported(model)
 
-        def search_nnpack():  # search pass with NNPACK convolutions (the pre-cbf2812 search backend)
-            with torch.no_grad(), nnpack_search_kernels():
+        def kernels(nnpack: bool):  # the search backend (oneDNN/cuDNN off) with NNPACK on or off
+            return nnpack_search_kernels(nnpack)
+
+        def fwd(nnpack: bool):
+            with torch.no_grad(), kernels(nnpack):
                 return ibp.propagate(model, box, x, certify=False, layers=layers)
 
-        def search_fb_nnpack():
-            with nnpack_search_kernels():
+        def fwd_bwd(nnpack: bool):  # backward outside the context, as in compute_lid (cooper's backward)
+            with kernels(nnpack):
                 lo, hi = ibp.propagate(model, gbox, x, certify=False, layers=layers)
-                return torch.autograd.grad((hi - lo).sum(), leaves)
-
-        def search_native():  # the same call under the engine's current native_kernels(), for a like-for-like ratio
-            with torch.no_grad(), rounding.native_kernels():
-                return ibp.propagate(model, box, x, certify=False, layers=layers)
+            return torch.autograd.grad((hi - lo).sum(), leaves)
 
         def nominal_again():
             with torch.no_grad():
                 return model(x)
 
-        conv_fns = {"search_nnpack": search_nnpack, "search_native": search_native, "nominal_conv": nominal_again,
-                    "search_fb_nnpack": search_fb_nnpack, "search_fb_native": search_fb}
+        conv_fns = {"search_nnpack": lambda: fwd(True), "search_no_nnpack": lambda: fwd(False),
+                    "nominal_conv": nominal_again, "search_fb_nnpack": lambda: fwd_bwd(True),
+                    "search_fb_no_nnpack": lambda: fwd_bwd(False),
+                    "certify_conv": lambda: bound_logits(model, box, x),
+                    "certify_chunk64": lambda: bound_logits(model, box, x, batch_size=64)}
     if c["lirpa"]:  # memory-light, so it is interleaved with ours (fair under the machine's varying load)
         fns["lirpa_economic"] = prebuilt_lirpa(model, box, x, economic=True)
     t0 = time.perf_counter()
@@ -266,12 +268,13 @@ def layer_breakdown(c: dict) -> list[tuple[str, float, float, float]]:
 
 
 @contextlib.contextmanager
-def nnpack_search_kernels():
-    """The search-mode backend as it was before commit cbf2812: oneDNN/cuDNN off, NNPACK left on."""
+@contextlib.contextmanager
+def nnpack_search_kernels(nnpack: bool = True):
+    """Search-mode backend (oneDNN/cuDNN off) with NNPACK explicitly on or off."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
         with torch.backends.mkldnn.flags(enabled=False), torch.backends.cudnn.flags(enabled=False), \
-                torch.backends.nnpack.flags(enabled=True):
+                torch.backends.nnpack.flags(enabled=nnpack):
             yield
 
 
@@ -386,18 +389,20 @@ def main() -> None:
         s = r["stats"]
         if "search_nnpack" in s:
             k = conv_kernels()
-            lines += ["", f"({r['case']['key']}) NNPACK: the engine's `native_kernels()` now switches NNPACK off in "
-                      f"search mode too (search conv kernel: `{k['search (native_kernels)']}`; certify: "
-                      f"`{k['certify (certification_backend)']}`). The same search pass with NNPACK left on "
-                      "(`ibp.propagate` under oneDNN/cuDNN off, NNPACK on): "
-                      f"{fmt_time(s['search_nnpack'].median)} / {fmt_time(s['search_nnpack'].min)} = "
-                      f"{s['search_nnpack'].median / s['nominal_conv'].median:.2f}× nominal "
-                      f"({s['search_nnpack'].min / s['nominal_conv'].min:.2f}× by minima), vs "
-                      f"{fmt_time(s['search_native'].median)} / {fmt_time(s['search_native'].min)} = "
-                      f"{s['search_native'].median / s['nominal_conv'].median:.2f}× under the current "
-                      f"`native_kernels()` (timed in the same separate group, nominal {fmt_time(s['nominal_conv'].median)}); "
-                      f"search fwd+bwd {fmt_time(s['search_fb_nnpack'].median)} with NNPACK vs "
-                      f"{fmt_time(s['search_fb_native'].median)} without."]
+            nom = s["nominal_conv"]
+            lines += ["", f"({r['case']['key']}) Convolution kernels (separate interleaved group, nominal here "
+                      f"{fmt_time(nom.median)}): the engine now runs search-mode convolutions on "
+                      f"`{k['search (native_kernels)']}` and certify-mode ones on `{k['certify (certification_backend)']}`. "
+                      "Search pass (no grad) with NNPACK "
+                      f"{fmt_time(s['search_nnpack'].median)} / {fmt_time(s['search_nnpack'].min)} "
+                      f"({s['search_nnpack'].median / nom.median:.2f}× nominal) vs NNPACK off "
+                      f"{fmt_time(s['search_no_nnpack'].median)} / {fmt_time(s['search_no_nnpack'].min)} "
+                      f"({s['search_no_nnpack'].median / nom.median:.2f}×); search fwd+bwd with NNPACK "
+                      f"{fmt_time(s['search_fb_nnpack'].median)} vs off {fmt_time(s['search_fb_no_nnpack'].median)}. "
+                      f"Certify (im2col + GEMM) {fmt_time(s['certify_conv'].median)} / {fmt_time(s['certify_conv'].min)} "
+                      f"with the whole batch in one call vs {fmt_time(s['certify_chunk64'].median)} / "
+                      f"{fmt_time(s['certify_chunk64'].min)} with `batch_size=64` chunks "
+                      f"(= {s['certify_chunk64'].median / s['search_nnpack'].median:.2f}× the NNPACK search pass)."]
     lines += ["", "## Against auto_LiRPA IBP (Linear/ReLU models only)", "",
               "`per call` = `bound_logits_lirpa(model, box, x, method=\"ibp\")` as the repo calls it (deep copy + "
               "BoundedModule trace every call, auto_LiRPA's default interval matmul, which materialises every "
@@ -496,23 +501,49 @@ def main() -> None:
 
     kernels = conv_kernels()
     nnpack_in_certify = "nnpack" in kernels["certify (certification_backend)"]
-    nnpack_note = (
-        "`certification_backend()` turns oneDNN and cuDNN off but not NNPACK, so on CPU the certify-mode "
-        "convolutions run on `_nnpack_spatial_convolution` (algorithm `auto`: Winograd/FFT/implicit GEMM), not on "
-        "the im2col + GEMM path whose dot-product error model `rounding.py` assumes. On a real LID checkpoint "
-        "(`benchmarks.lid`, row 4 seed 0, iteration 40) NNPACK's float32 error reached 5.3× the a-priori γ_n·|W|·|x| "
-        "bound, giving lower > upper and an `UnsoundBoundError`. Fix: NNPACK off in `certification_backend()`."
-        if nnpack_in_certify else
-        "since commit cbf2812 NNPACK is off in certify mode (its float32 error exceeded the γ_n model: 5.3× on a "
-        "real LID checkpoint, found by these benchmarks) — but the flag was put into `native_kernels()`, which the "
-        "**search** also uses, so the search-mode convolutions now run on `_slow_conv2d_forward` too (im2col "
-        "buffers of batch × 400 × 576 floats for the stacked second conv). Suggestion: keep NNPACK off only in "
-        "`certification_backend()` and restore it in `native_kernels()` (search mode certifies nothing); the "
-        "search-with-NNPACK line under the timings gives the gain."
-    )
+    nnpack_in_search = "nnpack" in kernels["search (native_kernels)"]
+    if nnpack_in_certify:
+        nnpack_note = (
+            "`certification_backend()` does not switch NNPACK off, so certify-mode convolutions run on "
+            "`_nnpack_spatial_convolution` (Winograd/FFT/implicit GEMM), not on the im2col + GEMM path whose "
+            "dot-product error model `rounding.py` assumes; on a real LID checkpoint NNPACK's float32 error reached "
+            "5.3× the a-priori γ_n·|W|·|x| bound (lower > upper, `UnsoundBoundError`). Fix: NNPACK off while certifying.")
+    elif nnpack_in_search:
+        nnpack_note = (
+            "History: these benchmarks found that certify mode ran on NNPACK, whose float32 error reached 5.3× the "
+            "a-priori γ_n·|W|·|x| bound on a real LID checkpoint (lower > upper, `UnsoundBoundError`); fixed in "
+            "cbf2812 (NNPACK off) and 453826c (off only while certifying, so the search keeps NNPACK). The price is "
+            "paid in certify: im2col + GEMM on the stacked convolutions is what makes CNN certify several times the "
+            "search pass (see the kernel line under the timings).")
+    else:
+        nnpack_note = (
+            "NNPACK is off in search mode as well, so the search pays the im2col + GEMM cost too; the search "
+            "certifies nothing and could keep NNPACK (see the kernel line under the timings).")
     lines += ["", "## Notes", "",
               "- **Convolution kernel actually used** (profiled, MNIST-CNN first-layer shapes): "
               + "; ".join(f"{k}: `{v}`" for k, v in kernels.items()) + ". " + nnpack_note,
+              "- **Why the ratio targets are missed (structural, from the per-layer tables and profiles).** "
+              "(i) *FLOPs*: for a non-negative interval input (every layer after a ReLU) the exact interval "
+              "product is one GEMM against the block weight [[W_l⁺, W_l⁻], [W_u⁻, W_u⁺]] — 2·out × 2·in, i.e. "
+              "**4× the nominal FLOPs** of that layer, plus building the block (4 clamps + cats of the weight, "
+              "each call). A point input costs 2× (non-negative: [W_l; W_u]) or 2 GEMMs (mixed sign: x·W_mid and "
+              "|x|·W_rad). So MLP (a) needs ≈2.5× the nominal FLOPs and MLP (d), dominated by its 1024×1024 "
+              "hidden layer, ≈3.5× — ≤ 3× is out of reach with the exact product; Rump's midpoint–radius product "
+              "on x ≥ 0 needs 3 GEMMs (W_mid·x_mid, |W_mid|·x_rad, W_rad·x_hi), i.e. 3×, at 7–12% looser bounds. "
+              "(ii) *Memory passes* (head (c), which is bandwidth-bound: its nominal forward reads x once): the "
+              "bound pass reads the 4096×384 input about eight times — `bound_logits._check_input`'s finiteness "
+              "scan (abs, eq, ne, all), `propagate`'s `x.min() >= 0` (also a host sync), `x.abs()`, and two GEMMs. "
+              "Suggestions: skip the finiteness scan in search mode (the LID search already bypasses "
+              "`bound_logits`), let callers pass the sign flag, precompute |x| (and the flag) once per dataset in "
+              "`compute_lid` and gather it with the minibatch, and fuse centre and radius into one GEMM "
+              "(`F.linear(torch.cat([x, |x|], 1), torch.cat([W_mid, W_rad], 1)` gives one product only if "
+              "stacked along the output dim: `[[W_mid, 0], [0, W_rad]]`), saving one read of x. "
+              "(iii) *Certify overhead*: per affine layer the slack costs ~8 elementwise passes (mag·c, +kη, two "
+              "`nextafter`, lo−slack, hi+slack, two more `nextafter`) plus the per-layer validity flag "
+              "(`isfinite(z).all()` + `(lo > hi).any()`, ~5 passes); fusing these (one `torch.compile`d function, "
+              "or checking `hi − lo` once: `~(w.amin() >= 0) | ~isfinite(w.sum())`) and writing the three row "
+              "blocks without `cat` would bring certify to ≤ 2× search on the MLPs; on the CNN it is dominated by "
+              "the im2col convolution (see the kernel line).",
               "- **What is timed.** `bound_logits` is the public entry point and includes its input "
               "checks (`check_matches`, finiteness scan of `x`, layer walk). The LID search calls "
               "`ibp.propagate` directly, so its per-iteration cost is slightly below `search (graph)`. "

@@ -94,6 +94,16 @@ class CertifyTap:
         return False
 
 
+def nnpack_in_search() -> bool:
+    """True if a float32 Conv2d inside ``rounding.native_kernels()`` (search mode) runs on NNPACK."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x, w = torch.rand(64, 1, 28, 28), torch.randn(16, 1, 5, 5)
+    with rounding.native_kernels(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        F.conv2d(x, w, padding=1)
+    return any("nnpack" in e.key for e in prof.key_averages())
+
+
 def nnpack_in_certify() -> bool:
     """True if a float32 Conv2d inside ``rounding.certification_backend()`` runs on NNPACK."""
     from torch.profiler import ProfilerActivity, profile
@@ -491,7 +501,14 @@ def write_report(res: dict, timing: dict, proj: dict, workaround: bool, args, wa
     L += machine_header()
     ran_a = [r["seed"] for r in res["row4"]]
     ran_b = [r["seed"] for r in res["row5b"]]
-    L += [f"- whole run: {wall / 60:.1f} min wall (budget {args.budget_min:g} min); seeds run: {ran_a} for rows 4 / 5A "
+    if res.get("reused"):
+        approx = "≈" if res.get("part1_wall_approx") else ""
+        wall_txt = (f"part 1 took {approx}{res['part1_wall'] / 60:.1f} min; part 2 was re-measured in a later "
+                    f"process ({wall / 60:.1f} min)")
+    else:
+        wall_txt = f"whole run: {wall / 60:.1f} min wall"
+    budget_txt = f"budget {args.budget_min:g} min" if args.budget_min > 0 else "no time budget (`--budget-min 0`)"
+    L += [f"- {wall_txt} ({budget_txt}); seeds run: {ran_a} for rows 4 / 5A "
           f"(asked {args.seeds}), {ran_b} for row 5B (asked {args.seeds_b})"]
     if res["skipped"]:
         L += ["- skipped to stay within the time budget: " + "; ".join(res["skipped"])
@@ -508,12 +525,13 @@ def write_report(res: dict, timing: dict, proj: dict, workaround: bool, args, wa
               "`torch.backends.nnpack.flags(enabled=False)` (search mode untouched). Fix in the engine: add that "
               "flag to `certification_backend()`.", ""]
     else:
+        search_kernel = ("NNPACK (kept for the search since 453826c)" if nnpack_in_search()
+                         else "`_slow_conv2d_forward` too (NNPACK is off in `native_kernels()`), several times slower")
         L += ["> Certification soundness: an earlier run of this benchmark found that float32 certification ran its "
               "Conv2d on NNPACK, whose rounding error exceeded the a-priori γ_n·|W|·|x| bound (5.3× on the row-4 "
-              "seed-0 checkpoint at iteration 40: lower > upper, `UnsoundBoundError`). Fixed in the engine (commit "
-              "cbf2812) by switching NNPACK off in `rounding.native_kernels()` — which the **search** also uses, so "
-              "search-mode convolutions now run on `_slow_conv2d_forward`, ~4× slower than with NNPACK on the CNN "
-              "(see `bounds.md`); the search times below include that.", ""]
+              "seed-0 checkpoint at iteration 40: lower > upper, `UnsoundBoundError`). Fixed in the engine "
+              "(cbf2812, 453826c): certification now runs its convolutions on im2col + GEMM "
+              f"(`_slow_conv2d_forward`); search-mode convolutions run on {search_kernel}.", ""]
     L += ["## Part 1 — reproduction of METHOD.md §7 rows 4–5 on real MNIST", "",
           "Setup common to all runs: the paper's CNN `mnist_cnn()` (6,179 params, 10-way head); Split-MNIST "
           "task 1 = digits (0, 1), task 2 = (2, 3) (fixed, not the paper's random even/odd pairing); "
@@ -602,7 +620,7 @@ def write_report(res: dict, timing: dict, proj: dict, workaround: bool, args, wa
                  f"{mark(r_med <= 1.5)} | {fmt_time((s_med - f_med) / n)} |")
     p1 = timing["cnn_part1"]
     if p1:
-        L += ["", f"For scale: the 200-iteration CNN searches of part 1 took {fmt_time(statistics.median(p1))} "
+        L += ["", f"For scale: the {SEARCH['iterations']}-iteration CNN searches of part 1 took {fmt_time(statistics.median(p1))} "
               f"(median; min {fmt_time(min(p1))}, max {fmt_time(max(p1))}, {len(p1)} single-constraint runs, "
               "certification excluded)."]
     cert_runs = [r for k in ("row4", "row4_m0", "row5a", "row5a_margin") for r in res[k]]
@@ -669,6 +687,7 @@ def main() -> None:
                     help="wall-time budget in minutes: seeds after the first are skipped if they would overrun it "
                          "(0 = run every seed; default 15)")
     ap.add_argument("--extra", action="store_true", help="also run row 5A with the default tau_margin (seed 0)")
+    ap.add_argument("--part1-cache", default=None, help=argparse.SUPPRESS)  # development aid
     ap.add_argument("--iterations", type=int, default=200, help=argparse.SUPPRESS)  # smoke tests only
     args = ap.parse_args()
     SEARCH["iterations"] = args.iterations
@@ -682,8 +701,16 @@ def main() -> None:
     data = Data()
     RESULTS.mkdir(parents=True, exist_ok=True)
     with CertifyTap(workaround) as tap:
-        res = reproduce(data, tap, args.seeds, args.seeds_b, extra=args.extra, budget_s=60 * args.budget_min,
-                        t_start=t_start)
+        if args.part1_cache and os.path.exists(args.part1_cache):  # development aid: reuse a finished part 1
+            res = torch.load(args.part1_cache, weights_only=False)
+            res["reused"] = True
+            log(f"reusing part 1 from {args.part1_cache}")
+        else:
+            res = reproduce(data, tap, args.seeds, args.seeds_b, extra=args.extra, budget_s=60 * args.budget_min,
+                            t_start=t_start)
+            res["part1_wall"] = time.perf_counter() - t_start
+            if args.part1_cache:
+                torch.save(res, args.part1_cache)
         plot(res, RESULTS / "lid_checkpoints.png")
         log(f"wrote {RESULTS / 'lid_checkpoints.png'}")
         timing = search_timing(data, tap, res)
