@@ -268,7 +268,6 @@ def layer_breakdown(c: dict) -> list[tuple[str, float, float, float]]:
 
 
 @contextlib.contextmanager
-@contextlib.contextmanager
 def nnpack_search_kernels(nnpack: bool = True):
     """Search-mode backend (oneDNN/cuDNN off) with NNPACK explicitly on or off."""
     with warnings.catch_warnings():
