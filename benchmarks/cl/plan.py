@@ -1,0 +1,99 @@
+"""Plans (which units a run contains) and the parallel, resumable runner behind ``python -m benchmarks.cl run``.
+
+Every unit (experiment × scenario × method × seed) writes one JSON file under
+``benchmarks/results/cl_runs``; finished units are skipped, so an interrupted run resumes where it
+stopped. Units run in worker processes (``--jobs``), one torch thread each: on a small machine two
+single-threaded processes beat one two-threaded process on these small models.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from pathlib import Path
+
+from .protocol import SCENARIOS
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+RUNS = RESULTS / "cl_runs"
+MAIN_METHODS = ("sgd", "ewc", "lwf", "icn", "lid")
+BIAS_VARIANTS = ("unbiased", "fisher_lookahead", "si_lookahead", "fisher_retrospective", "si_retrospective")
+
+
+def plan_units(plan: str, *, data: str = "", scenarios=SCENARIOS, methods=MAIN_METHODS, seeds=range(3)) -> list:
+    """The units of a plan, cheapest-to-believe first: every experiment's first seeds before more seeds.
+
+    ``custom`` runs ``methods`` × ``scenarios`` × ``seeds`` on ``data`` (``npz:<path>``, ``blobs``…).
+    """
+    from .runner import Unit
+
+    if plan == "custom":
+        if not data:
+            raise SystemExit("plan 'custom' needs --data npz:<path> (or blobs / split_mnist)")
+        return [Unit("main", sc, m, s, dataset=data) for s in seeds for sc in scenarios for m in methods]
+
+    def main(seeds):
+        return [Unit("main", sc, m, s) for s in seeds for sc in SCENARIOS for m in MAIN_METHODS]
+
+    def biasing(seeds):  # the paper's seeds are 5–14
+        return [Unit("biasing", "class", "lid", s, v, n_tasks=2) for s in seeds for v in BIAS_VARIANTS]
+
+    def buffers(seeds, sizes, agem=True):
+        out = []
+        for s in seeds:
+            out += [Unit("buffers", "class", "agem", s)] if agem else []
+            out += [Unit("buffers", "class", "lid", s, size) for size in sizes]
+        return out
+
+    if plan == "reduced":  # `make bench-cl`: ≈ 25 min on 2 cores
+        return (main(range(3)) + [u for u in biasing(range(5, 8)) if u.variant in ("unbiased", "fisher_lookahead")]
+                + buffers(range(1), ("large",)))
+    if plan == "full":  # the committed results; seeds run in this order, so a partial run is still balanced
+        first = main(range(3)) + biasing(range(5, 8)) + buffers(range(3), ("large",))
+        more = main(range(3, 10)) + biasing(range(8, 15)) + buffers(range(3, 10), ("large",))
+        return first + more + buffers(range(3), ("small", "medium"), agem=False)
+    if plan == "smoke":  # seconds: for tests of the driver itself
+        return [Unit("main", "class", "sgd", 0)]
+    raise SystemExit(f"unknown plan {plan!r}; expected reduced, full, custom or smoke")
+
+
+def _work(args):
+    unit, settings, root = args
+    import torch
+
+    torch.set_num_threads(1)
+    from .runner import run_unit, save
+
+    path = unit.path(root)
+    try:
+        record = run_unit(unit, settings)
+    except Exception as exc:  # recorded, not hidden: the report lists failed units
+        record = {"unit": unit.__dict__, "error": f"{type(exc).__name__}: {exc}"}
+    save(record, path)
+    return unit, record
+
+
+def run(plan: str, jobs: int, root: Path, settings=None, **plan_options) -> int:
+    from tqdm.auto import tqdm
+
+    from .methods import Settings
+
+    settings = settings or Settings()
+    units = [u for u in plan_units(plan, **plan_options) if not u.path(root).exists()]
+    print(f"[bench-cl] plan {plan!r}: {len(units)} unit(s) to run, results in {root}", flush=True)
+    start = time.perf_counter()
+    failures = 0
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(jobs, maxtasksperchild=1) as pool, tqdm(total=len(units), unit="run", desc="bench-cl") as bar:
+        for unit, record in pool.imap(_work, [(u, settings, root) for u in units]):
+            bar.update(1)
+            if "error" in record:
+                failures += 1
+                tqdm.write(f"[bench-cl] FAILED {unit}: {record['error']}")
+            else:
+                tqdm.write(f"[bench-cl] {unit.experiment}/{unit.scenario}/{unit.label}/seed{unit.seed}: "
+                           f"final average {record['final_average']:.3f}"
+                           + (f", certified {record['certified_average']:.3f}" if "certified_average" in record else "")
+                           + f" ({record['seconds']:.0f} s)")
+    print(f"[bench-cl] done in {(time.perf_counter() - start) / 60:.1f} min, {failures} failure(s)", flush=True)
+    return 1 if failures else 0

@@ -1,0 +1,181 @@
+"""The continual-learning benchmark driver: protocol, methods, certificates and report.
+
+Runs on the blobs toy (an MLP, seconds) so the driver's promises are checked on every `make test`;
+the MNIST runs themselves are `make bench-cl`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.cl.lid_method import Bias, LidPGD
+from benchmarks.cl.methods import AGEM, EWC, IntervalCN, LwF, Method, Settings
+from benchmarks.cl.plan import plan_units
+from benchmarks.cl.protocol import ProtocolError, blobs_tasks, build_tasks
+from benchmarks.cl.report import write_report
+from benchmarks.cl.runner import Unit, build_model, certificate_summary, run_unit, save
+from benchmarks.cl.training import Recipe, accuracy, set_task
+
+FAST = Settings(recipe=Recipe(epochs=15, batch_size=32), iterations=40, checkpoints=4, search_batch=128,
+                primal_lr=0.5, icn_steps=60)
+
+
+def _arrays(n_per_class=60, classes=6, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(classes), n_per_class)
+    x = rng.normal(size=(len(y), 3)).astype(np.float32) + y[:, None]
+    return x, y
+
+
+def test_tasks_are_disjoint_and_relabelled_per_scenario():
+    x, y = _arrays()
+    xt, yt = _arrays(10, seed=1)
+    for scenario in ("class", "domain", "task"):
+        seq = build_tasks(x, y, xt, yt, [(0, 1), (2, 3), (4, 5)], scenario, seed=3, n_cert=20, holdout=[10, 5, 0])
+        assert len(seq) == 3
+        for task in seq.tasks:
+            assert (len(task.cert[0]), len(task.holdout[0]), len(task.train[0])) == (20, [10, 5, 0][task.index],
+                                                                                      120 - 20 - [10, 5, 0][task.index])
+            rows = [{tuple(r.tolist()) for r in part[0]} for part in (task.train, task.cert, task.holdout)]
+            assert not (rows[0] & rows[1]) and not (rows[0] & rows[2]) and not (rows[1] & rows[2])
+            labels = set(task.train[1].tolist()) | set(task.test[1].tolist())
+            assert labels == ({0, 1} if scenario == "domain" else set(task.classes))
+        assert seq.n_outputs == (2 if scenario == "domain" else 6)
+
+
+def test_bad_task_splits_are_rejected_with_the_reason():
+    x, y = _arrays()
+    with pytest.raises(ProtocolError, match="appears in two tasks"):
+        build_tasks(x, y, x, y, [(0, 1), (1, 2)], "class", seed=0)
+    with pytest.raises(ProtocolError, match="same number of classes"):
+        build_tasks(x, y, x, y, [(0, 1), (2, 3, 4)], "domain", seed=0)
+    with pytest.raises(ProtocolError, match="needs more than"):
+        build_tasks(x, y, x, y, [(0, 1)], "class", seed=0, n_cert=200)
+    with pytest.raises(ProtocolError, match="scenario"):
+        build_tasks(x, y, x, y, [(0, 1)], "online", seed=0)
+
+
+def _run(method_cls, scenario, seed=0, **kwargs):
+    seq = blobs_tasks(scenario, seed, holdout=[60, 60, 0])
+    torch.manual_seed(seed)
+    model = build_model(seq)
+    method = method_cls(seq, FAST, seed, **kwargs)
+    final = []
+    for task in seq.tasks:
+        set_task(model, task.index)
+        method.learn(model, task)
+        method.after_task(model, task, task.index == len(seq.tasks) - 1)
+    final = [accuracy(model, *t.test, task=t.index) for t in seq.tasks]
+    return seq, model, method, final
+
+
+@pytest.mark.parametrize("scenario", ["class", "task"])
+def test_lid_keeps_earlier_tasks_certified_and_sound(scenario):
+    seq, model, method, final = _run(LidPGD, scenario)
+    summary = certificate_summary(method, model, seq, final)
+    assert summary["missing_certificates"] == []  # the final model lies in every earlier task's LID
+    assert summary["all_sound"]
+    for task, cert in zip(seq.tasks[:-1], summary["certificates"]):
+        assert cert["accuracy_on_cert_set"] >= cert["certified"]
+        assert cert["certified"] >= 0.5, "a trained blobs task should certify well above chance"
+        assert final[task.index] >= cert["certified"] - 0.15
+    # nested boxes: each later LID's members lie inside the member of the earlier one holding the model
+    first = method.lids["t1"][-1][0]
+    second = method.lids["t2"][-1][0]
+    outer = first.members[first.member_index(second.nominal)]
+    assert all(box.is_subset(outer) for box in second.members)
+
+
+def test_lid_forgets_less_than_plain_training_in_class_il():
+    _, _, _, sgd = _run(Method, "class")
+    _, _, _, lid = _run(LidPGD, "class")
+    assert sgd[0] < 0.3, "plain sequential training forgets task 1 in Class-IL"
+    assert lid[0] > 0.8, "PGD inside the task-1 LID keeps it"
+
+
+@pytest.mark.parametrize("method_cls", [EWC, LwF, AGEM])
+def test_baselines_learn_the_last_task(method_cls):
+    _, _, _, final = _run(method_cls, "class")
+    assert final[-1] > 0.5, "the last task is learnt well above chance (1/6 in Class-IL)"
+
+
+def test_interval_baseline_certificates_are_sound_and_nested():
+    seq, model, method, final = _run(IntervalCN, "class")
+    summary = certificate_summary(method, model, seq, final)
+    assert summary["all_sound"] and summary["missing_certificates"] == []
+    assert summary["certificates"][0]["certified"] > 0.5
+    first, second = (method.records[t][0].members[0] for t in ("t1", "t2"))
+    assert second.is_subset(first)
+
+
+def test_biasing_mask_freezes_the_requested_share():
+    seq, model, method, _ = _run(LidPGD, "class", bias=Bias("fisher", "lookahead", 0.8), tau=0.8)
+    box = method.lids["t1"][-1][0].members[-1]
+    widths = torch.cat([box.width(n).reshape(-1) for n in box.names])
+    assert abs(float((widths == 0).double().mean()) - 0.8) < 0.01
+
+
+def test_buffer_recomputation_certifies_on_unseen_buffer_examples():
+    seq = blobs_tasks("class", 0, holdout=[200, 200, 0])
+    settings = replace(FAST, delta=0.02)  # a tight τ blocks the new task, so the buffer is used
+    torch.manual_seed(0)
+    model = build_model(seq)
+    method = LidPGD(seq, settings, 0, buffer="small")
+    for task in seq.tasks:
+        set_task(model, task.index)
+        method.learn(model, task)
+        method.after_task(model, task, task.index == len(seq.tasks) - 1)
+    final = [accuracy(model, *t.test, task=t.index) for t in seq.tasks]
+    summary = certificate_summary(method, model, seq, final)
+    assert summary["all_sound"] and summary["missing_certificates"] == []
+    calls = [e for e in method.log if e["kind"] == "buffer"]
+    if calls:  # a recomputed LID is certified on 100 fresh buffer examples per old task
+        assert summary["certificates"][0]["n"] == 100
+
+
+def test_run_unit_report_and_plan(tmp_path):
+    unit = Unit("main", "class", "lid", 0, dataset="blobs")
+    record = run_unit(unit, FAST)
+    assert record["complete"] and len(record["accuracy_matrix"]) == 3
+    assert record["all_sound"]
+    assert 0 <= record["certified_average"] <= 1
+    save(record, unit.path(tmp_path / "runs"))
+    sgd = run_unit(Unit("main", "class", "sgd", 0, dataset="blobs"), FAST)
+    save(sgd, Unit("main", "class", "sgd", 0, dataset="blobs").path(tmp_path / "runs"))
+    md = write_report(tmp_path / "runs", tmp_path / "out").read_text()
+    assert "| CIL | PGD w/ LID | 1 |" in md and "| CIL | SGD (fine-tuning) | 1 |" in md
+    assert "3/… sound" not in md and "2/2 sound, " in md
+    assert (tmp_path / "out" / "cl_final_average.png").stat().st_size > 1000
+    assert json.loads(unit.path(tmp_path / "runs").read_text())["unit"]["method"] == "lid"
+    full = plan_units("full")
+    assert len({u for u in full}) == len(full)
+    assert {u.seed for u in full if u.experiment == "main"} == set(range(10))
+    assert {u.seed for u in plan_units("reduced")} <= {0, 1, 2, 5, 6, 7}
+
+
+def test_a_new_benchmark_needs_data_not_code(tmp_path):
+    """An .npz with arrays and a task split runs through the CLI and lands in the report."""
+    from benchmarks.cl.__main__ import main
+    from components.datasets import blobs
+
+    x, y = blobs(1200, seed=4)
+    data = tmp_path / "toy.npz"
+    np.savez(data, x_train=x[:1000], y_train=y[:1000], x_test=x[1000:], y_test=y[1000:],
+             tasks=np.array([[0, 1], [2, 3], [4, 5]]), n_cert=np.array(60))
+    runs = tmp_path / "runs"
+    assert main(["run", "--plan", "custom", "--data", f"npz:{data}", "--scenarios", "task", "--methods", "sgd,lid",
+                 "--seeds", "0", "--jobs", "1", "--runs", str(runs)]) == 0
+    record = json.loads((runs / "main" / "TIL" / "lid" / "seed0.json").read_text())
+    assert record["complete"] and record["all_sound"] and len(record["certificates"]) == 2
+    assert main(["report", "--runs", str(runs), "--out", str(tmp_path)]) == 0
+    assert "| TIL | PGD w/ LID | 1 |" in (tmp_path / "cl.md").read_text()
+    np.savez(tmp_path / "bad.npz", x_train=x, y_train=y)
+    with pytest.raises(ProtocolError, match="lacks the arrays"):
+        from benchmarks.cl.protocol import npz_tasks
+
+        npz_tasks(str(tmp_path / "bad.npz"), "class", 0)
