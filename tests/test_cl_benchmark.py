@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.cl import lid_method
 from benchmarks.cl.lid_method import Bias, LidPGD
 from benchmarks.cl.methods import AGEM, EWC, IntervalCN, LwF, Method, Settings
 from benchmarks.cl.plan import plan_units
@@ -134,8 +135,24 @@ def test_buffer_recomputation_certifies_on_unseen_buffer_examples():
     summary = certificate_summary(method, model, seq, final)
     assert summary["all_sound"] and summary["missing_certificates"] == []
     calls = [e for e in method.log if e["kind"] == "buffer"]
-    if calls:  # a recomputed LID is certified on 100 fresh buffer examples per old task
-        assert summary["certificates"][0]["n"] == 100
+    assert 1 <= len(calls) <= 1, "SMALL allows one recomputation in total"
+    assert summary["certificates"][0]["n"] == 100  # certified on 100 fresh buffer examples per old task
+
+
+def test_per_task_buffer_budget_and_bad_buffer_names(monkeypatch):
+    monkeypatch.setitem(lid_method.BUFFER_TARGET, "class", 1.01)  # every new task asks for recomputations
+    seq = blobs_tasks("class", 0, holdout=[400, 400, 0])
+    method = LidPGD(seq, replace(FAST, delta=0.02), 0, buffer="small_per_task")
+    torch.manual_seed(0)
+    model = build_model(seq)
+    for task in seq.tasks:
+        set_task(model, task.index)
+        method.learn(model, task)
+        method.after_task(model, task, task.index == len(seq.tasks) - 1)
+    per_task = [e["task"] for e in method.log if e["kind"] == "buffer"]
+    assert per_task == ["t2", "t3"], "SMALL per task: one recomputation for each new task"
+    with pytest.raises(ValueError, match="'buffer' must be one of"):
+        LidPGD(seq, FAST, 0, buffer="huge")
 
 
 def test_run_unit_report_and_plan(tmp_path):

@@ -38,7 +38,9 @@ from .protocol import Task
 from .training import accuracy, train_task
 
 # Per-task holdouts of the four stored tasks (the last task is never stored) and the maximum number
-# of LID recomputations (METHOD.md §3.3).
+# of LID recomputations (METHOD.md §3.3). METHOD.md does not say whether the maximum counts over the
+# whole sequence or per task: "small" / "medium" / "large" read it as a total; "<size>_per_task" as a
+# budget per new task (the reading the holdout sizes suggest: 7 calls × 200 examples per task).
 BUFFERS = {
     "small": ([400, 200, 200, 200, 0], 1),
     "medium": ([1400, 1200, 800, 600, 0], 3),
@@ -64,6 +66,9 @@ class LidPGD(Method):
     def __init__(self, *args, bias: Bias | None = None, buffer: str | None = None, tau: float | None = None,
                  primal_lr: float | None = None):
         super().__init__(*args)
+        size, _, mode = (buffer or "").partition("_")
+        if buffer is not None and (size not in BUFFERS or mode not in ("", "per_task")):
+            raise ValueError(f"LidPGD: 'buffer' must be one of {sorted(BUFFERS)}, optionally with '_per_task', got {buffer!r}")
         self.bias, self.buffer, self.fixed_tau = bias, buffer, tau
         self.primal_lr = primal_lr if primal_lr is not None else self.s.primal_lr
         self.domain: LID | None = None
@@ -165,7 +170,8 @@ class LidPGD(Method):
 
     def recompute_with_buffer(self, model: nn.Module, task: Task) -> None:
         target = BUFFER_TARGET[self.seq.scenario]
-        max_calls = BUFFERS[self.buffer][1]
+        size, _, mode = self.buffer.partition("_")
+        max_calls = BUFFERS[size][1] + (self.recomputations if mode == "per_task" else 0)
         taus = {f"t{j + 1}": max(self.acc_done[f"t{j + 1}"] - BUFFER_SLACK, 0.001) for j in self.store}
         acc = accuracy(model, *task.train, task=task.index)
         while acc < target and self.recomputations < max_calls:

@@ -52,7 +52,8 @@ def plan_units(plan: str, *, data: str = "", scenarios=SCENARIOS, methods=MAIN_M
     if plan == "full":  # the committed results; seeds run in this order, so a partial run is still balanced
         first = main(range(3)) + biasing(range(5, 8)) + buffers(range(3), ("large",))
         more = main(range(3, 10)) + biasing(range(8, 15)) + buffers(range(3, 10), ("large",))
-        return first + more + buffers(range(3), ("small", "medium"), agem=False)
+        per_task = buffers(range(3), ("large_per_task",), agem=False)
+        return first + more + buffers(range(3), ("small", "medium"), agem=False) + per_task
     if plan == "smoke":  # seconds: for tests of the driver itself
         return [Unit("main", "class", "sgd", 0)]
     raise SystemExit(f"unknown plan {plan!r}; expected reduced, full, custom or smoke")

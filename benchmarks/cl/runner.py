@@ -92,7 +92,7 @@ def make_method(unit: Unit, seq: TaskSequence, settings: Settings) -> Method:
 def holdout_sizes(unit: Unit) -> list[int] | None:
     if unit.experiment != "buffers":
         return None
-    return BUFFERS["large" if unit.method == "agem" else unit.variant][0]
+    return BUFFERS["large" if unit.method == "agem" else unit.variant.partition("_")[0]][0]
 
 
 def run_unit(unit: Unit, settings: Settings) -> dict:
