@@ -18,6 +18,7 @@ RESULTS = Path(__file__).resolve().parent.parent / "results"
 RUNS = RESULTS / "cl_runs"
 MAIN_METHODS = ("sgd", "ewc", "lwf", "icn", "lid")
 BIAS_VARIANTS = ("unbiased", "fisher_lookahead", "si_lookahead", "fisher_retrospective", "si_retrospective")
+RETRO_TOP5 = ("fisher_retrospective_top5", "si_retrospective_top5")
 
 
 def plan_units(plan: str, *, data: str = "", scenarios=SCENARIOS, methods=MAIN_METHODS, seeds=range(3)) -> list:
@@ -35,8 +36,8 @@ def plan_units(plan: str, *, data: str = "", scenarios=SCENARIOS, methods=MAIN_M
     def main(seeds):
         return [Unit("main", sc, m, s) for s in seeds for sc in SCENARIOS for m in MAIN_METHODS]
 
-    def biasing(seeds):  # the paper's seeds are 5–14
-        return [Unit("biasing", "class", "lid", s, v, n_tasks=2) for s in seeds for v in BIAS_VARIANTS]
+    def biasing(seeds, variants=BIAS_VARIANTS):  # the paper's seeds are 5–14
+        return [Unit("biasing", "class", "lid", s, v, n_tasks=2) for s in seeds for v in variants]
 
     def buffers(seeds, sizes, agem=True):
         out = []
@@ -53,7 +54,8 @@ def plan_units(plan: str, *, data: str = "", scenarios=SCENARIOS, methods=MAIN_M
         first = main(range(3)) + biasing(range(5, 8)) + buffers(range(3), ("large",))
         more = main(range(3, 10)) + biasing(range(8, 15)) + buffers(range(3, 10), ("large",))
         per_task = buffers(range(3), ("large_per_task",), agem=False)
-        return first + more + buffers(range(3), ("small", "medium"), agem=False) + per_task
+        retro = biasing(range(5, 15), RETRO_TOP5)
+        return first + more + buffers(range(3), ("small", "medium"), agem=False) + per_task + retro
     if plan == "smoke":  # seconds: for tests of the driver itself
         return [Unit("main", "class", "sgd", 0)]
     raise SystemExit(f"unknown plan {plan!r}; expected reduced, full, custom or smoke")

@@ -33,6 +33,10 @@ BIASES = {
     "si_lookahead": Bias("si", "lookahead", 0.825),
     "fisher_retrospective": Bias("fisher", "retrospective", 0.95),
     "si_retrospective": Bias("si", "retrospective", 0.95),
+    # METHOD.md §3.2: retrospective masks freeze the scores *above* the q-quantile, so the paper's
+    # prune_prop q = 0.95 freezes the top 5%; the two variants above freeze 95% instead.
+    "fisher_retrospective_top5": Bias("fisher", "retrospective", 0.05),
+    "si_retrospective_top5": Bias("si", "retrospective", 0.05),
 }
 DATASETS = {"split_mnist": split_mnist, "blobs": blobs_tasks}
 
