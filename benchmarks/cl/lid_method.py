@@ -52,6 +52,14 @@ BUFFER_SLACK = 0.15  # τ_j = acc_j − 0.15 in a recomputed LID
 MIN_GAIN = 0.025  # below this gain, loosen the tightest old-task bound by 0.01
 
 
+def parse_buffer(variant: str) -> tuple[str, bool]:
+    """"large" → ("large", False); "large_per_task" → ("large", True)."""
+    size, _, mode = variant.partition("_")
+    if size not in BUFFERS or mode not in ("", "per_task"):
+        raise ValueError(f"LidPGD: 'buffer' must be one of {sorted(BUFFERS)}, optionally with '_per_task', got {variant!r}")
+    return size, mode == "per_task"
+
+
 @dataclass(frozen=True)
 class Bias:
     score: str  # "fisher" | "si"
@@ -66,9 +74,9 @@ class LidPGD(Method):
     def __init__(self, *args, bias: Bias | None = None, buffer: str | None = None, tau: float | None = None,
                  primal_lr: float | None = None):
         super().__init__(*args)
-        size, _, mode = (buffer or "").partition("_")
-        if buffer is not None and (size not in BUFFERS or mode not in ("", "per_task")):
-            raise ValueError(f"LidPGD: 'buffer' must be one of {sorted(BUFFERS)}, optionally with '_per_task', got {buffer!r}")
+        if buffer is not None:
+            size, per_task = parse_buffer(buffer)
+            self.max_calls, self.calls_per_task = BUFFERS[size][1], per_task
         self.bias, self.buffer, self.fixed_tau = bias, buffer, tau
         self.primal_lr = primal_lr if primal_lr is not None else self.s.primal_lr
         self.domain: LID | None = None
@@ -170,8 +178,7 @@ class LidPGD(Method):
 
     def recompute_with_buffer(self, model: nn.Module, task: Task) -> None:
         target = BUFFER_TARGET[self.seq.scenario]
-        size, _, mode = self.buffer.partition("_")
-        max_calls = BUFFERS[size][1] + (self.recomputations if mode == "per_task" else 0)
+        max_calls = self.max_calls + (self.recomputations if self.calls_per_task else 0)
         taus = {f"t{j + 1}": max(self.acc_done[f"t{j + 1}"] - BUFFER_SLACK, 0.001) for j in self.store}
         acc = accuracy(model, *task.train, task=task.index)
         while acc < target and self.recomputations < max_calls:

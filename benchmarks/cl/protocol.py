@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from components.datasets import split_tasks
+
 SCENARIOS = ("class", "domain", "task")
 SHORT = {"class": "CIL", "domain": "DIL", "task": "TIL"}
 
@@ -108,12 +110,15 @@ def build_tasks(
     if len(holdout) != len(groups) or any(h < 0 for h in holdout):
         raise ProtocolError(f"build_tasks: 'holdout' must give one count ≥ 0 per task, got {holdout}")
 
+    try:
+        train_split, test_split = split_tasks(y_train, groups), split_tasks(y_test, groups)
+    except ValueError as exc:
+        raise ProtocolError(f"build_tasks: {exc}") from None
     rng = np.random.default_rng(seed)
     tasks = []
     for t, classes in enumerate(groups):
-        idx = np.flatnonzero(np.isin(y_train, classes))
-        test_idx = np.flatnonzero(np.isin(y_test, classes))
-        if len(idx) <= n_cert + holdout[t] or len(test_idx) == 0:
+        idx, test_idx = train_split[t], test_split[t]
+        if len(idx) <= n_cert + holdout[t]:
             raise ProtocolError(
                 f"build_tasks: task {t + 1} (classes {classes}) has {len(idx)} training and {len(test_idx)} test "
                 f"examples; it needs more than n_cert + holdout = {n_cert + holdout[t]} training examples"

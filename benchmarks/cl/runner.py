@@ -20,7 +20,7 @@ from torch import nn
 
 from lid_engine import TaskMask, mlp, mnist_cnn
 
-from .lid_method import BUFFERS, Bias, LidPGD
+from .lid_method import BUFFERS, Bias, LidPGD, parse_buffer
 from .methods import AGEM, EWC, IntervalCN, LwF, Method, Settings
 from .protocol import SHORT, ProtocolError, TaskSequence, blobs_tasks, npz_tasks, split_mnist
 from .training import accuracy, set_task
@@ -96,7 +96,7 @@ def make_method(unit: Unit, seq: TaskSequence, settings: Settings) -> Method:
 def holdout_sizes(unit: Unit) -> list[int] | None:
     if unit.experiment != "buffers":
         return None
-    return BUFFERS["large" if unit.method == "agem" else unit.variant.partition("_")[0]][0]
+    return BUFFERS["large" if unit.method == "agem" else parse_buffer(unit.variant)[0]][0]
 
 
 def run_unit(unit: Unit, settings: Settings) -> dict:

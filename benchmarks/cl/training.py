@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lid_engine import TaskMask
+from lid_engine.training import accuracy as plain_accuracy
 
 
 @dataclass
@@ -98,16 +99,12 @@ def train_task(
     model.eval()
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, x: Tensor, y: Tensor, task: int | None = None, batch_size: int = 2048) -> float:
-    """Accuracy with the task mask set to ``task`` (Task-IL) — restored afterwards."""
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, task: int | None = None) -> float:
+    """``lid_engine.training.accuracy`` with the task mask set to ``task`` (Task-IL), restored afterwards."""
     mask = task_mask(model)
     previous = mask.task if mask is not None else None
     set_task(model, task)
-    model.eval()
     try:
-        hits = sum(int((model(x[s : s + batch_size]).argmax(1) == y[s : s + batch_size]).sum())
-                   for s in range(0, len(x), batch_size))
+        return plain_accuracy(model, x, y)
     finally:
         set_task(model, previous)
-    return hits / max(len(x), 1)
