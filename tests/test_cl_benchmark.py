@@ -139,6 +139,59 @@ def test_buffer_recomputation_certifies_on_unseen_buffer_examples():
     assert summary["certificates"][0]["n"] == 100  # certified on 100 fresh buffer examples per old task
 
 
+def _run_buffer(monkeypatch, variant, holdout=(240, 240, 0)):
+    monkeypatch.setitem(lid_method.BUFFER_TARGET, "class", 1.01)  # every new task asks for recomputations
+    monkeypatch.setattr(lid_method, "RECERTIFY_CHUNK", (60, 30, 30))  # blobs tasks are small
+    seq = blobs_tasks("class", 0, holdout=list(holdout))
+    method = LidPGD(seq, replace(FAST, buffer_max_epochs=2), 0, buffer=variant)
+    torch.manual_seed(0)
+    model = build_model(seq)
+    for task in seq.tasks:
+        set_task(model, task.index)
+        method.learn(model, task)
+        method.after_task(model, task, task.index == len(seq.tasks) - 1)
+    final = [accuracy(model, *t.test, task=t.index) for t in seq.tasks]
+    return seq, model, method, certificate_summary(method, model, seq, final)
+
+
+def test_recertify_buffer_certifies_old_tasks_on_examples_nothing_saw(monkeypatch):
+    seq, model, method, summary = _run_buffer(monkeypatch, "small_recertify")
+    calls = [e for e in method.log if e["kind"] == "buffer"]
+    assert len(calls) == 1 and calls[0]["task"] == "t2", "SMALL allows one recomputation in total"
+    assert calls[0]["accepted"] and calls[0]["acc_after"] > calls[0]["acc_before"] + 0.2, "replay lets task 2 learn"
+    assert summary["all_sound"] and summary["missing_certificates"] == []
+    assert summary["certificates"][0]["n"] == 30, "task 1 is certified on 30 fresh buffer examples"
+    # those 30 were neither replayed before the search (the first 60) nor searched on (the next 30)
+    _, _, cert = method.lids["t1"][-1]
+    seen = {tuple(r.tolist()) for r in seq.tasks[0].holdout[0][:90]}
+    assert not any(tuple(r.tolist()) in seen for r in cert[0])
+
+
+def test_recertify_rolls_back_an_update_that_breaks_an_old_task(monkeypatch):
+    """Fail closed: replay training that wrecks task 1 cannot be certified, so it is undone."""
+    def wreck(self, model, task, optimizer, seed):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(-1.0)  # flips every decision the model made
+
+    monkeypatch.setattr(LidPGD, "train_replay", wreck)
+    seq, model, method, summary = _run_buffer(monkeypatch, "small_recertify")
+    call = next(e for e in method.log if e["kind"] == "buffer")
+    assert call["accepted"] is False
+    assert len(method.lids["t1"]) == 1, "the rejected LID is not used for task 1's certificate"
+    # rolled back into task 1's own LID: its certificate still covers the final model
+    assert summary["all_sound"] and summary["missing_certificates"] == []
+    assert summary["certificates"][0]["n"] == len(seq.tasks[0].cert[0])
+
+
+def test_buffer_variant_names():
+    assert lid_method.parse_buffer("large") == lid_method.BufferPlan("large")
+    assert lid_method.parse_buffer("medium_per_task_recertify") == lid_method.BufferPlan("medium", True, True)
+    for bad in ("huge", "large_twice", "large_recertify_recertify"):
+        with pytest.raises(ValueError, match="'buffer' must be one of"):
+            lid_method.parse_buffer(bad)
+
+
 def test_per_task_buffer_budget_and_bad_buffer_names(monkeypatch):
     monkeypatch.setitem(lid_method.BUFFER_TARGET, "class", 1.01)  # every new task asks for recomputations
     seq = blobs_tasks("class", 0, holdout=[400, 400, 0])

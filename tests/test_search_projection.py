@@ -11,7 +11,7 @@ import lid_engine as le
 from components.datasets import blobs
 from lid_engine.models import mlp
 from lid_engine.projection import Projector
-from lid_engine.search import LidSearchError, _split
+from lid_engine.search import LidSearchError, _split, search_target
 from lid_engine.training import accuracy, train_classifier
 from tests.sampling import sample_parameters, sampled_outputs
 
@@ -135,6 +135,32 @@ def test_several_tasks_get_one_constraint_each(task):
                          iterations=20, checkpoints=2, progress=False, keep="all")
     assert set(lid.certificates[0]) == {"a", "b"}
     assert len(lid.history[-1]["lambda"]) == 2
+
+
+@given(tau=st.floats(0, 1), nominal=st.floats(0, 1), margin=st.floats(0, 0.5))
+def test_search_target_never_asks_more_than_theta_can_give(tau, nominal, margin):
+    target = search_target(tau, nominal, margin)
+    assert tau <= target <= min(tau + margin, 1.0) + 1e-12
+    if nominal >= tau:
+        assert target <= (tau + nominal) / 2 + 1e-12, "half of θ's own slack is left for the box to grow"
+    else:
+        assert target == tau
+
+
+def test_a_task_the_model_barely_meets_does_not_collapse_the_box(task):
+    """τ = acc/2 on a task the model has not learnt (METHOD.md's Δ rule): the margin must not push the
+    target above what θ achieves, or the box would shrink to nothing."""
+    model, x, y = task
+    wrong = (y + 1) % 2  # the model gets (nearly) every example wrong under these labels
+    acc = accuracy(model, x, wrong)
+    tau = le.tau_from_accuracy(acc, 0.12)
+    lid = le.compute_lid(model, x, wrong, tau=tau, iterations=30, checkpoints=3, progress=False, keep="all",
+                         primal_lr=0.5)
+    target = lid.search_config["search_targets"]["task"]
+    assert tau <= target <= tau + (acc - tau) / 2 + 1e-9
+    widths = lid.width_sum()
+    assert widths == sorted(widths) and widths[-1] > 2 * widths[0] > 0, "the box keeps growing"
+    assert all(c["task"].certified_accuracy >= tau for c in lid.certificates)
 
 
 def test_bad_search_arguments_are_clear(task):

@@ -45,7 +45,8 @@ def run_blobs(out: Path, seed: int = 0) -> Path:
     import matplotlib.pyplot as plt
 
     seq = blobs_tasks("task", seed)
-    settings = Settings(recipe=Recipe(epochs=20, batch_size=32))
+    # METHOD.md §2.1 table: the blobs LID runs 300 iterations at primal lr 0.5/p
+    settings = Settings(recipe=Recipe(epochs=20, batch_size=32), iterations=300, primal_lr=0.5)
     xs = np.linspace(-15, 15, 200, dtype=np.float32)
     gx, gy = np.meshgrid(xs, xs)
     grid = torch.from_numpy(np.stack([gx.ravel(), gy.ravel()], 1))

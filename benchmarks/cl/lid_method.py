@@ -47,17 +47,33 @@ BUFFERS = {
     "large": ([4800, 4000, 4000, 3200, 0], 7),
 }
 BUFFER_TARGET = {"class": 0.65, "domain": 0.85, "task": 0.95}
-BUFFER_CHUNK = 200  # examples per stored task consumed by one recomputation
+BUFFER_CHUNK = 200  # examples per stored task consumed by one recomputation: half search, half certify
+# The _recertify order trains on old examples before it searches, so its search needs examples the
+# training did not see: a chunk is split into replay (train), search and certification parts.
+RECERTIFY_CHUNK = (400, 100, 100)
 BUFFER_SLACK = 0.15  # τ_j = acc_j − 0.15 in a recomputed LID
 MIN_GAIN = 0.025  # below this gain, loosen the tightest old-task bound by 0.01
 
 
-def parse_buffer(variant: str) -> tuple[str, bool]:
-    """"large" → ("large", False); "large_per_task" → ("large", True)."""
-    size, _, mode = variant.partition("_")
-    if size not in BUFFERS or mode not in ("", "per_task"):
-        raise ValueError(f"LidPGD: 'buffer' must be one of {sorted(BUFFERS)}, optionally with '_per_task', got {variant!r}")
-    return size, mode == "per_task"
+@dataclass(frozen=True)
+class BufferPlan:
+    """How a replay buffer is spent: its size, whether the call budget is per new task, and the
+    recomputation order (see ``LidPGD.recompute_with_buffer``)."""
+
+    size: str
+    per_task: bool = False
+    recertify: bool = False
+
+
+def parse_buffer(variant: str) -> BufferPlan:
+    """"large" → the paper's procedure; "_per_task" gives each new task the whole call budget;
+    "_recertify" trains with replay first and certifies afterwards (ours)."""
+    size, *options = variant.replace("per_task", "pertask").split("_")
+    unknown = [o for o in options if o not in ("pertask", "recertify")]
+    if size not in BUFFERS or unknown or len(set(options)) != len(options):
+        raise ValueError(f"LidPGD: 'buffer' must be one of {sorted(BUFFERS)}, optionally followed by '_per_task' "
+                         f"and/or '_recertify', got {variant!r}")
+    return BufferPlan(size, "pertask" in options, "recertify" in options)
 
 
 @dataclass(frozen=True)
@@ -72,13 +88,14 @@ class LidPGD(Method):
     certified = True
 
     def __init__(self, *args, bias: Bias | None = None, buffer: str | None = None, tau: float | None = None,
-                 primal_lr: float | None = None):
+                 primal_lr: float | None = None, iterations: int | None = None):
         super().__init__(*args)
         if buffer is not None:
-            size, per_task = parse_buffer(buffer)
-            self.max_calls, self.calls_per_task = BUFFERS[size][1], per_task
+            self.buffer_plan = parse_buffer(buffer)
+            self.max_calls = BUFFERS[self.buffer_plan.size][1]
         self.bias, self.buffer, self.fixed_tau = bias, buffer, tau
         self.primal_lr = primal_lr if primal_lr is not None else self.s.primal_lr
+        self.iterations = iterations if iterations is not None else self.s.iterations
         self.domain: LID | None = None
         self.lids: dict[str, list[tuple[LID, float, tuple[Tensor, Tensor]]]] = {}  # task → (LID, τ, cert data)
         self.acc_done: dict[str, float] = {}  # task accuracy when it finished (buffer bounds)
@@ -105,7 +122,7 @@ class LidPGD(Method):
         With several constraints the minibatch is shared out, so an iteration costs the same."""
         batch = max(64, self.s.search_batch // len(kwargs["tasks"]))
         lid = compute_lid(
-            model, keep="all", progress=False, seed=self.seed, iterations=self.s.iterations,
+            model, keep="all", progress=False, seed=self.seed, iterations=self.iterations,
             batch_size=batch, checkpoints=self.s.checkpoints, primal_lr=self.primal_lr,
             tau_margin=self.s.tau_margin, **kwargs,
         )
@@ -165,49 +182,96 @@ class LidPGD(Method):
         return importance_mask(scores, self.bias.frozen, self.bias.mode)
 
     # ---------------------------------------------------------------- buffers
-    def take_chunk(self) -> dict[int, tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]] | None:
-        """Consume BUFFER_CHUNK fresh examples per stored task: half to search on, half to certify."""
-        if any(len(x) < BUFFER_CHUNK for x, _ in self.store.values()):
+    def take_chunk(self, sizes: tuple[int, ...]) -> dict[int, list[tuple[Tensor, Tensor]]] | None:
+        """Consume fresh examples from every stored task, cut into parts of ``sizes``; None when a
+        store has too few left."""
+        total = sum(sizes)
+        if any(len(x) < total for x, _ in self.store.values()):
             return None
         out = {}
-        half = BUFFER_CHUNK // 2
         for j, (x, y) in self.store.items():
-            out[j] = ((x[:half], y[:half]), (x[half:BUFFER_CHUNK], y[half:BUFFER_CHUNK]))
-            self.store[j] = (x[BUFFER_CHUNK:], y[BUFFER_CHUNK:])
+            cuts = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
+            out[j] = [(x[a:b], y[a:b]) for a, b in zip(cuts, cuts[1:])]
+            self.store[j] = (x[total:], y[total:])
         return out
 
+    def add_replay_parts(self, chunk: dict[int, list[tuple[Tensor, Tensor]]], which: slice) -> None:
+        for j, parts in chunk.items():
+            for x, y in parts[which]:
+                old = self.replay.get(j)
+                self.replay[j] = (x, y) if old is None else (torch.cat([old[0], x]), torch.cat([old[1], y]))
+
     def recompute_with_buffer(self, model: nn.Module, task: Task) -> None:
+        """Spend buffer chunks while the new task stays below its target (METHOD.md §3.3).
+
+        Paper order: a multi-task LID (one constraint per old task, no outer box) is searched around
+        the current parameters, then training continues inside it with the consumed examples
+        replayed. ``_recertify`` order (ours): train with replay first, unprojected, then search and
+        certify the multi-task LID around the result; when a certificate misses its τ the update is
+        rolled back to the parameters before it, which still lie in the previous LID (fail closed).
+        Either way every old task's certificate comes from buffer examples that no search and no
+        training step has seen.
+        """
         target = BUFFER_TARGET[self.seq.scenario]
-        max_calls = self.max_calls + (self.recomputations if self.calls_per_task else 0)
+        plan = self.buffer_plan
+        max_calls = self.max_calls + (self.recomputations if plan.per_task else 0)
         taus = {f"t{j + 1}": max(self.acc_done[f"t{j + 1}"] - BUFFER_SLACK, 0.001) for j in self.store}
         acc = accuracy(model, *task.train, task=task.index)
         while acc < target and self.recomputations < max_calls:
-            chunk = self.take_chunk()
+            chunk = self.take_chunk(RECERTIFY_CHUNK if plan.recertify else (BUFFER_CHUNK // 2, BUFFER_CHUNK // 2))
             if chunk is None:
                 break
             self.recomputations += 1
-            for j, (search, _) in chunk.items():
-                old = self.replay.get(j)
-                self.replay[j] = search if old is None else (torch.cat([old[0], search[0]]), torch.cat([old[1], search[1]]))
-            tasks = {f"t{j + 1}": (*self.replay[j], taus[f"t{j + 1}"]) for j in chunk}
-            cert = {f"t{j + 1}": c for j, (_, c) in chunk.items()}
-            lid = self.search(model, tasks=tasks, cert=cert)
-            for name in tasks:
-                self.lids.setdefault(name, []).append((lid, taus[name], cert[name]))
-            self.domain = lid
-            for j, (_, c) in chunk.items():  # certified already: from now on, replay material too
-                self.replay[j] = (torch.cat([self.replay[j][0], c[0]]), torch.cat([self.replay[j][1], c[1]]))
-            replay = self.replay_pool()
-            train_task(model, *task.train, self.s.recipe, seed=self.task_seed(task) + 100 * self.recomputations,
-                       optimizer=self.optimizer(model, task), replay=replay)
+            seed = self.task_seed(task) + 100 * self.recomputations
+            search = {f"t{j + 1}": (*parts[-2], taus[f"t{j + 1}"]) for j, parts in chunk.items()}
+            cert = {f"t{j + 1}": parts[-1] for j, parts in chunk.items()}
+            if plan.recertify:
+                self.add_replay_parts(chunk, slice(0, 1))
+                before = {n: p.detach().clone() for n, p in model.named_parameters()}
+                self.train_replay(model, task, torch.optim.Adam(model.parameters(), lr=self.s.recipe.lr), seed)
+                lid = self.search(model, tasks=search, cert=cert)
+                accepted = all(lid.certificate(0, t).certified_accuracy >= taus[t] for t in cert)
+                if not accepted:
+                    with torch.no_grad():
+                        for n, p in model.named_parameters():
+                            p.copy_(before[n])
+            else:
+                lid = self.search(model, tasks=search, cert=cert)
+                accepted = True
+            if accepted:
+                for name in cert:
+                    self.lids.setdefault(name, []).append((lid, taus[name], cert[name]))
+                self.domain = lid
+            self.add_replay_parts(chunk, slice(-2, None))  # searched and certified on: now replay material
+            if not plan.recertify:
+                self.train_replay(model, task, self.optimizer(model, task), seed)
             new_acc = accuracy(model, *task.train, task=task.index)
             self.log.append({"task": task.name, "kind": "buffer", "call": self.recomputations, "taus": dict(taus),
-                             "members": len(lid), "width_sum": lid.width_sum(), "acc_before": acc, "acc_after": new_acc})
+                             "members": len(lid), "width_sum": lid.width_sum(), "accepted": accepted,
+                             "certified": {t: min(lid.certificate(i, t).certified_accuracy for i in range(len(lid)))
+                                           for t in cert},
+                             "acc_before": acc, "acc_after": new_acc})
             if new_acc - acc < MIN_GAIN:
                 slack = {t: min(lid.certificate(i, t).certified_accuracy for i in range(len(lid))) - taus[t] for t in taus}
                 tightest = min(slack, key=slack.get)
                 taus[tightest] = max(taus[tightest] - 0.01, 0.001)
             acc = new_acc
+
+    def train_replay(self, model: nn.Module, task: Task, optimizer, seed: int) -> None:
+        """Train the new task with the consumed buffer examples replayed, epoch by epoch, until its
+        training accuracy has not improved for ``buffer_patience`` epochs (the paper: early
+        stopping, patience 10) or ``buffer_max_epochs`` have run. The paper's order mixes one old
+        example per new one into each minibatch; ``_recertify`` replays one per new example *per old
+        task*, since every old task must then pass a fresh certificate."""
+        ratio = len(self.replay) if self.buffer_plan.recertify else 1.0
+        best, stale = -1.0, 0
+        for epoch in range(self.s.buffer_max_epochs):
+            train_task(model, *task.train, self.s.recipe, seed=seed + epoch, optimizer=optimizer,
+                       replay=self.replay_pool(), replay_ratio=ratio, epochs=1)
+            acc = accuracy(model, *task.train, task=task.index)
+            best, stale = (acc, 0) if acc > best else (best, stale + 1)
+            if stale >= self.s.buffer_patience:
+                break
 
     def replay_pool(self) -> tuple[Tensor, Tensor]:
         xs = [x for x, _ in self.replay.values()]

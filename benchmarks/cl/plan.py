@@ -17,8 +17,7 @@ from .protocol import SCENARIOS
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 RUNS = RESULTS / "cl_runs"
 MAIN_METHODS = ("sgd", "ewc", "lwf", "icn", "lid")
-BIAS_VARIANTS = ("unbiased", "fisher_lookahead", "si_lookahead", "fisher_retrospective", "si_retrospective")
-RETRO_TOP5 = ("fisher_retrospective_top5", "si_retrospective_top5")
+BIAS_VARIANTS = ("unbiased", "fisher_lookahead", "si_lookahead", "fisher_retrospective_top5", "si_retrospective_top5")
 
 
 def plan_units(plan: str, *, data: str = "", scenarios=SCENARIOS, methods=MAIN_METHODS, seeds=range(3)) -> list:
@@ -51,11 +50,11 @@ def plan_units(plan: str, *, data: str = "", scenarios=SCENARIOS, methods=MAIN_M
         return (buffers(range(1), ("large",)) + main(range(3))
                 + [u for u in biasing(range(5, 8)) if u.variant in ("unbiased", "fisher_lookahead")])
     if plan == "full":  # the committed results; seeds run in this order, so a partial run is still balanced
-        first = main(range(3)) + biasing(range(5, 8)) + buffers(range(3), ("large",))
-        more = main(range(3, 10)) + biasing(range(8, 15)) + buffers(range(3, 10), ("large",))
-        per_task = buffers(range(3), ("large_per_task",), agem=False)
-        retro = biasing(range(5, 15), RETRO_TOP5)
-        return first + more + buffers(range(3), ("small", "medium"), agem=False) + per_task + retro
+        large = ("large", "large_recertify")
+        first = main(range(3)) + biasing(range(5, 8)) + buffers(range(3), large)
+        more = main(range(3, 10)) + biasing(range(8, 15)) + buffers(range(3, 10), large)
+        sizes = buffers(range(3), ("small", "medium", "small_recertify", "medium_recertify"), agem=False)
+        return first + more + sizes
     if plan == "smoke":  # seconds: for tests of the driver itself
         return [Unit("main", "class", "sgd", 0)]
     raise SystemExit(f"unknown plan {plan!r}; expected reduced, full, custom or smoke")

@@ -22,9 +22,9 @@ from lid_engine.training import accuracy as plain_accuracy
 
 @dataclass
 class Recipe:
-    """How one task is trained (defaults: the paper's MNIST recipe, except ``epochs``; see cl.md)."""
+    """How one task is trained (defaults: the paper's MNIST recipe, METHOD.md §5.1)."""
 
-    epochs: int = 1
+    epochs: int = 5
     batch_size: int = 64
     lr: float = 1e-3
     l2: float = 0.01
@@ -72,11 +72,12 @@ def train_task(
     extra_loss: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None,
     before_step: Callable[[nn.Module], None] | None = None,
     replay: tuple[Tensor, Tensor] | None = None,
+    replay_ratio: float = 1.0,
     epochs: int | None = None,
 ) -> None:
     """Minibatch training on one task. ``extra_loss`` adds a method's penalty (EWC, LwF);
     ``before_step`` may edit the gradients (A-GEM); ``optimizer`` may be a ``ProjectedOptimizer``;
-    ``replay`` examples are mixed into every minibatch (half old, half new)."""
+    ``replay`` examples are mixed into every minibatch, ``replay_ratio`` old ones per new one."""
     gen = torch.Generator().manual_seed(seed)
     opt = optimizer or torch.optim.Adam(model.parameters(), lr=recipe.lr)
     model.train()
@@ -86,7 +87,7 @@ def train_task(
             idx = perm[s : s + recipe.batch_size]
             xb, yb = x[idx], y[idx]
             if replay is not None and len(replay[0]):
-                r = torch.randint(len(replay[0]), (len(idx),), generator=gen)
+                r = torch.randint(len(replay[0]), (max(1, round(len(idx) * replay_ratio)),), generator=gen)
                 xb, yb = torch.cat([xb, replay[0][r]]), torch.cat([yb, replay[1][r]])
             opt.zero_grad()
             loss = F.cross_entropy(model(xb), yb) + regularisers(model, recipe, tuple(x.shape[1:]), gen)
