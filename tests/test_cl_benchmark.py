@@ -61,17 +61,21 @@ def test_bad_task_splits_are_rejected_with_the_reason():
         build_tasks(x, y, x, y, [(0, 1)], "online", seed=0)
 
 
-def _run(method_cls, scenario, seed=0, **kwargs):
-    seq = blobs_tasks(scenario, seed, holdout=[60, 60, 0])
+def _learn_sequence(seq, method, seed=0):
+    """Train ``method`` through every task of ``seq``; the model and its final per-task test accuracy."""
     torch.manual_seed(seed)
     model = build_model(seq)
-    method = method_cls(seq, FAST, seed, **kwargs)
-    final = []
     for task in seq.tasks:
         set_task(model, task.index)
         method.learn(model, task)
         method.after_task(model, task, task.index == len(seq.tasks) - 1)
-    final = [accuracy(model, *t.test, task=t.index) for t in seq.tasks]
+    return model, [accuracy(model, *t.test, task=t.index) for t in seq.tasks]
+
+
+def _run(method_cls, scenario, seed=0, **kwargs):
+    seq = blobs_tasks(scenario, seed, holdout=[60, 60, 0])
+    method = method_cls(seq, FAST, seed, **kwargs)
+    model, final = _learn_sequence(seq, method, seed)
     return seq, model, method, final
 
 
@@ -124,14 +128,8 @@ def test_biasing_mask_freezes_the_requested_share():
 def test_buffer_recomputation_certifies_on_unseen_buffer_examples():
     seq = blobs_tasks("class", 0, holdout=[200, 200, 0])
     settings = replace(FAST, delta=0.02)  # a tight τ blocks the new task, so the buffer is used
-    torch.manual_seed(0)
-    model = build_model(seq)
     method = LidPGD(seq, settings, 0, buffer="small")
-    for task in seq.tasks:
-        set_task(model, task.index)
-        method.learn(model, task)
-        method.after_task(model, task, task.index == len(seq.tasks) - 1)
-    final = [accuracy(model, *t.test, task=t.index) for t in seq.tasks]
+    model, final = _learn_sequence(seq, method)
     summary = certificate_summary(method, model, seq, final)
     assert summary["all_sound"] and summary["missing_certificates"] == []
     calls = [e for e in method.log if e["kind"] == "buffer"]
@@ -144,13 +142,7 @@ def _run_buffer(monkeypatch, variant, holdout=(240, 240, 0)):
     monkeypatch.setattr(lid_method, "RECERTIFY_CHUNK", (60, 30, 30))  # blobs tasks are small
     seq = blobs_tasks("class", 0, holdout=list(holdout))
     method = LidPGD(seq, replace(FAST, buffer_max_epochs=2), 0, buffer=variant)
-    torch.manual_seed(0)
-    model = build_model(seq)
-    for task in seq.tasks:
-        set_task(model, task.index)
-        method.learn(model, task)
-        method.after_task(model, task, task.index == len(seq.tasks) - 1)
-    final = [accuracy(model, *t.test, task=t.index) for t in seq.tasks]
+    model, final = _learn_sequence(seq, method)
     return seq, model, method, certificate_summary(method, model, seq, final)
 
 
@@ -167,21 +159,29 @@ def test_recertify_buffer_certifies_old_tasks_on_examples_nothing_saw(monkeypatc
     assert not any(tuple(r.tolist()) in seen for r in cert[0])
 
 
-def test_recertify_rolls_back_an_update_that_breaks_an_old_task(monkeypatch):
-    """Fail closed: replay training that wrecks task 1 cannot be certified, so it is undone."""
+@pytest.mark.parametrize("repair", [False, True])
+def test_recertify_rolls_back_an_update_that_breaks_an_old_task(monkeypatch, repair):
+    """Fail closed: replay training that wrecks task 1 cannot be certified, so it is undone — unless
+    the repair epochs, guided by the search examples only, train the damage away first."""
     def wreck(self, model, task, optimizer, seed):
         with torch.no_grad():
             for p in model.parameters():
                 p.mul_(-1.0)  # flips every decision the model made
 
     monkeypatch.setattr(LidPGD, "train_replay", wreck)
+    if not repair:
+        monkeypatch.setattr(LidPGD, "repair_old_tasks", lambda *args: None)
     seq, model, method, summary = _run_buffer(monkeypatch, "small_recertify")
     call = next(e for e in method.log if e["kind"] == "buffer")
-    assert call["accepted"] is False
-    assert len(method.lids["t1"]) == 1, "the rejected LID is not used for task 1's certificate"
-    # rolled back into task 1's own LID: its certificate still covers the final model
+    assert call["accepted"] is repair
     assert summary["all_sound"] and summary["missing_certificates"] == []
-    assert summary["certificates"][0]["n"] == len(seq.tasks[0].cert[0])
+    if repair:
+        assert call["certified"]["t1"] >= call["taus"]["t1"]
+        assert summary["certificates"][0]["n"] == 30, "task 1 now rests on the recomputed, buffer-certified LID"
+    else:
+        assert len(method.lids["t1"]) == 1, "the rejected LID is not used for task 1's certificate"
+        # rolled back into task 1's own LID: its certificate still covers the final model
+        assert summary["certificates"][0]["n"] == len(seq.tasks[0].cert[0])
 
 
 def test_buffer_variant_names():
@@ -196,12 +196,7 @@ def test_per_task_buffer_budget_and_bad_buffer_names(monkeypatch):
     monkeypatch.setitem(lid_method.BUFFER_TARGET, "class", 1.01)  # every new task asks for recomputations
     seq = blobs_tasks("class", 0, holdout=[400, 400, 0])
     method = LidPGD(seq, replace(FAST, delta=0.02), 0, buffer="small_per_task")
-    torch.manual_seed(0)
-    model = build_model(seq)
-    for task in seq.tasks:
-        set_task(model, task.index)
-        method.learn(model, task)
-        method.after_task(model, task, task.index == len(seq.tasks) - 1)
+    _learn_sequence(seq, method)
     per_task = [e["task"] for e in method.log if e["kind"] == "buffer"]
     assert per_task == ["t2", "t3"], "SMALL per task: one recomputation for each new task"
     with pytest.raises(ValueError, match="'buffer' must be one of"):

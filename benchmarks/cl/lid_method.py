@@ -228,7 +228,9 @@ class LidPGD(Method):
             if plan.recertify:
                 self.add_replay_parts(chunk, slice(0, 1))
                 before = {n: p.detach().clone() for n, p in model.named_parameters()}
-                self.train_replay(model, task, torch.optim.Adam(model.parameters(), lr=self.s.recipe.lr), seed)
+                opt = torch.optim.Adam(model.parameters(), lr=self.s.recipe.lr)
+                self.train_replay(model, task, opt, seed)
+                self.repair_old_tasks(model, task, opt, search, seed)
                 lid = self.search(model, tasks=search, cert=cert)
                 accepted = all(lid.certificate(0, t).certified_accuracy >= taus[t] for t in cert)
                 if not accepted:
@@ -272,6 +274,19 @@ class LidPGD(Method):
             best, stale = (acc, 0) if acc > best else (best, stale + 1)
             if stale >= self.s.buffer_patience:
                 break
+
+    def repair_old_tasks(self, model: nn.Module, task: Task, optimizer, search: dict, seed: int) -> None:
+        """Before a certificate is spent: while an old task's search examples (never trained on, never
+        certified on) say it would miss τ + margin, train more epochs with the old examples weighted
+        twice as much. Only the search part is looked at, so the certification part stays unseen."""
+        ratio = 2.0 * len(self.replay)
+        for epoch in range(self.s.buffer_max_epochs):
+            short = [t for t, (x, y, tau) in search.items()
+                     if accuracy(model, x, y, task=int(t[1:]) - 1) < tau + self.s.tau_margin]
+            if not short:
+                return
+            train_task(model, *task.train, self.s.recipe, seed=seed + 1000 + epoch, optimizer=optimizer,
+                       replay=self.replay_pool(), replay_ratio=ratio, epochs=1)
 
     def replay_pool(self) -> tuple[Tensor, Tensor]:
         xs = [x for x, _ in self.replay.values()]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .lid_method import RECERTIFY_CHUNK
 from .protocol import SCENARIOS, SHORT
 
 PAPER_MAIN = {  # final average accuracy (certified average), zero buffer — METHOD.md §5.1
@@ -231,7 +232,7 @@ def _per_task(runs) -> list[str]:
 
 def _biasing(runs) -> list[str]:
     lines = ["## Biasing study: MNIST Class-IL, two tasks, τ = 0.8 (METHOD.md §3.2)", "",
-             "Task-1 LID with τ = 0.8 (primal lr 0.5/p), then task 2 trained with projection. Lookahead masks use "
+             "Task-1 LID with τ = 0.8 (300 iterations, primal lr 0.5/p), then task 2 trained with projection. Lookahead masks use "
              "the task-2 training data (82.5% of coordinates frozen), retrospective masks the task-1 data and freeze "
              "the 5% most important coordinates (the paper's prune_prop 0.95 read as in METHOD.md: scores above the "
              "q-quantile are frozen). "
@@ -255,8 +256,9 @@ def _buffers(runs) -> list[str]:
              "SMALL / MEDIUM / LARGE allow 1 / 3 / 7 LID recomputations over the whole sequence. *Paper's order*: "
              "search a multi-task LID around the current model on 100 fresh buffer examples per old task, certify it "
              "on 100 more, then train inside it with the consumed examples replayed. *Recertify (ours)*: train with "
-             "replay first (200 fresh examples per old task join the replay pool), then search (100) and certify (100) "
-             "the multi-task LID around the result; an update whose certificate misses τ is rolled back. Both "
+             f"replay first ({RECERTIFY_CHUNK[0]} fresh examples per old task join the replay pool), then search "
+             f"({RECERTIFY_CHUNK[1]}) and certify ({RECERTIFY_CHUNK[2]}) the multi-task LID around the result; an "
+             "update whose certificate misses τ is rolled back. Both "
              "certify every old task on buffer examples nothing was trained or searched on.", "",
              "| method | seeds | final average | certified average | task-1 final accuracy | LID recomputations (rolled back) | paper |",
              "|---|---|---|---|---|---|---|"]
