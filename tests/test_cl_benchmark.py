@@ -20,7 +20,7 @@ from benchmarks.cl.plan import plan_units
 from benchmarks.cl.protocol import ProtocolError, blobs_tasks, build_tasks
 from benchmarks.cl.report import write_report
 from benchmarks.cl.runner import Unit, build_model, certificate_summary, run_unit, save
-from benchmarks.cl.training import Recipe, accuracy, set_task
+from benchmarks.cl.training import Recipe, accuracy, set_task, train_task
 
 FAST = Settings(recipe=Recipe(epochs=15, batch_size=32), iterations=40, checkpoints=4, search_batch=128,
                 primal_lr=0.5, icn_steps=60)
@@ -137,11 +137,11 @@ def test_buffer_recomputation_certifies_on_unseen_buffer_examples():
     assert summary["certificates"][0]["n"] == 100  # certified on 100 fresh buffer examples per old task
 
 
-def _run_buffer(monkeypatch, variant, holdout=(240, 240, 0)):
+def _run_buffer(monkeypatch, variant, holdout=(240, 240, 0), max_epochs=2):
     monkeypatch.setitem(lid_method.BUFFER_TARGET, "class", 1.01)  # every new task asks for recomputations
-    monkeypatch.setattr(lid_method, "RECERTIFY_CHUNK", (60, 30, 30))  # blobs tasks are small
+    monkeypatch.setattr(lid_method, "BUFFER_CHUNK", 60)  # blobs tasks are small: 30 to search, 30 to certify
     seq = blobs_tasks("class", 0, holdout=list(holdout))
-    method = LidPGD(seq, replace(FAST, buffer_max_epochs=2), 0, buffer=variant)
+    method = LidPGD(seq, replace(FAST, buffer_max_epochs=max_epochs), 0, buffer=variant)
     model, final = _learn_sequence(seq, method)
     return seq, model, method, certificate_summary(method, model, seq, final)
 
@@ -153,25 +153,26 @@ def test_recertify_buffer_certifies_old_tasks_on_examples_nothing_saw(monkeypatc
     assert calls[0]["accepted"] and calls[0]["acc_after"] > calls[0]["acc_before"] + 0.2, "replay lets task 2 learn"
     assert summary["all_sound"] and summary["missing_certificates"] == []
     assert summary["certificates"][0]["n"] == 30, "task 1 is certified on 30 fresh buffer examples"
-    # those 30 were neither replayed before the search (the first 60) nor searched on (the next 30)
+    # the store keeps the one chunk SMALL may spend; the rest of the holdout is replayed. The certification
+    # half of that chunk was neither replayed before the certificate nor searched on.
+    holdout = seq.tasks[0].holdout[0]
     _, _, cert = method.lids["t1"][-1]
-    seen = {tuple(r.tolist()) for r in seq.tasks[0].holdout[0][:90]}
+    assert torch.equal(cert[0], holdout[30:60])
+    seen = {tuple(r.tolist()) for r in torch.cat([holdout[:30], holdout[60:]])}
     assert not any(tuple(r.tolist()) in seen for r in cert[0])
 
 
 @pytest.mark.parametrize("repair", [False, True])
 def test_recertify_rolls_back_an_update_that_breaks_an_old_task(monkeypatch, repair):
-    """Fail closed: replay training that wrecks task 1 cannot be certified, so it is undone — unless
-    the repair epochs, guided by the search examples only, train the damage away first."""
-    def wreck(self, model, task, optimizer, seed):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.mul_(-1.0)  # flips every decision the model made
+    """Fail closed: training that forgets task 1 cannot be certified, so it is undone — unless the
+    repair epochs, guided by the search examples only, train the damage away first."""
+    def wreck(self, model, task, optimizer, seed):  # no replay at all: Class-IL forgets task 1
+        train_task(model, *task.train, self.s.recipe, seed=seed, optimizer=optimizer)
 
     monkeypatch.setattr(LidPGD, "train_replay", wreck)
     if not repair:
         monkeypatch.setattr(LidPGD, "repair_old_tasks", lambda *args: None)
-    seq, model, method, summary = _run_buffer(monkeypatch, "small_recertify")
+    seq, model, method, summary = _run_buffer(monkeypatch, "small_recertify", max_epochs=8)
     call = next(e for e in method.log if e["kind"] == "buffer")
     assert call["accepted"] is repair
     assert summary["all_sound"] and summary["missing_certificates"] == []

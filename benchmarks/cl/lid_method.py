@@ -48,9 +48,6 @@ BUFFERS = {
 }
 BUFFER_TARGET = {"class": 0.65, "domain": 0.85, "task": 0.95}
 BUFFER_CHUNK = 200  # examples per stored task consumed by one recomputation: half search, half certify
-# The _recertify order trains on old examples before it searches, so its search needs examples the
-# training did not see: a chunk is split into replay (train), search and certification parts.
-RECERTIFY_CHUNK = (400, 100, 100)
 BUFFER_SLACK = 0.15  # τ_j = acc_j − 0.15 in a recomputed LID
 MIN_GAIN = 0.025  # below this gain, loosen the tightest old-task bound by 0.01
 
@@ -137,9 +134,14 @@ class LidPGD(Method):
         acc = accuracy(model, *task.train, task=task.index)
         self.acc_done[task.name] = acc
         if self.buffer is not None:
-            holdout = task.holdout
-            if len(holdout[0]):
-                self.store[task.index] = holdout
+            x, y = task.holdout
+            if len(x):
+                # _recertify: the chunks the call budget can spend stay in the store, unseen; the rest of
+                # the holdout is replayed from now on (a replay buffer, as A-GEM's memory is)
+                keep = min(len(x), self.max_calls * BUFFER_CHUNK) if self.buffer_plan.recertify else len(x)
+                self.store[task.index] = (x[:keep], y[:keep])
+                if keep < len(x):
+                    self.add_replay_parts({task.index: [(x[keep:], y[keep:])]}, slice(None))
         if last:
             return
         tau = self.fixed_tau if self.fixed_tau is not None else tau_from_accuracy(acc, self.s.delta)
@@ -218,7 +220,7 @@ class LidPGD(Method):
         taus = {f"t{j + 1}": max(self.acc_done[f"t{j + 1}"] - BUFFER_SLACK, 0.001) for j in self.store}
         acc = accuracy(model, *task.train, task=task.index)
         while acc < target and self.recomputations < max_calls:
-            chunk = self.take_chunk(RECERTIFY_CHUNK if plan.recertify else (BUFFER_CHUNK // 2, BUFFER_CHUNK // 2))
+            chunk = self.take_chunk((BUFFER_CHUNK // 2, BUFFER_CHUNK // 2))
             if chunk is None:
                 break
             self.recomputations += 1
@@ -226,7 +228,6 @@ class LidPGD(Method):
             search = {f"t{j + 1}": (*parts[-2], taus[f"t{j + 1}"]) for j, parts in chunk.items()}
             cert = {f"t{j + 1}": parts[-1] for j, parts in chunk.items()}
             if plan.recertify:
-                self.add_replay_parts(chunk, slice(0, 1))
                 before = {n: p.detach().clone() for n, p in model.named_parameters()}
                 opt = torch.optim.Adam(model.parameters(), lr=self.s.recipe.lr)
                 self.train_replay(model, task, opt, seed)
@@ -244,7 +245,7 @@ class LidPGD(Method):
                 for name in cert:
                     self.lids.setdefault(name, []).append((lid, taus[name], cert[name]))
                 self.domain = lid
-            self.add_replay_parts(chunk, slice(-2, None))  # searched and certified on: now replay material
+            self.add_replay_parts(chunk, slice(None))  # searched and certified on: now replay material
             if not plan.recertify:
                 self.train_replay(model, task, self.optimizer(model, task), seed)
             new_acc = accuracy(model, *task.train, task=task.index)

@@ -54,7 +54,8 @@ def plan_units(plan: str, *, data: str = "", scenarios=SCENARIOS, methods=MAIN_M
         first = main(range(3)) + biasing(range(5, 8)) + buffers(range(3), large)
         more = main(range(3, 10)) + biasing(range(8, 15)) + buffers(range(3, 10), large)
         sizes = buffers(range(3), ("small", "medium", "small_recertify", "medium_recertify"), agem=False)
-        return first + more + sizes
+        lookahead = [Unit("main", "class", "lid", s, "fisher_lookahead") for s in range(10)]  # ours, Class-IL
+        return first + more + lookahead + sizes
     if plan == "smoke":  # seconds: for tests of the driver itself
         return [Unit("main", "class", "sgd", 0)]
     raise SystemExit(f"unknown plan {plan!r}; expected reduced, full, custom or smoke")

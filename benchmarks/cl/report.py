@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .lid_method import RECERTIFY_CHUNK
+from .lid_method import BUFFER_CHUNK
 from .protocol import SCENARIOS, SHORT
 
 PAPER_MAIN = {  # final average accuracy (certified average), zero buffer — METHOD.md §5.1
@@ -40,8 +40,9 @@ TARGETS = [  # (what, experiment, scenario, label, field, threshold) — the iss
     ("LARGE buffer Class-IL final average (recertify, ours)", "buffers", "CIL", "lid-large_recertify", "final_average",
      0.71),
 ]
+MAIN_ROWS = ("sgd", "ewc", "lwf", "icn", "lid", "lid-fisher_lookahead")  # the last: ours, with the lookahead buffer
 METHOD_NAMES = {"sgd": "SGD (fine-tuning)", "ewc": "EWC", "lwf": "LwF", "icn": "ICN (interval)", "lid": "PGD w/ LID",
-                "agem": "A-GEM"}
+                "agem": "A-GEM", "lid-fisher_lookahead": "PGD w/ LID + Fisher lookahead (ours)"}
 for _size in BUFFER_SIZES:
     METHOD_NAMES[f"lid-{_size}"] = f"LID + {_size.upper()} buffer, paper's order"
     METHOD_NAMES[f"lid-{_size}_recertify"] = f"LID + {_size.upper()} buffer, recertify (ours)"
@@ -187,12 +188,12 @@ def _main_table(runs) -> list[str]:
              "| scenario | method | seeds | final average | certified average | paper | certificate checks |",
              "|---|---|---|---|---|---|---|"]
     for sc in (SHORT[s] for s in SCENARIOS):
-        for m in ("sgd", "ewc", "lwf", "icn", "lid"):
+        for m in MAIN_ROWS:
             recs = runs.get(("main", sc, m), [])
             if not recs:
                 continue
             lines.append(f"| {sc} | {METHOD_NAMES[m]} | {len(recs)} | {stat(values(recs, 'final_average'))} | "
-                         f"{stat(values(recs, 'certified_average'))} | {paper_cell(PAPER_MAIN[sc][m])} | {checks_line(recs)} |")
+                         f"{stat(values(recs, 'certified_average'))} | {paper_cell(PAPER_MAIN[sc].get(m))} | {checks_line(recs)} |")
     return lines + [""]
 
 
@@ -214,7 +215,7 @@ def _per_task(runs) -> list[str]:
              "Task k = the k-th task of the seed's sequence. `cert` = certified accuracy on the held-out "
              "certification set, `CP` = its Clopper–Pearson lower bound.", ""]
     for sc in (SHORT[s] for s in SCENARIOS):
-        for m in ("sgd", "ewc", "lwf", "icn", "lid"):
+        for m in MAIN_ROWS:
             recs = [r for r in runs.get(("main", sc, m), []) if r["complete"]]
             if not recs:
                 continue
@@ -255,10 +256,11 @@ def _buffers(runs) -> list[str]:
              "ZERO = the zero-buffer LID runs of the main table. The paper used EMNIST-digits; we use MNIST. "
              "SMALL / MEDIUM / LARGE allow 1 / 3 / 7 LID recomputations over the whole sequence. *Paper's order*: "
              "search a multi-task LID around the current model on 100 fresh buffer examples per old task, certify it "
-             "on 100 more, then train inside it with the consumed examples replayed. *Recertify (ours)*: train with "
-             f"replay first ({RECERTIFY_CHUNK[0]} fresh examples per old task join the replay pool), then search "
-             f"({RECERTIFY_CHUNK[1]}) and certify ({RECERTIFY_CHUNK[2]}) the multi-task LID around the result; an "
-             "update whose certificate misses τ is rolled back. Both "
+             "on 100 more, then train inside it with the consumed examples replayed. *Recertify (ours)*: the chunks "
+             f"the call budget may spend ({BUFFER_CHUNK} per call and old task) stay unseen in the store, the rest of "
+             "each holdout is replayed; train with balanced replay first, unprojected, add repair epochs while the "
+             "search chunk says an old task would miss τ, then search and certify the multi-task LID around the "
+             "result; an update whose certificate misses τ is rolled back. Both "
              "certify every old task on buffer examples nothing was trained or searched on.", "",
              "| method | seeds | final average | certified average | task-1 final accuracy | LID recomputations (rolled back) | paper |",
              "|---|---|---|---|---|---|---|"]
@@ -311,7 +313,7 @@ def _plots(runs, out: Path) -> list[str]:
     names = []
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=False)
     for ax, sc in zip(axes, (SHORT[s] for s in SCENARIOS)):
-        methods = [m for m in ("sgd", "ewc", "lwf", "icn", "lid") if runs.get(("main", sc, m))]
+        methods = [m for m in MAIN_ROWS if runs.get(("main", sc, m))]
         for i, m in enumerate(methods):
             recs = runs[("main", sc, m)]
             xs = np.asarray(values(recs, "final_average"))
@@ -320,9 +322,11 @@ def _plots(runs, out: Path) -> list[str]:
             cs = values(recs, "certified_average")
             if cs:
                 ax.bar(i, np.mean(cs), fill=False, hatch="//", edgecolor="k", width=0.5)
-            paper = PAPER_MAIN[sc][m]
-            ax.plot(i, paper[0] if isinstance(paper, tuple) else paper, "k*", ms=9)
-        ax.set_xticks(range(len(methods)), [METHOD_NAMES[m].split(" ")[0] for m in methods])
+            paper = PAPER_MAIN[sc].get(m)
+            if paper is not None:
+                ax.plot(i, paper[0] if isinstance(paper, tuple) else paper, "k*", ms=9)
+        short = {"lid-fisher_lookahead": "PGD+LA"}
+        ax.set_xticks(range(len(methods)), [short.get(m, METHOD_NAMES[m].split(" ")[0]) for m in methods], fontsize=8)
         ax.set_title(f"Split-MNIST {sc}")
         ax.set_ylim(0, 1.05)
     axes[0].set_ylabel("final average accuracy\n(hatched: certified; ★ paper)")
@@ -333,7 +337,7 @@ def _plots(runs, out: Path) -> list[str]:
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, sc in zip(axes, (SHORT[s] for s in SCENARIOS)):
-        for i, m in enumerate(("sgd", "ewc", "lwf", "icn", "lid")):
+        for i, m in enumerate(MAIN_ROWS):
             recs = [r for r in runs.get(("main", sc, m), []) if r["complete"]]
             if not recs:
                 continue

@@ -53,7 +53,8 @@ def regularisers(model: nn.Module, recipe: Recipe, x_shape: tuple[int, ...], gen
     """λ₂‖θ‖₂ + λ_u · KL(uniform ‖ softmax(f(u))) on inputs u ~ U[0, 1]."""
     total = torch.zeros(())
     if recipe.l2:
-        total = total + recipe.l2 * torch.sqrt(sum(p.pow(2).sum() for p in model.parameters()))
+        # vector_norm's gradient at θ = 0 is 0; sqrt(Σθ²) would give NaN there
+        total = total + recipe.l2 * torch.linalg.vector_norm(torch.cat([p.reshape(-1) for p in model.parameters()]))
     if recipe.unbias:
         u = torch.rand((recipe.unbias_batch, *x_shape), generator=gen)
         logp = F.log_softmax(raw_logits(model, u), dim=1)
