@@ -18,7 +18,7 @@ from benchmarks.cl.lid_method import Bias, LidPGD
 from benchmarks.cl.methods import AGEM, EWC, IntervalCN, LwF, Method, Settings
 from benchmarks.cl.plan import plan_units
 from benchmarks.cl.protocol import ProtocolError, blobs_tasks, build_tasks
-from benchmarks.cl.report import write_report
+from benchmarks.cl.report import compare_runs, write_report
 from benchmarks.cl.runner import Unit, build_model, certificate_summary, run_unit, save
 from benchmarks.cl.training import Recipe, accuracy, set_task, train_task
 
@@ -218,6 +218,17 @@ def test_run_unit_report_and_plan(tmp_path):
     assert "3/… sound" not in md and "2/2 sound, " in md
     assert (tmp_path / "out" / "cl_final_average.png").stat().st_size > 1000
     assert json.loads(unit.path(tmp_path / "runs").read_text())["unit"]["method"] == "lid"
+    assert f"`{record['code']}` (2 units)" in md, "the report names the code that produced the units"
+    # compare: a rerun of the same code must match unit by unit; a changed certificate is caught
+    rerun = tmp_path / "rerun"
+    save(run_unit(unit, FAST), unit.path(rerun))
+    lines, identical = compare_runs(rerun, tmp_path / "runs")
+    assert identical and lines[0].startswith("identical") and "same code" in lines[0]
+    tampered = json.loads(unit.path(rerun).read_text())
+    tampered["certificates"][0]["certified"] -= 0.01
+    save(tampered, unit.path(rerun))
+    lines, identical = compare_runs(rerun, tmp_path / "runs")
+    assert not identical and lines[0].startswith("DIFFERS")
     full = plan_units("full")
     assert len({u for u in full}) == len(full)
     assert {u.seed for u in full if u.experiment == "main"} == set(range(10))

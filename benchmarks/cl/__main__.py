@@ -4,6 +4,7 @@
     python -m benchmarks.cl run --plan full           # the committed results (≥ 10 seeds)
     python -m benchmarks.cl report                    # benchmarks/results/cl.md + plots from the runs
     python -m benchmarks.cl blobs                     # the blobs toy and its decision-region plot
+    python -m benchmarks.cl compare A B               # do two result folders agree unit by unit?
     python -m benchmarks.cl run --plan custom --data npz:my.npz --scenarios class,task --methods sgd,lid
 
 A new benchmark needs data, not code: an ``.npz`` with ``x_train``, ``y_train``, ``x_test``,
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     p_blobs = sub.add_parser("blobs", help="the blobs toy (METHOD.md §5.0) with its decision-region plot")
     p_blobs.add_argument("--out", type=Path, default=RESULTS)
     p_blobs.add_argument("--seed", type=int, default=0)
+    p_cmp = sub.add_parser("compare", help="compare two result folders unit by unit (exit 0: all shared identical)")
+    p_cmp.add_argument("runs", type=Path)
+    p_cmp.add_argument("against", type=Path, nargs="?", default=RUNS)
     args = parser.parse_args(argv)
     if args.command == "run":
         options = {}
@@ -64,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print(write_report(args.runs, args.out))
         return 0
+    if args.command == "compare":
+        from .report import compare_runs
+
+        lines, identical = compare_runs(args.runs, args.against)
+        print("\n".join(lines))
+        return 0 if identical else 1
     from .blobs import run_blobs
 
     print(run_blobs(args.out, args.seed))

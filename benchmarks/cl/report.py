@@ -132,6 +132,7 @@ def _header(runs) -> list[str]:
         "passes, rounding-sound) on the held-out certification examples; the Clopper–Pearson lower bounds "
         "(95%, union bound over the LID's checkpoints) are checked against the test split.",
         _settings_line(runs),
+        _code_line(runs),
         "- cells: mean [10th, 90th percentile] over seeds; *certified average* = mean of the task certificates "
         "with the last task's entry replaced by its accuracy (the paper's convention).",
         "- reading the results — why each target is met or missed, and what to try next: "
@@ -172,6 +173,56 @@ def _settings_line(runs) -> str:
             f"EWC λ = {st['ewc_lambda']:g}; LwF T = {st['lwf_temperature']:g}, λ = {st['lwf_lambda']['class']:g} "
             f"(Class-IL), {st['lwf_lambda']['domain']:g} (Domain/Task-IL); ICN Adam lr {st['icn_lr']:g} on the radius "
             f"logits; A-GEM Adam {ag['epochs']} epochs batch {ag['batch_size']}, memory = the LARGE buffer's holdouts.")
+
+
+def _code_line(runs) -> str:
+    """Which code produced the units (``runner.code_fingerprint``): results of different code are not
+    bit-for-bit comparable, so a mixed table says so."""
+    counts: dict[str, int] = defaultdict(int)
+    for recs in runs.values():
+        for r in recs:
+            counts[r.get("code", "not recorded")] += 1
+    listed = ", ".join(f"`{c}` ({n} units)" for c, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return f"- code fingerprint of the numeric sources (benchmarks/cl/runner.py `code_fingerprint`): {listed}"
+
+
+COMPARED = ("final_accuracy", "final_average", "certified_average")
+
+
+def _unit_values(rec: dict) -> list[float]:
+    """The numbers two runs of one unit must share: final accuracies, averages, every certificate."""
+    out = [float(x) for x in rec.get("final_accuracy", [])]
+    out += [float(rec[f]) for f in COMPARED[1:] if f in rec]
+    for c in rec.get("certificates", []) or []:
+        out += [float(c["certified"]), float(c["lower_bound"]), float(c["width_sum"])] if c else [float("nan")]
+    return out
+
+
+def compare_runs(a: Path, b: Path) -> tuple[list[str], bool]:
+    """Unit by unit, do two result folders agree? Lines to print, and whether every shared unit is identical.
+    A difference is expected where the ``code`` fingerprints differ; with equal fingerprints it is not."""
+    left, _ = load_runs(a)
+    right, _ = load_runs(b)
+    index = {(k, r["unit"]["seed"]): r for k, recs in right.items() for r in recs}
+    lines, identical, shared = [], True, 0
+    for key, recs in sorted(left.items()):
+        for r in recs:
+            other = index.get((key, r["unit"]["seed"]))
+            if other is None:
+                continue
+            shared += 1
+            x, y = _unit_values(r), _unit_values(other)
+            same = len(x) == len(y) and all(u == v or (u != u and v != v) for u, v in zip(x, y))
+            identical &= same
+            code = "same code" if r.get("code") and r.get("code") == other.get("code") else (
+                f"code {r.get('code', '?')} vs {other.get('code', '?')}")
+            delta = (f"final average {r['final_average']:.4f} vs {other['final_average']:.4f}"
+                     if "final_average" in r and "final_average" in other else "")
+            lines.append(f"{'identical' if same else 'DIFFERS  '} {'/'.join(key)}/seed{r['unit']['seed']}: "
+                         f"{delta} ({code}; {r['seconds']:.0f} s vs {other['seconds']:.0f} s)")
+    lines.append(f"{shared} shared unit(s), " + ("all identical" if identical else
+                 f"{sum(not line.startswith('identical') for line in lines)} differ"))
+    return lines, identical and shared > 0
 
 
 def _torch_version() -> str:

@@ -9,10 +9,12 @@ each certificate's Clopper–Pearson lower bound).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -37,6 +39,23 @@ BIASES = {
     "si_retrospective_top5": Bias("si", "retrospective", 0.05),
 }
 DATASETS = {"split_mnist": split_mnist, "blobs": blobs_tasks}
+
+
+REPO = Path(__file__).resolve().parents[2]
+# The sources that decide a unit's numbers; the plan, the report and the CLI do not.
+NUMERIC_SOURCES = ("lid_engine/**/*.py", "components/datasets.py", "benchmarks/cl/protocol.py",
+                   "benchmarks/cl/training.py", "benchmarks/cl/methods.py", "benchmarks/cl/lid_method.py",
+                   "benchmarks/cl/runner.py")
+
+
+@lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """sha256 (first 16 hex digits) over the sources that decide a unit's numbers, recorded in every unit so
+    the report can tell results of different code apart and ``compare`` can say which reruns must match."""
+    digest = hashlib.sha256()
+    for path in sorted({p for pattern in NUMERIC_SOURCES for p in REPO.glob(pattern)}):
+        digest.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def load_sequence(dataset: str, scenario: str, seed: int, holdout: list[int] | None) -> TaskSequence:
@@ -132,6 +151,7 @@ def run_unit(unit: Unit, settings: Settings) -> dict:
         "settings": asdict(settings),
         "torch_threads": torch.get_num_threads(),
         "host": platform.node(),
+        "code": code_fingerprint(),
     }
     if method.certified and record["complete"]:
         record.update(certificate_summary(method, model, seq, final))
