@@ -24,6 +24,7 @@ from .models import mlp, mnist_cnn
 from .projection import ProjectedOptimizer, Projector, project_
 from .search import LidSearchError, SearchConfig, compute_lid, tau_from_accuracy
 from .spec import Spec, certified_accuracy, certified_examples, certified_mask, worst_case_logits
+from .training import accuracy
 
 from .verify import verify  # noqa: E402
 
@@ -53,6 +54,7 @@ __all__ = [
     "UnsoundBoundError",
     "UnsupportedLayerError",
     "bound_logits",
+    "accuracy",
     "certified_accuracy",
     "certified_examples",
     "certified_mask",

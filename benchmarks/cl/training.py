@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lid_engine import TaskMask
-from lid_engine.training import accuracy as plain_accuracy
+from lid_engine import accuracy as plain_accuracy
 
 
 @dataclass
