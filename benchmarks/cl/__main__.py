@@ -1,6 +1,6 @@
 """Continual-learning benchmarks (METHOD.md §3, §5): ``python -m benchmarks.cl``.
 
-    python -m benchmarks.cl run --plan reduced        # `make bench-cl`: 3 seeds, ~26 min on 2 cores (estimated)
+    python -m benchmarks.cl run --plan reduced        # `make bench-cl`: 3 seeds, ~25 min on 2 cores
     python -m benchmarks.cl run --plan full           # the committed results (≥ 10 seeds)
     python -m benchmarks.cl report                    # benchmarks/results/cl.md + plots from the runs
     python -m benchmarks.cl blobs                     # the blobs toy and its decision-region plot

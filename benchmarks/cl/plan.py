@@ -61,10 +61,10 @@ def plan_units(plan: str, *, data: str = "", scenarios=SCENARIOS, methods=MAIN_M
         targets = (only(main(range(10)), ("lid",)) + only(biasing(range(5, 15)), variants=BIAS_VARIANTS[:3])
                    + only(main(range(10)), ("sgd",)))
         lookahead = [Unit("main", "class", "lid", s, "fisher_lookahead") for s in range(10)]  # ours, Class-IL
-        rest = (only(main(range(10)), ("ewc", "lwf", "icn")) + buffers(range(1, 3), large)
+        rest = (only(main(range(10)), ("ewc", "lwf", "icn"))
                 + only(biasing(range(5, 15)), variants=BIAS_VARIANTS[3:]) + buffers(range(3, 10), large))
         sizes = buffers(range(3), ("small", "medium", "small_recertify", "medium_recertify"), agem=False)
-        return targets + buffers(range(1), large) + lookahead[:5] + rest + lookahead[5:] + sizes
+        return targets + buffers(range(3), large) + lookahead[:5] + rest + lookahead[5:] + sizes
     if plan == "smoke":  # seconds: for tests of the driver itself
         return [Unit("main", "class", "sgd", 0)]
     raise SystemExit(f"unknown plan {plan!r}; expected reduced, full, custom or smoke")
