@@ -187,13 +187,10 @@ def _code_line(runs) -> str:
     return f"- code fingerprint of the numeric sources (benchmarks/cl/runner.py `code_fingerprint`): {listed}"
 
 
-COMPARED = ("final_accuracy", "final_average", "certified_average")
-
-
 def _unit_values(rec: dict) -> list[float]:
     """The numbers two runs of one unit must share: final accuracies, averages, every certificate."""
     out = [float(x) for x in rec.get("final_accuracy", [])]
-    out += [float(rec[f]) for f in COMPARED[1:] if f in rec]
+    out += [float(rec[f]) for f in ("final_average", "certified_average") if f in rec]
     for c in rec.get("certificates", []) or []:
         out += [float(c["certified"]), float(c["lower_bound"]), float(c["width_sum"])] if c else [float("nan")]
     return out
@@ -205,7 +202,7 @@ def compare_runs(a: Path, b: Path) -> tuple[list[str], bool]:
     left, _ = load_runs(a)
     right, _ = load_runs(b)
     index = {(k, r["unit"]["seed"]): r for k, recs in right.items() for r in recs}
-    lines, identical, shared = [], True, 0
+    lines, shared, differing = [], 0, 0
     for key, recs in sorted(left.items()):
         for r in recs:
             other = index.get((key, r["unit"]["seed"]))
@@ -214,16 +211,15 @@ def compare_runs(a: Path, b: Path) -> tuple[list[str], bool]:
             shared += 1
             x, y = _unit_values(r), _unit_values(other)
             same = len(x) == len(y) and all(u == v or (u != u and v != v) for u, v in zip(x, y))
-            identical &= same
+            differing += not same
             code = "same code" if r.get("code") and r.get("code") == other.get("code") else (
                 f"code {r.get('code', '?')} vs {other.get('code', '?')}")
             delta = (f"final average {r['final_average']:.4f} vs {other['final_average']:.4f}"
                      if "final_average" in r and "final_average" in other else "")
             lines.append(f"{'identical' if same else 'DIFFERS  '} {'/'.join(key)}/seed{r['unit']['seed']}: "
                          f"{delta} ({code}; {r['seconds']:.0f} s vs {other['seconds']:.0f} s)")
-    lines.append(f"{shared} shared unit(s), " + ("all identical" if identical else
-                 f"{sum(not line.startswith('identical') for line in lines)} differ"))
-    return lines, identical and shared > 0
+    lines.append(f"{shared} shared unit(s), " + (f"{differing} differ" if differing else "all identical"))
+    return lines, shared > 0 and not differing
 
 
 def _torch_version() -> str:
