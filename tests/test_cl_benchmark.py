@@ -232,6 +232,8 @@ def test_run_unit_report_and_plan(tmp_path):
     full = plan_units("full")
     assert len({u for u in full}) == len(full)
     assert {u.seed for u in full if u.experiment == "main"} == set(range(10))
+    for label in ("lid-large", "lid-large_recertify", "agem"):  # every target row gets its 10 seeds
+        assert {u.seed for u in full if u.experiment == "buffers" and u.label == label} == set(range(10))
     assert {u.seed for u in plan_units("reduced")} <= {0, 1, 2, 5, 6, 7}
 
 
@@ -251,6 +253,12 @@ def test_a_new_benchmark_needs_data_not_code(tmp_path):
     assert record["complete"] and record["all_sound"] and len(record["certificates"]) == 2
     assert main(["report", "--runs", str(runs), "--out", str(tmp_path)]) == 0
     assert "| TIL | PGD w/ LID | 1 |" in (tmp_path / "cl.md").read_text()
+    # --only narrows a plan to some rows; finished units are never redone
+    assert main(["run", "--plan", "custom", "--data", f"npz:{data}", "--scenarios", "task", "--methods", "sgd,lid",
+                 "--seeds", "0,1", "--jobs", "1", "--runs", str(runs), "--only", "sgd"]) == 0
+    assert (runs / "main" / "TIL" / "sgd" / "seed1.json").exists()
+    assert not (runs / "main" / "TIL" / "lid" / "seed1.json").exists()
+    assert json.loads((runs / "main" / "TIL" / "lid" / "seed0.json").read_text()) == record
     np.savez(tmp_path / "bad.npz", x_train=x, y_train=y)
     with pytest.raises(ProtocolError, match="lacks the arrays"):
         from benchmarks.cl.protocol import npz_tasks

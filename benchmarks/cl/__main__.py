@@ -12,7 +12,8 @@ A new benchmark needs data, not code: an ``.npz`` with ``x_train``, ``y_train``,
 
 Every unit (experiment × scenario × method × seed) writes one JSON file under
 ``benchmarks/results/cl_runs``; finished units are skipped, so an interrupted run resumes where it
-stopped. Units run in parallel worker processes (``--jobs``), one torch thread each.
+stopped. Units run in parallel worker processes (``--jobs``), one torch thread each; ``--only
+lid-large,agem`` narrows a plan to some rows, and two runners may share one results folder.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--seeds", default="0,1,2", help="custom plan: comma-separated seeds")
     p_run.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     p_run.add_argument("--runs", type=Path, default=RUNS, help="where unit results are written")
+    p_run.add_argument("--only", default="", help="run only the units with these labels, e.g. lid-large,agem")
     p_rep = sub.add_parser("report", help="write cl.md and plots from the unit results")
     p_rep.add_argument("--runs", type=Path, default=RUNS)
     p_rep.add_argument("--out", type=Path, default=RESULTS)
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             options = {"data": args.data, "scenarios": _listed(args.scenarios, SCENARIOS, "--scenarios"),
                        "methods": _listed(args.methods, tuple(METHODS), "--methods"),
                        "seeds": [int(s) for s in args.seeds.split(",") if s]}
-        return run(args.plan, args.jobs, args.runs, **options)
+        only = tuple(t.strip() for t in args.only.split(",") if t.strip())
+        return run(args.plan, args.jobs, args.runs, only=only, **options)
     if args.command == "report":
         from .report import write_report
 
