@@ -259,6 +259,8 @@ def test_a_new_benchmark_needs_data_not_code(tmp_path):
     assert (runs / "main" / "TIL" / "sgd" / "seed1.json").exists()
     assert not (runs / "main" / "TIL" / "lid" / "seed1.json").exists()
     assert json.loads((runs / "main" / "TIL" / "lid" / "seed0.json").read_text()) == record
+    with pytest.raises(SystemExit, match="--only: \\['sdg'\\] not among"):
+        main(["run", "--plan", "custom", "--data", f"npz:{data}", "--methods", "sgd", "--runs", str(runs), "--only", "sdg"])
     np.savez(tmp_path / "bad.npz", x_train=x, y_train=y)
     with pytest.raises(ProtocolError, match="lacks the arrays"):
         from benchmarks.cl.protocol import npz_tasks

@@ -97,8 +97,11 @@ def run(plan: str, jobs: int, root: Path, settings=None, only: tuple[str, ...] =
     from .methods import Settings
 
     settings = settings or Settings()
-    units = [u for u in plan_units(plan, **plan_options) if not u.path(root).exists()
-             and (not only or u.label in only)]
+    planned = plan_units(plan, **plan_options)
+    unknown = sorted(set(only) - {u.label for u in planned})
+    if unknown:  # a typo would otherwise run nothing and report success
+        raise SystemExit(f"--only: {unknown} not among plan {plan!r}'s labels {sorted({u.label for u in planned})}")
+    units = [u for u in planned if not u.path(root).exists() and (not only or u.label in only)]
     print(f"[bench-cl] plan {plan!r}: {len(units)} unit(s) to run, results in {root}", flush=True)
     start = time.perf_counter()
     failures = 0
