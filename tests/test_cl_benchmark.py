@@ -125,6 +125,18 @@ def test_biasing_mask_freezes_the_requested_share():
     assert abs(float((widths == 0).double().mean()) - 0.8) < 0.01
 
 
+def test_biasing_in_task_il_keeps_later_heads_free():
+    seq, model, method, final = _run(LidPGD, "task", bias=Bias("fisher", "lookahead", 0.8))
+    box = method.lids["t1"][-1][0].members[-1]
+    head = [n for n in box.names if n.endswith("weight")][-1]
+    later = sorted({c for t in seq.task_classes[1:] for c in t})
+    assert bool((box.width(head)[later] > 0).all()), "the head rows of later tasks are not frozen by the mask"
+    prefix = head[: -len("weight")]
+    shared = torch.cat([box.width(n).reshape(-1) for n in box.names if not n.startswith(prefix)])
+    assert float((shared == 0).double().mean()) > 0.5, "the mask still freezes most shared coordinates"
+    assert final[1] > 0.8
+
+
 def test_buffer_recomputation_certifies_on_unseen_buffer_examples():
     seq = blobs_tasks("class", 0, holdout=[200, 200, 0])
     settings = replace(FAST, delta=0.02)  # a tight τ blocks the new task, so the buffer is used

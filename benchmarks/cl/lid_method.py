@@ -145,9 +145,12 @@ class LidPGD(Method):
         if last:
             return
         tau = self.fixed_tau if self.fixed_tau is not None else tau_from_accuracy(acc, self.s.delta)
+        free, mask = self.free_rows(model, task), self.bias_mask(model, task)
+        if free and mask:  # Task-IL: later tasks' head rows stay free; a bias decides only the shared coordinates
+            mask = {n: m & ~free[n] if n in free else m for n, m in mask.items()}
         lid = self.search(
             model, tasks={task.name: (*task.train, tau)}, cert={task.name: task.cert},
-            within=self.domain, free=self.free_rows(model, task), mask=self.bias_mask(model, task),
+            within=self.domain, free=free, mask=mask,
         )
         self.lids.setdefault(task.name, []).append((lid, tau, task.cert))
         self.domain = lid
