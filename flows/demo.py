@@ -17,8 +17,32 @@ import os
 import shutil
 import sys
 import time
+from collections import Counter
+from pathlib import Path
 
 import flows  # noqa: F401  (environment defaults before prefect is imported)
+
+
+# What the demo writes under the lidgate home. ``--fresh`` removes these and nothing else: the home
+# may also hold a user's other work (``make bench-cl`` writes to lidgate-home/bench-cl, for one).
+DEMO_STATE = ("mlflow.db", "mlartifacts", "prefect", "staging", "lookahead", "audit", "onnx", "cache",
+              "demo-summary.json")
+
+
+def reset_demo_state(home: Path) -> list[str]:
+    """Delete the demo's own files under ``home`` (registry, artifacts, Prefect state, staging…) and
+    return their names; anything else in ``home`` is left alone."""
+    removed = []
+    for name in DEMO_STATE:
+        path = home / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,9 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
     console = Console(width=max(Console().width, 140))  # the summary table needs the room
     settings = get_settings()
-    if "--fresh" in argv and settings.home.exists():
-        shutil.rmtree(settings.home)
-        settings = get_settings()
+    if "--fresh" in argv:
+        reset_demo_state(settings.home)
     t0 = time.perf_counter()
     console.rule("[bold]lidgate pipeline demo (embedded defaults)")
     console.print(f"home: {settings.home}\nMLflow: {settings.tracking_uri}\nPrefect: ephemeral (PREFECT_HOME={os.environ['PREFECT_HOME']})")
@@ -66,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         table.add_column(col)
     for name, r in results:
         cert = r.get("certification") or {}
+        codes = Counter(x["code"] for x in r.get("reasons", []))  # one per failing version: count, don't repeat
         decision = "[green]promoted[/green]" if r.get("promoted") else "[red]blocked[/red]: " + ", ".join(
-            x["code"] for x in r.get("reasons", []))
+            code if n == 1 else f"{code} ×{n}" for code, n in codes.items())
         table.add_row(name, f"v{r.get('version')}", f"{r.get('task_accuracy', float('nan')):.4f}",
                       f"{cert['certified_accuracy']:.4f}" if cert.get("lid") else "—",
                       f"{cert['tau']:.4f}" if cert.get("tau") is not None else "—", decision,
