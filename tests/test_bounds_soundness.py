@@ -286,7 +286,7 @@ def test_certify_mode_encloses_float64_forward_on_large_real_batches(radius: flo
     model = mnist_cnn()
     with torch.no_grad():
         model[0].bias.fill_(0.0313219)  # outputs over blank borders are pure bias: lo == hi exactly
-    x = torch.from_numpy(load_mnist("test", copy=False)[0][:2048])
+    x = torch.from_numpy(load_mnist("test", copy=False)[0][:2048].copy())  # the packaged array is read-only
     box = le.Box.around(model, radius)
     lo, hi = le.bound_logits(model, box, x, dtype=torch.float32)
     for params in [dict(model.named_parameters()), box.vertex(torch.Generator().manual_seed(1))]:
