@@ -21,27 +21,32 @@ from collections import Counter
 from pathlib import Path
 
 import flows  # noqa: F401  (environment defaults before prefect is imported)
+from flows.settings import Settings
 
 
-# What the demo writes under the lidgate home. ``--fresh`` removes these and nothing else: the home
-# may also hold a user's other work (``make bench-cl`` writes to lidgate-home/bench-cl, for one).
-DEMO_STATE = ("mlflow.db", "mlartifacts", "prefect", "staging", "lookahead", "audit", "onnx", "cache",
-              "demo-summary.json")
+SUMMARY = "demo-summary.json"
 
 
-def reset_demo_state(home: Path) -> list[str]:
-    """Delete the demo's own files under ``home`` (registry, artifacts, Prefect state, staging…) and
-    return their names; anything else in ``home`` is left alone."""
+def demo_state(settings: Settings) -> list[Path]:
+    """What the demo writes under the lidgate home: the embedded registry and its artifacts, the
+    ephemeral Prefect home, the pipeline's folders and the summary. ``--fresh`` removes these and
+    nothing else: the home may also hold a user's other work (``make bench-cl``'s output, for one)."""
+    home = settings.home
+    return [home / "mlflow.db", home / "mlartifacts", home / "prefect", settings.staging, settings.lookahead_dir,
+            settings.audit_dir, settings.onnx_dir, settings.cache_dir, home / SUMMARY]
+
+
+def reset_demo_state(settings: Settings) -> list[Path]:
+    """Delete the demo's own files (``demo_state``) and return those that existed."""
     removed = []
-    for name in DEMO_STATE:
-        path = home / name
+    for path in demo_state(settings):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
         else:
             continue
-        removed.append(name)
+        removed.append(path)
     return removed
 
 
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(width=max(Console().width, 140))  # the summary table needs the room
     settings = get_settings()
     if "--fresh" in argv:
-        reset_demo_state(settings.home)
+        reset_demo_state(settings)
     t0 = time.perf_counter()
     console.rule("[bold]lidgate pipeline demo (embedded defaults)")
     console.print(f"home: {settings.home}\nMLflow: {settings.tracking_uri}\nPrefect: ephemeral (PREFECT_HOME={os.environ['PREFECT_HOME']})")
@@ -100,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"audit report: {audit['report']} (all promoted versions verified: {audit['ok']})")
     console.print(f"done in {time.perf_counter() - t0:.0f} s")
     ok = results[-2][1].get("promoted") and not results[-1][1].get("promoted") and audit["ok"]
-    (settings.home / "demo-summary.json").write_text(json.dumps({"results": results, "audit": audit}, indent=2, default=str))
+    (settings.home / SUMMARY).write_text(json.dumps({"results": results, "audit": audit}, indent=2, default=str))
     return 0 if ok else 1
 
 
