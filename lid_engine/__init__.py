@@ -6,7 +6,7 @@ used as a library on its own.
 
 from __future__ import annotations
 
-from .bounds import bound_logits
+from .bounds import bound_logits, bound_margins
 from .domains import Box, load_parameters_
 from .errors import (
     DomainMismatchError,
@@ -54,6 +54,7 @@ __all__ = [
     "UnsoundBoundError",
     "UnsupportedLayerError",
     "bound_logits",
+    "bound_margins",
     "accuracy",
     "certified_accuracy",
     "certified_examples",

@@ -52,13 +52,13 @@ from datetime import datetime, timezone
 import torch
 from torch import Tensor, nn
 
-from .bounds import bound_logits
+from .bounds import MARGIN_METHODS, bound_logits, margin_bounds
 from .domains import Box
 from .errors import CertificateError, InvalidInputError
 from .spec import SPEC_KINDS, Spec, certified_mask, check_labels
 
 CERTIFICATE_FORMAT = "lidgate.certificate/1"
-BOUND_METHODS = ("ibp",)
+BOUND_METHODS = MARGIN_METHODS  # "ibp", "linear": both sound under floating point
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
 BUFFER_PREFIX = "buffer:"
 # The quantile routine is accurate to a few ulps; the bound is lowered by this relative amount so
@@ -414,9 +414,10 @@ def evaluation_dtypes(model: nn.Module, dtype: torch.dtype) -> list[torch.dtype]
 
 def certified_counts(
     model: nn.Module, box: Box, x: Tensor, y: Tensor, *, dtype: torch.dtype = torch.float64,
-    batch_size: int | None = 2048, where: str = "certify_box",
+    batch_size: int | None = 2048, where: str = "certify_box", method: str = "ibp",
 ) -> tuple[int, int, dict[str, dict[str, int]], list[str]]:
-    """(n, certified, per_class, evaluation dtypes) of the sound IBP certificate of ``box`` on ``(x, y)``.
+    """(n, certified, per_class, evaluation dtypes) of the sound certificate of ``box`` on ``(x, y)``
+    with bound ``method`` (``BOUND_METHODS``).
 
     An example is certified when it is certified in ``dtype`` and in every lower precision the model
     is stored in (see the module docstring), so the count also holds for the model's own arithmetic.
@@ -431,12 +432,18 @@ def certified_counts(
             raise InvalidInputError(
                 f"{where}: the model holds {d} tensors; certification supports float32 and float64 arithmetic only"
             )
-        lo, hi = bound_logits(model, box, x, "ibp", mode="certify", dtype=d, batch_size=batch_size)
+        if method == "linear":
+            labels = canonical_labels(y, where)
+            lo, hi, lin = margin_bounds(model, box, x, labels, method, mode="certify", dtype=d, batch_size=batch_size,
+                                        where=where)
+        else:
+            lo, hi = bound_logits(model, box, x, "ibp", mode="certify", dtype=d, batch_size=batch_size)
+            lin = None
         if lo.dim() != 2:
             raise InvalidInputError(f"{where}: the model must output logits of shape (N, n_classes), got {tuple(lo.shape)}")
         if yy is None:
             yy = check_labels(canonical_labels(y, where), lo.shape[1], len(lo), where)
-        m = certified_mask(lo, hi, yy.to(lo.device)).cpu()
+        m = certified_mask(lo, hi, yy.to(lo.device), lin).cpu()
         mask = m if mask is None else mask & m
         names.append(_check_dtype(d, where))
     yy = yy.cpu()
@@ -461,6 +468,7 @@ def certify_box(
     dtype: torch.dtype = torch.float64,
     batch_size: int | None = 2048,
     model_sha256: str | None = None,
+    method: str = "ibp",
 ) -> Certificate:
     """Certify ``box`` for ``spec`` on the held-out ``(x, y)``: sound counts, fingerprints, CP bound.
 
@@ -485,7 +493,10 @@ def certify_box(
         raise InvalidInputError(f"{where}: the certification set is empty (n must be ≥ 1)")
     if model_sha256 is None:
         model_sha256 = fingerprint_model(model)
-    n, certified, per_class, evaluated = certified_counts(model, box, x, y, dtype=dtype, batch_size=batch_size, where=where)
+    if method not in BOUND_METHODS:
+        raise InvalidInputError(f"{where}: 'method' must be one of {BOUND_METHODS}, got {method!r}")
+    n, certified, per_class, evaluated = certified_counts(model, box, x, y, dtype=dtype, batch_size=batch_size,
+                                                          where=where, method=method)
     confidence = float(confidence)
     return Certificate(
         task=task,
@@ -502,7 +513,7 @@ def certify_box(
         architecture_sha256=fingerprint_architecture(model),
         domain_sha256=fingerprint_tensors(box.tensors()),
         data_sha256=fingerprint_data(x, y),
-        bound_method="ibp",
+        bound_method=method,
         dtype=dtype_name,
         evaluation_dtypes=evaluated,
         member=int(member),

@@ -292,11 +292,13 @@ class LID:
         progress: bool = False,
         n_domains: int | None = None,
         batch_size: int | None = 2048,
+        method: str = "ibp",
     ) -> LID:
         """Certify every member on every task's held-out data; θ = the model's current parameters.
 
         ``n_domains`` (default ``len(members)``) is the union-bound size; pass a larger number when
-        more candidate domains were certified on the same data than are kept here.
+        more candidate domains were certified on the same data than are kept here. ``method`` is the
+        sound bound used (``"ibp"`` or ``"linear"``), recorded in every certificate.
         """
         if not isinstance(model, nn.Module):
             raise InvalidInputError(f"LID.certify: 'model' must be a torch.nn.Module, got {type(model).__name__}")
@@ -339,7 +341,7 @@ class LID:
                 x, y = data[t]
                 certs[t] = certify_box(
                     model, m, x, y, spec, task=t, member=i, n_domains=n_domains, confidence=confidence,
-                    dtype=dtype, batch_size=batch_size, model_sha256=model_sha,
+                    dtype=dtype, batch_size=batch_size, model_sha256=model_sha, method=method,
                 )
                 if progress:
                     c = certs[t]

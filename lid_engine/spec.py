@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from .bounds import bound_logits
+from .bounds import bound_logits, margin_bounds
 from .domains import Box
 from .errors import InvalidInputError
 
@@ -40,15 +40,32 @@ def check_labels(y: Tensor, n_outputs: int, n_examples: int, where: str) -> Tens
     return y
 
 
-def _certify_logits(model, domain, x, method, dtype, batch_size, where: str) -> tuple[Tensor, Tensor]:
+def _certify_bounds(model, domain, x, y, method, dtype, batch_size, where: str) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """Sound ``(lo, hi, linear margins or None, labels)`` for the certified metrics."""
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1):
         raise InvalidInputError(f"{where}: 'batch_size' must be a positive integer or None, got {batch_size!r}")
-    lo, hi = bound_logits(model, domain, x, method, mode="certify", dtype=dtype, batch_size=batch_size)
+    batch_size = None if batch_size is None else int(batch_size)
+    if method == "linear":
+        lo, hi, lin = margin_bounds(model, domain, x, _integer_labels(y, where), method, mode="certify", dtype=dtype,
+                                    batch_size=batch_size, where=where)
+    else:  # IBP, or a method bound_logits refuses to certify with (it says why)
+        lo, hi = bound_logits(model, domain, x, method, mode="certify", dtype=dtype, batch_size=batch_size)
+        lin = None
     if lo.dim() != 2:
         raise InvalidInputError(
             f"{where}: the model must output logits of shape (N, n_classes), got shape {tuple(lo.shape)}"
         )
-    return lo, hi
+    return lo, hi, lin, check_labels(y, lo.shape[1], len(lo), where).to(lo.device)
+
+
+def _integer_labels(y, where: str) -> Tensor:
+    if not isinstance(y, Tensor):
+        raise InvalidInputError(f"{where}: 'y' must be a torch.Tensor of class indices, got {type(y).__name__}")
+    if y.is_floating_point():
+        if not bool((y == y.round()).all()):
+            raise InvalidInputError(f"{where}: 'y' holds non-integer labels")
+        y = y.long()
+    return y
 
 
 def worst_case_logits(lo: Tensor, hi: Tensor, y: Tensor) -> Tensor:
@@ -56,11 +73,25 @@ def worst_case_logits(lo: Tensor, hi: Tensor, y: Tensor) -> Tensor:
     return hi.scatter(1, y[:, None], lo.gather(1, y[:, None]))
 
 
-def certified_mask(lo: Tensor, hi: Tensor, y: Tensor) -> Tensor:
-    """Boolean per example: every θ' in the domain predicts ``y`` (strictly, no ties)."""
+def certified_mask(lo: Tensor, hi: Tensor, y: Tensor, linear: Tensor | None = None) -> Tensor:
+    """Boolean per example: every θ' in the domain predicts ``y`` (strictly, no ties).
+
+    ``linear``: optional lower bounds on the margins ``z_y − z_j`` (``bound_margins``' linear
+    method); class ``j`` is beaten when ``lo_y > hi_j`` *or* its margin bound is positive."""
     true_lo = lo.gather(1, y[:, None]).squeeze(1)
-    others = hi.scatter(1, y[:, None], torch.full_like(true_lo[:, None], -torch.inf))
-    return true_lo > others.max(dim=1).values
+    if linear is None:
+        others = hi.scatter(1, y[:, None], torch.full_like(true_lo[:, None], -torch.inf))
+        return true_lo > others.max(dim=1).values
+    beaten = (true_lo[:, None] > hi) | (linear > 0)  # NaN compares False: never counts as beaten
+    return beaten.scatter(1, y[:, None], True).all(dim=1)
+
+
+def margins(lo: Tensor, hi: Tensor, y: Tensor, linear: Tensor | None = None) -> Tensor:
+    """Lower bounds on ``z_y − z_j`` (``+inf`` at ``j = y``) from logit bounds and, optionally, linear ones."""
+    m = lo.gather(1, y[:, None]) - hi
+    if linear is not None:
+        m = torch.maximum(m, linear)
+    return m.masked_fill(torch.nn.functional.one_hot(y, lo.shape[1]).bool(), torch.inf)
 
 
 def balanced_mean(values: Tensor, y: Tensor, n_classes: int) -> Tensor:
@@ -90,17 +121,24 @@ class Spec:
         if not self.temperature > 0:
             raise InvalidInputError(f"Spec: 'temperature' must be > 0, got {self.temperature}")
 
-    def hard(self, lo: Tensor, hi: Tensor, y: Tensor) -> Tensor:
-        """Sound certified metric of the bounds (a 0-dim tensor)."""
-        mask = certified_mask(lo, hi, y).to(lo.dtype)
+    def hard(self, lo: Tensor, hi: Tensor, y: Tensor, linear: Tensor | None = None) -> Tensor:
+        """Sound certified metric of the bounds (a 0-dim tensor); ``linear`` as in ``certified_mask``."""
+        mask = certified_mask(lo, hi, y, linear).to(lo.dtype)
         if self.kind == "accuracy":
             return mask.mean()
         return balanced_mean(mask, y, lo.shape[1])
 
-    def soft(self, lo: Tensor, hi: Tensor, y: Tensor) -> Tensor:
-        """Differentiable surrogate: softmax(T · worst-case logits)[y], averaged like ``hard``."""
-        z = worst_case_logits(lo, hi, y) * self.temperature
-        p = torch.softmax(z, dim=1).gather(1, y[:, None]).squeeze(1)
+    def soft(self, lo: Tensor, hi: Tensor, y: Tensor, linear: Tensor | None = None) -> Tensor:
+        """Differentiable surrogate: softmax(T · worst-case logits)[y], averaged like ``hard``.
+
+        That is ``1 / (1 + Σ_j exp(−T·m_j))`` for the margin bounds ``m``, which with ``linear``
+        are the larger of ``lo_y − hi_j`` and the linear ones."""
+        if linear is None:
+            z = worst_case_logits(lo, hi, y) * self.temperature
+            p = torch.softmax(z, dim=1).gather(1, y[:, None]).squeeze(1)
+        else:
+            z = -self.temperature * margins(lo, hi, y, linear)
+            p = torch.exp(-torch.logsumexp(torch.cat([torch.zeros_like(z[:, :1]), z], dim=1), dim=1))
         if self.kind == "accuracy":
             return p.mean()
         return balanced_mean(p, y, lo.shape[1])
@@ -120,17 +158,17 @@ def certified_accuracy(
     dtype: torch.dtype | None = None,
     batch_size: int | None = 2048,
 ) -> float:
-    """Sound lower bound on the (balanced) accuracy on ``(x, y)`` of every parameter vector in ``domain``."""
-    lo, hi = _certify_logits(model, domain, x, method, dtype, batch_size, "certified_accuracy")
-    y = check_labels(y, lo.shape[1], len(lo), "certified_accuracy").to(lo.device)
-    return float(Spec("balanced_accuracy" if balanced else "accuracy").hard(lo, hi, y))
+    """Sound lower bound on the (balanced) accuracy on ``(x, y)`` of every parameter vector in ``domain``.
+
+    ``method``: ``"ibp"`` or ``"linear"`` (tighter on weight-shared layers; see ``bound_margins``)."""
+    lo, hi, lin, y = _certify_bounds(model, domain, x, y, method, dtype, batch_size, "certified_accuracy")
+    return float(Spec("balanced_accuracy" if balanced else "accuracy").hard(lo, hi, y, lin))
 
 
 def certified_examples(
-    model: nn.Module, domain: Box, x: Tensor, y: Tensor, *, dtype: torch.dtype | None = None,
+    model: nn.Module, domain: Box, x: Tensor, y: Tensor, *, method: str = "ibp", dtype: torch.dtype | None = None,
     batch_size: int | None = 2048,
 ) -> Tensor:
     """Boolean mask of the examples certified for every parameter vector in ``domain``."""
-    lo, hi = _certify_logits(model, domain, x, "ibp", dtype, batch_size, "certified_examples")
-    y = check_labels(y, lo.shape[1], len(lo), "certified_examples").to(lo.device)
-    return certified_mask(lo, hi, y)
+    lo, hi, lin, y = _certify_bounds(model, domain, x, y, method, dtype, batch_size, "certified_examples")
+    return certified_mask(lo, hi, y, lin)

@@ -325,7 +325,7 @@ def verify(
             continue
         try:
             n, k, per_class, evaluated = certified_counts(ref_model, boxes[i], *supplied[t], dtype=DTYPES[c.dtype],
-                                                          batch_size=batch_size, where="verify")
+                                                          batch_size=batch_size, where="verify", method=c.bound_method)
         except Exception as exc:  # noqa: BLE001
             report.add(name, False, _err(exc))
             continue

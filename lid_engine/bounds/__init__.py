@@ -1,6 +1,8 @@
 """Sound bounds on a model's outputs for every parameter vector in a domain (input fixed).
 
-``bound_logits(model, domain, x)`` is the one entry point. ``mode="certify"`` (default) is sound
+``bound_logits(model, domain, x)`` bounds each logit; ``bound_margins(model, domain, x, y)`` bounds
+the margins ``z_y − z_j`` that decide a prediction, which the linear method (``linear.py``) bounds
+much more tightly than the difference of two logit bounds. ``mode="certify"`` (default) is sound
 under floating point; ``mode="search"`` is the cheaper, differentiable variant the LID search
 optimises through.
 """
@@ -12,9 +14,10 @@ from torch import Tensor, nn
 
 from ..domains import Box
 from ..errors import DomainMismatchError, InvalidInputError, LidError
-from . import ibp, rounding
+from . import ibp, linear, rounding
 
 METHODS = ("ibp", "crown", "crown+ibp")
+MARGIN_METHODS = ("ibp", "linear")  # the sound ones: both usable in mode="certify"
 MODES = ("certify", "search")
 
 
@@ -75,6 +78,101 @@ def bound_logits(
     return torch.cat(los), torch.cat(his)
 
 
+def margin_bounds(
+    model: nn.Module,
+    domain: Box,
+    x: Tensor,
+    y: Tensor,
+    method: str = "ibp",
+    *,
+    mode: str = "certify",
+    dtype: torch.dtype | None = None,
+    batch_size: int | None = None,
+    competitors: int | None = None,
+    where: str = "bound_margins",
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """IBP's logit bounds ``(lo, hi)`` and, for ``method="linear"``, the linear margin bounds
+    (N, C; ``-inf`` where not computed). The building block of ``bound_margins`` and of the
+    certified counts, which compare ``lo_y > hi_j`` exactly instead of subtracting."""
+    if method not in MARGIN_METHODS:
+        raise LidError(f"{where}: 'method' must be one of {MARGIN_METHODS}, got {method!r}")
+    if mode not in MODES:
+        raise LidError(f"{where}: 'mode' must be one of {MODES}, got {mode!r}")
+    if not isinstance(domain, Box):
+        raise DomainMismatchError(f"{where}: 'domain' must be a lid_engine Box, got {type(domain).__name__}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise LidError(f"{where}: 'batch_size' must be a positive int or None, got {batch_size!r}")
+    if competitors is not None and (isinstance(competitors, bool) or not isinstance(competitors, int) or competitors < 1):
+        raise LidError(f"{where}: 'competitors' must be a positive int or None, got {competitors!r}")
+    if competitors is not None and mode == "certify":
+        raise LidError(f"{where}: 'competitors' only speeds up mode='search'; certification bounds every class")
+    domain.check_matches(model, where)
+    x = _check_input(x, dtype)
+    if not isinstance(y, Tensor) or y.dim() != 1 or len(y) != len(x) or y.is_floating_point():
+        raise InvalidInputError(f"{where}: 'y' must be an integer tensor of shape ({len(x)},)")
+    y = y.to(x.device)
+    if domain.device != x.device or domain.dtype != x.dtype:
+        domain = domain.to(x.device, x.dtype) if mode == "certify" else _cast_keep_grad(domain, x)
+    layers = ibp.check_supported(model)
+    if method == "linear":
+        linear.check_supported(layers)
+        with torch.no_grad():
+            _check_label_range(y, model(x[:1].to(next(model.parameters()).dtype)).shape, where)
+    idx = [slice(None)] if batch_size is None or batch_size >= len(x) else \
+        [slice(i, i + batch_size) for i in range(0, len(x), batch_size)]
+    ctx = rounding.certification_backend() if mode == "certify" else rounding.native_kernels()
+    parts = []
+    with ctx, (torch.no_grad() if mode == "certify" else _null_ctx()):
+        for s in idx:
+            if method == "linear":
+                parts.append(linear.linear_margins(model, domain, x[s], y[s], certify=mode == "certify", layers=layers,
+                                                   competitors=competitors))
+            else:
+                parts.append((*ibp.propagate(model, domain, x[s], certify=mode == "certify", layers=layers), None))
+    lo, hi = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    _check_label_range(y, lo.shape, where)
+    lin = torch.cat([p[2] for p in parts]) if method == "linear" else None
+    return lo, hi, lin
+
+
+def _check_label_range(y: Tensor, out_shape: tuple[int, ...], where: str) -> None:
+    if len(out_shape) != 2:
+        raise InvalidInputError(f"{where}: the model must output logits of shape (N, n_classes), got {tuple(out_shape)}")
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= out_shape[1]):
+        raise InvalidInputError(f"{where}: labels must lie in 0..{out_shape[1] - 1}, got {int(y.min())}..{int(y.max())}")
+
+
+def bound_margins(
+    model: nn.Module,
+    domain: Box,
+    x: Tensor,
+    y: Tensor,
+    method: str = "ibp",
+    *,
+    mode: str = "certify",
+    dtype: torch.dtype | None = None,
+    batch_size: int | None = None,
+    competitors: int | None = None,
+) -> Tensor:
+    """(N, C) lower bounds on ``z_y − z_j`` holding for every parameter vector in ``domain``
+    (``+inf`` at ``j = y``): an example is certified when its row is positive.
+
+    ``method``: ``"ibp"`` (``lo_y − hi_j``) or ``"linear"`` (the larger of that and the backward
+    linear bound; Linear/Conv2d/ReLU models, ``linear.SUPPORTED_LAYERS``). Both are sound in
+    ``mode="certify"``, where the IBP difference is rounded down. ``competitors`` (search mode)
+    limits the linear bound to the ``k`` classes IBP finds most dangerous.
+    """
+    lo, hi, lin = margin_bounds(model, domain, x, y, method, mode=mode, dtype=dtype, batch_size=batch_size,
+                                competitors=competitors)
+    y = y.to(lo.device)
+    m = lo.gather(1, y[:, None]) - hi
+    if mode == "certify":
+        m = rounding.round_down(m)
+    if lin is not None:
+        m = torch.maximum(m, lin)
+    return m.masked_fill(torch.nn.functional.one_hot(y, lo.shape[1]).bool(), torch.inf)
+
+
 def _check_input(x: Tensor, dtype: torch.dtype | None) -> Tensor:
     if not isinstance(x, Tensor):
         raise InvalidInputError(f"bound_logits: 'x' must be a torch.Tensor, got {type(x).__name__}")
@@ -105,4 +203,4 @@ class _null_ctx:
         return False
 
 
-__all__ = ["bound_logits", "METHODS", "MODES"]
+__all__ = ["bound_logits", "bound_margins", "margin_bounds", "METHODS", "MARGIN_METHODS", "MODES"]

@@ -325,14 +325,20 @@ def check_supported(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def propagate(
-    model: nn.Module, box: Box, x: Tensor, *, certify: bool, layers: list[tuple[str, nn.Module]] | None = None
+    model: nn.Module, box: Box, x: Tensor, *, certify: bool, layers: list[tuple[str, nn.Module]] | None = None,
+    record: list[Interval] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Push the point input ``x`` through ``model`` for every parameter vector in ``box``."""
+    """Push the point input ``x`` through ``model`` for every parameter vector in ``box``.
+
+    ``record``, if given, receives the interval entering each layer (the linear bound needs them).
+    """
     layers = check_supported(model) if layers is None else layers
     ctx = _Ctx(box, certify, x.dtype, x.device)
     state = _point(x, nonneg=bool(x.min() >= 0))
     flags = []
     for path, m in layers:
+        if record is not None:
+            record.append(state)
         state = _HANDLERS[type(m)](ctx, path, m, state)
         if certify:  # one flag per layer, read back in a single sync at the end
             flags.append(_invalid(state))

@@ -1,0 +1,274 @@
+"""Backward linear bounds on logit margins over a parameter box (our own CROWN-style relaxation).
+
+Why: IBP bounds every neuron on its own, so the uncertainty of a *shared* weight (a convolution
+kernel is used at every position) is added up position by position in absolute value. The margin
+``z_y − z_j`` depends on that weight through sums whose terms partly cancel; a linear bound keeps
+their signs. On the paper's MNIST CNN this certifies 3–10× wider convolution boxes at the same
+certified accuracy (benchmarks/results/bounds.md). The last layer gains nothing (IBP is already
+exact there for a point-valued input), so ``bound_margins`` intersects both bounds.
+
+**The bound.** For the margin ``c·z_L`` (``c = e_y − e_j``) pick any multipliers ``Λ_k`` on the
+outputs of the affine layers, ``Λ_L = c``. With ``z_k = W_k a + b_k + δ_k`` (``δ_k`` the rounding
+of a float forward pass, zero in exact arithmetic), ``W ∈ [W_m ± W_r]``, ``a ∈ [a_m ± a_r]``
+(IBP intervals of the layer input) and ``ν_k = W_mᵀ Λ_k``:
+
+    Λ·z_k  ≥  ν·a − Σ|G|·W_r − Σ|Λ|·(W_r ⋆ a_r) + S·b_m − |S|·b_r − |Λ|·e_k,
+
+where ``G`` is the per-example correlation of ``Λ`` with ``a_m`` (the weight "gradient"; for a
+shared kernel it sums over positions *before* the absolute value — the whole gain), ``S`` the sum
+of ``Λ`` over positions, and ``|δ_k| ≤ e_k``. The exact identity behind it is
+``W a = W_m a + (W − W_m) a_m + (W − W_m)(a − a_m)``. For the first layer (a point input ``x``)
+the product is linear in ``W`` and bounded exactly: ``Λ·(W_m ⋆ x) − Σ|G|·W_r``. Then
+``ν·relu(z) ≥ Λ'·z + ρ`` for *any* ``Λ'``, with ``ρ = min_{z∈[l,u]} (ν·relu(z) − Λ'·z)``, a
+1-D minimum attained at ``l``, ``u`` or ``0``; ``Λ'`` is CROWN's choice (upper slope ``u/(u−l)``
+where ``ν < 0``, lower slope 0 or 1 where ``ν ≥ 0``). Since every step holds for any multipliers,
+the bound is valid whatever rounding did to ``Λ``: only the final evaluation must be rigorous.
+
+**Floating point (certify mode).** The IBP intervals come from certification mode in the
+evaluation dtype, so they enclose the real-number activations and those of a float forward pass
+in that dtype; ``e_k`` is the a-priori error of such a pass (``rounding.py``). The bound itself is
+evaluated in float64 next to a magnitude ``M`` (the same expression with every operand replaced by
+its absolute value), and lowered by ``c_D·M + 2⁻¹⁰⁰⁰``, ``c_D`` the γ-bound of the longest chain of
+operations ``D`` (Higham, Lemma 3.3; ``2⁻¹⁰⁰⁰`` covers underflow of up to 10²⁰ products). Inexact
+``ν`` (the one quantity with an exact meaning, ``W_mᵀΛ``) is charged the same way, through
+``|W_m|ᵀ|Λ| · max|a|``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..domains import Box
+from ..errors import UnsupportedLayerError
+from ..layers import TaskMask
+from ..model_walk import param_name
+from . import ibp, rounding
+
+SUPPORTED_LAYERS = (
+    "Linear, Conv2d (groups=1, zero padding), ReLU, Flatten, Dropout (eval mode), Identity, "
+    "lid_engine.TaskMask (as the last layer), nested nn.Sequential"
+)
+UNDERFLOW_ALLOWANCE = 2.0**-1000  # ≥ 10²⁰ · 2⁻¹⁰⁷⁴: every product that can underflow in float64
+_PASS_THROUGH = (nn.Flatten, nn.Dropout, nn.Identity)
+
+
+def check_supported(layers: list[tuple[str, nn.Module]]) -> None:
+    """Raise naming the first layer the linear bound cannot handle."""
+    for i, (path, m) in enumerate(layers):
+        where = f"layer '{path or '<model>'}' ({type(m).__name__})"
+        if isinstance(m, TaskMask) and i != len(layers) - 1:
+            raise UnsupportedLayerError(f"{where}: method='linear' needs TaskMask as the last layer")
+        if isinstance(m, nn.Conv2d) and m.groups != 1:
+            raise UnsupportedLayerError(f"{where}: method='linear' supports Conv2d with groups=1 only; use method='ibp'")
+        if isinstance(m, nn.Flatten) and m.start_dim < 1 and m.start_dim + 4 < 1:
+            raise UnsupportedLayerError(f"{where}: method='linear' needs Flatten to keep the batch dimension")
+        if not isinstance(m, (nn.Linear, nn.Conv2d, nn.ReLU, TaskMask) + _PASS_THROUGH):
+            raise UnsupportedLayerError(
+                f"{where} is not supported by method='linear'. Supported: {SUPPORTED_LAYERS}. "
+                "Use method='ibp' for this model."
+            )
+
+
+class _Sum:
+    """The bound's value per (example, competitor), its magnitude M and the longest chain D."""
+
+    def __init__(self, shape: tuple[int, int], like: Tensor, certify: bool):
+        self.value = like.new_zeros(shape)
+        self.mag = like.new_zeros(shape) if certify else None
+        self.depth = 0
+        self.certify = certify
+
+    def add(self, value: Tensor, mag: Tensor | None, depth: int) -> None:
+        """Add a term (N, J, ...) summed over its trailing dimensions; ``depth`` = its chain length."""
+        self.value = self.value + value.flatten(2).sum(2)
+        if self.certify:
+            self.mag = self.mag + mag.flatten(2).sum(2)
+            self.depth += depth + math.prod(value.shape[2:]) + 1
+
+    def lower(self) -> Tensor:
+        if not self.certify:
+            return self.value
+        c, _ = rounding.slack_coefficients(self.depth, torch.float64)
+        slack = rounding.round_up(rounding.round_up(self.mag * c) + UNDERFLOW_ALLOWANCE)
+        return rounding.round_down(self.value - slack)
+
+
+def linear_margins(
+    model: nn.Module,
+    box: Box,
+    x: Tensor,
+    y: Tensor,
+    *,
+    certify: bool,
+    layers: list[tuple[str, nn.Module]],
+    competitors: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """IBP's logit bounds ``(lo, hi)`` and the linear lower bounds on ``z_y − z_j`` (N, C).
+
+    The linear bound is ``-inf`` where it was not computed: at ``j = y``, at classes a ``TaskMask``
+    hides, for examples whose label it hides, and (search mode, ``competitors=k``) beyond the ``k``
+    classes with the smallest IBP margins.
+    """
+    check_supported(layers)
+    states: list[ibp.Interval] = []
+    lo, hi = ibp.propagate(model, box, x, certify=certify, layers=layers, record=states)
+    linear = lo.new_full(lo.shape, -math.inf)
+    if lo is hi:  # the output does not depend on the parameters: IBP is exact
+        return lo, hi, linear
+    mask = layers[-1][1] if isinstance(layers[-1][1], TaskMask) else None
+    body = layers[:-1] if mask is not None else layers
+    kept = torch.ones(lo.shape[1], dtype=torch.bool, device=lo.device)
+    if mask is not None and mask.task is not None:
+        kept = mask.masks[mask.task].to(lo.device)
+    rows = kept[y]  # examples whose label competes at all; a hidden label is left to IBP
+    n_kept = int(kept.sum())
+    if n_kept < 2 or not bool(rows.any()):
+        return lo, hi, linear
+    with torch.no_grad():  # competitors: the kept classes other than y, worst IBP margin first
+        rank = (lo.gather(1, y[:, None]) - hi)[rows].masked_fill(~kept, math.inf)
+        rank = rank.scatter(1, y[rows, None], math.inf)
+        k = n_kept - 1 if competitors is None else min(competitors, n_kept - 1)
+        others = rank.argsort(dim=1)[:, :k]
+    dtype = torch.float64 if certify else x.dtype
+    sub = [ibp.Interval(s.z[rows].to(dtype), point=s.point, nonneg=s.nonneg) for s in states[: len(body)]]
+    value = _backward(body, sub, box, x[rows], y[rows], others, certify=certify, dtype=dtype)
+    filled = linear[rows].scatter(1, others, value.to(linear.dtype))
+    return lo, hi, linear.masked_scatter(rows[:, None].expand_as(linear), filled)
+
+
+def _backward(layers, states, box: Box, x: Tensor, y: Tensor, others: Tensor, *, certify: bool,
+              dtype: torch.dtype) -> Tensor:
+    """Walk the layers backwards from ``Λ_L = e_y − e_j``; return the bound (N, J).
+
+    ``states[i]`` is the interval entering layer ``i`` (a point until the first layer with
+    parameters); the walk stops at the first layer whose input is a point."""
+    N, J = others.shape
+    eye = torch.eye(_n_outputs(layers), dtype=dtype, device=x.device)
+    lam = eye[y][:, None, :] - eye[others]  # (N, J, C)
+    acc = _Sum((N, J), lam, certify)
+    for i in range(len(layers) - 1, -1, -1):
+        path, m = layers[i]
+        state = states[i]
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            lam = _affine(acc, path, m, lam, state, box, certify, dtype, x.dtype)
+            if lam is None:
+                break
+        elif state.point:  # a parameter-free layer on a fixed value: its output is a constant
+            out = states[i + 1].z
+            acc.add(lam * out[:, None], lam.abs() * out.abs()[:, None] if certify else None, 1)
+            break
+        elif isinstance(m, nn.ReLU):
+            lam = _relu(acc, lam, state.lo, state.hi, certify)
+        else:  # Flatten / Dropout / Identity
+            lam = lam.reshape(N, J, *state.lo.shape[1:])
+    return acc.lower()
+
+
+def _n_outputs(layers) -> int:
+    for _, m in reversed(layers):
+        if isinstance(m, nn.Linear):
+            return m.out_features
+        if isinstance(m, nn.Conv2d):
+            break
+    raise UnsupportedLayerError("method='linear' needs the logits to come from a Linear layer")
+
+
+def _relu(acc: _Sum, nu: Tensor, l: Tensor, u: Tensor, certify: bool) -> Tensor:
+    """``ν·relu(z) ≥ Λ'·z + ρ``: CROWN's slopes for Λ', ρ added to ``acc``; returns Λ'."""
+    l, u = l[:, None], u[:, None]
+    unstable = (l < 0) & (u > 0)
+    active = (l >= 0).to(nu.dtype)
+    upper_slope = torch.where(unstable, u / (u - l).clamp_min(torch.finfo(u.dtype).tiny), active)
+    lower_slope = torch.where(unstable, (u >= -l).to(nu.dtype), active)
+    lam = torch.where(nu >= 0, nu * lower_slope, nu * upper_slope)
+    if not certify:
+        # closed form of ρ for these slopes: ν·(−u·l/(u−l)) on unstable neurons where ν < 0, else 0
+        acc.add(nu.clamp(max=0) * torch.where(unstable, -upper_slope * l, torch.zeros_like(l)), None, 0)
+        return lam
+
+    def g(z: Tensor) -> Tensor:
+        return nu * torch.relu(z) - lam * z
+
+    rho = torch.minimum(g(l), g(u))
+    rho = torch.where(unstable, torch.minimum(rho, torch.zeros_like(rho)), rho)
+    zmax = torch.maximum(l.abs(), u.abs())
+    acc.add(rho, nu.abs() * torch.relu(u) + lam.abs() * zmax, 3)
+    return lam
+
+
+def _affine(acc: _Sum, path: str, m: nn.Module, lam: Tensor, state: ibp.Interval, box: Box, certify: bool,
+            dtype: torch.dtype, eval_dtype: torch.dtype) -> Tensor | None:
+    """Add layer ``m``'s terms for multiplier ``lam`` on its output; return ``ν`` (None at a point input)."""
+    N, J = lam.shape[:2]
+    wl, wu = (box.lower[param_name(path, "weight")].to(dtype), box.upper[param_name(path, "weight")].to(dtype))
+    wm, wr = rounding.midpoint_radius(wl, wu) if certify else ((wl + wu) / 2, (wu - wl) / 2)
+    conv = isinstance(m, nn.Conv2d)
+    if conv:
+        op = lambda t, w: F.conv2d(t, w, None, m.stride, m.padding, m.dilation)  # noqa: E731
+        n_terms = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+        positions = lam.shape[-2] * lam.shape[-1]
+    else:
+        op = lambda t, w: F.linear(t, w)  # noqa: E731
+        n_terms, positions = m.in_features, 1
+    if state.point:
+        am, ar = state.z, None
+    elif certify:
+        am, ar = rounding.midpoint_radius(state.lo, state.hi)
+    else:
+        am, ar = (state.lo + state.hi) / 2, (state.hi - state.lo) / 2
+    amag = state.z.abs() if state.point else torch.maximum(state.lo.abs(), state.hi.abs())
+    flat = lam.flatten(0, 1)  # (N·J, out...)
+
+    # Σ|G|·W_r: for Linear, G = Λ ⊗ a_m is rank one, so |G| = |Λ| ⊗ |a_m|
+    if conv:
+        patches = F.unfold(am, m.kernel_size, m.dilation, m.padding, m.stride)  # (N, K, L)
+        g = torch.einsum("njol,nkl->njok", lam.flatten(3), patches)
+        term = g.abs() * wr.reshape(1, 1, wr.shape[0], -1)
+        gmag = None
+        if certify:
+            gmag = torch.einsum("njol,nkl->njok", lam.abs().flatten(3), patches.abs()) * (wm.abs() + wr).reshape(1, 1, wr.shape[0], -1)
+        acc.add(-term, gmag, positions + 2)
+    else:
+        term = lam.abs() * op(am.abs(), wr)[:, None]
+        acc.add(-term, term if certify else None, n_terms + 2)
+    if state.point:  # Λ·(W_m ⋆ x), exact up to rounding
+        centre = lam * op(am, wm)[:, None]
+        acc.add(centre, lam.abs() * op(am.abs(), wm.abs())[:, None] if certify else None, n_terms + 1)
+    else:  # second-order term Σ|Λ|·(W_r ⋆ a_r)
+        second = lam.abs() * op(ar, wr)[:, None]
+        acc.add(-second, second if certify else None, n_terms + 1)
+    if m.bias is not None:
+        bl, bu = box.lower[param_name(path, "bias")].to(dtype), box.upper[param_name(path, "bias")].to(dtype)
+        bm, br = rounding.midpoint_radius(bl, bu) if certify else ((bl + bu) / 2, (bu - bl) / 2)
+        s = lam.flatten(3).sum(3) if conv else lam
+        bias_term = s * bm - s.abs() * br
+        smag = (lam.abs().flatten(3).sum(3) if conv else lam.abs()) * (bm.abs() + br) if certify else None
+        acc.add(bias_term, smag, positions + 2)
+    if certify:  # a float forward pass in the evaluation dtype deviates by at most e per output
+        wmax = torch.maximum(wl.abs(), wu.abs())
+        fwd = op(amag, wmax)
+        if m.bias is not None:
+            bmax = torch.maximum(bl.abs(), bu.abs())
+            fwd = fwd + (bmax.reshape(1, -1, 1, 1) if conv else bmax)
+        c, k = rounding.slack_coefficients(n_terms + 1, eval_dtype)
+        e = rounding.round_up(rounding.round_up(fwd * c) + k * rounding.eta(eval_dtype))
+        err = lam.abs() * e[:, None]
+        acc.add(-err, err, 2)
+    if state.point:
+        return None
+    if conv:
+        nu = torch.nn.grad.conv2d_input((N * J, *am.shape[1:]), wm, flat, m.stride, m.padding, m.dilation)
+    else:
+        nu = flat @ wm
+    nu = nu.reshape(N, J, *am.shape[1:])
+    if certify:  # ν is W_mᵀΛ only up to rounding: charge |W_m|ᵀ|Λ|·max|a|
+        if conv:
+            nabs = torch.nn.grad.conv2d_input((N * J, *am.shape[1:]), wm.abs(), flat.abs(), m.stride, m.padding, m.dilation)
+        else:
+            nabs = flat.abs() @ wm.abs()
+        acc.add(torch.zeros_like(nu), nabs.reshape(nu.shape) * amag[:, None], n_terms)
+    return nu
