@@ -85,8 +85,9 @@ class LidPGD(Method):
     certified = True
 
     def __init__(self, *args, bias: Bias | None = None, buffer: str | None = None, tau: float | None = None,
-                 primal_lr: float | None = None, iterations: int | None = None):
+                 primal_lr: float | None = None, iterations: int | None = None, bound: str = "ibp"):
         super().__init__(*args)
+        self.bound = bound  # "ibp" (the paper's) or "linear": searches and certifies every LID
         if buffer is not None:
             self.buffer_plan = parse_buffer(buffer)
             self.max_calls = BUFFERS[self.buffer_plan.size][1]
@@ -118,10 +119,11 @@ class LidPGD(Method):
         best-certified member when none does (its certificate is still sound, just below τ).
         With several constraints the minibatch is shared out, so an iteration costs the same."""
         batch = max(64, self.s.search_batch // len(kwargs["tasks"]))
+        bound = {} if self.bound == "ibp" else {"method": self.bound, "competitors": self.s.linear_competitors}
         lid = compute_lid(
             model, keep="all", progress=False, seed=self.seed, iterations=self.iterations,
             batch_size=batch, checkpoints=self.s.checkpoints, primal_lr=self.primal_lr,
-            tau_margin=self.s.tau_margin, **kwargs,
+            tau_margin=self.s.tau_margin, **bound, **kwargs,
         )
         meeting = [i for i in range(len(lid)) if all(
             lid.certificate(i, t).certified_accuracy >= lid.tasks[t].tau for t in lid.tasks)]

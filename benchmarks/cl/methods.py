@@ -34,6 +34,9 @@ class Settings:
     primal_lr: float = 0.33
     tau_margin: float = 0.05
     strategy: str = "sample_largest_closest"
+    # the "+linear" variants: search with the linear bound on the 3 classes IBP fears most per example
+    # (certificates bound all); Class-IL has 9 competitors, and all 9 cost 3× as much per iteration
+    linear_competitors: int = 3
     # replay training after a buffer recomputation (METHOD.md §3.3: early stopping, patience 10;
     # ours stops sooner: inside a recomputed box the gain flattens after one or two epochs)
     buffer_patience: int = 2

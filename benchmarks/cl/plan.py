@@ -19,6 +19,7 @@ RESULTS = Path(__file__).resolve().parent.parent / "results"
 RUNS = RESULTS / "cl_runs"
 MAIN_METHODS = ("sgd", "ewc", "lwf", "icn", "lid")
 PER_TASK_SEEDS = 10  # the per-task LARGE reading of the call budget (METHOD.md leaves it open)
+LINEAR_SEEDS = 3  # PGD w/ LID with the linear bound (ours): 2–4× the cost of an IBP unit
 BIAS_VARIANTS = ("unbiased", "fisher_lookahead", "si_lookahead", "fisher_retrospective_top5", "si_retrospective_top5")
 
 
@@ -69,7 +70,9 @@ def plan_units(plan: str, *, data: str = "", scenarios=SCENARIOS, methods=MAIN_M
         sizes = buffers(range(3), ("small", "medium", "small_recertify", "medium_recertify"), agem=False)
         # METHOD.md leaves open whether the 7 calls count over the sequence or per task: the per-task reading
         per_task = buffers(range(PER_TASK_SEEDS), ("large_per_task",), agem=False)
-        return targets + large + lookahead[:5] + rest + lookahead[5:] + sizes + per_task
+        # ours: every LID searched and certified with the linear margin bound instead of IBP
+        linear = [Unit("main", sc, "lid", s, "linear") for s in range(LINEAR_SEEDS) for sc in SCENARIOS]
+        return targets + large + lookahead[:5] + rest + lookahead[5:] + sizes + per_task + linear
     if plan == "smoke":  # seconds: for tests of the driver itself
         return [Unit("main", "class", "sgd", 0)]
     raise SystemExit(f"unknown plan {plan!r}; expected reduced, full, custom or smoke")

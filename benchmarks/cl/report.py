@@ -43,9 +43,11 @@ TARGETS = [  # (what, experiment, scenario, label, field, threshold) — the iss
      0.71),
 ]
 MIN_TARGET_SEEDS = 10  # the issue judges each target over at least this many seeds
-MAIN_ROWS = ("sgd", "ewc", "lwf", "icn", "lid", "lid-fisher_lookahead")  # the last: ours, with the lookahead buffer
+# the last two: ours, with the lookahead buffer, and with the linear bound instead of IBP
+MAIN_ROWS = ("sgd", "ewc", "lwf", "icn", "lid", "lid-fisher_lookahead", "lid-linear")
 METHOD_NAMES = {"sgd": "SGD (fine-tuning)", "ewc": "EWC", "lwf": "LwF", "icn": "ICN (interval)", "lid": "PGD w/ LID",
-                "agem": "A-GEM", "lid-fisher_lookahead": "PGD w/ LID + Fisher lookahead (ours)"}
+                "agem": "A-GEM", "lid-fisher_lookahead": "PGD w/ LID + Fisher lookahead (ours)",
+                "lid-linear": "PGD w/ LID, linear bound (ours)"}
 # How a buffer's calls are spent (lid_method.parse_buffer): suffix → (table name, plot tag)
 BUFFER_ORDERS = {"": ("paper's order", ""), "_per_task": ("paper's order, call budget per task", "\nper task"),
                  "_recertify": ("recertify (ours)", "\nrecert.")}

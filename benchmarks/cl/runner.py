@@ -103,20 +103,37 @@ def build_model(seq: TaskSequence) -> nn.Module:
 
 
 def make_method(unit: Unit, seq: TaskSequence, settings: Settings) -> Method:
+    variant, bound = split_bound(unit.variant)
     if unit.experiment == "biasing":
         # METHOD.md §2.1 table: the biasing runs use τ = 0.8, 300 iterations, primal lr 0.5/p
-        return LidPGD(seq, settings, unit.seed, bias=BIASES[unit.variant], tau=0.8, primal_lr=0.5, iterations=300)
-    if unit.method == "lid" and unit.variant in BIASES:  # a biased LID in the main protocol (τ rule kept)
-        return LidPGD(seq, settings, unit.seed, bias=BIASES[unit.variant])
-    if unit.method == "lid" and unit.variant:
-        return LidPGD(seq, settings, unit.seed, buffer=unit.variant)
+        return LidPGD(seq, settings, unit.seed, bias=BIASES[variant], tau=0.8, primal_lr=0.5, iterations=300, bound=bound)
+    if unit.method == "lid" and variant in BIASES:  # a biased LID in the main protocol (τ rule kept)
+        return LidPGD(seq, settings, unit.seed, bias=BIASES[variant], bound=bound)
+    if unit.method == "lid" and variant:
+        return LidPGD(seq, settings, unit.seed, buffer=variant, bound=bound)
+    if unit.method == "lid":
+        return LidPGD(seq, settings, unit.seed, bound=bound)
+    if bound != "ibp":
+        raise ValueError(f"variant {unit.variant!r}: only LID methods take a bound")
     return METHODS[unit.method](seq, settings, unit.seed)
+
+
+def split_bound(variant: str) -> tuple[str, str]:
+    """``"linear"`` → ("", "linear"); ``"large+linear"`` → ("large", "linear"); otherwise the IBP bound.
+
+    ``+linear`` searches and certifies every LID with the linear margin bound (lid_engine.bounds.linear)
+    instead of the paper's IBP."""
+    if variant == "linear":
+        return "", "linear"
+    if variant.endswith("+linear"):
+        return variant[: -len("+linear")], "linear"
+    return variant, "ibp"
 
 
 def holdout_sizes(unit: Unit) -> list[int] | None:
     if unit.experiment != "buffers":
         return None
-    return BUFFERS["large" if unit.method == "agem" else parse_buffer(unit.variant).size][0]
+    return BUFFERS["large" if unit.method == "agem" else parse_buffer(split_bound(unit.variant)[0]).size][0]
 
 
 def run_unit(unit: Unit, settings: Settings) -> dict:

@@ -19,6 +19,7 @@ from . import ibp, linear, rounding
 METHODS = ("ibp", "crown", "crown+ibp")
 MARGIN_METHODS = ("ibp", "linear")  # the sound ones: both usable in mode="certify"
 MODES = ("certify", "search")
+LINEAR_CHUNK = 256  # examples per linear-bound pass: ~0.5 GB in float64 for the 10-class MNIST CNN
 
 
 def bound_logits(
@@ -116,8 +117,11 @@ def margin_bounds(
     layers = ibp.check_supported(model)
     if method == "linear":
         linear.check_supported(layers)
+        p = next(model.parameters())
         with torch.no_grad():
-            _check_label_range(y, model(x[:1].to(next(model.parameters()).dtype)).shape, where)
+            _check_label_range(y, model(x[:1].to(p.device, p.dtype)).shape, where)
+        # the backward pass holds (examples × competitors × neurons) tensors: bound a few hundred at a time
+        batch_size = min(batch_size or len(x), LINEAR_CHUNK)
     idx = [slice(None)] if batch_size is None or batch_size >= len(x) else \
         [slice(i, i + batch_size) for i in range(0, len(x), batch_size)]
     ctx = rounding.certification_backend() if mode == "certify" else rounding.native_kernels()

@@ -36,6 +36,7 @@ operations ``D`` (Higham, Lemma 3.3; ``2⁻¹⁰⁰⁰`` covers underflow of up 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -64,8 +65,6 @@ def check_supported(layers: list[tuple[str, nn.Module]]) -> None:
             raise UnsupportedLayerError(f"{where}: method='linear' needs TaskMask as the last layer")
         if isinstance(m, nn.Conv2d) and m.groups != 1:
             raise UnsupportedLayerError(f"{where}: method='linear' supports Conv2d with groups=1 only; use method='ibp'")
-        if isinstance(m, nn.Flatten) and m.start_dim < 1 and m.start_dim + 4 < 1:
-            raise UnsupportedLayerError(f"{where}: method='linear' needs Flatten to keep the batch dimension")
         if not isinstance(m, (nn.Linear, nn.Conv2d, nn.ReLU, TaskMask) + _PASS_THROUGH):
             raise UnsupportedLayerError(
                 f"{where} is not supported by method='linear'. Supported: {SUPPORTED_LAYERS}. "
@@ -135,9 +134,18 @@ def linear_margins(
         others = rank.argsort(dim=1)[:, :k]
     dtype = torch.float64 if certify else x.dtype
     sub = [ibp.Interval(s.z[rows].to(dtype), point=s.point, nonneg=s.nonneg) for s in states[: len(body)]]
-    value = _backward(body, sub, box, x[rows], y[rows], others, certify=certify, dtype=dtype)
-    filled = linear[rows].scatter(1, others, value.to(linear.dtype))
+    with contextlib.nullcontext() if certify else rounding.onednn_kernels():
+        value = _backward(body, sub, box, x[rows], y[rows], others, certify=certify, dtype=dtype)
+    filled = linear[rows].scatter(1, others, _narrow_down(value, linear.dtype) if certify else value)
     return lo, hi, linear.masked_scatter(rows[:, None].expand_as(linear), filled)
+
+
+def _narrow_down(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """Cast a float64 lower bound to ``dtype`` without rounding it up."""
+    if dtype == t.dtype:
+        return t
+    n = t.to(dtype)
+    return torch.where(n.to(t.dtype) > t, rounding.round_down(n), n)
 
 
 def _backward(layers, states, box: Box, x: Tensor, y: Tensor, others: Tensor, *, certify: bool,
@@ -225,13 +233,13 @@ def _affine(acc: _Sum, path: str, m: nn.Module, lam: Tensor, state: ibp.Interval
 
     # Σ|G|·W_r: for Linear, G = Λ ⊗ a_m is rank one, so |G| = |Λ| ⊗ |a_m|
     if conv:
-        patches = F.unfold(am, m.kernel_size, m.dilation, m.padding, m.stride)  # (N, K, L)
-        g = torch.einsum("njol,nkl->njok", lam.flatten(3), patches)
-        term = g.abs() * wr.reshape(1, 1, wr.shape[0], -1)
-        gmag = None
-        if certify:
+        if certify:  # plain dot products (the rounding model) over the unfolded patches (N, K, L)
+            patches = F.unfold(am, m.kernel_size, m.dilation, m.padding, m.stride)
+            g = torch.einsum("njol,nkl->njok", lam.flatten(3), patches)
             gmag = torch.einsum("njol,nkl->njok", lam.abs().flatten(3), patches.abs()) * (wm.abs() + wr).reshape(1, 1, wr.shape[0], -1)
-        acc.add(-term, gmag, positions + 2)
+        else:
+            g, gmag = _weight_correlation(lam, am, m), None
+        acc.add(-g.abs() * wr.reshape(1, 1, wr.shape[0], -1), gmag, positions + 2)
     else:
         term = lam.abs() * op(am.abs(), wr)[:, None]
         acc.add(-term, term if certify else None, n_terms + 2)
@@ -272,3 +280,19 @@ def _affine(acc: _Sum, path: str, m: nn.Module, lam: Tensor, state: ibp.Interval
             nabs = flat.abs() @ wm.abs()
         acc.add(torch.zeros_like(nu), nabs.reshape(nu.shape) * amag[:, None], n_terms)
     return nu
+
+
+def _weight_correlation(lam: Tensor, am: Tensor, m: nn.Conv2d) -> Tensor:
+    """Per example and competitor, ``G = Σ_positions Λ ⊗ patch(a_m)`` as (N, J, Cout, Cin·kh·kw).
+
+    One grouped convolution (examples as groups, Λ as the kernel; the layer's stride and dilation
+    swap roles) instead of unfolding every patch: 3× faster in the search. ``a_m`` is detached: the
+    gradient reaches the box through ``W_r``, and back-propagating through the patches cost a third
+    of an iteration for little signal."""
+    N, J, cout = lam.shape[:3]
+    kh, kw = m.kernel_size
+    with rounding.onednn_kernels():  # search mode only: any kernel will do
+        out = F.conv2d(am.detach().transpose(0, 1), lam.reshape(N * J * cout, 1, *lam.shape[-2:]), None,
+                       stride=m.dilation, padding=m.padding, dilation=m.stride, groups=N)
+    out = out[..., :kh, :kw].reshape(m.in_channels, N, J, cout, kh * kw)
+    return out.permute(1, 2, 3, 0, 4).reshape(N, J, cout, m.in_channels * kh * kw)

@@ -123,6 +123,22 @@ def native_kernels(nnpack: bool = True) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def onednn_kernels() -> Iterator[None]:
+    """oneDNN (mkldnn) convolutions, for search-mode work where they are the fast path (the linear
+    bound's per-example grouped and transposed convolutions). Never used while certifying."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+        on = torch.backends.mkldnn.flags(enabled=True)
+        on.__enter__()
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+            on.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
 def certification_backend() -> Iterator[None]:
     """Force kernels whose rounding obeys the dot-product error model.
 
