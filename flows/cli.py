@@ -255,9 +255,14 @@ def certify(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     confidence: Annotated[float, typer.Option("--confidence")] = 0.95,
     balanced: Annotated[bool, typer.Option("--balanced", help="Certify balanced accuracy instead of accuracy.")] = False,
+    bound: Annotated[str, typer.Option(
+        "--bound", help="Sound bound for the search and the certificates: 'ibp' (the paper's) or 'linear' "
+        "(tighter on convolutions; Linear/Conv2d/ReLU models).")] = "ibp",
 ) -> None:
     """Search and certify an LID around a trained model; write it to --out."""
     with _cli_errors():
+        if bound not in ("ibp", "linear"):
+            raise BadInput(f"--bound must be 'ibp' or 'linear', got {bound!r}")
         if (tau is None) == (tau_from_accuracy is None):
             raise BadInput("give exactly one of --tau and --tau-from-accuracy")
         if tau is not None and not 0.0 <= tau <= 1.0:
@@ -316,6 +321,7 @@ def certify(
         lid = compute_lid(
             net, x, y, tau=tau, iterations=iterations, checkpoints=checkpoints, batch_size=batch_size, seed=seed,
             cert_x=cx, cert_y=cy, confidence=confidence, spec_kind="balanced_accuracy" if balanced else "accuracy",
+            method=bound,
         )
         lid.save(out)
         if split:

@@ -3,8 +3,8 @@
 A ``Certificate`` records a *deterministic* claim and a *statistical* one:
 
 * **On the certification set** (deterministic): ``certified`` of the ``n`` examples are classified
-  correctly by *every* parameter vector in the domain (sound IBP bounds, floating-point rounding
-  included). So every θ' in the domain has accuracy ≥ ``certified_accuracy`` on that set
+  correctly by *every* parameter vector in the domain (sound IBP or linear margin bounds, as
+  ``bound_method`` says; floating-point rounding included). So every θ' in the domain has accuracy ≥ ``certified_accuracy`` on that set
   (balanced accuracy for ``kind == "balanced_accuracy"``).
 * **On the population** (finite-sample, one-sided Clopper–Pearson): if the ``n`` certification
   examples are i.i.d. draws from the deployment distribution and were not used to choose the
@@ -24,8 +24,8 @@ A ``Certificate`` records a *deterministic* claim and a *statistical* one:
 reported, including ones discarded afterwards because their certificate was too low — otherwise
 the selection would invalidate the union bound. ``LID.subset`` keeps the original count.
 
-**Floating point.** IBP in certification mode encloses the exact real-number outputs *and* any
-floating-point forward pass carried out in the arithmetic of the bound computation (``dtype``). A
+**Floating point.** Both bounds in certification mode enclose the exact real-number outputs *and*
+any floating-point forward pass carried out in the arithmetic of the bound computation (``dtype``). A
 float32 model certified with ``dtype=float64`` would therefore not be covered when it runs in its own
 float32 arithmetic (a 1e-8 logit margin certified in float64 can vanish in a float32 forward). So an
 example counts as certified only if it is certified in ``dtype`` *and* in every lower precision the
@@ -59,6 +59,7 @@ from .spec import SPEC_KINDS, Spec, certified_mask, check_labels
 
 CERTIFICATE_FORMAT = "lidgate.certificate/1"
 BOUND_METHODS = MARGIN_METHODS  # "ibp", "linear": both sound under floating point
+BOUND_NAMES = {"ibp": "IBP bounds", "linear": "linear margin bounds (intersected with IBP)"}
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
 BUFFER_PREFIX = "buffer:"
 # The quantile routine is accurate to a few ulps; the bound is lowered by this relative amount so
@@ -353,7 +354,8 @@ class Certificate:
         metric = "balanced accuracy" if self.kind == "balanced_accuracy" else "accuracy"
         return (
             f"Every parameter vector in domain {self.member} has {metric} ≥ {self.certified_accuracy:.4f} on the "
-            f"{self.n} certification examples of task '{self.task}' ({self.certified} certified; sound IBP, "
+            f"{self.n} certification examples of task '{self.task}' ({self.certified} certified; sound "
+            f"{BOUND_NAMES[self.bound_method]}, "
             f"covering exact arithmetic and evaluation in {' and '.join(self.evaluation_dtypes)}). If those examples are i.i.d. from the deployment distribution and unseen by the "
             f"search, then with probability ≥ {self.confidence:g} every such parameter vector has population "
             f"{metric} ≥ {self.lower_bound:.4f} (one-sided Clopper–Pearson, union bound over "
@@ -522,6 +524,7 @@ def certify_box(
 
 __all__ = [
     "BOUND_METHODS",
+    "BOUND_NAMES",
     "CERTIFICATE_FORMAT",
     "Certificate",
     "certified_counts",

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .certificate import (
+    BOUND_NAMES,
     BUFFER_PREFIX,
     Certificate,
     _engine_version,
@@ -469,7 +470,7 @@ class LID:
         return (
             f"Task '{t}' ({metric} ≥ τ = {c0.tau:g}): every parameter vector in the union of the {len(self)} "
             f"domain(s) has {metric} ≥ {self.certified_accuracy(t):.4f} on the {c0.n} held-out certification "
-            f"examples (deterministic, sound IBP bounds covering exact arithmetic and evaluation in "
+            f"examples (deterministic, sound {BOUND_NAMES[c0.bound_method]} covering exact arithmetic and evaluation in "
             f"{' and '.join(c0.evaluation_dtypes)}). Provided those examples are i.i.d. draws "
             f"from the deployment distribution that the search never saw, with probability ≥ {c0.confidence:g} "
             f"over their draw every such parameter vector has population {metric} ≥ {self.lower_bound(t):.4f} "

@@ -17,3 +17,9 @@ def broken() -> nn.Module:
 
 def not_a_model():
     return 42
+
+
+def bn_mlp() -> nn.Module:
+    """A BatchNorm model: IBP bounds it, the linear bound does not (``--bound linear`` must say so)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)).eval()

@@ -124,6 +124,17 @@ def test_bad_options(files, tmp_path):
     assert_bad_input(run(*base, "--out", files["lid"], "--tau", "0.8"), "not an empty directory")
     assert_bad_input(run(*base, "--out", tmp_path / "o", "--tau", "0.8", "--cert-data", files["data.npz"]),
                      "400 of its 400 examples also occur in --data")
+    assert_bad_input(run(*base, "--out", tmp_path / "o", "--tau", "0.8", "--bound", "zonotope"),
+                     "--bound must be 'ibp' or 'linear'")
+
+
+def test_linear_bound_on_an_unsupported_layer_is_bad_input(files, tmp_path):
+    from tests.cli_models import bn_mlp
+
+    save_file(bn_mlp().state_dict(), str(tmp_path / "bn.safetensors"))
+    result = run("certify", "--model", "tests.cli_models:bn_mlp", "--weights", tmp_path / "bn.safetensors",
+                 "--data", files["data.npz"], "--out", tmp_path / "o", "--tau", "0.5", "--bound", "linear")
+    assert_bad_input(result, "layer '1' (BatchNorm1d)", "method='ibp'")
 
 
 # ------------------------------------------------------------------------------- inspect / verify
@@ -195,3 +206,17 @@ def test_certify_with_cert_data_and_tau_rule(files, tmp_path):
     assert not (out / "cert_data.npz").exists()
     result = run("verify", out, "--model", FACTORY, "--weights", files["w.safetensors"], "--data", files["cert.npz"])
     assert result.exit_code == 0, result.output
+
+
+def test_certify_with_the_linear_bound(files, tmp_path):
+    out = tmp_path / "lid"
+    result = run("certify", "--model", FACTORY, "--weights", files["w.safetensors"], "--data", files["data.npz"],
+                 "--out", out, "--tau", "0.6", "--iterations", "20", "--checkpoints", "2", "--batch-size", "200",
+                 "--bound", "linear")
+    assert result.exit_code == 0, result.output
+    lid = LID.load(out)
+    assert lid.meets_spec() and lid.certificate(0).bound_method == "linear"
+    result = run("verify", out, "--model", FACTORY, "--weights", files["w.safetensors"])
+    assert result.exit_code == 0, result.output
+    result = run("inspect", out)
+    assert result.exit_code == 0 and "linear" in result.stdout, result.output
