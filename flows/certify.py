@@ -95,8 +95,12 @@ def certify_flow(
     confidence: float = 0.95,
     seed: int = 0,
     model_name: str | None = None,
+    bound: str = "ibp",
 ) -> dict:
-    """Certify ``candidate_dir``'s model; writes ``lid/`` and ``certify.json`` there and returns the summary."""
+    """Certify ``candidate_dir``'s model; writes ``lid/`` and ``certify.json`` there and returns the summary.
+
+    ``bound``: ``"ibp"`` (the paper's) or ``"linear"`` (tighter on convolutions; the search then
+    bounds the 3 most dangerous classes per example, the certificates all of them)."""
     import torch
 
     import lid_engine as le
@@ -107,12 +111,15 @@ def certify_flow(
     log = get_run_logger()
     if biasing not in ("fisher", "si", "none"):
         raise ValueError(f"certify_flow: 'biasing' must be 'fisher', 'si' or 'none', got {biasing!r}")
+    if bound not in ("ibp", "linear"):
+        raise ValueError(f"certify_flow: 'bound' must be 'ibp' or 'linear', got {bound!r}")
     settings = get_settings(model_name)
     registry = open_registry(settings)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     spec, model = load_candidate(candidate_dir)
     data = load_task(task_ref, max_eval=max_eval, seed=seed)
-    summary: dict = {"task": data.name, "task_ref": task_ref, "device": device, "lid": False, "error": None}
+    summary: dict = {"task": data.name, "task_ref": task_ref, "device": device, "bound": bound, "lid": False,
+                     "error": None}
 
     champion_version = registry.champion()
     champion = registry.load(version=champion_version) if champion_version else None
@@ -140,6 +147,7 @@ def certify_flow(
             model.to(device), tasks={data.name: (*data.search, tau)}, cert={data.name: data.cert},
             within=within, mask=mask, iterations=iterations, checkpoints=checkpoints, batch_size=batch_size,
             confidence=confidence, seed=seed, device=device, progress=True,
+            **({"method": "linear", "competitors": 3} if bound == "linear" else {}),
         )
     except le.LidSearchError as exc:
         summary["error"] = str(exc)

@@ -117,7 +117,7 @@ def _pipeline(
     *, task_ref: str, bootstrap: bool, projection: bool, strategy: str, epochs: int, lr: float, batch_size: int,
     tau: float | None, tau_delta: float, biasing: str, frozen_fraction: float, lookahead_dir: str | None,
     iterations: int, checkpoints: int, max_train: int | None, max_eval: int | None, confidence: float, seed: int,
-    model_name: str | None, factory: str, factory_kwargs: dict | None, export: bool,
+    model_name: str | None, factory: str, factory_kwargs: dict | None, export: bool, bound: str,
 ) -> dict:
     import torch
 
@@ -170,6 +170,7 @@ def _pipeline(
         candidate_dir, task_ref=task_ref, tau=tau, tau_delta=tau_delta, biasing=biasing,
         frozen_fraction=frozen_fraction, lookahead_dir=lookahead_dir, iterations=iterations,
         checkpoints=checkpoints, max_eval=max_eval, confidence=confidence, seed=seed, model_name=settings.model_name,
+        bound=bound,
     )
     summary["certification"] = cert
     new_lid = None
@@ -215,14 +216,17 @@ def retrain_flow(
     seed: int = 0,
     model_name: str | None = None,
     export: bool = True,
+    bound: str = "ibp",
 ) -> dict:
-    """Retrain the champion on ``task_ref`` and promote the result only if it is certified safe."""
+    """Retrain the champion on ``task_ref`` and promote the result only if it is certified safe.
+
+    ``bound`` is the sound bound the new LID is searched and certified with (``certify_flow``)."""
     return _pipeline(
         task_ref=task_ref, bootstrap=False, projection=projection, strategy=strategy, epochs=epochs, lr=lr,
         batch_size=batch_size, tau=tau, tau_delta=tau_delta, biasing=biasing, frozen_fraction=frozen_fraction,
         lookahead_dir=lookahead_dir, iterations=iterations, checkpoints=checkpoints, max_train=max_train,
         max_eval=max_eval, confidence=confidence, seed=seed, model_name=model_name, factory="", factory_kwargs=None,
-        export=export,
+        export=export, bound=bound,
     )
 
 
@@ -244,6 +248,7 @@ def bootstrap_flow(
     seed: int = 0,
     model_name: str | None = None,
     export: bool = True,
+    bound: str = "ibp",
 ) -> dict:
     """Train the first model from scratch on ``task_ref``, certify its LID and make it the champion."""
     return _pipeline(
@@ -251,5 +256,5 @@ def bootstrap_flow(
         batch_size=batch_size, tau=tau, tau_delta=tau_delta, biasing="none", frozen_fraction=0.0,
         lookahead_dir=None, iterations=iterations, checkpoints=checkpoints, max_train=max_train, max_eval=max_eval,
         confidence=confidence, seed=seed, model_name=model_name, factory=factory, factory_kwargs=factory_kwargs,
-        export=export,
+        export=export, bound=bound,
     )

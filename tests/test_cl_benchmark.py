@@ -278,3 +278,28 @@ def test_a_new_benchmark_needs_data_not_code(tmp_path):
         from benchmarks.cl.protocol import npz_tasks
 
         npz_tasks(str(tmp_path / "bad.npz"), "class", 0)
+
+
+def test_linear_bound_variant_searches_and_certifies_with_it(tmp_path):
+    """'+linear' variants: every LID of the run rests on the linear margin bound, certificates sound."""
+    from benchmarks.cl.runner import make_method, split_bound
+
+    assert split_bound("linear") == ("", "linear") and split_bound("large+linear") == ("large", "linear")
+    assert split_bound("fisher_lookahead") == ("fisher_lookahead", "ibp")
+    seq, model, method, final = _run(LidPGD, "class", bound="linear")
+    methods = {c.bound_method for lids in method.lids.values() for lid, _, _ in lids
+               for certs in lid.certificates for c in certs.values()}
+    assert methods == {"linear"}
+    summary = certificate_summary(method, model, seq, final)
+    assert summary["all_sound"] and summary["missing_certificates"] == []
+    unit = Unit("main", "class", "lid", 0, "linear", dataset="blobs")
+    assert isinstance(make_method(unit, seq, FAST), LidPGD) and make_method(unit, seq, FAST).bound == "linear"
+    with pytest.raises(ValueError, match="only LID methods take a bound"):
+        make_method(Unit("main", "class", "sgd", 0, "linear", dataset="blobs"), seq, FAST)
+    # a unit recorded before a Settings field existed reads with the field's default: one settings line
+    record = run_unit(Unit("main", "class", "sgd", 0, dataset="blobs"), Settings(recipe=Recipe(epochs=1)))
+    save(record, Unit("main", "class", "sgd", 0, dataset="blobs").path(tmp_path / "runs"))
+    old = dict(record, settings={k: v for k, v in record["settings"].items() if k != "linear_competitors"})
+    save(old, Unit("main", "class", "sgd", 1, dataset="blobs").path(tmp_path / "runs"))
+    md = write_report(tmp_path / "runs", tmp_path / "out").read_text()
+    assert "different settings" not in md and "3 classes IBP fears most" in md

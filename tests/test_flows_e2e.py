@@ -59,8 +59,11 @@ def test_promotion_path_registers_certifies_promotes_and_exports(home):
 
     r1 = _bootstrap()
     assert r1["promoted"] and r1["champion_after"] == r1["version"] == "1"
-    r2 = retrain_flow(task_ref="digits:2,3", projection=True, biasing="fisher", frozen_fraction=0.5, **FAST)
+    # the update is certified with the linear bound; v1's IBP certificate is re-checked with IBP
+    r2 = retrain_flow(task_ref="digits:2,3", projection=True, biasing="fisher", frozen_fraction=0.5, bound="linear",
+                      **FAST)
     assert r2["promoted"], r2["reasons"]
+    assert r2["certification"]["bound"] == "linear"
     assert r2["certification"]["reverify"] == [{"version": "1", "ok": True, "failures": []}]
     registry = _registry()
     assert registry.champion() == "2"
@@ -68,6 +71,8 @@ def test_promotion_path_registers_certifies_promotes_and_exports(home):
     assert statuses == {"1": "promoted", "2": "promoted"}
     v2 = registry.load(version="2")
     assert v2.lineage == ["1"] and v2.lid is not None
+    assert v2.lid.certificate(0).bound_method == "linear"
+    assert registry.load(version="1").lid.certificate(0).bound_method == "ibp"
     # the promoted version's ONNX export carries its certificate digest and matches torch
     onnx_path = Path(r2["onnx"]["path"])
     assert read_onnx_metadata(onnx_path)["lidgate.certificate_sha256"] == v2.tags["lid.certificate_sha256"]

@@ -3,8 +3,8 @@
 Why: IBP bounds every neuron on its own, so the uncertainty of a *shared* weight (a convolution
 kernel is used at every position) is added up position by position in absolute value. The margin
 ``z_y − z_j`` depends on that weight through sums whose terms partly cancel; a linear bound keeps
-their signs. On the paper's MNIST CNN this certifies 3–10× wider convolution boxes at the same
-certified accuracy (benchmarks/results/bounds.md). The last layer gains nothing (IBP is already
+their signs. On the paper's MNIST CNN this certifies 2.8–6.3× wider convolution radii at the same
+certified accuracy (benchmarks/results/margins.md). The last layer gains nothing (IBP is already
 exact there for a point-valued input), so ``bound_margins`` intersects both bounds.
 
 **The bound.** For the margin ``c·z_L`` (``c = e_y − e_j``) pick any multipliers ``Λ_k`` on the
