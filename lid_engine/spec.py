@@ -15,14 +15,15 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from .bounds import bound_logits, margin_bounds
+from .bounds import bound_logits, combine_margins, margin_bounds
 from .domains import Box
 from .errors import InvalidInputError
 
 SPEC_KINDS = ("accuracy", "balanced_accuracy")
 
 
-def check_labels(y: Tensor, n_outputs: int, n_examples: int, where: str) -> Tensor:
+def check_labels(y: Tensor, n_outputs: int | None, n_examples: int, where: str) -> Tensor:
+    """``y`` as int64 class indices, or a clear error; ``n_outputs=None`` skips the range check."""
     if not isinstance(y, Tensor):
         raise InvalidInputError(f"{where}: 'y' must be a torch.Tensor of class indices, got {type(y).__name__}")
     if y.dim() != 1 or len(y) != n_examples:
@@ -32,7 +33,7 @@ def check_labels(y: Tensor, n_outputs: int, n_examples: int, where: str) -> Tens
             raise InvalidInputError(f"{where}: 'y' holds non-integer labels")
         y = y.long()
     y = y.long()
-    if len(y) and (int(y.min()) < 0 or int(y.max()) >= n_outputs):
+    if n_outputs is not None and len(y) and (int(y.min()) < 0 or int(y.max()) >= n_outputs):
         raise InvalidInputError(
             f"{where}: labels must lie in 0..{n_outputs - 1} (the model has {n_outputs} outputs), "
             f"got range {int(y.min())}..{int(y.max())}"
@@ -46,7 +47,8 @@ def _certify_bounds(model, domain, x, y, method, dtype, batch_size, where: str) 
         raise InvalidInputError(f"{where}: 'batch_size' must be a positive integer or None, got {batch_size!r}")
     batch_size = None if batch_size is None else int(batch_size)
     if method == "linear":
-        lo, hi, lin = margin_bounds(model, domain, x, _integer_labels(y, where), method, mode="certify", dtype=dtype,
+        labels = check_labels(y, None, len(x), where) if isinstance(x, Tensor) else y  # else: margin_bounds says why
+        lo, hi, lin = margin_bounds(model, domain, x, labels, method, mode="certify", dtype=dtype,
                                     batch_size=batch_size, where=where)
     else:  # IBP, or a method bound_logits refuses to certify with (it says why)
         lo, hi = bound_logits(model, domain, x, method, mode="certify", dtype=dtype, batch_size=batch_size)
@@ -56,16 +58,6 @@ def _certify_bounds(model, domain, x, y, method, dtype, batch_size, where: str) 
             f"{where}: the model must output logits of shape (N, n_classes), got shape {tuple(lo.shape)}"
         )
     return lo, hi, lin, check_labels(y, lo.shape[1], len(lo), where).to(lo.device)
-
-
-def _integer_labels(y, where: str) -> Tensor:
-    if not isinstance(y, Tensor):
-        raise InvalidInputError(f"{where}: 'y' must be a torch.Tensor of class indices, got {type(y).__name__}")
-    if y.is_floating_point():
-        if not bool((y == y.round()).all()):
-            raise InvalidInputError(f"{where}: 'y' holds non-integer labels")
-        y = y.long()
-    return y
 
 
 def worst_case_logits(lo: Tensor, hi: Tensor, y: Tensor) -> Tensor:
@@ -84,14 +76,6 @@ def certified_mask(lo: Tensor, hi: Tensor, y: Tensor, linear: Tensor | None = No
         return true_lo > others.max(dim=1).values
     beaten = (true_lo[:, None] > hi) | (linear > 0)  # NaN compares False: never counts as beaten
     return beaten.scatter(1, y[:, None], True).all(dim=1)
-
-
-def margins(lo: Tensor, hi: Tensor, y: Tensor, linear: Tensor | None = None) -> Tensor:
-    """Lower bounds on ``z_y − z_j`` (``+inf`` at ``j = y``) from logit bounds and, optionally, linear ones."""
-    m = lo.gather(1, y[:, None]) - hi
-    if linear is not None:
-        m = torch.maximum(m, linear)
-    return m.masked_fill(torch.nn.functional.one_hot(y, lo.shape[1]).bool(), torch.inf)
 
 
 def balanced_mean(values: Tensor, y: Tensor, n_classes: int) -> Tensor:
@@ -137,7 +121,7 @@ class Spec:
             z = worst_case_logits(lo, hi, y) * self.temperature
             p = torch.softmax(z, dim=1).gather(1, y[:, None]).squeeze(1)
         else:
-            z = -self.temperature * margins(lo, hi, y, linear)
+            z = -self.temperature * combine_margins(lo, hi, y, linear)
             p = torch.exp(-torch.logsumexp(torch.cat([torch.zeros_like(z[:, :1]), z], dim=1), dim=1))
         if self.kind == "accuracy":
             return p.mean()

@@ -39,24 +39,13 @@ def bound_logits(
     by default; the model is evaluated at that precision). ``batch_size`` bounds memory by chunking
     ``x``. In ``mode="search"`` gradients flow to ``domain.lower``/``domain.upper``.
     """
-    if method not in METHODS:
-        raise LidError(f"bound_logits: 'method' must be one of {METHODS}, got {method!r}")
-    if mode not in MODES:
-        raise LidError(f"bound_logits: 'mode' must be one of {MODES}, got {mode!r}")
-    if not isinstance(domain, Box):
-        raise DomainMismatchError(f"bound_logits: 'domain' must be a lid_engine Box, got {type(domain).__name__}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise LidError(f"bound_logits: 'batch_size' must be a positive int or None, got {batch_size!r}")
-    domain.check_matches(model, "bound_logits")
-    x = _check_input(x, dtype)
+    domain, x = _prepare(model, domain, x, method, METHODS, mode, dtype, batch_size, "bound_logits")
     if method != "ibp" and mode == "certify":
         raise LidError(
             f"bound_logits: method={method!r} is not available in mode='certify': auto_LiRPA's CROWN "
             "has no floating-point rounding guarantee. Use method='ibp' for certificates, or mode='search'."
         )
-    if domain.device != x.device or domain.dtype != x.dtype:
-        domain = domain.to(x.device, x.dtype) if mode == "certify" else _cast_keep_grad(domain, x)
-    chunks = [x] if batch_size is None or batch_size >= len(x) else list(x.split(batch_size))
+    chunks = [x[s] for s in _chunks(len(x), batch_size)]
     los, his = [], []
     if method == "ibp":
         layers = ibp.check_supported(model)
@@ -95,25 +84,14 @@ def margin_bounds(
     """IBP's logit bounds ``(lo, hi)`` and, for ``method="linear"``, the linear margin bounds
     (N, C; ``-inf`` where not computed). The building block of ``bound_margins`` and of the
     certified counts, which compare ``lo_y > hi_j`` exactly instead of subtracting."""
-    if method not in MARGIN_METHODS:
-        raise LidError(f"{where}: 'method' must be one of {MARGIN_METHODS}, got {method!r}")
-    if mode not in MODES:
-        raise LidError(f"{where}: 'mode' must be one of {MODES}, got {mode!r}")
-    if not isinstance(domain, Box):
-        raise DomainMismatchError(f"{where}: 'domain' must be a lid_engine Box, got {type(domain).__name__}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise LidError(f"{where}: 'batch_size' must be a positive int or None, got {batch_size!r}")
+    domain, x = _prepare(model, domain, x, method, MARGIN_METHODS, mode, dtype, batch_size, where)
     if competitors is not None and (isinstance(competitors, bool) or not isinstance(competitors, int) or competitors < 1):
         raise LidError(f"{where}: 'competitors' must be a positive int or None, got {competitors!r}")
     if competitors is not None and mode == "certify":
         raise LidError(f"{where}: 'competitors' only speeds up mode='search'; certification bounds every class")
-    domain.check_matches(model, where)
-    x = _check_input(x, dtype)
     if not isinstance(y, Tensor) or y.dim() != 1 or len(y) != len(x) or y.is_floating_point():
         raise InvalidInputError(f"{where}: 'y' must be an integer tensor of shape ({len(x)},)")
     y = y.to(x.device)
-    if domain.device != x.device or domain.dtype != x.dtype:
-        domain = domain.to(x.device, x.dtype) if mode == "certify" else _cast_keep_grad(domain, x)
     layers = ibp.check_supported(model)
     if method == "linear":
         linear.check_supported(layers)
@@ -122,12 +100,10 @@ def margin_bounds(
             _check_label_range(y, model(x[:1].to(p.device, p.dtype)).shape, where)
         # the backward pass holds (examples × competitors × neurons) tensors: bound a few hundred at a time
         batch_size = min(batch_size or len(x), LINEAR_CHUNK)
-    idx = [slice(None)] if batch_size is None or batch_size >= len(x) else \
-        [slice(i, i + batch_size) for i in range(0, len(x), batch_size)]
     ctx = rounding.certification_backend() if mode == "certify" else rounding.native_kernels()
     parts = []
     with ctx, (torch.no_grad() if mode == "certify" else _null_ctx()):
-        for s in idx:
+        for s in _chunks(len(x), batch_size):
             if method == "linear":
                 parts.append(linear.linear_margins(model, domain, x[s], y[s], certify=mode == "certify", layers=layers,
                                                    competitors=competitors))
@@ -168,29 +144,58 @@ def bound_margins(
     """
     lo, hi, lin = margin_bounds(model, domain, x, y, method, mode=mode, dtype=dtype, batch_size=batch_size,
                                 competitors=competitors)
-    y = y.to(lo.device)
+    return combine_margins(lo, hi, y.to(lo.device), lin, round_down=mode == "certify")
+
+
+def combine_margins(lo: Tensor, hi: Tensor, y: Tensor, linear: Tensor | None = None, *,
+                    round_down: bool = False) -> Tensor:
+    """Margin bounds ``max(lo_y − hi_j, linear_j)`` (``+inf`` at ``j = y``); ``round_down`` makes the
+    floating-point difference a guaranteed lower bound (certification)."""
     m = lo.gather(1, y[:, None]) - hi
-    if mode == "certify":
+    if round_down:
         m = rounding.round_down(m)
-    if lin is not None:
-        m = torch.maximum(m, lin)
+    if linear is not None:
+        m = torch.maximum(m, linear)
     return m.masked_fill(torch.nn.functional.one_hot(y, lo.shape[1]).bool(), torch.inf)
 
 
-def _check_input(x: Tensor, dtype: torch.dtype | None) -> Tensor:
+def _prepare(model, domain, x, method: str, methods: tuple[str, ...], mode: str, dtype, batch_size, where: str):
+    """The checks every entry point shares; returns the domain in ``x``'s device and dtype, and ``x``."""
+    if method not in methods:
+        raise LidError(f"{where}: 'method' must be one of {methods}, got {method!r}")
+    if mode not in MODES:
+        raise LidError(f"{where}: 'mode' must be one of {MODES}, got {mode!r}")
+    if not isinstance(domain, Box):
+        raise DomainMismatchError(f"{where}: 'domain' must be a lid_engine Box, got {type(domain).__name__}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise LidError(f"{where}: 'batch_size' must be a positive int or None, got {batch_size!r}")
+    domain.check_matches(model, where)
+    x = _check_input(x, dtype, where)
+    if domain.device != x.device or domain.dtype != x.dtype:
+        domain = domain.to(x.device, x.dtype) if mode == "certify" else _cast_keep_grad(domain, x)
+    return domain, x
+
+
+def _chunks(n: int, batch_size: int | None) -> list[slice]:
+    if batch_size is None or batch_size >= n:
+        return [slice(None)]
+    return [slice(i, i + batch_size) for i in range(0, n, batch_size)]
+
+
+def _check_input(x: Tensor, dtype: torch.dtype | None, where: str = "bound_logits") -> Tensor:
     if not isinstance(x, Tensor):
-        raise InvalidInputError(f"bound_logits: 'x' must be a torch.Tensor, got {type(x).__name__}")
+        raise InvalidInputError(f"{where}: 'x' must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 2 or len(x) == 0:
-        raise InvalidInputError(f"bound_logits: 'x' must be a non-empty batch (N, ...), got shape {tuple(x.shape)}")
+        raise InvalidInputError(f"{where}: 'x' must be a non-empty batch (N, ...), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         x = x.float()
     dtype = dtype or (x.dtype if x.dtype in rounding.SUPPORTED_DTYPES else torch.float32)
     if dtype not in rounding.SUPPORTED_DTYPES:
-        raise InvalidInputError(f"bound_logits: 'dtype' must be torch.float32 or torch.float64, got {dtype}")
+        raise InvalidInputError(f"{where}: 'dtype' must be torch.float32 or torch.float64, got {dtype}")
     x = x.to(dtype)
     if not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).flatten(1).any(1).nonzero()[0])
-        raise InvalidInputError(f"bound_logits: 'x' holds NaN or inf (first at example {bad})")
+        raise InvalidInputError(f"{where}: 'x' holds NaN or inf (first at example {bad})")
     return x
 
 
@@ -207,4 +212,4 @@ class _null_ctx:
         return False
 
 
-__all__ = ["bound_logits", "bound_margins", "margin_bounds", "METHODS", "MARGIN_METHODS", "MODES"]
+__all__ = ["bound_logits", "bound_margins", "combine_margins", "margin_bounds", "METHODS", "MARGIN_METHODS", "MODES"]
