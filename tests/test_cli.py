@@ -177,11 +177,15 @@ def test_verify_fails_on_other_model_and_tampering(files, tmp_path):
 
 
 # ------------------------------------------------------------------------------- certify end to end
+def certify_quick(files, out, *extra):
+    """A short 'lidgate certify' run on the shared test data: τ 0.6, 20 iterations, 2 checkpoints."""
+    return run("certify", "--model", FACTORY, "--weights", files["w.safetensors"], "--data", files["data.npz"],
+               "--out", out, "--tau", "0.6", "--iterations", "20", "--checkpoints", "2", "--batch-size", "200", *extra)
+
+
 def test_certify_verify_inspect(files, tmp_path):
     out = tmp_path / "lid"
-    result = run("certify", "--model", FACTORY, "--weights", files["w.safetensors"], "--data", files["data.npz"],
-                 "--out", out, "--tau", "0.6", "--iterations", "20", "--checkpoints", "2", "--batch-size", "200",
-                 "--seed", "3")
+    result = certify_quick(files, out, "--seed", "3")
     assert result.exit_code == 0, result.output
     assert (out / "lid.json").is_file() and (out / "cert_data.npz").is_file()
     lid = LID.load(out)
@@ -210,9 +214,7 @@ def test_certify_with_cert_data_and_tau_rule(files, tmp_path):
 
 def test_certify_with_the_linear_bound(files, tmp_path):
     out = tmp_path / "lid"
-    result = run("certify", "--model", FACTORY, "--weights", files["w.safetensors"], "--data", files["data.npz"],
-                 "--out", out, "--tau", "0.6", "--iterations", "20", "--checkpoints", "2", "--batch-size", "200",
-                 "--bound", "linear")
+    result = certify_quick(files, out, "--bound", "linear")
     assert result.exit_code == 0, result.output
     lid = LID.load(out)
     assert lid.meets_spec() and lid.certificate(0).bound_method == "linear"

@@ -65,11 +65,29 @@ def check_supported(layers: list[tuple[str, nn.Module]]) -> None:
             raise UnsupportedLayerError(f"{where}: method='linear' needs TaskMask as the last layer")
         if isinstance(m, nn.Conv2d) and m.groups != 1:
             raise UnsupportedLayerError(f"{where}: method='linear' supports Conv2d with groups=1 only; use method='ibp'")
+        if isinstance(m, nn.Conv2d):
+            conv_padding(m, where)
         if not isinstance(m, (nn.Linear, nn.Conv2d, nn.ReLU, TaskMask) + _PASS_THROUGH):
             raise UnsupportedLayerError(
                 f"{where} is not supported by method='linear'. Supported: {SUPPORTED_LAYERS}. "
                 "Use method='ibp' for this model."
             )
+
+
+def conv_padding(m: nn.Conv2d, where: str = "Conv2d") -> tuple[int, int]:
+    """The layer's zero padding as integers: unfold and the transposed convolutions behind the
+    bound take no 'same' / 'valid' strings, and an asymmetric 'same' has no integer form."""
+    if not isinstance(m.padding, str):
+        return tuple(m.padding)
+    if m.padding == "valid":
+        return (0, 0)
+    totals = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
+    if any(t % 2 for t in totals):
+        raise UnsupportedLayerError(
+            f"{where}: padding='same' with kernel_size={m.kernel_size}, dilation={m.dilation} pads unevenly; "
+            "method='linear' needs symmetric padding (use an odd kernel, integer padding, or method='ibp')"
+        )
+    return tuple(t // 2 for t in totals)
 
 
 class _Sum:
@@ -216,7 +234,8 @@ def _affine(acc: _Sum, path: str, m: nn.Module, lam: Tensor, state: ibp.Interval
     wm, wr = rounding.midpoint_radius(wl, wu) if certify else ((wl + wu) / 2, (wu - wl) / 2)
     conv = isinstance(m, nn.Conv2d)
     if conv:
-        op = lambda t, w: F.conv2d(t, w, None, m.stride, m.padding, m.dilation)  # noqa: E731
+        pad = conv_padding(m)
+        op = lambda t, w: F.conv2d(t, w, None, m.stride, pad, m.dilation)  # noqa: E731
         n_terms = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
         positions = lam.shape[-2] * lam.shape[-1]
     else:
@@ -234,7 +253,7 @@ def _affine(acc: _Sum, path: str, m: nn.Module, lam: Tensor, state: ibp.Interval
     # Σ|G|·W_r: for Linear, G = Λ ⊗ a_m is rank one, so |G| = |Λ| ⊗ |a_m|
     if conv:
         if certify:  # plain dot products (the rounding model) over the unfolded patches (N, K, L)
-            patches = F.unfold(am, m.kernel_size, m.dilation, m.padding, m.stride)
+            patches = F.unfold(am, m.kernel_size, m.dilation, pad, m.stride)
             g = torch.einsum("njol,nkl->njok", lam.flatten(3), patches)
             gmag = torch.einsum("njol,nkl->njok", lam.abs().flatten(3), patches.abs()) * (wm.abs() + wr).reshape(1, 1, wr.shape[0], -1)
         else:
@@ -269,13 +288,13 @@ def _affine(acc: _Sum, path: str, m: nn.Module, lam: Tensor, state: ibp.Interval
     if state.point:
         return None
     if conv:
-        nu = torch.nn.grad.conv2d_input((N * J, *am.shape[1:]), wm, flat, m.stride, m.padding, m.dilation)
+        nu = torch.nn.grad.conv2d_input((N * J, *am.shape[1:]), wm, flat, m.stride, pad, m.dilation)
     else:
         nu = flat @ wm
     nu = nu.reshape(N, J, *am.shape[1:])
     if certify:  # ν is W_mᵀΛ only up to rounding: charge |W_m|ᵀ|Λ|·max|a|
         if conv:
-            nabs = torch.nn.grad.conv2d_input((N * J, *am.shape[1:]), wm.abs(), flat.abs(), m.stride, m.padding, m.dilation)
+            nabs = torch.nn.grad.conv2d_input((N * J, *am.shape[1:]), wm.abs(), flat.abs(), m.stride, pad, m.dilation)
         else:
             nabs = flat.abs() @ wm.abs()
         acc.add(torch.zeros_like(nu), nabs.reshape(nu.shape) * amag[:, None], n_terms)
@@ -293,6 +312,6 @@ def _weight_correlation(lam: Tensor, am: Tensor, m: nn.Conv2d) -> Tensor:
     kh, kw = m.kernel_size
     with rounding.onednn_kernels():  # search mode only: any kernel will do
         out = F.conv2d(am.detach().transpose(0, 1), lam.reshape(N * J * cout, 1, *lam.shape[-2:]), None,
-                       stride=m.dilation, padding=m.padding, dilation=m.stride, groups=N)
+                       stride=m.dilation, padding=conv_padding(m), dilation=m.stride, groups=N)
     out = out[..., :kh, :kw].reshape(m.in_channels, N, J, cout, kh * kw)
     return out.permute(1, 2, 3, 0, 4).reshape(N, J, cout, m.in_channels * kh * kw)
