@@ -8,6 +8,8 @@ can lose to, both in the forward pass and in the bounds, so predictions and cert
 
 from __future__ import annotations
 
+import math
+
 import operator
 from collections.abc import Sequence
 
@@ -36,6 +38,8 @@ class TaskMask(nn.Module):
                 masks[t, int(c)] = True
         self.register_buffer("masks", masks)
         self.n_classes = n_classes
+        if not math.isfinite(float(fill)):  # inf − inf in a margin bound is NaN: no certificate could be given
+            raise InvalidInputError(f"TaskMask: 'fill' must be a finite number (the default -1e4 hides a class), got {fill}")
         self.fill = float(fill)
         self.task: int | None = None
 

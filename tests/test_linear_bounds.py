@@ -280,6 +280,35 @@ def test_competitors_limit_the_work_but_never_loosen_below_ibp() -> None:
     torch.testing.assert_close(two.gather(1, fear), full.gather(1, fear))
 
 
+# ------------------------------------------------------------------------------------ overflow
+def test_overflowed_ibp_margins_never_make_a_hidden_class_a_competitor() -> None:
+    """Float32 logits near 2e38: IBP margins of kept classes overflow to inf and must still rank
+    ahead of the classes a TaskMask hides (bounding a hidden class's raw logit ignores the fill)."""
+    head = nn.Linear(1, 3)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([-3e38, -2e38, 2e38]))
+    model = nn.Sequential(head, le.TaskMask(3, [[1, 2], [0]]).set_task(0))  # class 0 hidden
+    box = le.Box.around(model, 1e30)
+    x, y = torch.ones(1, 1), torch.tensor([2])
+    bound = bound_margins(model, box, x, y, "linear", dtype=torch.float32)
+    outs = sampled_outputs(model, sample_parameters(box, 2_000, seed=1), x)
+    assert_below(bound, sampled_margins(outs, y))
+
+
+def test_a_linear_bound_that_overflows_leaves_ibp_bound_instead_of_nan() -> None:
+    model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.ReLU(), nn.Linear(2, 2, bias=False), nn.ReLU(),
+                          nn.Linear(2, 2, bias=False)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.tensor([[1e160, 1e160], [-1e160, -1e160]], dtype=torch.float64))
+    box = le.Box.around(model, 0.0)
+    x, y = torch.zeros(1, 2, dtype=torch.float64), torch.tensor([0])
+    linear = bound_margins(model, box, x, y, "linear")
+    assert not bool(torch.isnan(linear).any())
+    assert torch.equal(linear, bound_margins(model, box, x, y, "ibp"))
+
+
 # ------------------------------------------------------------------------------------ bad input
 def test_unsupported_layer_names_the_layer_and_the_alternative() -> None:
     model = nn.Sequential(nn.Linear(4, 6), _bn(nn.BatchNorm1d(6), 0), nn.ReLU(), nn.Linear(6, 3)).eval()
@@ -313,11 +342,36 @@ def test_bad_arguments_are_named(kwargs, match) -> None:
     (torch.tensor([0, 1]), r"'y' must be an integer tensor of shape \(3,\)"),
     (torch.tensor([0.0, 1.0, 2.0]), r"'y' must be an integer tensor"),
     (torch.tensor([0, 1, 7]), r"labels must lie in 0\.\.2"),
+    (torch.tensor([True, False, True]), r"'y' must be an integer tensor .*got torch.bool"),
 ])
 def test_bad_labels_are_named(y, match) -> None:
     model, shape = linear_zoo("mlp")
     with pytest.raises(LidError, match=match):
         bound_margins(model, le.Box.around(model, 0.01), torch.randn(3, *shape), y, "linear")
+
+
+def test_any_integer_label_dtype_gives_the_same_bound() -> None:
+    model, shape = linear_zoo("mlp")
+    box, x, y = le.Box.around(model, 0.01), torch.randn(3, *shape), torch.tensor([0, 1, 2])
+    expected = bound_margins(model, box, x, y, "linear")
+    for dtype in (torch.int32, torch.uint8):
+        torch.testing.assert_close(bound_margins(model, box, x, y.to(dtype), "linear"), expected)
+
+
+@pytest.mark.parametrize("name,x_shape,match", [
+    ("mlp", (3, 5), r"layer '0' \(Linear\) expects inputs of shape \(N, 6\)"),
+    ("conv", (3, 2, 8, 8), r"layer '0' \(Conv2d\) expects inputs of shape \(N, 1, H, W\)"),
+])
+def test_a_wrong_input_shape_is_named_by_layer(name, x_shape, match) -> None:
+    model, _ = linear_zoo(name)
+    with pytest.raises(UnsupportedLayerError, match=match):
+        bound_margins(model, le.Box.around(model, 0.01), torch.randn(*x_shape), torch.zeros(3, dtype=torch.long),
+                      "linear")
+
+
+def test_an_infinite_task_mask_fill_is_refused() -> None:
+    with pytest.raises(LidError, match=r"TaskMask: 'fill' must be a finite number"):
+        le.TaskMask(3, [[0, 1], [2]], fill=float("-inf"))
 
 
 def test_search_config_rejects_an_unknown_method() -> None:

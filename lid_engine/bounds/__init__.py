@@ -89,15 +89,17 @@ def margin_bounds(
         raise LidError(f"{where}: 'competitors' must be a positive int or None, got {competitors!r}")
     if competitors is not None and mode == "certify":
         raise LidError(f"{where}: 'competitors' only speeds up mode='search'; certification bounds every class")
-    if not isinstance(y, Tensor) or y.dim() != 1 or len(y) != len(x) or y.is_floating_point():
-        raise InvalidInputError(f"{where}: 'y' must be an integer tensor of shape ({len(x)},)")
-    y = y.to(x.device)
+    if (not isinstance(y, Tensor) or y.dim() != 1 or len(y) != len(x) or y.is_floating_point() or y.is_complex()
+            or y.dtype == torch.bool):
+        got = f"{y.dtype} of shape {tuple(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
+        raise InvalidInputError(f"{where}: 'y' must be an integer tensor of shape ({len(x)},), got {got}")
+    y = y.to(x.device, torch.long)
     layers = ibp.check_supported(model)
     if method == "linear":
         linear.check_supported(layers)
-        p = next(model.parameters())
-        with torch.no_grad():
-            _check_label_range(y, model(x[:1].to(p.device, p.dtype)).shape, where)
+        with torch.no_grad():  # one example through IBP: a wrong input shape is named by layer, labels checked early
+            _check_label_range(y, ibp.propagate(model, domain.detach(), x[:1], certify=False, layers=layers)[0].shape,
+                               where)
         # the backward pass holds (examples × competitors × neurons) tensors: bound a few hundred at a time
         batch_size = min(batch_size or len(x), LINEAR_CHUNK)
     ctx = rounding.certification_backend() if mode == "certify" else rounding.native_kernels()
@@ -144,7 +146,7 @@ def bound_margins(
     """
     lo, hi, lin = margin_bounds(model, domain, x, y, method, mode=mode, dtype=dtype, batch_size=batch_size,
                                 competitors=competitors)
-    return combine_margins(lo, hi, y.to(lo.device), lin, round_down=mode == "certify")
+    return combine_margins(lo, hi, y.to(lo.device, torch.long), lin, round_down=mode == "certify")
 
 
 def combine_margins(lo: Tensor, hi: Tensor, y: Tensor, linear: Tensor | None = None, *,
@@ -155,7 +157,7 @@ def combine_margins(lo: Tensor, hi: Tensor, y: Tensor, linear: Tensor | None = N
     if round_down:
         m = rounding.round_down(m)
     if linear is not None:
-        m = torch.maximum(m, linear)
+        m = torch.fmax(m, linear)  # a NaN on one side (an overflow) leaves the other, sound, bound
     return m.masked_fill(torch.nn.functional.one_hot(y, lo.shape[1]).bool(), torch.inf)
 
 

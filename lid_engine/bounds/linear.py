@@ -146,15 +146,20 @@ def linear_margins(
     if n_kept < 2 or not bool(rows.any()):
         return lo, hi, linear
     with torch.no_grad():  # competitors: the kept classes other than y, worst IBP margin first
-        rank = (lo.gather(1, y[:, None]) - hi)[rows].masked_fill(~kept, math.inf)
-        rank = rank.scatter(1, y[rows, None], math.inf)
+        # an overflowed (inf) or undefined (NaN) IBP margin still ranks a kept class ahead of every
+        # excluded one, so only kept classes are ever chosen
+        top = torch.finfo(lo.dtype).max
+        rank = (lo.gather(1, y[:, None]) - hi)[rows].nan_to_num(nan=-math.inf).clamp(max=top)
+        rank = rank.masked_fill(~kept, math.inf).scatter(1, y[rows, None], math.inf)
         k = n_kept - 1 if competitors is None else min(competitors, n_kept - 1)
         others = rank.argsort(dim=1)[:, :k]
     dtype = torch.float64 if certify else x.dtype
     sub = [ibp.Interval(s.z[rows].to(dtype), point=s.point, nonneg=s.nonneg) for s in states[: len(body)]]
     with contextlib.nullcontext() if certify else rounding.onednn_kernels():
         value = _backward(body, sub, box, x[rows], y[rows], others, certify=certify, dtype=dtype)
-    filled = linear[rows].scatter(1, others, _narrow_down(value, linear.dtype) if certify else value)
+    if certify:  # an overflow leaves NaN (inf − inf): no information, never a certificate
+        value = _narrow_down(value.nan_to_num(nan=-math.inf, posinf=math.inf), linear.dtype)
+    filled = linear[rows].scatter(1, others, value)
     return lo, hi, linear.masked_scatter(rows[:, None].expand_as(linear), filled)
 
 

@@ -38,6 +38,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from ..errors import UnsoundBoundError
+
 _UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
 _SMALLEST_SUBNORMAL = {torch.float32: 2.0**-149, torch.float64: 2.0**-1074}
 SUPPORTED_DTYPES = tuple(_UNIT_ROUNDOFF)
@@ -54,7 +56,9 @@ def gamma(n: int, dtype: torch.dtype) -> float:
     """γ_n = n·u / (1 − n·u), the relative error bound of an n-term dot product."""
     u = unit_roundoff(dtype)
     if n * u >= 0.5:
-        raise ValueError(f"dot product of length {n} is too long for a rounding bound in {dtype}")
+        raise UnsoundBoundError(
+            f"a dot product of length {n} is too long for a rounding bound in {dtype}; certify in torch.float64"
+        )
     return n * u / (1 - n * u)
 
 
