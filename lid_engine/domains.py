@@ -272,6 +272,11 @@ class Box:
                 # Round outward: a narrowing cast may move a bound inside the original box.
                 lo_c = torch.where(lo_c.to(lo.dtype) > lo, torch.nextafter(lo_c, torch.full_like(lo_c, -math.inf)), lo_c)
                 hi_c = torch.where(hi_c.to(hi.dtype) < hi, torch.nextafter(hi_c, torch.full_like(hi_c, math.inf)), hi_c)
+                if not bool(torch.isfinite(lo_c).all() and torch.isfinite(hi_c).all()):
+                    raise InvalidDomainError(
+                        f"Box.to: bounds of '{n}' exceed the range of {dtype} (largest magnitude "
+                        f"{float(torch.maximum(lo.abs().max(), hi.abs().max())):.3g}); keep the box in {lo.dtype}"
+                    )
                 lo, hi = lo_c, hi_c
             lower[n], upper[n] = lo, hi
         return Box(lower, upper)

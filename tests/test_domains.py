@@ -332,6 +332,13 @@ def test_to_float32_rounds_outward(pairs):
         assert b32.contains(point)
 
 
+@pytest.mark.parametrize("bound", [1e39, 3.4028235e38 * (1 + 2**-40)])  # beyond float32; just past its max
+def test_to_float32_refuses_bounds_float32_cannot_hold(bound):
+    box = Box({"w": torch.tensor([-1.0, 0.0], dtype=torch.float64)}, {"w": torch.tensor([1.0, bound], dtype=torch.float64)})
+    with pytest.raises(InvalidDomainError, match=r"Box.to: bounds of 'w' exceed the range of torch.float32"):
+        box.to(dtype=torch.float32)
+
+
 def test_to_device_and_widening_dtype_are_exact_copies():
     m = small_model()
     box = Box.around(m, 0.1)
