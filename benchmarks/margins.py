@@ -143,7 +143,8 @@ def plot(radii: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(radii), figsize=(4 * len(radii), 3.2), sharey=True)
+    fig, axes = plt.subplots(1, len(radii), figsize=(4 * len(radii), 3.2), sharey=True, squeeze=False)
+    axes = axes[0]  # one row, even with a single scenario
     for ax, (scenario, rows) in zip(axes, radii.items()):
         groups = list(rows)
         xs = range(len(groups))
@@ -165,11 +166,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scenarios", default="class,domain,task")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
+    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = [s for s in scenarios if s not in SHORT]
+    if unknown or not scenarios:
+        parser.error(f"--scenarios: {unknown or 'nothing'} not in {sorted(SHORT)}")
     torch.set_num_threads(1)  # the CL benchmark's setting: timings comparable with its unit costs
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     radii, lids, costs = {}, {}, {}
-    for scenario in args.scenarios.split(","):
+    for scenario in scenarios:
         short = SHORT[scenario]
         log(f"[margins] {short}: training task 1")
         seq, model = task1(scenario)

@@ -303,3 +303,13 @@ def test_linear_bound_variant_searches_and_certifies_with_it(tmp_path):
     save(old, Unit("main", "class", "sgd", 1, dataset="blobs").path(tmp_path / "runs"))
     md = write_report(tmp_path / "runs", tmp_path / "out").read_text()
     assert "different settings" not in md and "3 classes IBP fears most" in md
+
+
+def test_margins_benchmark_plots_one_scenario_and_names_a_bad_one(tmp_path):
+    from benchmarks import margins
+
+    radii = {"DIL": {group: {m: 0.01 * (k + 1) for k, m in enumerate(margins.METHODS)} for group in margins.GROUPS}}
+    margins.plot(radii, tmp_path / "radius.png")  # a single scenario gives one Axes, not an array
+    assert (tmp_path / "radius.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        margins.main(["--scenarios", "domian", "--out", str(tmp_path)])
