@@ -1,7 +1,7 @@
 """The ``lidgate`` command line: certify a model, verify a saved LID, inspect one.
 
 Exit codes: 0 ok; 1 verification failed (or nothing could be certified, or a saved LID fails its
-integrity checks); 2 bad input (missing file, bad factory string, malformed npz or weights, shapes
+integrity checks, or its genuine certificates promise less than τ); 2 bad input (missing file, bad factory string, malformed npz or weights, shapes
 that do not fit the model) — always a one-line message on stderr, never a traceback.
 
 Heavy imports (torch, lid_engine) happen inside the commands so that ``lidgate --help`` is quick.
@@ -374,14 +374,34 @@ def verify(
         from lid_engine.verify import verify as run_verify
 
         report = run_verify(directory, net, allow_update=allow_update, **kwargs)
+        below = _below_tau(directory, report) if report.ok else []
         if as_json:
             import json
 
-            typer.echo(json.dumps(report.to_dict(), indent=2))
+            typer.echo(json.dumps({**report.to_dict(), "meets_tau": report.ok and not below, "below_tau": below},
+                                  indent=2))
         else:
             _print_report(report)
-        if not report.ok:
+            if below:
+                _console().print("[bold red]BELOW τ[/bold red]: the certificates are genuine, but " + "; ".join(below))
+        if not report.ok or below:
             raise typer.Exit(1)
+
+
+def _below_tau(directory: Path, report) -> list[str]:
+    """Genuine certificates can still promise less than τ (a LID kept with keep='all'): say where.
+    The model's own member counts when it was located (--allow-update), otherwise the best member."""
+    from lid_engine.lid import LID
+
+    lid = LID.load(directory)
+    members = [report.member] if report.member is not None else range(len(lid))
+    problems = []
+    for t, spec in lid.tasks.items():
+        best = max(lid.certificate(i, t).certified_accuracy for i in members)
+        if best < spec.tau:
+            where = f"member {report.member}" if report.member is not None else "every member"
+            problems.append(f"task '{t}': {where} certifies at most {best:.4f} < τ {spec.tau}")
+    return problems
 
 
 def _print_report(report) -> None:

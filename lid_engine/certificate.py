@@ -173,6 +173,23 @@ def _is_real(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+MAX_COUNT = 2**53  # counts a float64 holds exactly; anything larger in a manifest is not a real count
+
+
+def _brief(v) -> str:
+    """repr for an error message, cut short (a forged manifest may hold a 400-digit number)."""
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _is_finite_real(v) -> bool:
+    """A real number a float can hold: a JSON integer such as 10**400 overflows float()."""
+    try:
+        return _is_real(v) and math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
 def clopper_pearson_lower(k: int, n: int, alpha: float) -> float:
     """One-sided Clopper–Pearson lower bound: P(p ≥ bound) ≥ 1 − alpha for k successes in n trials.
 
@@ -183,7 +200,7 @@ def clopper_pearson_lower(k: int, n: int, alpha: float) -> float:
         raise InvalidInputError(f"clopper_pearson_lower: 'k' and 'n' must be integers, got k={k!r}, n={n!r}")
     if n < 1 or not 0 <= k <= n:
         raise InvalidInputError(f"clopper_pearson_lower: need n ≥ 1 and 0 ≤ k ≤ n, got k={k}, n={n}")
-    if not _is_real(alpha) or not 0.0 < float(alpha) < 1.0:
+    if not _is_finite_real(alpha) or not 0.0 < float(alpha) < 1.0:
         raise InvalidInputError(f"clopper_pearson_lower: 'alpha' must lie in (0, 1), got {alpha!r}")
     if k == 0:
         return 0.0
@@ -255,12 +272,13 @@ class Certificate:
     def __post_init__(self) -> None:
         for name in ("tau", "certified_accuracy", "confidence", "lower_bound"):
             v = getattr(self, name)
-            if not _is_real(v) or not math.isfinite(float(v)):
-                raise CertificateError(f"Certificate: '{name}' must be a finite number, got {v!r}")
+            if not _is_finite_real(v):
+                raise CertificateError(f"Certificate: '{name}' must be a finite number, got {_brief(v)}")
             object.__setattr__(self, name, float(v))
         for name in ("n", "certified", "n_domains", "member"):
-            if not _is_int(getattr(self, name)):
-                raise CertificateError(f"Certificate: '{name}' must be an integer, got {getattr(self, name)!r}")
+            if not _is_int(getattr(self, name)) or abs(getattr(self, name)) > MAX_COUNT:
+                raise CertificateError(f"Certificate: '{name}' must be an integer of at most 2**53 in size, "
+                                       f"got {_brief(getattr(self, name))}")
             object.__setattr__(self, name, int(getattr(self, name)))
         for name in ("task", "kind", "model_sha256", "architecture_sha256", "domain_sha256", "data_sha256",
                      "bound_method", "dtype", "engine_version", "created_at", "format"):
@@ -426,6 +444,8 @@ def certified_counts(
     """
     if not isinstance(box, Box):
         raise InvalidInputError(f"{where}: 'box' must be a lid_engine Box, got {type(box).__name__}")
+    if method not in BOUND_METHODS:  # no silent fallback to IBP for a name this engine does not know
+        raise InvalidInputError(f"{where}: 'method' must be one of {BOUND_METHODS}, got {method!r}")
     dtypes = evaluation_dtypes(model, dtype)
     names = []
     mask = yy = None
@@ -486,7 +506,7 @@ def certify_box(
         raise InvalidInputError(f"{where}: 'member' must be an integer ≥ 0, got {member!r}")
     if not _is_int(n_domains) or n_domains < 1:
         raise InvalidInputError(f"{where}: 'n_domains' must be an integer ≥ 1, got {n_domains!r}")
-    if not _is_real(confidence) or not 0.0 < float(confidence) < 1.0:
+    if not _is_finite_real(confidence) or not 0.0 < float(confidence) < 1.0:
         raise InvalidInputError(f"{where}: 'confidence' must lie strictly between 0 and 1, got {confidence!r}")
     dtype_name = _check_dtype(dtype, where)
     if not isinstance(x, Tensor) or not isinstance(y, Tensor):

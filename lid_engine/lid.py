@@ -114,6 +114,8 @@ def spec_from_dict(d, where: str) -> Spec:
             raise CertificateError(f"{where}: task field '{k}' must be a number, got {d[k]!r}")
     try:
         return Spec(d["kind"], float(d["tau"]), float(d["temperature"]))
+    except OverflowError:
+        raise CertificateError(f"{where}: task fields 'tau' and 'temperature' must be finite, got {d!r}") from None
     except LidError as exc:
         raise CertificateError(f"{where}: {exc}") from None
 

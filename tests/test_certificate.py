@@ -436,6 +436,25 @@ def test_verify_rejects_resealed_claims(setup, copy_of, path):
             assert report.failures and all(c.name != "lid.json" for c in report.failures)
 
 
+NUMERIC_PATHS = [p for p in LEAF_PATHS if isinstance(_get(_manifest_for_paths(), p), (int, float))
+                 and not isinstance(_get(_manifest_for_paths(), p), bool) and p[0] != "search_config"]
+
+
+@pytest.mark.parametrize("path", NUMERIC_PATHS, ids=lambda p: "/".join(map(str, p)))
+def test_a_resealed_number_too_large_for_a_float_fails_by_name(setup, copy_of, path):
+    """JSON integers have no size limit: 10**400 must be refused like any bad value, not crash float()."""
+    model, x, y, _ = setup
+    d = copy_of()
+    manifest = json.loads((d / "lid.json").read_text())
+    _set(manifest, path, 10**400)
+    manifest["digest"] = manifest_digest(manifest)
+    (d / "lid.json").write_text(json.dumps(manifest))
+    report = verify(d, model, x, y)  # never raises
+    assert not report.ok
+    with pytest.raises(CertificateError):
+        LID.load(d)
+
+
 FILES = ["nominal.safetensors", "members/000/domain.safetensors", "members/001/domain.safetensors",
          "members/000/domain.json"]
 

@@ -222,3 +222,25 @@ def test_certify_with_the_linear_bound(files, tmp_path):
     assert result.exit_code == 0, result.output
     result = run("inspect", out)
     assert result.exit_code == 0 and "linear" in result.stdout, result.output
+
+
+def test_verify_fails_when_genuine_certificates_promise_less_than_tau(files, tmp_path):
+    model = mlp().eval()
+    with np.load(files["cert.npz"]) as f:
+        cx, cy = torch.from_numpy(f["x"]), torch.from_numpy(f["y"])
+    boxes = [Box.around(model, r) for r in (0.001, 3.0)]  # the wide member cannot certify 0.8
+    lid = LID.certify(model, boxes, {"task": (cx, cy)}, {"task": Spec("accuracy", 0.8)})
+    assert lid.certificate(1).certified_accuracy < 0.8 <= lid.certificate(0).certified_accuracy
+    lid.save(tmp_path / "mixed")
+    args = ("--model", FACTORY, "--weights", files["w.safetensors"], "--data", files["cert.npz"])
+    result = run("verify", tmp_path / "mixed", *args)  # the nominal model: the best member meets τ
+    assert result.exit_code == 0, result.output
+
+    only_wide = LID.certify(model, boxes[1:], {"task": (cx, cy)}, {"task": Spec("accuracy", 0.8)})
+    only_wide.save(tmp_path / "wide")
+    result = run("verify", tmp_path / "wide", *args)
+    assert result.exit_code == 1 and "VERIFIED" in result.stdout and "BELOW τ" in result.stdout
+    assert "task 'task': every member certifies at most 0.0000 < τ 0.8" in " ".join(result.stdout.split())
+    result = run("verify", tmp_path / "wide", *args, "--json")
+    report = json.loads(result.stdout)
+    assert result.exit_code == 1 and report["ok"] and not report["meets_tau"] and report["below_tau"]
