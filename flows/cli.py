@@ -1,8 +1,9 @@
 """The ``lidgate`` command line: certify a model, verify a saved LID, inspect one.
 
 Exit codes: 0 ok; 1 verification failed (or nothing could be certified, or a saved LID fails its
-integrity checks, or its genuine certificates promise less than τ); 2 bad input (missing file, bad factory string, malformed npz or weights, shapes
-that do not fit the model) — always a one-line message on stderr, never a traceback.
+integrity checks, or its genuine certificates promise less than τ); 2 bad input (missing file, bad
+factory string, malformed npz or weights, shapes that do not fit the model) — always a one-line
+message on stderr, never a traceback.
 
 Heavy imports (torch, lid_engine) happen inside the commands so that ``lidgate --help`` is quick.
 """

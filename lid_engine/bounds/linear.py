@@ -157,8 +157,8 @@ def linear_margins(
     sub = [ibp.Interval(s.z[rows].to(dtype), point=s.point, nonneg=s.nonneg) for s in states[: len(body)]]
     with contextlib.nullcontext() if certify else rounding.onednn_kernels():
         value = _backward(body, sub, box, x[rows], y[rows], others, certify=certify, dtype=dtype)
-    if certify:  # an overflow leaves NaN (inf − inf): no information, never a certificate
-        value = _narrow_down(value.nan_to_num(nan=-math.inf, posinf=math.inf), linear.dtype)
+    if certify:  # an overflow leaves NaN (inf − inf) or inf: no information, never a certificate
+        value = _narrow_down(value.nan_to_num(nan=-math.inf, posinf=-math.inf, neginf=-math.inf), linear.dtype)
     filled = linear[rows].scatter(1, others, value)
     return lo, hi, linear.masked_scatter(rows[:, None].expand_as(linear), filled)
 
