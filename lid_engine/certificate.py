@@ -28,9 +28,10 @@ the selection would invalidate the union bound. ``LID.subset`` keeps the origina
 any floating-point forward pass carried out in the arithmetic of the bound computation (``dtype``). A
 float32 model certified with ``dtype=float64`` would therefore not be covered when it runs in its own
 float32 arithmetic (a 1e-8 logit margin certified in float64 can vanish in a float32 forward). So an
-example counts as certified only if it is certified in ``dtype`` *and* in every lower precision the
+example counts as certified only if it is certified in ``dtype`` *and* in every other precision the
 model's parameters are stored in; ``evaluation_dtypes`` records them all, and the claim covers exact
-arithmetic and IEEE evaluation in each (plain dot-product kernels, no TF32).
+arithmetic and IEEE evaluation in each (plain dot-product kernels, no TF32, no Winograd/FFT
+convolutions, gradual underflow).
 
 Fingerprints (sha256) bind the certificate to the nominal model (parameters and buffers), the
 architecture, the domain's tensors and the certification data, so ``lid_engine.verify`` can
@@ -55,7 +56,7 @@ from torch import Tensor, nn
 from .bounds import MARGIN_METHODS, bound_logits, margin_bounds
 from .domains import Box
 from .errors import CertificateError, InvalidInputError
-from .spec import SPEC_KINDS, Spec, certified_mask, check_labels
+from .spec import SPEC_KINDS, Spec, certified_mask, check_labels, evaluation_dtypes
 
 CERTIFICATE_FORMAT = "lidgate.certificate/1"
 BOUND_METHODS = MARGIN_METHODS  # "ibp", "linear": both sound under floating point
@@ -374,7 +375,8 @@ class Certificate:
             f"Every parameter vector in domain {self.member} has {metric} ≥ {self.certified_accuracy:.4f} on the "
             f"{self.n} certification examples of task '{self.task}' ({self.certified} certified; sound "
             f"{BOUND_NAMES[self.bound_method]}, "
-            f"covering exact arithmetic and evaluation in {' and '.join(self.evaluation_dtypes)}). If those examples are i.i.d. from the deployment distribution and unseen by the "
+            f"covering exact arithmetic and IEEE evaluation in {' and '.join(self.evaluation_dtypes)} with dot-product "
+            f"kernels and gradual underflow). If those examples are i.i.d. from the deployment distribution and unseen by the "
             f"search, then with probability ≥ {self.confidence:g} every such parameter vector has population "
             f"{metric} ≥ {self.lower_bound:.4f} (one-sided Clopper–Pearson, union bound over "
             f"{self.n_domains} domain(s))."
@@ -423,15 +425,6 @@ def _check_dtype(dtype, where: str) -> str:
     raise InvalidInputError(f"{where}: 'dtype' must be torch.float32 or torch.float64, got {dtype!r}")
 
 
-def evaluation_dtypes(model: nn.Module, dtype: torch.dtype) -> list[torch.dtype]:
-    """``dtype`` followed by every lower precision among the model's floating parameters and buffers."""
-    out = [dtype]
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.is_floating_point() and t.dtype not in out and torch.finfo(t.dtype).eps > torch.finfo(dtype).eps:
-            out.append(t.dtype)
-    return out
-
-
 def certified_counts(
     model: nn.Module, box: Box, x: Tensor, y: Tensor, *, dtype: torch.dtype = torch.float64,
     batch_size: int | None = 2048, where: str = "certify_box", method: str = "ibp",
@@ -439,7 +432,7 @@ def certified_counts(
     """(n, certified, per_class, evaluation dtypes) of the sound certificate of ``box`` on ``(x, y)``
     with bound ``method`` (``BOUND_METHODS``).
 
-    An example is certified when it is certified in ``dtype`` and in every lower precision the model
+    An example is certified when it is certified in ``dtype`` and in every other precision the model
     is stored in (see the module docstring), so the count also holds for the model's own arithmetic.
     """
     if not isinstance(box, Box):

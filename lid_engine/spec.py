@@ -41,6 +41,19 @@ def check_labels(y: Tensor, n_outputs: int | None, n_examples: int, where: str) 
     return y
 
 
+def evaluation_dtypes(model: nn.Module, dtype: torch.dtype) -> list[torch.dtype]:
+    """``dtype`` followed by every other precision among the model's floating parameters and buffers.
+
+    A bound computed in one precision covers forward passes in that precision only: a float32 model
+    runs in float32 however it was certified, and a float64 model certified in float32 still runs
+    in float64 (where, say, an input float32 would flush to zero stays nonzero)."""
+    out = [dtype]
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point() and t.dtype not in out:
+            out.append(t.dtype)
+    return out
+
+
 def _certify_bounds(model, domain, x, y, method, dtype, batch_size, where: str) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
     """Sound ``(lo, hi, linear margins or None, labels)`` for the certified metrics."""
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1):
@@ -145,8 +158,9 @@ def certified_accuracy(
     """Sound lower bound on the (balanced) accuracy on ``(x, y)`` of every parameter vector in ``domain``.
 
     ``method``: ``"ibp"`` or ``"linear"`` (tighter on weight-shared layers; see ``bound_margins``)."""
-    lo, hi, lin, y = _certify_bounds(model, domain, x, y, method, dtype, batch_size, "certified_accuracy")
-    return float(Spec("balanced_accuracy" if balanced else "accuracy").hard(lo, hi, y, lin))
+    mask, y, n_classes = _certified_in_every_dtype(model, domain, x, y, method, dtype, batch_size, "certified_accuracy")
+    values = mask.double()
+    return float(balanced_mean(values, y, n_classes) if balanced else values.mean())
 
 
 def certified_examples(
@@ -154,5 +168,18 @@ def certified_examples(
     batch_size: int | None = 2048,
 ) -> Tensor:
     """Boolean mask of the examples certified for every parameter vector in ``domain``."""
-    lo, hi, lin, y = _certify_bounds(model, domain, x, y, method, dtype, batch_size, "certified_examples")
-    return certified_mask(lo, hi, y, lin)
+    return _certified_in_every_dtype(model, domain, x, y, method, dtype, batch_size, "certified_examples")[0]
+
+
+def _certified_in_every_dtype(model, domain, x, y, method, dtype, batch_size, where: str) -> tuple[Tensor, Tensor, int]:
+    """(mask, labels, n_classes): certified in the bound's dtype (``dtype``, else ``x``'s) and in every
+    precision the model is stored in, so the mask holds for the model's own forward pass too."""
+    lo, hi, lin, labels = _certify_bounds(model, domain, x, y, method, dtype, batch_size, where)
+    mask = certified_mask(lo, hi, labels, lin)
+    for other in evaluation_dtypes(model, lo.dtype)[1:]:
+        if other not in (torch.float32, torch.float64):
+            raise InvalidInputError(f"{where}: the model holds {other} tensors; certification supports float32 and "
+                                    "float64 arithmetic only")
+        lo2, hi2, lin2, _ = _certify_bounds(model, domain, x, y, method, other, batch_size, where)
+        mask &= certified_mask(lo2, hi2, labels, lin2).to(mask.device)
+    return mask, labels, lo.shape[1]

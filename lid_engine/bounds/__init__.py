@@ -189,8 +189,9 @@ def _check_input(x: Tensor, dtype: torch.dtype | None, where: str = "bound_logit
         raise InvalidInputError(f"{where}: 'x' must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 2 or len(x) == 0:
         raise InvalidInputError(f"{where}: 'x' must be a non-empty batch (N, ...), got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        x = x.float()
+    if x.is_complex():
+        raise InvalidInputError(f"{where}: 'x' must be real, got {x.dtype}")
+    # integers go straight to the bound's dtype: through float32 first, 2**24 + 1 would become 2**24
     dtype = dtype or (x.dtype if x.dtype in rounding.SUPPORTED_DTYPES else torch.float32)
     if dtype not in rounding.SUPPORTED_DTYPES:
         raise InvalidInputError(f"{where}: 'dtype' must be torch.float32 or torch.float64, got {dtype}")

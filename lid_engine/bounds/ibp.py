@@ -221,6 +221,11 @@ def _batchnorm(ctx: _Ctx, path: str, m: nn.modules.batchnorm._BatchNorm, x: Inte
         )
     if m.running_mean is None or m.running_var is None:
         raise UnsupportedLayerError(f"layer '{path}' ({type(m).__name__}) has no running statistics (track_running_stats=False)")
+    if not bool((m.running_var + m.eps > 0).all()):
+        raise UnsupportedLayerError(
+            f"layer '{path}' ({type(m).__name__}): running_var + eps must be positive, got a minimum of "
+            f"{float((m.running_var + m.eps).min()):.3g}"
+        )
     xl, xh = x.lo, x.hi
     shape = (1, -1) + (1,) * (xl.dim() - 2)
     mean = m.running_mean.to(ctx.device, ctx.dtype).reshape(shape)
@@ -339,7 +344,15 @@ def propagate(
     for path, m in layers:
         if record is not None:
             record.append(state)
-        state = _HANDLERS[type(m)](ctx, path, m, state)
+        try:
+            state = _HANDLERS[type(m)](ctx, path, m, state)
+        except (RuntimeError, IndexError) as exc:  # torch's own shape errors, named by layer
+            if isinstance(exc, UnsoundBoundError) or "out of memory" in str(exc):
+                raise
+            raise UnsupportedLayerError(
+                f"layer '{path or '<model>'}' ({type(m).__name__}) cannot take inputs of shape {tuple(state.lo.shape)}: "
+                f"{str(exc).splitlines()[0]}"
+            ) from None
         if certify:  # one flag per layer, read back in a single sync at the end
             flags.append(_invalid(state))
     if flags:

@@ -152,9 +152,12 @@ def certification_backend() -> Iterator[None]:
     old_precision = torch.get_float32_matmul_precision()
     old_tf32_matmul = torch.backends.cuda.matmul.allow_tf32
     old_tf32_cudnn = torch.backends.cudnn.allow_tf32
+    old_flush = flushes_denormals()
     torch.set_float32_matmul_precision("highest")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    if old_flush:  # the η terms assume gradual underflow; flushed subnormals break them
+        torch.set_flush_denormal(False)
     try:
         with native_kernels(nnpack=False):  # NNPACK's fast algorithms break the γ_n model
             yield
@@ -162,3 +165,12 @@ def certification_backend() -> Iterator[None]:
         torch.set_float32_matmul_precision(old_precision)
         torch.backends.cuda.matmul.allow_tf32 = old_tf32_matmul
         torch.backends.cudnn.allow_tf32 = old_tf32_cudnn
+        if old_flush:
+            torch.set_flush_denormal(True)
+
+
+def flushes_denormals() -> bool:
+    """Whether CPU arithmetic flushes subnormals to zero (``torch.set_flush_denormal``, which has
+    no getter): a subnormal float32 times one comes out as zero."""
+    tiny = torch.tensor([2.0**-140], dtype=torch.float32)
+    return bool((tiny * torch.tensor([1.0], dtype=torch.float32) == 0).item())
