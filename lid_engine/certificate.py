@@ -53,10 +53,10 @@ from datetime import datetime, timezone
 import torch
 from torch import Tensor, nn
 
-from .bounds import MARGIN_METHODS, bound_logits, margin_bounds
+from .bounds import MARGIN_METHODS
 from .domains import Box
 from .errors import CertificateError, InvalidInputError
-from .spec import SPEC_KINDS, Spec, certified_mask, check_labels, evaluation_dtypes
+from .spec import SPEC_KINDS, Spec, certified_in_every_dtype
 
 CERTIFICATE_FORMAT = "lidgate.certificate/1"
 BOUND_METHODS = MARGIN_METHODS  # "ibp", "linear": both sound under floating point
@@ -439,28 +439,10 @@ def certified_counts(
         raise InvalidInputError(f"{where}: 'box' must be a lid_engine Box, got {type(box).__name__}")
     if method not in BOUND_METHODS:  # no silent fallback to IBP for a name this engine does not know
         raise InvalidInputError(f"{where}: 'method' must be one of {BOUND_METHODS}, got {method!r}")
-    dtypes = evaluation_dtypes(model, dtype)
-    names = []
-    mask = yy = None
-    for d in dtypes:
-        if d not in DTYPES.values():
-            raise InvalidInputError(
-                f"{where}: the model holds {d} tensors; certification supports float32 and float64 arithmetic only"
-            )
-        if method == "linear":
-            labels = canonical_labels(y, where)
-            lo, hi, lin = margin_bounds(model, box, x, labels, method, mode="certify", dtype=d, batch_size=batch_size,
-                                        where=where)
-        else:
-            lo, hi = bound_logits(model, box, x, "ibp", mode="certify", dtype=d, batch_size=batch_size)
-            lin = None
-        if lo.dim() != 2:
-            raise InvalidInputError(f"{where}: the model must output logits of shape (N, n_classes), got {tuple(lo.shape)}")
-        if yy is None:
-            yy = check_labels(canonical_labels(y, where), lo.shape[1], len(lo), where)
-        m = certified_mask(lo, hi, yy.to(lo.device), lin).cpu()
-        mask = m if mask is None else mask & m
-        names.append(_check_dtype(d, where))
+    mask, yy, _, dtypes = certified_in_every_dtype(model, box, x, canonical_labels(y, where), method, dtype,
+                                                   batch_size, where)
+    names = [_check_dtype(d, where) for d in dtypes]
+    mask = mask.cpu()
     yy = yy.cpu()
     per_class = {}
     for c in torch.unique(yy).tolist():

@@ -9,7 +9,6 @@ can lose to, both in the forward pass and in the bounds, so predictions and cert
 from __future__ import annotations
 
 import math
-
 import operator
 from collections.abc import Sequence
 

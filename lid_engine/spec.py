@@ -158,7 +158,8 @@ def certified_accuracy(
     """Sound lower bound on the (balanced) accuracy on ``(x, y)`` of every parameter vector in ``domain``.
 
     ``method``: ``"ibp"`` or ``"linear"`` (tighter on weight-shared layers; see ``bound_margins``)."""
-    mask, y, n_classes = _certified_in_every_dtype(model, domain, x, y, method, dtype, batch_size, "certified_accuracy")
+    mask, y, n_classes, _ = certified_in_every_dtype(model, domain, x, y, method, dtype, batch_size,
+                                                     "certified_accuracy")
     values = mask.double()
     return float(balanced_mean(values, y, n_classes) if balanced else values.mean())
 
@@ -168,18 +169,23 @@ def certified_examples(
     batch_size: int | None = 2048,
 ) -> Tensor:
     """Boolean mask of the examples certified for every parameter vector in ``domain``."""
-    return _certified_in_every_dtype(model, domain, x, y, method, dtype, batch_size, "certified_examples")[0]
+    return certified_in_every_dtype(model, domain, x, y, method, dtype, batch_size, "certified_examples")[0]
 
 
-def _certified_in_every_dtype(model, domain, x, y, method, dtype, batch_size, where: str) -> tuple[Tensor, Tensor, int]:
-    """(mask, labels, n_classes): certified in the bound's dtype (``dtype``, else ``x``'s) and in every
-    precision the model is stored in, so the mask holds for the model's own forward pass too."""
+def certified_in_every_dtype(
+    model: nn.Module, domain: Box, x: Tensor, y: Tensor, method: str, dtype: torch.dtype | None,
+    batch_size: int | None, where: str,
+) -> tuple[Tensor, Tensor, int, list[torch.dtype]]:
+    """(mask, labels, n_classes, dtypes): certified in the bound's dtype (``dtype``, else ``x``'s) and
+    in every precision the model is stored in (``dtypes``, in that order), so the mask holds for the
+    model's own forward pass too. Shared by the certified metrics and ``certificate.certified_counts``."""
     lo, hi, lin, labels = _certify_bounds(model, domain, x, y, method, dtype, batch_size, where)
     mask = certified_mask(lo, hi, labels, lin)
-    for other in evaluation_dtypes(model, lo.dtype)[1:]:
+    dtypes = evaluation_dtypes(model, lo.dtype)
+    for other in dtypes[1:]:
         if other not in (torch.float32, torch.float64):
             raise InvalidInputError(f"{where}: the model holds {other} tensors; certification supports float32 and "
                                     "float64 arithmetic only")
         lo2, hi2, lin2, _ = _certify_bounds(model, domain, x, y, method, other, batch_size, where)
         mask &= certified_mask(lo2, hi2, labels, lin2).to(mask.device)
-    return mask, labels, lo.shape[1]
+    return mask, labels, lo.shape[1], dtypes
