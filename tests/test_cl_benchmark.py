@@ -313,3 +313,11 @@ def test_margins_benchmark_plots_one_scenario_and_names_a_bad_one(tmp_path):
     assert (tmp_path / "radius.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         margins.main(["--scenarios", "domian", "--out", str(tmp_path)])
+
+
+def test_probes_refuse_bad_seeds():
+    from benchmarks.cl import probes
+
+    for bad in ("x", ","):
+        with pytest.raises(SystemExit):
+            probes.main(["--seeds", bad])

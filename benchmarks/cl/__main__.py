@@ -5,6 +5,7 @@
     python -m benchmarks.cl report                    # benchmarks/results/cl.md + plots from the runs
     python -m benchmarks.cl blobs                     # the blobs toy and its decision-region plot
     python -m benchmarks.cl compare A B               # do two result folders agree unit by unit?
+    python -m benchmarks.cl.probes --seeds 0,1        # why Domain-/Task-IL miss: frozen-feature probes
     python -m benchmarks.cl run --plan custom --data npz:my.npz --scenarios class,task --methods sgd,lid
 
 A new benchmark needs data, not code: an ``.npz`` with ``x_train``, ``y_train``, ``x_test``,
