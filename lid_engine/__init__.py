@@ -25,6 +25,7 @@ from .projection import ProjectedOptimizer, Projector, project_
 from .search import LidSearchError, SearchConfig, compute_lid, tau_from_accuracy
 from .spec import Spec, certified_accuracy, certified_examples, certified_mask, worst_case_logits
 from .training import accuracy
+from .zonotope import Zonotope
 
 from .verify import verify  # noqa: E402
 
@@ -66,4 +67,5 @@ __all__ = [
     "si_importance",
     "load_parameters_",
     "worst_case_logits",
+    "Zonotope",
 ]

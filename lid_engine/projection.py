@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .domains import Box
 from .errors import DomainMismatchError, InvalidInputError
+from .zonotope import Zonotope
 
 STRATEGIES = ("closest", "sample_largest_closest", "best_loss")
 
@@ -152,14 +153,45 @@ def _inward(box: Box, dtype: torch.dtype) -> Box:
     return Box(lower, upper, check=False)
 
 
+class ZonotopeProjector:
+    """The Projector interface for one ``Zonotope``: every call solves the projection QP
+    (``Zonotope.project_``), warm-started at the previous solution."""
+
+    def __init__(self, model: nn.Module, zonotope: Zonotope):
+        zonotope.check_matches(model, "projection")
+        self.model, self.zonotope = model, zonotope
+        self.current: int | None = None
+        self.switches = 0
+        self.lower = [zonotope]  # one member, for __repr__
+
+    @torch.no_grad()
+    def project_(self) -> int:
+        self.zonotope.project_(self.model)
+        self.current = 0
+        return 0
+
+    def state_dict(self) -> dict:
+        return {"current": self.current, "switches": self.switches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.current, self.switches = state["current"], state["switches"]
+
+
+def _projector(model: nn.Module, domain, strategy: str, **kwargs) -> Projector | ZonotopeProjector:
+    if isinstance(domain, Zonotope):
+        return ZonotopeProjector(model, domain)
+    return Projector(model, domain, strategy, **kwargs)
+
+
 def project_(model: nn.Module, domain, strategy: str = "closest", **kwargs) -> nn.Module:
-    """Project the model's parameters into ``domain`` (Box, LID or list of Boxes) once, in place."""
-    Projector(model, domain, strategy, **kwargs).project_()
+    """Project the model's parameters into ``domain`` (Box, Zonotope, LID or list of Boxes) once, in place."""
+    _projector(model, domain, strategy, **kwargs).project_()
     return model
 
 
 class ProjectedOptimizer:
-    """Wrap any torch optimizer so that every ``step()`` is followed by a projection onto the LID.
+    """Wrap any torch optimizer so that every ``step()`` is followed by a projection onto the LID
+    (or onto a single ``Box`` or ``Zonotope``).
 
     ``ProjectedOptimizer(torch.optim.Adam(model.parameters(), 1e-3), model, lid)``; behaves like
     the wrapped optimizer (``zero_grad``, ``param_groups``, ``state_dict``/``load_state_dict``).
@@ -178,7 +210,7 @@ class ProjectedOptimizer:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise InvalidInputError(f"ProjectedOptimizer: 'optimizer' must be a torch optimizer, got {type(optimizer).__name__}")
         self.optimizer = optimizer
-        self.projector = Projector(model, lid, strategy, loss_fn=loss_fn, seed=seed)
+        self.projector = _projector(model, lid, strategy, loss_fn=loss_fn, seed=seed)
         self.projector.project_()
 
     @property

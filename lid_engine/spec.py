@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from .bounds import bound_logits, combine_margins, margin_bounds
 from .domains import Box
 from .errors import InvalidInputError
+from .zonotope import Zonotope
 
 SPEC_KINDS = ("accuracy", "balanced_accuracy")
 
@@ -146,7 +147,7 @@ class Spec:
 
 def certified_accuracy(
     model: nn.Module,
-    domain: Box,
+    domain: Box | Zonotope,
     x: Tensor,
     y: Tensor,
     *,
@@ -155,7 +156,8 @@ def certified_accuracy(
     dtype: torch.dtype | None = None,
     batch_size: int | None = 2048,
 ) -> float:
-    """Sound lower bound on the (balanced) accuracy on ``(x, y)`` of every parameter vector in ``domain``.
+    """Sound lower bound on the (balanced) accuracy on ``(x, y)`` of every parameter vector in ``domain``
+    (a ``Box`` or a ``Zonotope``).
 
     ``method``: ``"ibp"`` or ``"linear"`` (tighter on weight-shared layers; see ``bound_margins``)."""
     mask, y, n_classes, _ = certified_in_every_dtype(model, domain, x, y, method, dtype, batch_size,
@@ -165,7 +167,7 @@ def certified_accuracy(
 
 
 def certified_examples(
-    model: nn.Module, domain: Box, x: Tensor, y: Tensor, *, method: str = "ibp", dtype: torch.dtype | None = None,
+    model: nn.Module, domain: Box | Zonotope, x: Tensor, y: Tensor, *, method: str = "ibp", dtype: torch.dtype | None = None,
     batch_size: int | None = 2048,
 ) -> Tensor:
     """Boolean mask of the examples certified for every parameter vector in ``domain``."""
@@ -173,7 +175,7 @@ def certified_examples(
 
 
 def certified_in_every_dtype(
-    model: nn.Module, domain: Box, x: Tensor, y: Tensor, method: str, dtype: torch.dtype | None,
+    model: nn.Module, domain: Box | Zonotope, x: Tensor, y: Tensor, method: str, dtype: torch.dtype | None,
     batch_size: int | None, where: str,
 ) -> tuple[Tensor, Tensor, int, list[torch.dtype]]:
     """(mask, labels, n_classes, dtypes): certified in the bound's dtype (``dtype``, else ``x``'s) and

@@ -318,6 +318,8 @@ def test_margins_benchmark_plots_one_scenario_and_names_a_bad_one(tmp_path):
 def test_probes_refuse_bad_seeds():
     from benchmarks.cl import probes
 
-    for bad in ("x", ","):
+    for bad in ("x", ",", "3-x"):
         with pytest.raises(SystemExit):
             probes.main(["--seeds", bad])
+    with pytest.raises(SystemExit):
+        probes.main(["--seeds", "0", "--probe", "segmnet"])

@@ -1,6 +1,7 @@
 """Why Domain-IL and Task-IL miss their targets: probes on the task-1 model (cl_notes.md).
 
-    python -m benchmarks.cl.probes --seeds 0,1        # a few minutes per seed on one core
+    python -m benchmarks.cl.probes --seeds 0,1                   # a few minutes per seed on one core
+    python -m benchmarks.cl.probes --seeds 0-9 --probe segment   # the zonotope LID only, ~70 s per seed
 
 With the convolutions frozen at the model trained on task 1:
 
@@ -10,6 +11,8 @@ With the convolutions frozen at the model trained on task 1:
   accuracy on task 1 of the axis-aligned box spanned by θ₁ and that head (IBP and linear bound),
   ``segment`` the share of task-1 certification examples right at both ends of the straight path
   to it (the margins are linear in the head along it, so right at both ends is right all along).
+* Domain-IL ``segment LID``: that segment as a certified domain (``le.Zonotope``), certified on
+  task 1's held-out examples, then task 2 trained inside it with projection (``segment_lid``).
 
 Diagnostics only: nothing here is a certificate, and nothing is written to disk.
 """
@@ -77,25 +80,70 @@ def joint_head(seed: int) -> str:
             f"{box.width_sum():.1f} | {certs[0]:.3f} / {certs[1]:.3f} | {segment:.3f} |")
 
 
+def segment_lid(seed: int) -> str:
+    """Domain-IL, two tasks, with a zonotope LID: the segment from θ₁ to the joint head.
+
+    The head trained on task 1's search data and the lookahead buffer (task 2's training data)
+    fixes the direction; the domain is ``le.Zonotope.segment`` (the convolutions fixed), certified
+    on task 1's held-out examples with the linear bound, which is exact along a segment of the
+    last layer. Task 2 is then trained with projection onto it, as the box LIDs are."""
+    seq, model = task1_model("domain", seed)
+    t1, t2 = seq.tasks[0], seq.tasks[1]
+    x, y = torch.cat([t1.train[0], t2.train[0]]), torch.cat([t1.train[1], t2.train[1]])
+    joint = train_copy(model, x, y, task=0, head_only=True, seed=seed * 1000 + 1)
+    target = {n: p.detach() for n, p in head(joint).named_parameters(prefix=_head_prefix(model))}
+    zonotope = le.Zonotope.segment(model, target)
+    certified = le.certified_accuracy(model, zonotope, *t1.cert, method="linear")
+    tau = le.tau_from_accuracy(accuracy(model, *t1.test), 0.12)
+    updated = copy.deepcopy(model)
+    opt = le.ProjectedOptimizer(torch.optim.Adam(updated.parameters(), lr=Recipe().lr), updated, zonotope)
+    train_task(updated, *t2.train, Recipe(), seed=seed * 1000 + 2, optimizer=opt)
+    assert zonotope.contains(updated)
+    return (f"| {seed} | {certified:.3f} (τ {tau:.3f}) | {accuracy(updated, *t1.test):.3f} | "
+            f"{accuracy(updated, *t2.test):.3f} | {float(zonotope._warm[0]):.3f} |")
+
+
+def _head_prefix(model: nn.Module) -> str:
+    last = head(model)
+    return next(name for name, m in model.named_modules() if m is last)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cl.probes", description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", default="0,1", help="comma-separated seeds")
+    parser.add_argument("--seeds", default="0,1", help="comma-separated seeds or ranges (0-9)")
+    parser.add_argument("--probe", choices=("all", "heads", "joint", "segment"), default="all",
+                        help="which tables to print (default: all)")
     args = parser.parse_args(argv)
+    seeds = _parse_seeds(parser, args.seeds)
+    torch.set_num_threads(1)
+    if args.probe in ("all", "heads"):
+        print("| scenario | seed | task | head only | whole |\n|---|---|---|---|---|")
+        for scenario in ("domain", "task"):
+            for seed in seeds:
+                print("\n".join(later_tasks(scenario, seed)), flush=True)
+    if args.probe in ("all", "joint"):
+        print("\n| seed | joint head: task 1 | task 2 | box width sum | box certifies task 1 (IBP / linear) | segment |"
+              "\n|---|---|---|---|---|---|")
+        for seed in seeds:
+            print(joint_head(seed), flush=True)
+    if args.probe in ("all", "segment"):
+        print("\n| seed | segment LID certifies task 1 | task 1 after task 2 | task 2 | ε reached |"
+              "\n|---|---|---|---|---|")
+        for seed in seeds:
+            print(segment_lid(seed), flush=True)
+
+
+def _parse_seeds(parser: argparse.ArgumentParser, text: str) -> list[int]:
+    seeds: list[int] = []
     try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        for part in (p.strip() for p in text.split(",") if p.strip()):
+            first, _, last = part.partition("-")
+            seeds += list(range(int(first), int(last) + 1)) if last else [int(first)]
     except ValueError:
-        parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+        parser.error(f"--seeds: expected comma-separated integers or ranges like 0-9, got {text!r}")
     if not seeds:
         parser.error("--seeds: give at least one seed")
-    torch.set_num_threads(1)
-    print("| scenario | seed | task | head only | whole |\n|---|---|---|---|---|")
-    for scenario in ("domain", "task"):
-        for seed in seeds:
-            print("\n".join(later_tasks(scenario, seed)), flush=True)
-    print("\n| seed | joint head: task 1 | task 2 | box width sum | box certifies task 1 (IBP / linear) | segment |"
-          "\n|---|---|---|---|---|---|")
-    for seed in seeds:
-        print(joint_head(seed), flush=True)
+    return seeds
 
 
 if __name__ == "__main__":

@@ -9,12 +9,17 @@ optimises through.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
 from ..domains import Box
 from ..errors import DomainMismatchError, InvalidInputError, LidError
 from . import ibp, linear, rounding
+
+if TYPE_CHECKING:  # a runtime import would be circular (the zonotope uses bounds.rounding)
+    from ..zonotope import Zonotope
 
 METHODS = ("ibp", "crown", "crown+ibp")
 MARGIN_METHODS = ("ibp", "linear")  # the sound ones: both usable in mode="certify"
@@ -24,7 +29,7 @@ LINEAR_CHUNK = 256  # examples per linear-bound pass: ~0.5 GB in float64 for the
 
 def bound_logits(
     model: nn.Module,
-    domain: Box,
+    domain: Box | Zonotope,
     x: Tensor,
     method: str = "ibp",
     *,
@@ -32,7 +37,8 @@ def bound_logits(
     dtype: torch.dtype | None = None,
     batch_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Element-wise (lo, hi) on ``model(x)`` holding for every parameter vector in ``domain``.
+    """Element-wise (lo, hi) on ``model(x)`` holding for every parameter vector in ``domain``
+    (a ``Box``, or a ``Zonotope``: IBP over its bounding box, certify mode).
 
     ``method``: ``"ibp"`` (own engine, all supported layers), ``"crown"`` (auto_LiRPA, Linear/ReLU
     models), ``"crown+ibp"`` (the intersection of both). ``dtype`` is the arithmetic used (float32
@@ -40,6 +46,10 @@ def bound_logits(
     ``x``. In ``mode="search"`` gradients flow to ``domain.lower``/``domain.upper``.
     """
     domain, x = _prepare(model, domain, x, method, METHODS, mode, dtype, batch_size, "bound_logits")
+    if _is_zonotope(domain):
+        if method != "ibp":
+            raise LidError(f"bound_logits: a Zonotope is bounded with method='ibp' (over its bounding box), got {method!r}")
+        domain = _ibp_box(domain, x)
     if method != "ibp" and mode == "certify":
         raise LidError(
             f"bound_logits: method={method!r} is not available in mode='certify': auto_LiRPA's CROWN "
@@ -70,7 +80,7 @@ def bound_logits(
 
 def margin_bounds(
     model: nn.Module,
-    domain: Box,
+    domain: Box | Zonotope,
     x: Tensor,
     y: Tensor,
     method: str = "ibp",
@@ -95,10 +105,12 @@ def margin_bounds(
         raise InvalidInputError(f"{where}: 'y' must be an integer tensor of shape ({len(x)},), got {got}")
     y = y.to(x.device, torch.long)
     layers = ibp.check_supported(model)
+    zonotope = domain if _is_zonotope(domain) else None
+    box = _ibp_box(domain, x) if zonotope is not None else domain  # what IBP propagates
     if method == "linear":
         linear.check_supported(layers)
         with torch.no_grad():  # one example through IBP: a wrong input shape is named by layer, labels checked early
-            _check_label_range(y, ibp.propagate(model, domain.detach(), x[:1], certify=False, layers=layers)[0].shape,
+            _check_label_range(y, ibp.propagate(model, box.detach(), x[:1], certify=False, layers=layers)[0].shape,
                                where)
         # the backward pass holds (examples × competitors × neurons) tensors: bound a few hundred at a time
         batch_size = min(batch_size or len(x), LINEAR_CHUNK)
@@ -107,10 +119,10 @@ def margin_bounds(
     with ctx, (torch.no_grad() if mode == "certify" else _null_ctx()):
         for s in _chunks(len(x), batch_size):
             if method == "linear":
-                parts.append(linear.linear_margins(model, domain, x[s], y[s], certify=mode == "certify", layers=layers,
-                                                   competitors=competitors))
+                parts.append(linear.linear_margins(model, box, x[s], y[s], certify=mode == "certify", layers=layers,
+                                                   competitors=competitors, zonotope=zonotope))
             else:
-                parts.append((*ibp.propagate(model, domain, x[s], certify=mode == "certify", layers=layers), None))
+                parts.append((*ibp.propagate(model, box, x[s], certify=mode == "certify", layers=layers), None))
     lo, hi = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     _check_label_range(y, lo.shape, where)
     lin = torch.cat([p[2] for p in parts]) if method == "linear" else None
@@ -126,7 +138,7 @@ def _check_label_range(y: Tensor, out_shape: tuple[int, ...], where: str) -> Non
 
 def bound_margins(
     model: nn.Module,
-    domain: Box,
+    domain: Box | Zonotope,
     x: Tensor,
     y: Tensor,
     method: str = "ibp",
@@ -140,7 +152,8 @@ def bound_margins(
     (``+inf`` at ``j = y``): an example is certified when its row is positive.
 
     ``method``: ``"ibp"`` (``lo_y − hi_j``) or ``"linear"`` (the larger of that and the backward
-    linear bound; Linear/Conv2d/ReLU models, ``linear.SUPPORTED_LAYERS``). Both are sound in
+    linear bound; Linear/Conv2d/ReLU models, ``linear.SUPPORTED_LAYERS``; over a ``Zonotope`` it
+    minimises the generator terms exactly, jointly over all layers). Both are sound in
     ``mode="certify"``, where the IBP difference is rounded down. ``competitors`` (search mode)
     limits the linear bound to the ``k`` classes IBP finds most dangerous.
     """
@@ -167,15 +180,28 @@ def _prepare(model, domain, x, method: str, methods: tuple[str, ...], mode: str,
         raise LidError(f"{where}: 'method' must be one of {methods}, got {method!r}")
     if mode not in MODES:
         raise LidError(f"{where}: 'mode' must be one of {MODES}, got {mode!r}")
-    if not isinstance(domain, Box):
-        raise DomainMismatchError(f"{where}: 'domain' must be a lid_engine Box, got {type(domain).__name__}")
+    if not isinstance(domain, Box) and not _is_zonotope(domain):
+        raise DomainMismatchError(f"{where}: 'domain' must be a lid_engine Box or Zonotope, got {type(domain).__name__}")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise LidError(f"{where}: 'batch_size' must be a positive int or None, got {batch_size!r}")
     domain.check_matches(model, where)
     x = _check_input(x, dtype, where)
+    if _is_zonotope(domain):
+        if mode != "certify":
+            raise LidError(f"{where}: a Zonotope is bounded in mode='certify' only (the LID search optimises boxes)")
+        return domain, x
     if domain.device != x.device or domain.dtype != x.dtype:
         domain = domain.to(x.device, x.dtype) if mode == "certify" else _cast_keep_grad(domain, x)
     return domain, x
+
+
+def _is_zonotope(domain) -> bool:
+    return getattr(domain, "kind", None) == "zonotope"
+
+
+def _ibp_box(zonotope, x: Tensor) -> Box:
+    """The zonotope's bounding box in ``x``'s device and dtype, rounded outward: IBP's input."""
+    return zonotope.bounding_box().to(x.device, x.dtype)
 
 
 def _chunks(n: int, batch_size: int | None) -> list[slice]:

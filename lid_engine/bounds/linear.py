@@ -24,6 +24,12 @@ the product is linear in ``W`` and bounded exactly: ``Λ·(W_m ⋆ x) − Σ|G|�
 where ``ν < 0``, lower slope 0 or 1 where ``ν ≥ 0``). Since every step holds for any multipliers,
 the bound is valid whatever rounding did to ``Λ``: only the final evaluation must be rigorous.
 
+**Zonotopes.** Over ``W = W_m + Σ_k ε_k g_k + δ`` (``lid_engine.zonotope``) the first-order term
+``Λ·((W − W_m) a_m)`` is ``Σ_k ε_k·⟨G, g_k⟩ + ⟨G, δ⟩``: the ε parts of every layer are summed
+per generator and minimised over the coefficient ranges once (the ε are shared), the δ part is
+the box term with the residual radius, and the second-order term uses ``|W − W_m| ≤`` the
+zonotope's reach. The intermediate intervals come from IBP over its bounding box.
+
 **Floating point (certify mode).** The IBP intervals come from certification mode in the
 evaluation dtype, so they enclose the real-number activations and those of a float forward pass
 in that dtype; ``e_k`` is the a-priori error of such a pass (``rounding.py``). The bound itself is
@@ -91,13 +97,39 @@ def conv_padding(m: nn.Conv2d, where: str = "Conv2d") -> tuple[int, int]:
 
 
 class _Sum:
-    """The bound's value per (example, competitor), its magnitude M and the longest chain D."""
+    """The bound's value per (example, competitor), its magnitude M and the longest chain D.
+
+    A zonotope's generator terms are linear in coefficients ε shared by every layer: they are
+    collected per generator (``shared``) across layers and minimised over ε once, in ``lower``."""
 
     def __init__(self, shape: tuple[int, int], like: Tensor, certify: bool):
         self.value = like.new_zeros(shape)
         self.mag = like.new_zeros(shape) if certify else None
         self.depth = 0
         self.certify = certify
+        self.shared: dict[int, list[Tensor]] = {}  # generator k -> [Σ t_k (N, J), magnitude (N, J)]
+        self.shared_depth = 0
+        self.coeff_lo = self.coeff_hi = None
+
+    def add_shared(self, k: int, value: Tensor, mag: Tensor | None, depth: int, coeff_lo: Tensor, coeff_hi: Tensor) -> None:
+        """Add ``t`` (N, J) to generator ``k``'s coefficient: the bound gains ``min_ε ε_k·Σ t``."""
+        self.coeff_lo, self.coeff_hi = coeff_lo, coeff_hi
+        total = self.shared.setdefault(k, [torch.zeros_like(value), torch.zeros_like(value)])
+        total[0] = total[0] + value
+        if self.certify:
+            total[1] = total[1] + mag
+        self.shared_depth += depth + 1
+
+    def _settle_shared(self) -> None:
+        for k, (t, mag) in sorted(self.shared.items()):
+            value = torch.minimum(self.coeff_lo[k] * t, self.coeff_hi[k] * t)
+            scale = torch.maximum(self.coeff_lo[k].abs(), self.coeff_hi[k].abs())
+            self.value = self.value + value
+            if self.certify:
+                self.mag = self.mag + mag * scale
+        if self.shared:
+            self.depth += self.shared_depth + len(self.shared) + 2
+        self.shared = {}
 
     def add(self, value: Tensor, mag: Tensor | None, depth: int) -> None:
         """Add a term (N, J, ...) summed over its trailing dimensions; ``depth`` = its chain length."""
@@ -107,6 +139,7 @@ class _Sum:
             self.depth += depth + math.prod(value.shape[2:]) + 1
 
     def lower(self) -> Tensor:
+        self._settle_shared()
         if not self.certify:
             return self.value
         c, _ = rounding.slack_coefficients(self.depth, torch.float64)
@@ -123,8 +156,13 @@ def linear_margins(
     certify: bool,
     layers: list[tuple[str, nn.Module]],
     competitors: int | None = None,
+    zonotope=None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """IBP's logit bounds ``(lo, hi)`` and the linear lower bounds on ``z_y − z_j`` (N, C).
+
+    ``box`` is what IBP propagates; with a ``zonotope`` (certify mode) it is the zonotope's
+    bounding box, which gives the intermediate intervals, while the terms linear in the weights
+    are minimised over the zonotope itself (see ``_coordinates``).
 
     The linear bound is ``-inf`` where it was not computed: at ``j = y``, at classes a ``TaskMask``
     hides, for examples whose label it hides, and (search mode, ``competitors=k``) beyond the ``k``
@@ -156,7 +194,8 @@ def linear_margins(
     dtype = torch.float64 if certify else x.dtype
     sub = [ibp.Interval(s.z[rows].to(dtype), point=s.point, nonneg=s.nonneg) for s in states[: len(body)]]
     with contextlib.nullcontext() if certify else rounding.onednn_kernels():
-        value = _backward(body, sub, box, x[rows], y[rows], others, certify=certify, dtype=dtype)
+        value = _backward(body, sub, box if zonotope is None else zonotope, x[rows], y[rows], others,
+                          certify=certify, dtype=dtype)
     if certify:  # an overflow leaves NaN (inf − inf) or inf: no information, never a certificate
         value = _narrow_down(value.nan_to_num(nan=-math.inf, posinf=-math.inf, neginf=-math.inf), linear.dtype)
     filled = linear[rows].scatter(1, others, value)
@@ -171,7 +210,7 @@ def _narrow_down(t: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(n.to(t.dtype) > t, rounding.round_down(n), n)
 
 
-def _backward(layers, states, box: Box, x: Tensor, y: Tensor, others: Tensor, *, certify: bool,
+def _backward(layers, states, domain, x: Tensor, y: Tensor, others: Tensor, *, certify: bool,
               dtype: torch.dtype) -> Tensor:
     """Walk the layers backwards from ``Λ_L = e_y − e_j``; return the bound (N, J).
 
@@ -185,7 +224,7 @@ def _backward(layers, states, box: Box, x: Tensor, y: Tensor, others: Tensor, *,
         path, m = layers[i]
         state = states[i]
         if isinstance(m, (nn.Linear, nn.Conv2d)):
-            lam = _affine(acc, path, m, lam, state, box, certify, dtype, x.dtype)
+            lam = _affine(acc, path, m, lam, state, domain, certify, dtype, x.dtype)
             if lam is None:
                 break
         elif state.point:  # a parameter-free layer on a fixed value: its output is a constant
@@ -231,12 +270,51 @@ def _relu(acc: _Sum, nu: Tensor, l: Tensor, u: Tensor, certify: bool) -> Tensor:
     return lam
 
 
-def _affine(acc: _Sum, path: str, m: nn.Module, lam: Tensor, state: ibp.Interval, box: Box, certify: bool,
+class _Coordinates:
+    """One parameter tensor of the domain as the bound uses it: ``W = mid + Σ_k ε_k·gens[k] + δ``
+    with ``ε_k ∈ [coeff_lo_k, coeff_hi_k]``, ``|δ| ≤ first``; ``|W − mid| ≤ second``; ``W ∈ [lo, hi]``.
+
+    A box is ``mid ± rad`` without generators (``first = second = rad``). A zonotope's
+    generator terms are minimised exactly over the coefficient ranges, jointly over all layers
+    (``_Sum.add_shared``); only the second-order term sees its bounding box (``second``)."""
+
+    def __init__(self, domain, name: str, certify: bool, dtype: torch.dtype, device: torch.device):
+        self.gens = self.coeff_lo = self.coeff_hi = None
+        if getattr(domain, "kind", None) == "zonotope":
+            to = dict(device=device, dtype=dtype)
+            self.mid = domain.centre[name].to(**to)
+            self.first = domain.certified_residual(name).to(**to)
+            self.second = domain.reach(name).to(**to)
+            # only the magnitudes (a float forward pass's rounding) use these
+            self.lo, self.hi = rounding.round_down(self.mid - self.second), rounding.round_up(self.mid + self.second)
+            if name in domain.generators and domain.n_generators:
+                self.gens = domain.generators[name].to(**to)
+                self.coeff_lo, self.coeff_hi = domain.coeff_lower.to(**to), domain.coeff_upper.to(**to)
+            return
+        self.lo, self.hi = domain.lower[name].to(dtype), domain.upper[name].to(dtype)
+        if certify:
+            self.mid, self.first = rounding.midpoint_radius(self.lo, self.hi)
+        else:
+            self.mid, self.first = (self.lo + self.hi) / 2, (self.hi - self.lo) / 2
+        self.second = self.first
+
+    def generator_terms(self, acc: _Sum, correlate, magnitude, depth: int) -> None:
+        """Add ``ε_k·t_k``, ``t_k = correlate(g_k)`` (N, J), to the shared generator terms, which
+        ``acc`` minimises over ε jointly with every other tensor's; ``magnitude(|g_k|)`` bounds the
+        terms of ``t_k``."""
+        if self.gens is None:
+            return
+        for k in range(len(self.gens)):
+            mag = magnitude(self.gens[k].abs()) if acc.certify else None
+            acc.add_shared(k, correlate(self.gens[k]), mag, depth, self.coeff_lo, self.coeff_hi)
+
+
+def _affine(acc: _Sum, path: str, m: nn.Module, lam: Tensor, state: ibp.Interval, domain, certify: bool,
             dtype: torch.dtype, eval_dtype: torch.dtype) -> Tensor | None:
     """Add layer ``m``'s terms for multiplier ``lam`` on its output; return ``ν`` (None at a point input)."""
     N, J = lam.shape[:2]
-    wl, wu = (box.lower[param_name(path, "weight")].to(dtype), box.upper[param_name(path, "weight")].to(dtype))
-    wm, wr = rounding.midpoint_radius(wl, wu) if certify else ((wl + wu) / 2, (wu - wl) / 2)
+    weight = _Coordinates(domain, param_name(path, "weight"), certify, dtype, lam.device)
+    wl, wu, wm, wr = weight.lo, weight.hi, weight.mid, weight.first
     conv = isinstance(m, nn.Conv2d)
     if conv:
         pad = conv_padding(m)
@@ -255,7 +333,11 @@ def _affine(acc: _Sum, path: str, m: nn.Module, lam: Tensor, state: ibp.Interval
     amag = state.z.abs() if state.point else torch.maximum(state.lo.abs(), state.hi.abs())
     flat = lam.flatten(0, 1)  # (N·J, out...)
 
-    # Σ|G|·W_r: for Linear, G = Λ ⊗ a_m is rank one, so |G| = |Λ| ⊗ |a_m|
+    # Σ|G|·W_r: for Linear, G = Λ ⊗ a_m is rank one, so |G| = |Λ| ⊗ |a_m|; generators: Σ_k min ε_k·⟨G, g_k⟩
+    outputs = math.prod(lam.shape[2:])
+    weight.generator_terms(
+        acc, lambda g: (lam * op(am, g)[:, None]).flatten(2).sum(2),
+        lambda g: (lam.abs() * op(am.abs(), g)[:, None]).flatten(2).sum(2), n_terms + outputs + 2)
     if conv:
         if certify:  # plain dot products (the rounding model) over the unfolded patches (N, K, L)
             patches = F.unfold(am, m.kernel_size, m.dilation, pad, m.stride)
@@ -270,16 +352,18 @@ def _affine(acc: _Sum, path: str, m: nn.Module, lam: Tensor, state: ibp.Interval
     if state.point:  # Λ·(W_m ⋆ x), exact up to rounding
         centre = lam * op(am, wm)[:, None]
         acc.add(centre, lam.abs() * op(am.abs(), wm.abs())[:, None] if certify else None, n_terms + 1)
-    else:  # second-order term Σ|Λ|·(W_r ⋆ a_r)
-        second = lam.abs() * op(ar, wr)[:, None]
+    else:  # second-order term Σ|Λ|·(W_r ⋆ a_r), W_r bounding every |W − W_m|
+        second = lam.abs() * op(ar, weight.second)[:, None]
         acc.add(-second, second if certify else None, n_terms + 1)
     if m.bias is not None:
-        bl, bu = box.lower[param_name(path, "bias")].to(dtype), box.upper[param_name(path, "bias")].to(dtype)
-        bm, br = rounding.midpoint_radius(bl, bu) if certify else ((bl + bu) / 2, (bu - bl) / 2)
+        bias = _Coordinates(domain, param_name(path, "bias"), certify, dtype, lam.device)
+        bl, bu, bm, br = bias.lo, bias.hi, bias.mid, bias.first
         s = lam.flatten(3).sum(3) if conv else lam
+        sabs = lam.abs().flatten(3).sum(3) if conv else lam.abs()
         bias_term = s * bm - s.abs() * br
-        smag = (lam.abs().flatten(3).sum(3) if conv else lam.abs()) * (bm.abs() + br) if certify else None
+        smag = sabs * (bm.abs() + br) if certify else None
         acc.add(bias_term, smag, positions + 2)
+        bias.generator_terms(acc, lambda g: (s * g).sum(2), lambda g: (sabs * g).sum(2), positions + s.shape[2] + 2)
     if certify:  # a float forward pass in the evaluation dtype deviates by at most e per output
         wmax = torch.maximum(wl.abs(), wu.abs())
         fwd = op(amag, wmax)

@@ -1,0 +1,258 @@
+"""Zonotope domains: sound bounds by sampling, exactness along a segment, projection, persistence.
+
+DESIGN.md soundness rule 2 for the zonotope: parameter vectors drawn inside the zonotope and at
+its vertices (coefficients at the ends of their ranges, residual offsets at ±r), written in the
+model's dtype as a projection writes them, plain forward passes, every margin at or above the
+linear bound and every logit inside IBP's bounds, no tolerance. Then what a user relies on: a
+segment of the last layer is certified exactly (an example is certified iff it is right at both
+ends), where the box over the same move certifies next to nothing; the projection is the
+Euclidean one and lands inside; bad input is refused by name.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy.optimize import minimize
+from torch import nn
+
+import lid_engine as le
+from lid_engine.errors import DomainMismatchError, InvalidDomainError, LidError
+from tests.sampling import sampled_outputs
+from tests.test_bounds_soundness import assert_enclosed, inputs
+from tests.test_linear_bounds import LINEAR_ZOO, assert_below, labels, linear_zoo, sampled_margins
+
+N_SAMPLES = 4_000
+
+
+def random_zonotope(model: nn.Module, *, k: int, scale: float, residual: float, seed: int) -> le.Zonotope:
+    """K generators on every parameter, coefficient ranges around 0, a random residual box."""
+    g = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    gens = {n: scale * torch.randn((k, *p.shape), generator=g, dtype=torch.float64) for n, p in params.items()}
+    res = {n: residual * torch.rand(p.shape, generator=g, dtype=torch.float64) for n, p in params.items()}
+    lo = -torch.rand(k, generator=g, dtype=torch.float64)
+    hi = torch.rand(k, generator=g, dtype=torch.float64) * 2
+    return le.Zonotope({n: p.detach() for n, p in params.items()}, gens, lo, hi, res)
+
+
+def zonotope_samples(z: le.Zonotope, n: int, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Stacked points of ``z``: half vertices, half uniform, cast to the model's dtype."""
+    g = torch.Generator().manual_seed(seed)
+    points = [z.vertex(g) if i % 2 else z.sample(g) for i in range(n)]
+    return {name: torch.stack([p[name] for p in points]).to(dtype) for name in z.names}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("name", LINEAR_ZOO)
+def test_bounds_over_a_zonotope_hold_for_every_sampled_forward(name, dtype) -> None:
+    model, shape = linear_zoo(name)
+    model = model.to(dtype)
+    z = random_zonotope(model, k=2, scale=0.004, residual=0.002, seed=1)
+    x = inputs(shape, dtype, seed=4)
+    y = labels(model, x)
+    outs = sampled_outputs(model, zonotope_samples(z, N_SAMPLES, seed=5, dtype=dtype), x)
+    lo, hi = le.bound_logits(model, z, x, dtype=dtype)
+    assert_enclosed(outs, lo, hi)
+    bound = le.bound_margins(model, z, x, y, "linear", dtype=dtype)
+    assert_below(bound, sampled_margins(outs, y))
+    mask = le.certified_examples(model, z, x, y, method="linear", dtype=dtype)
+    assert bool((outs.argmax(-1)[:, mask] == y[mask]).all())
+    assert int(mask.sum()) > 0  # the case is not vacuous: something is certified
+
+
+@st.composite
+def zonotope_case(draw):
+    widths = draw(st.lists(st.integers(2, 7), min_size=1, max_size=3))
+    torch.manual_seed(draw(st.integers(0, 10_000)))
+    layers: list[nn.Module] = []
+    for a, b in zip([3, *widths], widths):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(widths[-1], draw(st.integers(2, 4))))
+    z = random_zonotope(model, k=draw(st.integers(1, 4)), scale=draw(st.sampled_from([1e-3, 1e-2, 0.1])),
+                        residual=draw(st.sampled_from([0.0, 1e-3, 1e-2])), seed=draw(st.integers(0, 10_000)))
+    return model, z
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(zonotope_case())
+def test_random_zonotopes_on_random_mlps_are_sound(case) -> None:
+    model, z = case
+    x = inputs((3,), torch.float32, seed=7, n=16)
+    y = labels(model, x)
+    outs = sampled_outputs(model, zonotope_samples(z, 1_000, seed=8, dtype=torch.float32), x)
+    assert_below(le.bound_margins(model, z, x, y, "linear"), sampled_margins(outs, y))
+
+
+def moved_head(model: nn.Module, scale: float, seed: int) -> dict[str, torch.Tensor]:
+    """The last Linear layer's parameters moved by a random step: a target for a segment."""
+    g = torch.Generator().manual_seed(seed)
+    names = [n for n, _ in model.named_parameters()][-2:]
+    params = dict(model.named_parameters())
+    return {n: params[n].detach() + scale * torch.randn(params[n].shape, generator=g) for n in names}
+
+
+@pytest.mark.parametrize("name,scale", [("mlp", 1.0), ("conv", 0.1)])
+def test_a_segment_of_the_last_layer_certifies_exactly_the_examples_right_at_both_ends(name, scale) -> None:
+    """Along a segment of the head (everything else fixed) the margins are linear, so the linear
+    bound is exact up to rounding: the box over the same move keeps every corner and certifies
+    far less. This is the Domain-IL case of benchmarks/results/cl_notes.md."""
+    model, shape = linear_zoo(name)
+    target = moved_head(model, scale, seed=2)
+    x = inputs(shape, torch.float32, seed=4, n=400)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    far = copy.deepcopy(model)
+    le.load_parameters_(far, {**dict(model.named_parameters()), **target})
+    with torch.no_grad():
+        right_at_both_ends = far(x).argmax(1) == y
+    z = le.Zonotope.segment(model, target)
+    certified = le.certified_examples(model, z, x, y, method="linear")
+    assert not bool((certified & ~right_at_both_ends).any())
+    assert int(certified.sum()) >= int(right_at_both_ends.sum()) - 2  # only near-ties may be lost to rounding
+    assert int(right_at_both_ends.sum()) >= 40
+    box_certified = le.certified_examples(model, z.bounding_box(), x, y, method="linear")
+    assert int(box_certified.sum()) < int(certified.sum()) / 2
+
+
+def test_a_box_as_a_zonotope_certifies_what_the_box_certifies() -> None:
+    model, shape = linear_zoo("conv")
+    box = le.Box.around(model, 0.01)
+    x = inputs(shape, torch.float32, seed=4, n=64)
+    y = labels(model, x)
+    z = le.Zonotope.from_box(box)
+    assert z.contains(model) and z.n_generators == 0
+    for method in ("ibp", "linear"):
+        assert le.certified_accuracy(model, z, x, y, method=method) == le.certified_accuracy(model, box, x, y, method=method)
+    assert z.bounding_box().is_subset(box.to(dtype=torch.float64), atol=1e-6)
+
+
+def test_the_segment_contains_both_ends_and_the_bounding_box_contains_the_segment() -> None:
+    model, _ = linear_zoo("mlp")
+    target = moved_head(model, 1.0, seed=3)
+    z = le.Zonotope.segment(model, target, residual=0.01)
+    assert z.contains(model) and z.contains_centre()
+    far = {**{n: p.detach() for n, p in model.named_parameters()}, **target}
+    assert z.contains(far)
+    box = z.bounding_box()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        assert box.contains(z.vertex(g)) and box.contains(z.sample(g))
+    assert not z.contains({n: t + 0.5 for n, t in far.items()})
+
+
+def _scipy_projection(z: le.Zonotope, params: dict[str, torch.Tensor]) -> float:
+    names = z.names
+    G = torch.cat([z.generators[n].reshape(z.n_generators, -1) for n in names], 1).numpy()
+    d = torch.cat([(params[n].double() - z.centre[n]).reshape(-1) for n in names]).numpy()
+    r = torch.cat([z.residual[n].reshape(-1) for n in names]).numpy()
+    result = minimize(lambda e: float((np.maximum(np.abs(d - e @ G) - r, 0) ** 2).sum()), np.zeros(z.n_generators),
+                      bounds=list(zip(z.coeff_lower.numpy(), z.coeff_upper.numpy())), method="L-BFGS-B",
+                      options={"ftol": 1e-15, "gtol": 1e-12})
+    return float(result.fun)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_projection_is_the_euclidean_projection_and_lands_inside(seed) -> None:
+    model, _ = linear_zoo("mlp")
+    z = random_zonotope(model.double(), k=3, scale=1.0, residual=0.01, seed=seed)
+    g = torch.Generator().manual_seed(seed + 10)
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+    before = {n: p.detach().clone() for n, p in moved.named_parameters()}
+    assert not z.contains(moved)
+    expected = _scipy_projection(z, before)
+    z.project_(moved)
+    assert z.contains(moved)
+    moved_by = sum(float((p.detach() - before[n]).pow(2).sum()) for n, p in moved.named_parameters())
+    assert moved_by == pytest.approx(expected, rel=1e-6)
+    assert z.distance2(moved) <= 1e-20
+    again = {n: p.detach().clone() for n, p in moved.named_parameters()}
+    z.project_(moved)  # a point inside stays where it is
+    assert all(torch.allclose(p.detach(), again[n], rtol=0, atol=1e-12) for n, p in moved.named_parameters())
+
+
+def test_projected_training_stays_inside_and_keeps_what_the_segment_certifies() -> None:
+    model, shape = linear_zoo("mlp")
+    target = moved_head(model, 1.0, seed=2)
+    z = le.Zonotope.segment(model, target)
+    x = inputs(shape, torch.float32, seed=4, n=400)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    certified = le.certified_examples(model, z, x, y, method="linear")
+    trained = copy.deepcopy(model)
+    opt = le.ProjectedOptimizer(torch.optim.Adam(trained.parameters(), lr=0.05), trained, z)
+    g = torch.Generator().manual_seed(0)
+    other_y = torch.randint(0, 3, (400,), generator=g)  # a conflicting task pulls as hard as it can
+    for _ in range(100):
+        opt.zero_grad()
+        nn.functional.cross_entropy(trained(x), other_y).backward()
+        opt.step()
+        assert z.contains(trained)
+    with torch.no_grad():
+        assert bool((trained(x).argmax(1)[certified] == y[certified]).all())
+    first = dict(model.named_parameters())
+    assert all(torch.equal(p, first[n]) for n, p in trained.named_parameters() if n not in target)
+
+
+def test_save_and_load_round_trip(tmp_path) -> None:
+    model, _ = linear_zoo("conv")
+    z = random_zonotope(model, k=2, scale=0.01, residual=0.001, seed=0)
+    z.save(tmp_path / "z")
+    back = le.Zonotope.load(tmp_path / "z")
+    assert back.names == z.names and torch.equal(back.coeff_upper, z.coeff_upper)
+    assert all(torch.equal(back.generators[n], z.generators[n]) for n in z.names)
+    assert all(torch.equal(back.certified_residual(n), z.certified_residual(n)) for n in z.names)
+    (tmp_path / "z" / "domain.json").write_text('{"format": "lidgate.box/1"}')
+    with pytest.raises(InvalidDomainError, match="expected 'lidgate.zonotope/1'"):
+        le.Zonotope.load(tmp_path / "z")
+
+
+def _parts(model):
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    return params, {n: torch.zeros((1, *p.shape)) for n, p in params.items()}
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda c, g, lo, hi, r: (c, g, torch.tensor([1.0]), torch.tensor([0.0]), r), "coefficient 0 has lower > upper"),
+    (lambda c, g, lo, hi, r: (c, g, torch.tensor([0.0, 0.0]), hi, r), "coeff_lower has 2 entries"),
+    (lambda c, g, lo, hi, r: (c, {**g, "0.weight": torch.zeros(2, 2)}, lo, hi, r), r"generators\['0.weight'\] must have shape"),
+    (lambda c, g, lo, hi, r: (c, g, lo, hi, {**r, "0.bias": -torch.ones_like(r["0.bias"])}), "negative"),
+    (lambda c, g, lo, hi, r: ({**c, "0.bias": c["0.bias"] * torch.nan}, g, lo, hi, r), "NaN or inf"),
+    (lambda c, g, lo, hi, r: (c, {"nope": g["0.bias"]}, lo, hi, r), "not in 'centre'"),
+    (lambda c, g, lo, hi, r: (c, g, torch.tensor([[0.0]]), hi, r), "1-D floating-point"),
+    (lambda c, g, lo, hi, r: ({**c, "0.bias": c["0.bias"].half()}, g, lo, hi, r), "float32 or float64"),
+])
+def test_malformed_zonotopes_are_refused_by_name(edit, match) -> None:
+    model = nn.Sequential(nn.Linear(3, 2))
+    c, g = _parts(model)
+    r = {n: torch.zeros_like(t) for n, t in c.items()}
+    args = edit(c, g, torch.tensor([0.0]), torch.tensor([1.0]), r)
+    with pytest.raises(InvalidDomainError, match=match):
+        le.Zonotope(*args)
+
+
+def test_bad_use_is_refused_by_name() -> None:
+    model, shape = linear_zoo("mlp")
+    z = le.Zonotope.segment(model, moved_head(model, 0.1, seed=0))
+    x = inputs(shape, torch.float32, seed=4)
+    y = labels(model, x)
+    with pytest.raises(LidError, match="mode='certify' only"):
+        le.bound_margins(model, z, x, y, "linear", mode="search")
+    with pytest.raises(DomainMismatchError, match="missing parameters"):
+        le.certified_accuracy(nn.Sequential(nn.Linear(6, 3)), z, x, y)
+    with pytest.raises(DomainMismatchError, match="unknown parameters"):
+        le.Zonotope.segment(model, {"head.weight": torch.zeros(3, 16)})
+    with pytest.raises(DomainMismatchError, match="must be a tensor of shape"):
+        le.Zonotope.segment(model, {"4.weight": torch.zeros(2, 2)})
+    with pytest.raises(InvalidDomainError, match="'residual' must be a finite number"):
+        le.Zonotope.segment(model, moved_head(model, 0.1, seed=0), residual=-1.0)
+    with pytest.raises(DomainMismatchError, match="projection writes float32 or float64"):
+        z.project_(copy.deepcopy(model).half())
