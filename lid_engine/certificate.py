@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 from .bounds import MARGIN_METHODS
 from .domains import Box
+from .zonotope import Zonotope
 from .errors import CertificateError, InvalidInputError
 from .spec import SPEC_KINDS, Spec, certified_in_every_dtype
 
@@ -426,7 +427,7 @@ def _check_dtype(dtype, where: str) -> str:
 
 
 def certified_counts(
-    model: nn.Module, box: Box, x: Tensor, y: Tensor, *, dtype: torch.dtype = torch.float64,
+    model: nn.Module, box: Box | Zonotope, x: Tensor, y: Tensor, *, dtype: torch.dtype = torch.float64,
     batch_size: int | None = 2048, where: str = "certify_box", method: str = "ibp",
 ) -> tuple[int, int, dict[str, dict[str, int]], list[str]]:
     """(n, certified, per_class, evaluation dtypes) of the sound certificate of ``box`` on ``(x, y)``
@@ -435,8 +436,8 @@ def certified_counts(
     An example is certified when it is certified in ``dtype`` and in every other precision the model
     is stored in (see the module docstring), so the count also holds for the model's own arithmetic.
     """
-    if not isinstance(box, Box):
-        raise InvalidInputError(f"{where}: 'box' must be a lid_engine Box, got {type(box).__name__}")
+    if not isinstance(box, (Box, Zonotope)):
+        raise InvalidInputError(f"{where}: 'box' must be a lid_engine Box or Zonotope, got {type(box).__name__}")
     if method not in BOUND_METHODS:  # no silent fallback to IBP for a name this engine does not know
         raise InvalidInputError(f"{where}: 'method' must be one of {BOUND_METHODS}, got {method!r}")
     mask, yy, _, dtypes = certified_in_every_dtype(model, box, x, canonical_labels(y, where), method, dtype,
@@ -453,7 +454,7 @@ def certified_counts(
 
 def certify_box(
     model: nn.Module,
-    box: Box,
+    box: Box | Zonotope,
     x: Tensor,
     y: Tensor,
     spec: Spec,
@@ -468,6 +469,9 @@ def certify_box(
     method: str = "ibp",
 ) -> Certificate:
     """Certify ``box`` for ``spec`` on the held-out ``(x, y)``: sound counts, fingerprints, CP bound.
+
+    ``box`` may also be a ``Zonotope`` (``domain_sha256`` then fingerprints ``Zonotope.tensors()``;
+    the LID and ``verify`` hold boxes only).
 
     ``model`` supplies the architecture and buffers (and, unless ``model_sha256`` is given, the
     nominal fingerprint). ``n_domains`` is the size of the union bound (see the module docstring).

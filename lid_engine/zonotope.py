@@ -332,15 +332,19 @@ class Zonotope:
         return True
 
     # ------------------------------------------------------------------ persistence
-    def save(self, directory: str | Path) -> Path:
-        """Write ``domain.safetensors`` + ``domain.json`` into ``directory`` (created if needed)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+    def tensors(self) -> dict[str, Tensor]:
+        """Flat tensor dict as stored on disk; a certificate's ``domain_sha256`` fingerprints it."""
         flat = {f"centre/{n}": t.contiguous() for n, t in self.centre.items()}
         flat.update({f"residual/{n}": t.contiguous() for n, t in self.residual.items()})
         flat.update({f"generators/{n}": t.contiguous() for n, t in self.generators.items()})
         flat["coeff_lower"], flat["coeff_upper"] = self.coeff_lower.contiguous(), self.coeff_upper.contiguous()
-        save_file(flat, str(directory / _TENSORS_FILE))
+        return flat
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``domain.safetensors`` + ``domain.json`` into ``directory`` (created if needed)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(self.tensors(), str(directory / _TENSORS_FILE))
         meta = {"format": ZONOTOPE_FORMAT, "kind": self.kind, "names": self.names,
                 "generator_names": list(self.generators), "n_generators": self.n_generators}
         (directory / _META_FILE).write_text(json.dumps(meta, indent=2))

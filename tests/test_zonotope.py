@@ -256,3 +256,20 @@ def test_bad_use_is_refused_by_name() -> None:
         le.Zonotope.segment(model, moved_head(model, 0.1, seed=0), residual=-1.0)
     with pytest.raises(DomainMismatchError, match="projection writes float32 or float64"):
         z.project_(copy.deepcopy(model).half())
+
+
+def test_a_zonotope_certificate_counts_what_is_certified_and_fingerprints_the_saved_domain(tmp_path) -> None:
+    from lid_engine.certificate import certify_box, fingerprint_tensors
+
+    model, shape = linear_zoo("mlp")
+    z = le.Zonotope.segment(model, moved_head(model, 0.5, seed=2), residual=1e-4)
+    x = inputs(shape, torch.float32, seed=4, n=300)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    cert = certify_box(model, z, x, y, le.Spec("accuracy", 0.5), method="linear")
+    assert cert.certified == int(le.certified_examples(model, z, x, y, method="linear").sum())
+    assert not cert.problems() and 0 < cert.lower_bound < cert.certified_accuracy
+    z.save(tmp_path / "z")
+    assert cert.domain_sha256 == fingerprint_tensors(le.Zonotope.load(tmp_path / "z").tensors())
+    wider = le.Zonotope.segment(model, moved_head(model, 0.5, seed=2), residual=2e-4)
+    assert fingerprint_tensors(wider.tensors()) != cert.domain_sha256
