@@ -49,10 +49,7 @@ class Projector:
         seed: int = 0,
         inside_tol: float = 0.0,
     ):
-        if strategy not in STRATEGIES:
-            raise InvalidInputError(f"projection: 'strategy' must be one of {STRATEGIES}, got {strategy!r}")
-        if strategy == "best_loss" and loss_fn is None:
-            raise InvalidInputError("projection: strategy='best_loss' needs loss_fn=callable(model) -> loss")
+        _check_strategy(strategy, loss_fn)
         members = _members_of(domain)
         for i, box in enumerate(members):
             box.check_matches(model, f"projection (member {i})")
@@ -177,8 +174,18 @@ class ZonotopeProjector:
         self.current, self.switches = state["current"], state["switches"]
 
 
+def _check_strategy(strategy: str, loss_fn) -> None:
+    if strategy not in STRATEGIES:
+        raise InvalidInputError(f"projection: 'strategy' must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "best_loss" and loss_fn is None:
+        raise InvalidInputError("projection: strategy='best_loss' needs loss_fn=callable(model) -> loss")
+    if loss_fn is not None and not callable(loss_fn):
+        raise InvalidInputError(f"projection: 'loss_fn' must be callable(model) -> loss, got {type(loss_fn).__name__}")
+
+
 def _projector(model: nn.Module, domain, strategy: str, **kwargs) -> Projector | ZonotopeProjector:
-    if isinstance(domain, Zonotope):
+    if isinstance(domain, Zonotope):  # one member: the strategy has nothing to choose, but is still checked
+        _check_strategy(strategy, kwargs.get("loss_fn"))
         return ZonotopeProjector(model, domain)
     return Projector(model, domain, strategy, **kwargs)
 

@@ -28,18 +28,20 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from scipy.optimize import minimize
 from torch import Tensor, nn
 
 from .bounds import rounding
 from .domains import Box
-from .errors import DomainMismatchError, InvalidDomainError
+from .errors import DomainMismatchError, InvalidDomainError, InvalidInputError
 
 ZONOTOPE_FORMAT = "lidgate.zonotope/1"
 MAX_GENERATORS = 1024  # keeps ρ's (K + 3)·2⁻⁵² term far below float32's unit roundoff
-PROJECTION_TOLERANCE = 1e-12  # relative change of ε at which the projection's solver stops
-PROJECTION_ITERATIONS = 2000
+PROJECTION_TOLERANCE = 1e-14  # projected-gradient norm (objective scaled to O(1)) at which the solver stops
+PROJECTION_ITERATIONS = 1000
 _TENSORS_FILE = "domain.safetensors"
 _META_FILE = "domain.json"
 _PARAM_DTYPES = (torch.float32, torch.float64)
@@ -229,8 +231,13 @@ class Zonotope:
         for n, c in self.centre.items():
             p = c + (_combine(self.generators[n], eps) if n in self.generators else 0.0)
             if offsets is not None and n in offsets:
-                d = offsets[n].double()
-                if bool((d.abs() > self.residual[n]).any()):
+                d = offsets[n]
+                if not isinstance(d, Tensor) or tuple(d.shape) != tuple(c.shape) or not d.is_floating_point():
+                    got = f"{d.dtype} of shape {tuple(d.shape)}" if isinstance(d, Tensor) else type(d).__name__
+                    raise InvalidDomainError(f"Zonotope.point: offsets['{n}'] must be a floating-point tensor of "
+                                             f"shape {tuple(c.shape)}, got {got}")
+                d = d.detach().double().cpu()
+                if not bool((d.abs() <= self.residual[n]).all()):
                     raise InvalidDomainError(f"Zonotope.point: offsets['{n}'] exceed the residual")
                 p = p + d
             out[n] = p
@@ -254,37 +261,43 @@ class Zonotope:
         return self.point(eps, offsets)
 
     # ------------------------------------------------------------------ projection
-    def nearest_coefficients(self, params: Mapping[str, Tensor]) -> Tensor:
-        """The coefficients of the Euclidean projection of ``params`` onto Z.
+    def nearest_coefficients(self, model_or_params: nn.Module | Mapping[str, Tensor]) -> Tensor:
+        """The coefficients of the Euclidean projection of the parameters onto Z.
 
         With the residual box eliminated, the squared distance is
-        ``f(ε) = Σ_i max(|d_i − (Gε)_i| − r_i, 0)²`` with ``d = θ − c``: convex, with a Lipschitz
-        gradient, minimised over the coefficient box by accelerated projected gradient (FISTA)."""
+        ``f(ε) = Σ_i max(|d_i − (Gε)_i| − r_i, 0)²`` with ``d = θ − c``: convex, piecewise quadratic,
+        with a continuous gradient. It is minimised over the coefficient box by L-BFGS-B, each
+        generator rescaled to unit norm (so generators of very different lengths do not stall the
+        solver), warm-started at the previous solution."""
+        params = self._params_of(model_or_params, "nearest_coefficients")
+        for n, p in params.items():
+            if not bool(torch.isfinite(p.detach()).all()):
+                raise InvalidInputError(f"Zonotope.nearest_coefficients: parameter '{n}' holds NaN or inf")
         k = self.n_generators
-        if k == 0:
-            return torch.zeros(0, dtype=torch.float64)
         names = [n for n in self.names if n in self.generators]
+        start = self._warm if self._warm is not None else torch.zeros(k, dtype=torch.float64)
+        eps = torch.minimum(torch.maximum(start, self.coeff_lower), self.coeff_upper)
+        if k == 0 or not names:  # no generator moves any coordinate: every ε is as near as any other
+            return eps
         G = torch.cat([self.generators[n].reshape(k, -1) for n in names], 1)
         d = torch.cat([(params[n].detach().double().cpu() - self.centre[n]).reshape(-1) for n in names])
         r = torch.cat([self.residual[n].reshape(-1) for n in names])
-        lipschitz = 2 * float(torch.linalg.eigvalsh(G @ G.T).max())
-        lo, hi = self.coeff_lower, self.coeff_upper
-        start = self._warm if self._warm is not None else torch.zeros(k, dtype=torch.float64)
-        eps = torch.minimum(torch.maximum(start, lo), hi)
-        if lipschitz <= 0:  # every generator is zero on these coordinates: any ε is optimal
-            return eps
-        y, t = eps.clone(), 1.0
-        for _ in range(PROJECTION_ITERATIONS):
-            s = d - y @ G
-            excess = torch.sign(s) * (s.abs() - r).clamp(min=0)
-            grad = -2 * (G @ excess)
-            new = torch.minimum(torch.maximum(y - grad / lipschitz, lo), hi)
-            t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
-            y = new + (t - 1) / t_next * (new - eps)
-            done = float((new - eps).abs().max()) <= PROJECTION_TOLERANCE * (1 + float(new.abs().max()))
-            eps, t = new, t_next
-            if done:
-                break
+        norms = G.norm(dim=1)
+        scale = torch.where(norms > 0, norms, torch.ones_like(norms))
+        Gs = (G / scale[:, None]).numpy()
+        d_np, r_np = d.numpy(), r.numpy()
+        weight = 1.0 / (1.0 + float(d.abs().max()) ** 2)  # keeps the objective O(1) for the tolerances
+
+        def objective(eta: np.ndarray) -> tuple[float, np.ndarray]:
+            s = d_np - eta @ Gs
+            excess = np.sign(s) * np.maximum(np.abs(s) - r_np, 0.0)
+            return weight * float(excess @ excess), -2.0 * weight * (Gs @ excess)
+
+        bounds = list(zip((self.coeff_lower * scale).tolist(), (self.coeff_upper * scale).tolist()))
+        result = minimize(objective, (eps * scale).numpy(), jac=True, method="L-BFGS-B", bounds=bounds,
+                          options={"maxiter": PROJECTION_ITERATIONS, "ftol": 0.0, "gtol": PROJECTION_TOLERANCE})
+        eps = torch.as_tensor(result.x, dtype=torch.float64) / scale
+        eps = torch.minimum(torch.maximum(eps, self.coeff_lower), self.coeff_upper)
         self._warm = eps
         return eps
 
@@ -300,18 +313,29 @@ class Zonotope:
             if p.dtype not in _PARAM_DTYPES:
                 raise DomainMismatchError(
                     f"Zonotope.project_: parameter '{n}' is {p.dtype}; projection writes float32 or float64 only")
+            if not bool(torch.isfinite(p.detach()).all()):  # a diverged step: no nearest point to go to
+                raise InvalidInputError(f"Zonotope.project_: parameter '{n}' holds NaN or inf (a diverged "
+                                        "update?); nothing was written")
         eps = self.nearest_coefficients(params)
+        targets = {}
+        for n, p in params.items():
+            moved = self.centre[n] + (_combine(self.generators[n], eps) if n in self.generators else 0.0)
+            r = self.residual[n]
+            targets[n] = torch.minimum(torch.maximum(p.detach().double().cpu(), moved - r), moved + r).to(p.dtype)
+            if not bool(torch.isfinite(targets[n]).all()):
+                raise DomainMismatchError(f"Zonotope.project_: the zonotope's points for '{n}' exceed the range of "
+                                          f"{p.dtype}; nothing was written")
         with torch.no_grad():
             for n, p in params.items():
-                moved = self.centre[n] + (_combine(self.generators[n], eps) if n in self.generators else 0.0)
-                r = self.residual[n]
-                target = torch.minimum(torch.maximum(p.detach().double().cpu(), moved - r), moved + r)
-                p.copy_(target.to(p.device, p.dtype))
+                p.copy_(targets[n].to(p.device))
         return model
 
     def distance2(self, model_or_params: nn.Module | Mapping[str, Tensor]) -> float:
-        """Squared Euclidean distance to the (solver-accurate) projection; 0 inside."""
-        params = self._params_of(model_or_params, "distance2")
+        """Squared Euclidean distance to the (solver-accurate) projection; 0 inside, inf for
+        parameters holding NaN or inf."""
+        params = self._finite_params(model_or_params, "distance2")
+        if params is None:
+            return math.inf
         eps = self.nearest_coefficients(params)
         total = 0.0
         for n, c in self.centre.items():
@@ -322,8 +346,11 @@ class Zonotope:
 
     def contains(self, model_or_params: nn.Module | Mapping[str, Tensor]) -> bool:
         """Whether the parameters lie in the certified zonotope, judged at the projection's
-        coefficients (a point the solver cannot reach within rounding reads as outside)."""
-        params = self._params_of(model_or_params, "contains")
+        coefficients (a point the solver cannot reach within rounding reads as outside; NaN or inf
+        never lies inside)."""
+        params = self._finite_params(model_or_params, "contains")
+        if params is None:
+            return False
         eps = self.nearest_coefficients(params)
         for n, c in self.centre.items():
             moved = c + (_combine(self.generators[n], eps) if n in self.generators else 0.0)
@@ -390,6 +417,14 @@ class Zonotope:
                 got = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
                 raise DomainMismatchError(f"Zonotope.{where}: parameter '{n}' must be a tensor of shape "
                                           f"{tuple(c.shape)}, got {got}")
+        return params
+
+    def _finite_params(self, model_or_params, where: str) -> dict[str, Tensor] | None:
+        """The parameters, or None when one holds NaN or inf (such a point lies in no domain)."""
+        params = self._params_of(model_or_params, where)
+        for p in params.values():
+            if not bool(torch.isfinite(p.detach()).all()):
+                return None
         return params
 
     def __repr__(self) -> str:

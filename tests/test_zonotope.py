@@ -12,6 +12,8 @@ Euclidean one and lands inside; bad input is refused by name.
 from __future__ import annotations
 
 import copy
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -273,3 +275,72 @@ def test_a_zonotope_certificate_counts_what_is_certified_and_fingerprints_the_sa
     assert cert.domain_sha256 == fingerprint_tensors(le.Zonotope.load(tmp_path / "z").tensors())
     wider = le.Zonotope.segment(model, moved_head(model, 0.5, seed=2), residual=2e-4)
     assert fingerprint_tensors(wider.tensors()) != cert.domain_sha256
+
+
+@pytest.mark.parametrize("ratio", [1.0, 30.0, 1000.0])
+def test_a_point_inside_is_recognised_and_left_in_place_whatever_the_generator_lengths(ratio) -> None:
+    """From the review: a solver that stopped early moved interior points and rejected them."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(20, 10)).double()
+    centre = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g_weight = torch.zeros(2, 10, 20, dtype=torch.float64)
+    g_bias = torch.zeros(2, 10, dtype=torch.float64)
+    g_weight[0] = torch.randn(10, 20, dtype=torch.float64)
+    g_bias[1] = torch.randn(10, dtype=torch.float64) * float(g_weight[0].norm()) / ratio / 10**0.5
+    z = le.Zonotope(centre, {"0.weight": g_weight, "0.bias": g_bias}, -torch.ones(2, dtype=torch.float64),
+                    torch.ones(2, dtype=torch.float64))
+    le.load_parameters_(model, z.point(torch.tensor([0.3, 0.9], dtype=torch.float64)))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert le.Zonotope.load(z.save(Path(tempfile.mkdtemp()) / "z")).contains(model)  # a fresh solver too
+    assert torch.allclose(z.nearest_coefficients(model), torch.tensor([0.3, 0.9], dtype=torch.float64), atol=1e-9)
+    z.project_(model)
+    assert sum(float((p.detach() - before[n]).pow(2).sum()) for n, p in model.named_parameters()) < 1e-24
+
+
+def test_nan_or_inf_parameters_are_never_inside_and_are_not_projected() -> None:
+    """From the review: one diverged step made contains() say True for every later model."""
+    model, _ = linear_zoo("mlp")
+    z = le.Zonotope.segment(model, moved_head(model, 1.0, seed=2))
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken[0].weight[0, 0] = float("inf")
+        broken[0].bias[0] = float("nan")
+    before = {n: p.detach().clone() for n, p in broken.named_parameters()}
+    assert not z.contains(broken) and z.distance2(broken) == float("inf")
+    with pytest.raises(le.InvalidInputError, match="holds NaN or inf"):
+        z.project_(broken)
+    assert all(torch.equal(p, before[n]) or bool(torch.isnan(before[n]).any())
+               for n, p in broken.named_parameters())
+    far = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in far.parameters():
+            p.add_(5.0)
+    assert not z.contains(far)  # the solver's warm start was not poisoned
+    assert z.contains(model)
+
+
+def test_points_the_parameter_dtype_cannot_hold_are_refused_not_written() -> None:
+    model = nn.Sequential(nn.Linear(3, 2))
+    centre = {n: p.detach().double() + 1e39 for n, p in model.named_parameters()}
+    z = le.Zonotope(centre, {}, torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(DomainMismatchError, match="exceed the range of torch.float32"):
+        z.project_(model)
+    assert all(torch.equal(t, model.state_dict()[n]) for n, t in before.items())
+
+
+def test_a_zonotope_whose_generators_move_nothing_still_projects() -> None:
+    model = nn.Sequential(nn.Linear(3, 2))
+    centre = {n: p.detach() for n, p in model.named_parameters()}
+    z = le.Zonotope(centre, {}, -torch.ones(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64),
+                    {n: torch.full_like(c, 0.1, dtype=torch.float64) for n, c in centre.items()})
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(1.0)
+    z.project_(moved)
+    assert z.contains(moved) and z.distance2(moved) < 1e-12  # float32 rounding of the clamp
+    with pytest.raises(InvalidDomainError, match=r"offsets\['0.bias'\] must be a floating-point tensor of shape"):
+        z.point(torch.zeros(2, dtype=torch.float64), {"0.bias": torch.zeros(3, dtype=torch.float64)})
+    with pytest.raises(le.InvalidInputError, match="'strategy' must be one of"):
+        le.ProjectedOptimizer(torch.optim.SGD(moved.parameters(), 0.1), moved, z, strategy="bogus")
