@@ -329,21 +329,7 @@ class Box:
 
     @classmethod
     def load(cls, directory: str | Path) -> Box:
-        directory = Path(directory)
-        meta_path, tensor_path = directory / _META_FILE, directory / _TENSORS_FILE
-        if not meta_path.is_file() or not tensor_path.is_file():
-            raise InvalidDomainError(f"Box.load: '{directory}' lacks {_META_FILE} or {_TENSORS_FILE}")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidDomainError(f"Box.load: '{meta_path}' is not valid JSON ({exc})") from None
-        if not isinstance(meta, dict) or meta.get("format") != BOX_FORMAT:
-            meta = meta if isinstance(meta, dict) else {}
-            raise InvalidDomainError(f"Box.load: '{meta_path}' has format {meta.get('format')!r}, expected {BOX_FORMAT!r}")
-        try:
-            flat = load_file(str(tensor_path))
-        except Exception as exc:  # safetensors raises its own error type for corrupt files
-            raise InvalidDomainError(f"Box.load: '{tensor_path}' is not a readable safetensors file ({exc})") from None
+        meta, flat, meta_path, tensor_path = read_domain_files(directory, BOX_FORMAT, "Box.load")
         names = meta.get("names")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise InvalidDomainError(f"Box.load: '{meta_path}' has no list of parameter 'names'")
@@ -384,6 +370,27 @@ class Box:
 
     def __repr__(self) -> str:
         return f"Box({len(self.names)} tensors, {self.numel()} coordinates, width_sum={self.width_sum():.4g})"
+
+
+def read_domain_files(directory: str | Path, fmt: str, where: str) -> tuple[dict, dict[str, Tensor], Path, Path]:
+    """(meta, tensors, meta path, tensor path) of a saved domain, its format checked: the part every
+    domain's ``load`` shares."""
+    directory = Path(directory)
+    meta_path, tensor_path = directory / _META_FILE, directory / _TENSORS_FILE
+    if not meta_path.is_file() or not tensor_path.is_file():
+        raise InvalidDomainError(f"{where}: '{directory}' lacks {_META_FILE} or {_TENSORS_FILE}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidDomainError(f"{where}: '{meta_path}' is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise InvalidDomainError(f"{where}: '{meta_path}' has format {got!r}, expected {fmt!r}")
+    try:
+        flat = load_file(str(tensor_path))
+    except Exception as exc:  # safetensors raises its own error type for corrupt files
+        raise InvalidDomainError(f"{where}: '{tensor_path}' is not a readable safetensors file ({exc})") from None
+    return meta, flat, meta_path, tensor_path
 
 
 def _common(*tensors: Tensor) -> tuple[Tensor, ...]:

@@ -30,20 +30,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
-from scipy.optimize import minimize
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .bounds import rounding
-from .domains import Box
+from .domains import _META_FILE, _TENSORS_FILE, Box, read_domain_files
 from .errors import DomainMismatchError, InvalidDomainError, InvalidInputError
 
 ZONOTOPE_FORMAT = "lidgate.zonotope/1"
 MAX_GENERATORS = 1024  # keeps ρ's (K + 3)·2⁻⁵² term far below float32's unit roundoff
 PROJECTION_TOLERANCE = 1e-14  # projected-gradient norm (objective scaled to O(1)) at which the solver stops
 PROJECTION_ITERATIONS = 1000
-_TENSORS_FILE = "domain.safetensors"
-_META_FILE = "domain.json"
 _PARAM_DTYPES = (torch.float32, torch.float64)
 
 
@@ -269,6 +266,7 @@ class Zonotope:
         with a continuous gradient. It is minimised over the coefficient box by L-BFGS-B, each
         generator rescaled to unit norm (so generators of very different lengths do not stall the
         solver), warm-started at the previous solution."""
+        from scipy.optimize import minimize  # here: importing scipy.optimize edits the global warning filters
         params = self._params_of(model_or_params, "nearest_coefficients")
         for n, p in params.items():
             if not bool(torch.isfinite(p.detach()).all()):
@@ -379,21 +377,7 @@ class Zonotope:
 
     @classmethod
     def load(cls, directory: str | Path) -> Zonotope:
-        directory = Path(directory)
-        meta_path, tensor_path = directory / _META_FILE, directory / _TENSORS_FILE
-        if not meta_path.is_file() or not tensor_path.is_file():
-            raise InvalidDomainError(f"Zonotope.load: '{directory}' lacks {_META_FILE} or {_TENSORS_FILE}")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidDomainError(f"Zonotope.load: '{meta_path}' is not valid JSON ({exc})") from None
-        if not isinstance(meta, dict) or meta.get("format") != ZONOTOPE_FORMAT:
-            got = meta.get("format") if isinstance(meta, dict) else None
-            raise InvalidDomainError(f"Zonotope.load: '{meta_path}' has format {got!r}, expected {ZONOTOPE_FORMAT!r}")
-        try:
-            flat = load_file(str(tensor_path))
-        except Exception as exc:  # safetensors raises its own error type for corrupt files
-            raise InvalidDomainError(f"Zonotope.load: '{tensor_path}' is not a readable safetensors file ({exc})") from None
+        meta, flat, meta_path, tensor_path = read_domain_files(directory, ZONOTOPE_FORMAT, "Zonotope.load")
         names, gnames = meta.get("names"), meta.get("generator_names")
         if not all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in (names, gnames)):
             raise InvalidDomainError(f"Zonotope.load: '{meta_path}' lacks the lists 'names' and 'generator_names'")

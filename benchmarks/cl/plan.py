@@ -72,7 +72,9 @@ def plan_units(plan: str, *, data: str = "", scenarios=SCENARIOS, methods=MAIN_M
         per_task = buffers(range(PER_TASK_SEEDS), ("large_per_task",), agem=False)
         # ours: every LID searched and certified with the linear margin bound instead of IBP
         linear = [Unit("main", sc, "lid", s, "linear") for s in range(LINEAR_SEEDS) for sc in SCENARIOS]
-        return targets + large + lookahead[:5] + rest + lookahead[5:] + sizes + per_task + linear
+        # ours: Domain-IL with zonotope LIDs oriented by the lookahead buffer (benchmarks/cl/segment_method.py)
+        segment = [Unit("main", "domain", "lid", s, "segment") for s in range(10)]
+        return targets + large + lookahead[:5] + rest + lookahead[5:] + sizes + per_task + linear + segment
     if plan == "smoke":  # seconds: for tests of the driver itself
         return [Unit("main", "class", "sgd", 0)]
     raise SystemExit(f"unknown plan {plan!r}; expected reduced, full, custom or smoke")

@@ -28,6 +28,7 @@ from torch import nn
 import lid_engine as le
 
 from .runner import build_model, load_sequence
+from .segment_method import head_names, last_linear
 from .training import Recipe, accuracy, set_task, train_task
 
 
@@ -41,14 +42,10 @@ def task1_model(scenario: str, seed: int):
     return seq, model
 
 
-def head(model: nn.Module) -> nn.Linear:
-    return [m for m in model if isinstance(m, nn.Linear)][-1]
-
-
 def train_copy(model: nn.Module, x, y, *, task: int, head_only: bool, seed: int) -> nn.Module:
     out = copy.deepcopy(model)
     set_task(out, task)
-    params = head(out).parameters() if head_only else out.parameters()
+    params = last_linear(out).parameters() if head_only else out.parameters()
     train_task(out, x, y, Recipe(), seed=seed, optimizer=torch.optim.Adam(params, lr=Recipe().lr))
     return out
 
@@ -91,8 +88,8 @@ def segment_lid(seed: int) -> str:
     t1, t2 = seq.tasks[0], seq.tasks[1]
     x, y = torch.cat([t1.train[0], t2.train[0]]), torch.cat([t1.train[1], t2.train[1]])
     joint = train_copy(model, x, y, task=0, head_only=True, seed=seed * 1000 + 1)
-    target = {n: p.detach() for n, p in head(joint).named_parameters(prefix=_head_prefix(model))}
-    zonotope = le.Zonotope.segment(model, target)
+    joint_params = dict(joint.named_parameters())
+    zonotope = le.Zonotope.segment(model, {n: joint_params[n].detach() for n in head_names(model)})
     certified = le.certified_accuracy(model, zonotope, *t1.cert, method="linear")
     tau = le.tau_from_accuracy(accuracy(model, *t1.test), 0.12)
     updated = copy.deepcopy(model)
@@ -101,11 +98,6 @@ def segment_lid(seed: int) -> str:
     assert zonotope.contains(updated)
     return (f"| {seed} | {certified:.3f} (τ {tau:.3f}) | {accuracy(updated, *t1.test):.3f} | "
             f"{accuracy(updated, *t2.test):.3f} | {float(zonotope._warm[0]):.3f} |")
-
-
-def _head_prefix(model: nn.Module) -> str:
-    last = head(model)
-    return next(name for name, m in model.named_modules() if m is last)
 
 
 def main(argv: list[str] | None = None) -> None:

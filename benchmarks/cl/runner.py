@@ -25,6 +25,7 @@ from lid_engine import TaskMask, mlp, mnist_cnn
 from .lid_method import BUFFERS, Bias, LidPGD, parse_buffer
 from .methods import AGEM, EWC, IntervalCN, LwF, Method, Settings
 from .protocol import SHORT, ProtocolError, TaskSequence, blobs_tasks, npz_tasks, split_mnist
+from .segment_method import SegmentLidPGD
 from .training import accuracy, set_task
 
 METHODS: dict[str, type[Method]] = {"sgd": Method, "ewc": EWC, "lwf": LwF, "icn": IntervalCN, "agem": AGEM,
@@ -45,7 +46,7 @@ REPO = Path(__file__).resolve().parents[2]
 # The sources that decide a unit's numbers; the plan, the report and the CLI do not.
 NUMERIC_SOURCES = ("lid_engine/**/*.py", "components/datasets.py", "benchmarks/cl/protocol.py",
                    "benchmarks/cl/training.py", "benchmarks/cl/methods.py", "benchmarks/cl/lid_method.py",
-                   "benchmarks/cl/runner.py")
+                   "benchmarks/cl/segment_method.py", "benchmarks/cl/runner.py")
 
 
 @lru_cache(maxsize=1)
@@ -107,6 +108,8 @@ def make_method(unit: Unit, seq: TaskSequence, settings: Settings) -> Method:
     if unit.experiment == "biasing":
         # METHOD.md §2.1 table: the biasing runs use τ = 0.8, 300 iterations, primal lr 0.5/p
         return LidPGD(seq, settings, unit.seed, bias=BIASES[variant], tau=0.8, primal_lr=0.5, iterations=300, bound=bound)
+    if unit.method == "lid" and variant == "segment":  # ours: zonotope LIDs oriented by the lookahead buffer
+        return SegmentLidPGD(seq, settings, unit.seed, bound=bound)
     if unit.method == "lid" and variant in BIASES:  # a biased LID in the main protocol (τ rule kept)
         return LidPGD(seq, settings, unit.seed, bias=BIASES[variant], bound=bound)
     if unit.method == "lid" and variant:
