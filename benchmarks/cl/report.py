@@ -397,8 +397,8 @@ def _plots(runs, out: Path) -> list[str]:
             paper = PAPER_MAIN[sc].get(m)
             if paper is not None:
                 ax.plot(i, paper[0] if isinstance(paper, tuple) else paper, "k*", ms=9)
-        short = {"lid-fisher_lookahead": "PGD+LA"}
-        ax.set_xticks(range(len(methods)), [short.get(m, METHOD_NAMES[m].split(" ")[0]) for m in methods], fontsize=8)
+        short = {"lid-fisher_lookahead": "PGD+LA", "lid-linear": "PGD lin.", "lid-segment": "PGD zono."}
+        ax.set_xticks(range(len(methods)), [short.get(m, METHOD_NAMES[m].split(" ")[0]) for m in methods], fontsize=7, rotation=25)
         ax.set_title(f"Split-MNIST {sc}")
         ax.set_ylim(0, 1.05)
     axes[0].set_ylabel("final average accuracy\n(hatched: certified; ★ paper)")
