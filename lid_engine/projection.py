@@ -73,6 +73,10 @@ class Projector:
         self.switches = 0
 
     # ----------------------------------------------------------------------------- primitives
+    @property
+    def n_members(self) -> int:
+        return len(self.lower)
+
     def _flat(self) -> Tensor:
         return torch.cat([p.detach().reshape(-1) for p in self.params])
 
@@ -159,7 +163,7 @@ class ZonotopeProjector:
         self.model, self.zonotope = model, zonotope
         self.current: int | None = None
         self.switches = 0
-        self.lower = [zonotope]  # one member, for __repr__
+        self.n_members = 1
 
     @torch.no_grad()
     def project_(self) -> int:
@@ -248,4 +252,4 @@ class ProjectedOptimizer:
         self.projector.load_state_dict(state["projector"])
 
     def __repr__(self) -> str:
-        return f"ProjectedOptimizer({self.optimizer.__class__.__name__}, members={len(self.projector.lower)})"
+        return f"ProjectedOptimizer({self.optimizer.__class__.__name__}, members={self.projector.n_members})"

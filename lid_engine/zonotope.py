@@ -165,14 +165,6 @@ class Zonotope:
     def n_generators(self) -> int:
         return len(self.coeff_lower)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float64
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
-
     def contains_centre(self) -> bool:
         return bool(((self.coeff_lower <= 0) & (self.coeff_upper >= 0)).all())
 
@@ -226,7 +218,7 @@ class Zonotope:
             raise InvalidDomainError("Zonotope.point: a coefficient lies outside its range")
         out = {}
         for n, c in self.centre.items():
-            p = c + (_combine(self.generators[n], eps) if n in self.generators else 0.0)
+            p = self._moved(n, eps)
             if offsets is not None and n in offsets:
                 d = offsets[n]
                 if not isinstance(d, Tensor) or tuple(d.shape) != tuple(c.shape) or not d.is_floating_point():
@@ -239,6 +231,11 @@ class Zonotope:
                 p = p + d
             out[n] = p
         return out
+
+    def _moved(self, name: str, eps: Tensor) -> Tensor:
+        """``c + Σ_k ε_k g_k`` for one parameter (float64): the point before the residual offset."""
+        g = self.generators.get(name)
+        return self.centre[name] + ((g * eps.reshape(-1, *[1] * (g.dim() - 1))).sum(0) if g is not None else 0.0)
 
     def sample(self, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """A point drawn with uniform coefficients and uniform residual offsets."""
@@ -317,7 +314,7 @@ class Zonotope:
         eps = self.nearest_coefficients(params)
         targets = {}
         for n, p in params.items():
-            moved = self.centre[n] + (_combine(self.generators[n], eps) if n in self.generators else 0.0)
+            moved = self._moved(n, eps)
             r = self.residual[n]
             targets[n] = torch.minimum(torch.maximum(p.detach().double().cpu(), moved - r), moved + r).to(p.dtype)
             if not bool(torch.isfinite(targets[n]).all()):
@@ -336,8 +333,8 @@ class Zonotope:
             return math.inf
         eps = self.nearest_coefficients(params)
         total = 0.0
-        for n, c in self.centre.items():
-            moved = c + (_combine(self.generators[n], eps) if n in self.generators else 0.0)
+        for n in self.names:
+            moved = self._moved(n, eps)
             gap = ((params[n].detach().double().cpu() - moved).abs() - self.residual[n]).clamp(min=0)
             total += float(gap.pow(2).sum())
         return total
@@ -350,8 +347,8 @@ class Zonotope:
         if params is None:
             return False
         eps = self.nearest_coefficients(params)
-        for n, c in self.centre.items():
-            moved = c + (_combine(self.generators[n], eps) if n in self.generators else 0.0)
+        for n in self.names:
+            moved = self._moved(n, eps)
             if bool(((params[n].detach().double().cpu() - moved).abs() > self.certified_residual(n)).any()):
                 return False
         return True
@@ -413,11 +410,6 @@ class Zonotope:
 
     def __repr__(self) -> str:
         return f"Zonotope({len(self.centre)} tensors, {self.n_generators} generators)"
-
-
-def _combine(g: Tensor, eps: Tensor) -> Tensor:
-    """Σ_k ε_k g_k for (K, *shape) generators."""
-    return (g * eps.reshape(-1, *[1] * (g.dim() - 1))).sum(0)
 
 
 def _model_params(model: nn.Module, where: str) -> dict[str, Tensor]:
