@@ -21,7 +21,7 @@ from .importance import fisher_importance, importance_mask, si_importance
 from .layers import TaskMask
 from .lid import LID
 from .models import mlp, mnist_cnn
-from .projection import ProjectedOptimizer, Projector, project_
+from .projection import CoefficientOptimizer, ProjectedOptimizer, Projector, project_
 from .search import LidSearchError, SearchConfig, compute_lid, tau_from_accuracy
 from .spec import Spec, certified_accuracy, certified_examples, certified_mask, worst_case_logits
 from .training import accuracy
@@ -35,6 +35,7 @@ __all__ = [
     "LID",
     "Certificate",
     "LidSearchError",
+    "CoefficientOptimizer",
     "ProjectedOptimizer",
     "Projector",
     "SearchConfig",

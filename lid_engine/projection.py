@@ -200,6 +200,92 @@ def project_(model: nn.Module, domain, strategy: str = "closest", **kwargs) -> n
     return model
 
 
+class CoefficientOptimizer:
+    """Train inside a ``Zonotope`` by optimising its coefficients: θ = c + Σ_k ε_k g_k + δ.
+
+    Why: a zonotope with few generators is a thin domain. Projecting a parameter-space step onto
+    it keeps only the step's component along the generators, and Adam's per-coordinate step has a
+    small one, so projected Adam crawls along a segment and stops short of the task's optimum.
+    Here the chain rule gives each coefficient's gradient, ``∂L/∂ε_k = ⟨g_k, ∇_θ L⟩`` (exact:
+    θ is affine in ε), and a torch optimizer (Adam by default) steps in coefficient space; the
+    residual offsets δ take the plain gradient. After every step the coefficients are clamped to
+    their ranges and δ to the residual box, and the point is written into the model
+    (``Zonotope.write_``), so the model never leaves the certified zonotope.
+
+    ``CoefficientOptimizer(model, zonotope, lr=1e-3)``; used like a torch optimizer
+    (``zero_grad``, ``step``, ``param_groups``, ``state_dict``). It starts at the model's
+    projection onto the zonotope.
+    """
+
+    def __init__(self, model: nn.Module, zonotope: Zonotope, lr: float = 1e-3,
+                 optimizer: type[torch.optim.Optimizer] = torch.optim.Adam, **optimizer_kwargs):
+        if not isinstance(zonotope, Zonotope):
+            raise InvalidInputError(f"CoefficientOptimizer: 'zonotope' must be a Zonotope, got {type(zonotope).__name__}")
+        if not isinstance(lr, (int, float)) or not lr > 0 or lr == float("inf"):
+            raise InvalidInputError(f"CoefficientOptimizer: 'lr' must be a finite number > 0, got {lr!r}")
+        if not (isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer)):
+            raise InvalidInputError(f"CoefficientOptimizer: 'optimizer' must be a torch optimizer class, got {optimizer!r}")
+        zonotope.project_(model)  # checks the model; the start is the nearest point of Z
+        self.model, self.zonotope = model, zonotope
+        self.params = dict(model.named_parameters())
+        self.moving = [n for n in zonotope.names if n in zonotope.generators]
+        self.coefficients = zonotope.nearest_coefficients(model).clone().requires_grad_(True)
+        self.offsets = {n: (self.params[n].detach().double().cpu() - zonotope._moved(n, self.coefficients.detach()))
+                        .requires_grad_(True) for n, r in zonotope.residual.items() if bool((r > 0).any())}
+        self.optimizer = optimizer([self.coefficients, *self.offsets.values()], lr=lr, **optimizer_kwargs)
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.model.zero_grad(set_to_none=set_to_none)
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Callable[[], Tensor] | None = None):
+        loss = closure() if closure is not None else None
+        grads = {n: p.grad.detach().double().cpu() for n, p in self.params.items() if p.grad is not None}
+        for n, g in grads.items():
+            if not bool(torch.isfinite(g).all()):
+                raise InvalidInputError(f"CoefficientOptimizer: the gradient of '{n}' holds NaN or inf; nothing was written")
+        k = self.zonotope.n_generators
+        coeff_grad = torch.zeros(k, dtype=torch.float64)
+        for n in self.moving:
+            if n in grads:
+                coeff_grad += self.zonotope.generators[n].reshape(k, -1) @ grads[n].reshape(-1)
+        self.coefficients.grad = coeff_grad
+        for n, d in self.offsets.items():
+            d.grad = grads.get(n, torch.zeros_like(d))
+        self.optimizer.step()
+        with torch.no_grad():
+            z = self.zonotope
+            self.coefficients.copy_(torch.minimum(torch.maximum(self.coefficients, z.coeff_lower), z.coeff_upper))
+            for n, d in self.offsets.items():
+                d.copy_(torch.minimum(torch.maximum(d, -z.residual[n]), z.residual[n]))
+        self.zonotope.write_(self.model, self.coefficients.detach(), {n: d.detach() for n, d in self.offsets.items()})
+        return loss
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "coefficients": self.coefficients.detach().clone(),
+                "offsets": {n: d.detach().clone() for n, d in self.offsets.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():
+            self.coefficients.copy_(state["coefficients"])
+            for n, d in self.offsets.items():
+                d.copy_(state["offsets"][n])
+        self.zonotope.write_(self.model, self.coefficients.detach(), {n: d.detach() for n, d in self.offsets.items()})
+
+    def __repr__(self) -> str:
+        return (f"CoefficientOptimizer({self.optimizer.__class__.__name__}, {self.zonotope.n_generators} coefficients, "
+                f"{len(self.offsets)} residual tensors)")
+
+
 class ProjectedOptimizer:
     """Wrap any torch optimizer so that every ``step()`` is followed by a projection onto the LID
     (or onto a single ``Box`` or ``Zonotope``).

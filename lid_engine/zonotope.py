@@ -302,28 +302,59 @@ class Zonotope:
         The result always lies in the certified zonotope: the coefficients are clamped to their
         ranges and the residual step is a clamp; only the final rounding is left, which
         ``certified_residual`` covers."""
-        self.check_matches(model, "Zonotope.project_")
+        params = self._writable_params(model, "Zonotope.project_")
+        eps = self.nearest_coefficients(params)
+        targets = {}
+        for n, p in params.items():
+            moved, r = self._moved(n, eps), self.residual[n]
+            targets[n] = torch.minimum(torch.maximum(p.detach().double().cpu(), moved - r), moved + r)
+        self._write(params, targets, "Zonotope.project_")
+        return model
+
+    def write_(self, model: nn.Module, coefficients: Tensor, offsets: Mapping[str, Tensor] | None = None) -> nn.Module:
+        """Write the point ``c + Σ_k ε_k g_k + δ`` into the model's parameters, in place.
+
+        Coefficients are clamped to their ranges and offsets to the residual box (missing: 0), so
+        the written point is in the certified zonotope whatever the caller's arithmetic did."""
+        params = self._writable_params(model, "Zonotope.write_")
+        eps = _coefficients("coefficients", coefficients)
+        if len(eps) != self.n_generators:
+            raise InvalidDomainError(f"Zonotope.write_: expected {self.n_generators} coefficients, got {len(eps)}")
+        eps = torch.minimum(torch.maximum(eps, self.coeff_lower), self.coeff_upper)
+        targets = {}
+        for n in params:
+            r, d = self.residual[n], (offsets or {}).get(n)
+            d = torch.zeros_like(r) if d is None else torch.minimum(torch.maximum(d.detach().double().cpu(), -r), r)
+            targets[n] = self._moved(n, eps) + d
+        self._write(params, targets, "Zonotope.write_")
+        return model
+
+    @staticmethod
+    def _write(params: dict[str, Tensor], targets: dict[str, Tensor], where: str) -> None:
+        """Cast float64 targets to each parameter's dtype and copy them in; nothing is written
+        unless every parameter can hold its value."""
+        cast = {}
+        for n, p in params.items():
+            cast[n] = targets[n].to(p.dtype)
+            if not bool(torch.isfinite(cast[n]).all()):
+                raise DomainMismatchError(f"{where}: the zonotope's points for '{n}' exceed the range of "
+                                          f"{p.dtype}; nothing was written")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(cast[n].to(p.device))
+
+    def _writable_params(self, model: nn.Module, where: str) -> dict[str, Tensor]:
+        """The model's parameters, refusing dtypes a point cannot be written in and NaN/inf."""
+        self.check_matches(model, where)
         params = dict(model.named_parameters())
         for n, p in params.items():
             if p.dtype not in _PARAM_DTYPES:
                 raise DomainMismatchError(
-                    f"Zonotope.project_: parameter '{n}' is {p.dtype}; projection writes float32 or float64 only")
+                    f"{where}: parameter '{n}' is {p.dtype}; projection writes float32 or float64 only")
             if not bool(torch.isfinite(p.detach()).all()):  # a diverged step: no nearest point to go to
-                raise InvalidInputError(f"Zonotope.project_: parameter '{n}' holds NaN or inf (a diverged "
+                raise InvalidInputError(f"{where}: parameter '{n}' holds NaN or inf (a diverged "
                                         "update?); nothing was written")
-        eps = self.nearest_coefficients(params)
-        targets = {}
-        for n, p in params.items():
-            moved = self._moved(n, eps)
-            r = self.residual[n]
-            targets[n] = torch.minimum(torch.maximum(p.detach().double().cpu(), moved - r), moved + r).to(p.dtype)
-            if not bool(torch.isfinite(targets[n]).all()):
-                raise DomainMismatchError(f"Zonotope.project_: the zonotope's points for '{n}' exceed the range of "
-                                          f"{p.dtype}; nothing was written")
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(targets[n].to(p.device))
-        return model
+        return params
 
     def distance2(self, model_or_params: nn.Module | Mapping[str, Tensor]) -> float:
         """Squared Euclidean distance to the (solver-accurate) projection; 0 inside, inf for
@@ -415,7 +446,7 @@ class Zonotope:
 def _model_params(model: nn.Module, where: str) -> dict[str, Tensor]:
     if not isinstance(model, nn.Module):
         raise DomainMismatchError(f"{where}: 'model' must be a torch.nn.Module, got {type(model).__name__}")
-    params = {n: p.detach().double().cpu() for n, p in model.named_parameters()}
+    params = {n: p.detach().to("cpu", torch.float64, copy=True) for n, p in model.named_parameters()}
     if not params:
         raise DomainMismatchError(f"{where}: model {type(model).__name__} has no parameters")
     return params
@@ -432,7 +463,7 @@ def _float64_dict(arg: str, value: Mapping[str, Tensor]) -> dict[str, Tensor]:
             raise InvalidDomainError(f"Zonotope: {arg}['{name}'] must be a floating-point tensor, got {got}")
         if t.dtype not in _PARAM_DTYPES:
             raise InvalidDomainError(f"Zonotope: {arg}['{name}'] is {t.dtype}; use float32 or float64 (exact in float64)")
-        t = t.detach().to("cpu", torch.float64)
+        t = t.detach().to("cpu", torch.float64, copy=True)  # never the caller's tensor: training must not move Z
         if not bool(torch.isfinite(t).all()):
             raise InvalidDomainError(f"Zonotope: {arg}['{name}'] holds NaN or inf")
         out[name] = t
@@ -443,7 +474,7 @@ def _coefficients(arg: str, value: Tensor) -> Tensor:
     if not isinstance(value, Tensor) or value.dim() != 1 or not value.is_floating_point():
         got = f"{value.dtype} of shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
         raise InvalidDomainError(f"Zonotope: '{arg}' must be a 1-D floating-point tensor (one entry per generator), got {got}")
-    value = value.detach().to("cpu", torch.float64)
+    value = value.detach().to("cpu", torch.float64, copy=True)
     if not bool(torch.isfinite(value).all()):
         raise InvalidDomainError(f"Zonotope: '{arg}' holds NaN or inf")
     return value

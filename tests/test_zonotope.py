@@ -344,3 +344,153 @@ def test_a_zonotope_whose_generators_move_nothing_still_projects() -> None:
         z.point(torch.zeros(2, dtype=torch.float64), {"0.bias": torch.zeros(3, dtype=torch.float64)})
     with pytest.raises(le.InvalidInputError, match="'strategy' must be one of"):
         le.ProjectedOptimizer(torch.optim.SGD(moved.parameters(), 0.1), moved, z, strategy="bogus")
+
+
+# ---------------------------------------------------------------- training in coefficient space
+def _full_batch_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def test_coefficient_training_stays_inside_and_keeps_what_the_segment_certifies() -> None:
+    model, shape = linear_zoo("mlp")
+    z = le.Zonotope.segment(model, moved_head(model, 1.0, seed=2))
+    x = inputs(shape, torch.float32, seed=4, n=400)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    certified = le.certified_examples(model, z, x, y, method="linear")
+    trained = copy.deepcopy(model)
+    opt = le.CoefficientOptimizer(trained, z, lr=0.05)
+    far = copy.deepcopy(model)
+    le.load_parameters_(far, z.point(torch.tensor([1.0], dtype=torch.float64)))
+    with torch.no_grad():
+        far_y = far(x).argmax(1)  # a new task that pulls to the far end and beyond
+    for _ in range(100):
+        opt.zero_grad()
+        _full_batch_loss(trained, x, far_y).backward()
+        opt.step()
+        assert z.contains(trained)
+    with torch.no_grad():
+        assert bool((trained(x).argmax(1)[certified] == y[certified]).all())
+    assert float(opt.coefficients.detach()[0]) > 0.5  # it did move along the segment
+
+
+def test_coefficient_training_keeps_the_residual_box_and_every_generator_range() -> None:
+    model, shape = linear_zoo("mlp")
+    model = model.double()
+    z = random_zonotope(model, k=3, scale=0.05, residual=0.01, seed=3)
+    x = inputs(shape, torch.float64, seed=4, n=200)
+    y = torch.randint(0, 3, (200,), generator=torch.Generator().manual_seed(1))
+    opt = le.CoefficientOptimizer(model, z, lr=0.1)
+    for _ in range(60):
+        opt.zero_grad()
+        _full_batch_loss(model, x, y).backward()
+        opt.step()
+        assert z.contains(model)
+    eps = opt.coefficients.detach()
+    assert bool(((eps == z.coeff_lower) | (eps == z.coeff_upper)).any())  # lr 0.1 drives some to an end
+    assert all(bool((d.detach().abs() <= z.residual[n]).all()) for n, d in opt.offsets.items())
+
+
+def test_a_coefficient_step_follows_the_chain_rule() -> None:
+    """One plain SGD step (lr 1, no range hit): ε' = ε − ∂L/∂ε, the derivative of the loss along
+    the generators, computed here by autograd through θ(ε) = c + Σ ε_k g_k."""
+    model, shape = linear_zoo("mlp")
+    model = model.double()
+    z = random_zonotope(model, k=2, scale=1e-3, residual=0.0, seed=5)
+    z = le.Zonotope(z.centre, z.generators, torch.full((2,), -10.0, dtype=torch.float64),
+                    torch.full((2,), 10.0, dtype=torch.float64), z.residual)
+    x = inputs(shape, torch.float64, seed=4, n=100)
+    y = torch.randint(0, 3, (100,), generator=torch.Generator().manual_seed(2))
+    opt = le.CoefficientOptimizer(model, z, lr=1.0, optimizer=torch.optim.SGD)
+    eps = opt.coefficients.detach().clone().requires_grad_(True)
+    params = {n: z.centre[n] + (z.generators[n] * eps.reshape(-1, *[1] * z.centre[n].dim())).sum(0) for n in z.names}
+    loss = nn.functional.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
+    (expected,) = torch.autograd.grad(loss, eps)
+    opt.zero_grad()
+    _full_batch_loss(model, x, y).backward()
+    opt.step()
+    torch.testing.assert_close(opt.coefficients.detach(), eps.detach() - expected, rtol=1e-9, atol=1e-12)
+    written = z.point(opt.coefficients.detach())
+    assert all(torch.equal(p.detach(), written[n]) for n, p in model.named_parameters())
+
+
+def test_coefficient_training_reaches_the_optimum_along_a_segment() -> None:
+    """The loss along a segment of the last layer is convex in ε: the coefficient optimizer finds
+    its minimum (a grid over the segment says where it is)."""
+    model, shape = linear_zoo("mlp")
+    x = inputs(shape, torch.float32, seed=4, n=400)
+    z = le.Zonotope.segment(model, moved_head(model, 1.0, seed=2))
+    far = copy.deepcopy(model)
+    le.load_parameters_(far, z.point(torch.tensor([1.0], dtype=torch.float64)))
+    with torch.no_grad():  # half the labels from each end: the best point lies in between
+        y = torch.cat([model(x[:200]).argmax(1), far(x[200:]).argmax(1)])
+
+    def loss_at(eps: float) -> float:
+        m = copy.deepcopy(model)
+        le.load_parameters_(m, z.point(torch.tensor([eps], dtype=torch.float64)))
+        with torch.no_grad():
+            return float(_full_batch_loss(m, x, y))
+
+    grid = torch.linspace(0, 1, 401)
+    losses = [loss_at(float(e)) for e in grid]
+    best = min(losses)
+    assert 0.05 < float(grid[losses.index(best)]) < 0.95  # an interior optimum: no clamp does the work
+    opt = le.CoefficientOptimizer(model, z, lr=0.01)
+    for _ in range(150):
+        opt.zero_grad()
+        _full_batch_loss(model, x, y).backward()
+        opt.step()
+    with torch.no_grad():
+        assert float(_full_batch_loss(model, x, y)) <= best + 1e-3 < min(losses[0], losses[-1])
+
+
+def test_coefficient_optimizer_state_round_trips_and_bad_use_is_refused() -> None:
+    model, shape = linear_zoo("mlp")
+    z = le.Zonotope.segment(model, moved_head(model, 1.0, seed=2), residual=1e-3)
+    x = inputs(shape, torch.float32, seed=4, n=50)
+    y = torch.zeros(50, dtype=torch.long)
+    opt = le.CoefficientOptimizer(model, z, lr=0.05)
+    state = copy.deepcopy(opt.state_dict())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for _ in range(3):
+        opt.zero_grad()
+        _full_batch_loss(model, x, y).backward()
+        opt.step()
+    opt.load_state_dict(state)
+    assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+    with pytest.raises(LidError, match="'zonotope' must be a Zonotope"):
+        le.CoefficientOptimizer(model, z.bounding_box())
+    with pytest.raises(LidError, match="'lr' must be a finite number > 0"):
+        le.CoefficientOptimizer(model, z, lr=0.0)
+    with pytest.raises(LidError, match="'optimizer' must be a torch optimizer class"):
+        le.CoefficientOptimizer(model, z, optimizer=torch.optim.Adam([torch.zeros(1, requires_grad=True)]))
+    with pytest.raises(DomainMismatchError, match="missing parameters"):
+        le.CoefficientOptimizer(nn.Sequential(nn.Linear(6, 3)), z)
+    opt.zero_grad()
+    (_full_batch_loss(model, x, y) * float("nan")).backward()
+    with pytest.raises(LidError, match="holds NaN or inf; nothing was written"):
+        opt.step()
+    assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("train", ["projected", "coefficients"])
+def test_training_a_float64_model_never_moves_its_zonotope(train) -> None:
+    """A float64 CPU model's parameters converted 'to float64' are the same tensors: the zonotope
+    built from them moved with every training step, so projection did nothing and the model left
+    the certified domain while contains() said True. The zonotope now keeps its own copies."""
+    model, shape = linear_zoo("mlp")
+    model = model.double()
+    z = le.Zonotope.segment(model, moved_head(model, 0.5, seed=2))
+    frozen = copy.deepcopy(z)
+    x = inputs(shape, torch.float64, seed=4, n=200)
+    y = torch.randint(0, 3, (200,), generator=torch.Generator().manual_seed(1))
+    opt = (le.ProjectedOptimizer(torch.optim.Adam(model.parameters(), lr=0.1), model, z) if train == "projected"
+           else le.CoefficientOptimizer(model, z, lr=0.1))
+    for _ in range(20):
+        opt.zero_grad()
+        _full_batch_loss(model, x, y).backward()
+        opt.step()
+    assert all(torch.equal(z.centre[n], frozen.centre[n]) for n in z.names)
+    assert frozen.contains(model)
+    first = dict(model.named_parameters())
+    assert all(torch.equal(first[n].detach(), frozen.centre[n]) for n in z.names if n not in z.generators)
