@@ -14,7 +14,7 @@ the cost per optimiser step stays a small fraction of the step itself.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -200,7 +200,22 @@ def project_(model: nn.Module, domain, strategy: str = "closest", **kwargs) -> n
     return model
 
 
-class CoefficientOptimizer:
+class _WrapsOptimizer:
+    """Reads of the wrapped torch optimizer's ``param_groups`` and ``state`` (what loggers and
+    learning-rate code look at) pass through."""
+
+    optimizer: torch.optim.Optimizer
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+
+class CoefficientOptimizer(_WrapsOptimizer):
     """Train inside a ``Zonotope`` by optimising its coefficients: θ = c + Σ_k ε_k g_k + δ.
 
     Why: a zonotope with few generators is a thin domain. Projecting a parameter-space step onto
@@ -219,74 +234,116 @@ class CoefficientOptimizer:
 
     def __init__(self, model: nn.Module, zonotope: Zonotope, lr: float = 1e-3,
                  optimizer: type[torch.optim.Optimizer] = torch.optim.Adam, **optimizer_kwargs):
+        where = "CoefficientOptimizer"
         if not isinstance(zonotope, Zonotope):
-            raise InvalidInputError(f"CoefficientOptimizer: 'zonotope' must be a Zonotope, got {type(zonotope).__name__}")
-        if not isinstance(lr, (int, float)) or not lr > 0 or lr == float("inf"):
-            raise InvalidInputError(f"CoefficientOptimizer: 'lr' must be a finite number > 0, got {lr!r}")
+            raise InvalidInputError(f"{where}: 'zonotope' must be a Zonotope, got {type(zonotope).__name__}")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
+            raise InvalidInputError(f"{where}: 'lr' must be a finite number > 0, got {lr!r}")
         if not (isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer)):
-            raise InvalidInputError(f"CoefficientOptimizer: 'optimizer' must be a torch optimizer class, got {optimizer!r}")
-        zonotope.project_(model)  # checks the model; the start is the nearest point of Z
-        self.model, self.zonotope = model, zonotope
-        self.params = dict(model.named_parameters())
+            raise InvalidInputError(f"{where}: 'optimizer' must be a torch optimizer class, got {optimizer!r}")
+        if issubclass(optimizer, torch.optim.LBFGS):
+            raise InvalidInputError(f"{where}: 'optimizer' must take one gradient per step; LBFGS re-evaluates a closure")
+        params = zonotope._writable_params(model, where)
+        frozen = [n for n, p in params.items() if not p.requires_grad
+                  and (n in zonotope.generators or bool((zonotope.residual[n] > 0).any()))]
+        if frozen:  # they would move with ε while their share of ∂L/∂ε is missing
+            raise DomainMismatchError(f"{where}: parameters {frozen} move with the zonotope but do not require grad")
+        eps = zonotope.nearest_coefficients(params)
+        offsets = {}
+        for n, r in zonotope.residual.items():
+            if bool((r > 0).any()):
+                d = params[n].detach().double().cpu() - zonotope._moved(n, eps)
+                offsets[n] = torch.minimum(torch.maximum(d, -r), r).requires_grad_(True)
+        self.coefficients = eps.requires_grad_(True)
+        self.offsets = offsets
+        try:  # before anything is written: a bad keyword leaves the model as it was
+            self.optimizer = optimizer([self.coefficients, *offsets.values()], lr=lr, **optimizer_kwargs)
+        except (TypeError, ValueError) as err:
+            raise InvalidInputError(f"{where}: {optimizer.__name__} refused its arguments: {err}") from None
+        self.model, self.zonotope, self.params = model, zonotope, params
         self.moving = [n for n in zonotope.names if n in zonotope.generators]
-        self.coefficients = zonotope.nearest_coefficients(model).clone().requires_grad_(True)
-        self.offsets = {n: (self.params[n].detach().double().cpu() - zonotope._moved(n, self.coefficients.detach()))
-                        .requires_grad_(True) for n, r in zonotope.residual.items() if bool((r > 0).any())}
-        self.optimizer = optimizer([self.coefficients, *self.offsets.values()], lr=lr, **optimizer_kwargs)
-
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    @property
-    def state(self):
-        return self.optimizer.state
+        self._write()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.model.zero_grad(set_to_none=set_to_none)
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def step(self, closure: Callable[[], Tensor] | None = None):
-        loss = closure() if closure is not None else None
-        grads = {n: p.grad.detach().double().cpu() for n, p in self.params.items() if p.grad is not None}
-        for n, g in grads.items():
-            if not bool(torch.isfinite(g).all()):
-                raise InvalidInputError(f"CoefficientOptimizer: the gradient of '{n}' holds NaN or inf; nothing was written")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = {}
+        for n, p in self.params.items():
+            if p.grad is not None:
+                g = p.grad.to_dense() if p.grad.is_sparse else p.grad
+                grads[n] = g.detach().double().cpu()
         k = self.zonotope.n_generators
         coeff_grad = torch.zeros(k, dtype=torch.float64)
         for n in self.moving:
             if n in grads:
                 coeff_grad += self.zonotope.generators[n].reshape(k, -1) @ grads[n].reshape(-1)
+        for name, g in [("the coefficients", coeff_grad), *((f"'{n}'", grads.get(n)) for n in self.offsets)]:
+            if g is not None and not bool(torch.isfinite(g).all()):
+                raise InvalidInputError(f"CoefficientOptimizer: the gradient of {name} holds NaN or inf; nothing was written")
         self.coefficients.grad = coeff_grad
         for n, d in self.offsets.items():
             d.grad = grads.get(n, torch.zeros_like(d))
+        before = [t.detach().clone() for t in (self.coefficients, *self.offsets.values())]
         self.optimizer.step()
         with torch.no_grad():
-            z = self.zonotope
+            values = (self.coefficients, *self.offsets.values())
+            if not all(bool(torch.isfinite(t).all()) for t in values):  # an overflowing step: undo it
+                for t, old in zip(values, before):
+                    t.copy_(old)
+                raise InvalidInputError("CoefficientOptimizer: the step gave NaN or inf coefficients (learning rate "
+                                        "too large?); the model was left where it was")
+        self._write()
+        return loss
+
+    def _write(self) -> None:
+        """Clamp the coefficients and offsets into their ranges and write the point into the model."""
+        z = self.zonotope
+        with torch.no_grad():
             self.coefficients.copy_(torch.minimum(torch.maximum(self.coefficients, z.coeff_lower), z.coeff_upper))
             for n, d in self.offsets.items():
                 d.copy_(torch.minimum(torch.maximum(d, -z.residual[n]), z.residual[n]))
-        self.zonotope.write_(self.model, self.coefficients.detach(), {n: d.detach() for n, d in self.offsets.items()})
-        return loss
+        z.write_(self.model, self.coefficients.detach(), {n: d.detach() for n, d in self.offsets.items()})
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "coefficients": self.coefficients.detach().clone(),
                 "offsets": {n: d.detach().clone() for n, d in self.offsets.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Restore a ``state_dict()`` of an optimizer like this one; checked whole before anything is loaded."""
+        where = "CoefficientOptimizer.load_state_dict"
+        if not isinstance(state, Mapping) or set(state) != {"optimizer", "coefficients", "offsets"}:
+            raise InvalidInputError(f"{where}: expected the dict state_dict() returns (optimizer, coefficients, offsets)")
+        eps, offsets, opt_state = state["coefficients"], state["offsets"], state["optimizer"]
+        if (not isinstance(eps, Tensor) or tuple(eps.shape) != tuple(self.coefficients.shape)
+                or not bool(torch.isfinite(eps).all())):
+            raise InvalidInputError(f"{where}: 'coefficients' must be {self.zonotope.n_generators} finite values")
+        if not isinstance(offsets, Mapping) or set(offsets) != set(self.offsets):
+            raise InvalidInputError(f"{where}: 'offsets' must name exactly {sorted(self.offsets)}")
+        offsets = self.zonotope._checked_offsets(offsets, where)
+        groups = opt_state.get("param_groups") if isinstance(opt_state, Mapping) else None
+        if (not groups or len(groups) != len(self.optimizer.param_groups)
+                or any(set(g) != set(h) for g, h in zip(groups, self.optimizer.param_groups))):
+            raise InvalidInputError(f"{where}: 'optimizer' is not a state of {type(self.optimizer).__name__} "
+                                    "over these coefficients")
+        self.optimizer.load_state_dict(opt_state)
         with torch.no_grad():
-            self.coefficients.copy_(state["coefficients"])
+            self.coefficients.copy_(eps)
             for n, d in self.offsets.items():
-                d.copy_(state["offsets"][n])
-        self.zonotope.write_(self.model, self.coefficients.detach(), {n: d.detach() for n, d in self.offsets.items()})
+                d.copy_(offsets[n])
+        self._write()
 
     def __repr__(self) -> str:
         return (f"CoefficientOptimizer({self.optimizer.__class__.__name__}, {self.zonotope.n_generators} coefficients, "
                 f"{len(self.offsets)} residual tensors)")
 
 
-class ProjectedOptimizer:
+class ProjectedOptimizer(_WrapsOptimizer):
     """Wrap any torch optimizer so that every ``step()`` is followed by a projection onto the LID
     (or onto a single ``Box`` or ``Zonotope``).
 
@@ -309,14 +366,6 @@ class ProjectedOptimizer:
         self.optimizer = optimizer
         self.projector = _projector(model, lid, strategy, loss_fn=loss_fn, seed=seed)
         self.projector.project_()
-
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    @property
-    def state(self):
-        return self.optimizer.state
 
     @property
     def current_member(self) -> int | None:

@@ -144,6 +144,8 @@ class Zonotope:
 
     def check_matches(self, model: nn.Module, where: str = "domain") -> None:
         """Raise ``DomainMismatchError`` unless the zonotope covers exactly the model's parameters."""
+        if not isinstance(model, nn.Module):
+            raise DomainMismatchError(f"{where}: 'model' must be a torch.nn.Module, got {type(model).__name__}")
         params = dict(model.named_parameters())
         missing, extra = sorted(set(params) - set(self.centre)), sorted(set(self.centre) - set(params))
         if missing or extra:
@@ -293,8 +295,11 @@ class Zonotope:
                           options={"maxiter": PROJECTION_ITERATIONS, "ftol": 0.0, "gtol": PROJECTION_TOLERANCE})
         eps = torch.as_tensor(result.x, dtype=torch.float64) / scale
         eps = torch.minimum(torch.maximum(eps, self.coeff_lower), self.coeff_upper)
+        if not bool(torch.isfinite(eps).all()):  # e.g. generator norms overflow float64: no answer, not a guess
+            raise InvalidDomainError("Zonotope.nearest_coefficients: the projection is not finite (generators too "
+                                     "large for float64?); no point can be judged inside")
         self._warm = eps
-        return eps
+        return eps.clone()  # the caller's copy: editing it must not move the next warm start
 
     def project_(self, model: nn.Module) -> nn.Module:
         """Move the model's parameters to (a solver-accurate) nearest point of Z, in place.
@@ -321,13 +326,35 @@ class Zonotope:
         if len(eps) != self.n_generators:
             raise InvalidDomainError(f"Zonotope.write_: expected {self.n_generators} coefficients, got {len(eps)}")
         eps = torch.minimum(torch.maximum(eps, self.coeff_lower), self.coeff_upper)
+        offsets = self._checked_offsets(offsets, "Zonotope.write_")
         targets = {}
         for n in params:
-            r, d = self.residual[n], (offsets or {}).get(n)
-            d = torch.zeros_like(r) if d is None else torch.minimum(torch.maximum(d.detach().double().cpu(), -r), r)
+            r = self.residual[n]
+            d = torch.minimum(torch.maximum(offsets[n], -r), r) if n in offsets else torch.zeros_like(r)
             targets[n] = self._moved(n, eps) + d
         self._write(params, targets, "Zonotope.write_")
         return model
+
+    def _checked_offsets(self, offsets: Mapping[str, Tensor] | None, where: str) -> dict[str, Tensor]:
+        """Residual offsets as float64 CPU copies, each a finite tensor of its parameter's shape."""
+        if offsets is None:
+            return {}
+        if not isinstance(offsets, Mapping):
+            raise InvalidInputError(f"{where}: 'offsets' must be a mapping name -> tensor, got {type(offsets).__name__}")
+        unknown = sorted(set(offsets) - set(self.centre))
+        if unknown:
+            raise DomainMismatchError(f"{where}: 'offsets' names parameters not in the zonotope: {unknown}")
+        out = {}
+        for n, d in offsets.items():
+            shape = tuple(self.centre[n].shape)
+            if not isinstance(d, Tensor) or not d.is_floating_point() or tuple(d.shape) != shape:
+                got = f"{d.dtype} of shape {tuple(d.shape)}" if isinstance(d, Tensor) else type(d).__name__
+                raise InvalidInputError(f"{where}: offsets['{n}'] must be a floating-point tensor of shape {shape}, got {got}")
+            d = d.detach().to("cpu", torch.float64, copy=True)
+            if not bool(torch.isfinite(d).all()):
+                raise InvalidInputError(f"{where}: offsets['{n}'] holds NaN or inf; nothing was written")
+            out[n] = d
+        return out
 
     @staticmethod
     def _write(params: dict[str, Tensor], targets: dict[str, Tensor], where: str) -> None:
@@ -386,11 +413,11 @@ class Zonotope:
 
     # ------------------------------------------------------------------ persistence
     def tensors(self) -> dict[str, Tensor]:
-        """Flat tensor dict as stored on disk; a certificate's ``domain_sha256`` fingerprints it."""
-        flat = {f"centre/{n}": t.contiguous() for n, t in self.centre.items()}
-        flat.update({f"residual/{n}": t.contiguous() for n, t in self.residual.items()})
-        flat.update({f"generators/{n}": t.contiguous() for n, t in self.generators.items()})
-        flat["coeff_lower"], flat["coeff_upper"] = self.coeff_lower.contiguous(), self.coeff_upper.contiguous()
+        """Flat tensor dict as stored on disk (copies); a certificate's ``domain_sha256`` fingerprints it."""
+        flat = {f"centre/{n}": t.clone() for n, t in self.centre.items()}
+        flat.update({f"residual/{n}": t.clone() for n, t in self.residual.items()})
+        flat.update({f"generators/{n}": t.clone() for n, t in self.generators.items()})
+        flat["coeff_lower"], flat["coeff_upper"] = self.coeff_lower.clone(), self.coeff_upper.clone()
         return flat
 
     def save(self, directory: str | Path) -> Path:

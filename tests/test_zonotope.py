@@ -494,3 +494,106 @@ def test_training_a_float64_model_never_moves_its_zonotope(train) -> None:
     assert frozen.contains(model)
     first = dict(model.named_parameters())
     assert all(torch.equal(first[n].detach(), frozen.centre[n]) for n in z.names if n not in z.generators)
+
+
+# ---------------------------------------------------------------- from the review of the coefficient optimizer
+def _small_model(dtype: torch.dtype = torch.float64) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).to(dtype)
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _unchanged(model: nn.Module, snap: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(p.detach(), snap[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("offsets,match", [
+    ({"2.bias": torch.zeros(2, 3)}, r"offsets\['2.bias'\] must be a floating-point tensor of shape \(3,\)"),
+    ({"2.bias": torch.tensor(5.0)}, r"offsets\['2.bias'\] must be a floating-point tensor"),
+    ({"2.bias": torch.full((3,), float("nan"))}, r"offsets\['2.bias'\] holds NaN or inf"),
+    ({"head.bias": torch.zeros(3)}, "names parameters not in the zonotope"),
+    ([1, 2], "'offsets' must be a mapping"),
+])
+def test_write_refuses_bad_offsets_before_writing_anything(offsets, match) -> None:
+    """A wrongly shaped offset used to fail inside the copy loop, after the first parameters were
+    written: the model was left half at one point, half at another, outside the zonotope."""
+    model = _small_model()
+    z = le.Zonotope.segment(model, {n: p.detach() + 1 for n, p in model.named_parameters()}, residual=0.01)
+    snap = _snapshot(model)
+    with pytest.raises(LidError, match=match):
+        z.write_(model, torch.tensor([1.0], dtype=torch.float64), offsets)
+    assert _unchanged(model, snap) and z.contains(model)
+
+
+def test_the_projection_hands_out_copies_and_fails_closed_when_it_cannot_be_computed() -> None:
+    model = _small_model()
+    far = copy.deepcopy(model)
+    with torch.no_grad():
+        far[2].bias += 100
+    z = le.Zonotope.segment(model, moved_head(model, 1.0, seed=2))
+    eps = z.nearest_coefficients(far)
+    eps.fill_(float("nan"))  # the caller's tensor: the next judgement must not see it
+    assert not z.contains(far)
+    z.tensors()["centre/2.bias"].add_(7)  # so are the tensors a certificate fingerprints
+    assert z.contains(model)
+    huge = le.Zonotope(dict(model.named_parameters()), {"2.bias": torch.full((1, 3), 1e160, dtype=torch.float64)},
+                       torch.tensor([-1e-160], dtype=torch.float64), torch.tensor([1e-160], dtype=torch.float64))
+    with pytest.raises(InvalidDomainError, match="projection is not finite"):
+        huge.contains(far)  # used to say True: NaN coefficients made every comparison False
+
+
+def test_coefficient_optimizer_refuses_before_touching_the_model() -> None:
+    model = _small_model()
+    z = le.Zonotope.segment(model, moved_head(model, 1.0, seed=2), residual=1e-3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)  # outside Z: constructing the optimizer would project it
+    snap = _snapshot(model)
+    for kwargs, match in [({"momentum": 0.9}, "Adam refused its arguments"), ({"lr": True}, "'lr' must be"),
+                          ({"optimizer": torch.optim.LBFGS}, "LBFGS re-evaluates a closure")]:
+        with pytest.raises(LidError, match=match):
+            le.CoefficientOptimizer(model, z, **kwargs)
+        assert _unchanged(model, snap)
+    with pytest.raises(LidError, match="'model' must be a torch.nn.Module"):
+        le.CoefficientOptimizer("model", z)
+    model[2].weight.requires_grad_(False)
+    with pytest.raises(LidError, match=r"\['2.weight'\] move with the zonotope but do not require grad"):
+        le.CoefficientOptimizer(model, z)
+    assert _unchanged(model, snap)
+
+
+def test_coefficient_optimizer_survives_bad_states_and_overflowing_steps() -> None:
+    model = _small_model()
+    x, y = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
+    z = le.Zonotope.segment(model, moved_head(model, 1.0, seed=2), residual=1e-3)
+    opt = le.CoefficientOptimizer(model, z, lr=0.01)
+    sgd_state = le.CoefficientOptimizer(copy.deepcopy(model), copy.deepcopy(z), lr=0.01,
+                                        optimizer=torch.optim.SGD).state_dict()
+    two = le.Zonotope(z.centre, {n: torch.cat([g, g]) for n, g in z.generators.items()},
+                      torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64), z.residual)
+    wrong_k = le.CoefficientOptimizer(copy.deepcopy(model), two, lr=0.01).state_dict()
+    snap = _snapshot(model)
+    for state, match in [(sgd_state, "is not a state of Adam"), (wrong_k, "'coefficients' must be 1 finite values"),
+                         ({"optimizer": {}}, "expected the dict state_dict"), ({**opt.state_dict(),
+                          "coefficients": torch.tensor([float("nan")], dtype=torch.float64)}, "finite values")]:
+        with pytest.raises(LidError, match=match):
+            opt.load_state_dict(state)
+        assert _unchanged(model, snap)
+    big = le.Zonotope(z.centre, {n: g * 1e150 for n, g in z.generators.items()}, z.coeff_lower,
+                      z.coeff_upper * 1e-150, z.residual)  # the same segment, written with huge generators
+    big_opt = le.CoefficientOptimizer(model, big, lr=0.01)
+    snap = _snapshot(model)
+    big_opt.zero_grad()
+    (nn.functional.cross_entropy(model(x), y) * 1e200).backward()  # finite gradients; ⟨g, ∇θ L⟩ overflows
+    with pytest.raises(LidError, match="gradient of the coefficients holds NaN or inf"):
+        big_opt.step()
+    assert _unchanged(model, snap)
+    for _ in range(3):  # and the optimizer still works afterwards
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        assert z.contains(model)
+    assert not _unchanged(model, snap)
