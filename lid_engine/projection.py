@@ -244,16 +244,15 @@ class CoefficientOptimizer(_WrapsOptimizer):
         if issubclass(optimizer, torch.optim.LBFGS):
             raise InvalidInputError(f"{where}: 'optimizer' must take one gradient per step; LBFGS re-evaluates a closure")
         params = zonotope._writable_params(model, where)
-        frozen = [n for n, p in params.items() if not p.requires_grad
-                  and (n in zonotope.generators or bool((zonotope.residual[n] > 0).any()))]
+        loose = [n for n, r in zonotope.residual.items() if bool((r > 0).any())]  # δ is trained for these
+        frozen = [n for n, p in params.items() if not p.requires_grad and (n in zonotope.generators or n in loose)]
         if frozen:  # they would move with ε while their share of ∂L/∂ε is missing
             raise DomainMismatchError(f"{where}: parameters {frozen} move with the zonotope but do not require grad")
         eps = zonotope.nearest_coefficients(params)
         offsets = {}
-        for n, r in zonotope.residual.items():
-            if bool((r > 0).any()):
-                d = params[n].detach().double().cpu() - zonotope._moved(n, eps)
-                offsets[n] = torch.minimum(torch.maximum(d, -r), r).requires_grad_(True)
+        for n in loose:
+            r, d = zonotope.residual[n], params[n].detach().double().cpu() - zonotope._moved(n, eps)
+            offsets[n] = torch.minimum(torch.maximum(d, -r), r).requires_grad_(True)
         self.coefficients = eps.requires_grad_(True)
         self.offsets = offsets
         try:  # before anything is written: a bad keyword leaves the model as it was

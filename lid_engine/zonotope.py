@@ -213,24 +213,17 @@ class Zonotope:
     # ------------------------------------------------------------------ points of the domain
     def point(self, coefficients: Tensor, offsets: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         """``c + Σ_k ε_k g_k + δ`` (float64) for given coefficients and residual offsets (|δ| ≤ r)."""
-        eps = _coefficients("coefficients", coefficients)
-        if len(eps) != self.n_generators:
-            raise InvalidDomainError(f"Zonotope.point: expected {self.n_generators} coefficients, got {len(eps)}")
+        eps = self._checked_coefficients(coefficients, "Zonotope.point")
         if bool(((eps < self.coeff_lower) | (eps > self.coeff_upper)).any()):
             raise InvalidDomainError("Zonotope.point: a coefficient lies outside its range")
+        offsets = self._checked_offsets(offsets, "Zonotope.point")
         out = {}
-        for n, c in self.centre.items():
+        for n in self.centre:
             p = self._moved(n, eps)
-            if offsets is not None and n in offsets:
-                d = offsets[n]
-                if not isinstance(d, Tensor) or tuple(d.shape) != tuple(c.shape) or not d.is_floating_point():
-                    got = f"{d.dtype} of shape {tuple(d.shape)}" if isinstance(d, Tensor) else type(d).__name__
-                    raise InvalidDomainError(f"Zonotope.point: offsets['{n}'] must be a floating-point tensor of "
-                                             f"shape {tuple(c.shape)}, got {got}")
-                d = d.detach().double().cpu()
-                if not bool((d.abs() <= self.residual[n]).all()):
+            if n in offsets:
+                if not bool((offsets[n].abs() <= self.residual[n]).all()):
                     raise InvalidDomainError(f"Zonotope.point: offsets['{n}'] exceed the residual")
-                p = p + d
+                p = p + offsets[n]
             out[n] = p
         return out
 
@@ -322,9 +315,7 @@ class Zonotope:
         Coefficients are clamped to their ranges and offsets to the residual box (missing: 0), so
         the written point is in the certified zonotope whatever the caller's arithmetic did."""
         params = self._writable_params(model, "Zonotope.write_")
-        eps = _coefficients("coefficients", coefficients)
-        if len(eps) != self.n_generators:
-            raise InvalidDomainError(f"Zonotope.write_: expected {self.n_generators} coefficients, got {len(eps)}")
+        eps = self._checked_coefficients(coefficients, "Zonotope.write_")
         eps = torch.minimum(torch.maximum(eps, self.coeff_lower), self.coeff_upper)
         offsets = self._checked_offsets(offsets, "Zonotope.write_")
         targets = {}
@@ -335,12 +326,19 @@ class Zonotope:
         self._write(params, targets, "Zonotope.write_")
         return model
 
+    def _checked_coefficients(self, coefficients: Tensor, where: str) -> Tensor:
+        """The coefficients as a float64 CPU copy, one finite value per generator."""
+        eps = _coefficients("coefficients", coefficients)
+        if len(eps) != self.n_generators:
+            raise InvalidDomainError(f"{where}: expected {self.n_generators} coefficients, got {len(eps)}")
+        return eps
+
     def _checked_offsets(self, offsets: Mapping[str, Tensor] | None, where: str) -> dict[str, Tensor]:
-        """Residual offsets as float64 CPU copies, each a finite tensor of its parameter's shape."""
+        """Residual offsets (a point's δ) as float64 CPU copies, each a finite tensor of its parameter's shape."""
         if offsets is None:
             return {}
         if not isinstance(offsets, Mapping):
-            raise InvalidInputError(f"{where}: 'offsets' must be a mapping name -> tensor, got {type(offsets).__name__}")
+            raise InvalidDomainError(f"{where}: 'offsets' must be a mapping name -> tensor, got {type(offsets).__name__}")
         unknown = sorted(set(offsets) - set(self.centre))
         if unknown:
             raise DomainMismatchError(f"{where}: 'offsets' names parameters not in the zonotope: {unknown}")
@@ -349,10 +347,10 @@ class Zonotope:
             shape = tuple(self.centre[n].shape)
             if not isinstance(d, Tensor) or not d.is_floating_point() or tuple(d.shape) != shape:
                 got = f"{d.dtype} of shape {tuple(d.shape)}" if isinstance(d, Tensor) else type(d).__name__
-                raise InvalidInputError(f"{where}: offsets['{n}'] must be a floating-point tensor of shape {shape}, got {got}")
+                raise InvalidDomainError(f"{where}: offsets['{n}'] must be a floating-point tensor of shape {shape}, got {got}")
             d = d.detach().to("cpu", torch.float64, copy=True)
             if not bool(torch.isfinite(d).all()):
-                raise InvalidInputError(f"{where}: offsets['{n}'] holds NaN or inf; nothing was written")
+                raise InvalidDomainError(f"{where}: offsets['{n}'] holds NaN or inf")
             out[n] = d
         return out
 
