@@ -16,7 +16,7 @@ from .errors import (
     UnsoundBoundError,
     UnsupportedLayerError,
 )
-from .certificate import Certificate, clopper_pearson_lower, fingerprint_data, fingerprint_model
+from .certificate import Certificate, certify_box, clopper_pearson_lower, fingerprint_data, fingerprint_model
 from .importance import fisher_importance, importance_mask, si_importance
 from .layers import TaskMask
 from .lid import LID
@@ -34,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LID",
     "Certificate",
+    "certify_box",
     "LidSearchError",
     "CoefficientOptimizer",
     "ProjectedOptimizer",

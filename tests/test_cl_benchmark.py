@@ -370,3 +370,33 @@ def test_right_intervals_and_the_longest_subsegment_match_a_grid():
     assert 0.0 <= l <= 0.5 <= u <= 1.0
     assert float(((a <= l) & (b >= u)).double().mean()) >= 0.3
     assert longest_subsegment(a, b, 0.5, 0.0, 1.0, 1.01) == (0.5, 0.5)  # nothing reaches the target: a point
+
+
+def test_the_driver_uses_only_lid_engines_public_api():
+    """The issue's rule: whatever the benchmarks need from the engine goes into ``lid_engine``'s
+    exported names, so a user can reproduce them with the documented API. No submodule import, no
+    name outside ``le.__all__``, no private attribute of an engine object."""
+    import ast
+    from pathlib import Path
+
+    import benchmarks.cl
+
+    public = set(le.__all__)
+    problems = []
+    for path in sorted(Path(benchmarks.cl.__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        engine_aliases = {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                          for a in node.names if a.name == "lid_engine"}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                problems += [f"{path.name}: import {a.name}" for a in node.names if a.name.startswith("lid_engine.")]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lid_engine"):
+                if node.module != "lid_engine":
+                    problems.append(f"{path.name}: from {node.module} import ...")
+                problems += [f"{path.name}: lid_engine.{a.name}" for a in node.names if a.name not in public]
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                if node.value.id in engine_aliases and node.attr not in public:
+                    problems.append(f"{path.name}:{node.lineno}: {node.value.id}.{node.attr}")
+                elif node.attr.startswith("_") and not node.attr.startswith("__") and node.value.id != "self":
+                    problems.append(f"{path.name}:{node.lineno}: private {node.value.id}.{node.attr}")
+    assert not problems, problems

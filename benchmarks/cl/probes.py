@@ -97,7 +97,7 @@ def segment_lid(seed: int) -> str:
     train_task(updated, *t2.train, Recipe(), seed=seed * 1000 + 2, optimizer=opt)
     assert zonotope.contains(updated)
     return (f"| {seed} | {certified:.3f} (τ {tau:.3f}) | {accuracy(updated, *t1.test):.3f} | "
-            f"{accuracy(updated, *t2.test):.3f} | {float(zonotope._warm[0]):.3f} |")
+            f"{accuracy(updated, *t2.test):.3f} | {float(zonotope.nearest_coefficients(updated)[0]):.3f} |")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,7 +27,6 @@ import torch
 from torch import Tensor, nn
 
 import lid_engine as le
-from lid_engine.certificate import certify_box
 
 from .lid_method import LidPGD
 from .protocol import Task
@@ -136,7 +135,7 @@ class SegmentLidPGD(LidPGD):
             domain = le.Zonotope(z.centre, z.generators, torch.tensor([l], dtype=torch.float64),
                                  torch.tensor([u], dtype=torch.float64), z.residual)
             kind = "subsegment"
-        cert = certify_box(model, domain, *task.cert, le.Spec("accuracy", tau), task=task.name, method="linear")
+        cert = le.certify_box(model, domain, *task.cert, le.Spec("accuracy", tau), task=task.name, method="linear")
         self.zonotope = domain
         self.records[task.name] = (domain, cert, tau, task.cert)
         self.log.append({"task": task.name, "kind": kind, "tau": tau, "range": [float(domain.coeff_lower[0]),
