@@ -39,7 +39,7 @@ demo-engine: venv
 bench: venv
 	$(PY) -m benchmarks.bounds && $(PY) -m benchmarks.lid && $(PY) -m benchmarks.margins
 
-# Continual-learning benchmarks (benchmarks/cl). The reduced run (3 seeds; 24 min 42 s measured on 2 cores) writes
+# Continual-learning benchmarks (benchmarks/cl). The reduced run (3 seeds; 14–25 min measured on 2 cores) writes
 # to lidgate-home/bench-cl; the full run resumes into the committed benchmarks/results/cl_runs.
 CL_OUT ?= lidgate-home/bench-cl
 bench-cl: venv
