@@ -261,6 +261,7 @@ class CoefficientOptimizer(_WrapsOptimizer):
             raise InvalidInputError(f"{where}: {optimizer.__name__} refused its arguments: {err}") from None
         self.model, self.zonotope, self.params = model, zonotope, params
         self.moving = [n for n in zonotope.names if n in zonotope.generators]
+        self.graded = [n for n in params if n in zonotope.generators or n in offsets]
         self._write()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -273,10 +274,10 @@ class CoefficientOptimizer(_WrapsOptimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = {}
-        for n, p in self.params.items():
-            if p.grad is not None:
-                g = p.grad.to_dense() if p.grad.is_sparse else p.grad
-                grads[n] = g.detach().double().cpu()
+        for n in self.graded:  # only these feed ε or δ: the other gradients are never read
+            g = self.params[n].grad
+            if g is not None:
+                grads[n] = (g.to_dense() if g.is_sparse else g).detach().double().cpu()
         k = self.zonotope.n_generators
         coeff_grad = torch.zeros(k, dtype=torch.float64)
         for n in self.moving:
