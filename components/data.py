@@ -1,0 +1,694 @@
+"""Data sources named by a configuration, read into the three splits lidgate works with.
+
+A task's data has three disjoint parts with distinct jobs: ``train`` (the update), ``search``
+(shapes the LID) and ``certification`` (held out: the population claim rests on data the search
+never saw). A configuration names them in one of three forms (``data`` section):
+
+(a) one file per split; (b) one file plus a seeded random split; (c) a team's loader function.
+
+Files are Parquet, CSV (feature columns + a label column) or ``.npz`` (arrays ``x`` and ``y``).
+Nothing is unpickled (``np.load(allow_pickle=False)``) and nothing is downloaded. Every problem
+with the data is a ``DataError`` naming the file (or loader), the column/array/split and what was
+expected, instead of a traceback from inside pandas or numpy.
+
+Each ``DataSplits`` records its provenance (file paths and sha256 of their bytes, the split's seed
+and fractions and a fingerprint of the row assignment, or the loader reference and arguments), so a
+certificate can say exactly which data it was computed on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from components.config import DATA_SUFFIXES, DataSection, LidgateConfig, SplitSection
+
+__all__ = [
+    "SPLIT_NAMES",
+    "DataError",
+    "DataSplits",
+    "file_provenance",
+    "load_file",
+    "load_splits",
+    "seeded_split",
+    "split_indices",
+]
+
+SPLIT_NAMES = ("train", "search", "certification")
+Pair = tuple[Tensor, Tensor]
+
+
+class DataError(ValueError):
+    """Data that cannot be used: the message names the file or loader, the column/array/split and
+    what was expected."""
+
+
+# -------------------------------------------------------------------------------- DataSplits
+@dataclass
+class DataSplits:
+    """A task's train / search / certification data, with where it came from.
+
+    Attributes:
+        task: the task name certificates use (``data.task``).
+        train, search, certification: ``(x, y)``; ``x`` float32 (float64 when the source holds
+            float64) with shape ``(n, *feature_shape)``, ``y`` int64 class ids of shape ``(n,)``.
+        provenance: JSON-able record of the source (see the module docstring).
+        feature_shape: the shape of one example.
+        classes: the class ids (configured, or the sorted labels present in any split).
+    """
+
+    task: str
+    train: Pair
+    search: Pair
+    certification: Pair
+    provenance: dict[str, Any]
+    feature_shape: tuple[int, ...]
+    classes: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        for name, (x, y) in self.items():
+            if not (isinstance(x, Tensor) and isinstance(y, Tensor)):
+                raise DataError(f"DataSplits: split '{name}' must be a pair of tensors")
+            if y.dtype != torch.int64 or y.dim() != 1 or len(x) != len(y) or len(y) == 0:
+                raise DataError(f"DataSplits: split '{name}' must hold n ≥ 1 rows with int64 labels of shape (n,), "
+                                f"got x {tuple(x.shape)} and y {tuple(y.shape)} {y.dtype}")
+            if tuple(x.shape[1:]) != tuple(self.feature_shape):
+                raise DataError(f"DataSplits: split '{name}' has examples of shape {tuple(x.shape[1:])}, "
+                                f"expected feature_shape {tuple(self.feature_shape)}")
+
+    def items(self) -> list[tuple[str, Pair]]:
+        """``[("train", (x, y)), ("search", …), ("certification", …)]``."""
+        return [(name, getattr(self, name)) for name in SPLIT_NAMES]
+
+    def fingerprints(self) -> dict[str, str]:
+        """sha256 of each split as ``lid_engine.fingerprint_data`` computes it (what a certificate records)."""
+        from lid_engine import fingerprint_data  # lazy: lid_engine pulls in the search's dependencies
+
+        return {name: fingerprint_data(x, y) for name, (x, y) in self.items()}
+
+    def fingerprint(self) -> str:
+        """sha256 over the task name and every split's tensors (dtype, shape and bytes)."""
+        body = {"task": self.task, "splits": self.fingerprints()}
+        return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("ascii")).hexdigest()
+
+
+# ------------------------------------------------------------------------------ public API
+def load_splits(config: LidgateConfig) -> DataSplits:
+    """Load the task a configuration's ``data`` section names.
+
+    Args:
+        config: a validated configuration (paths already resolved; ``code`` directories are where
+            a loader function is imported from).
+
+    Returns:
+        The three splits, checked: numeric finite features, integer labels ≥ 0 (within
+        ``data.classes`` when given), ``data.shape`` applied, no split empty.
+
+    Raises:
+        DataError: a file is missing or malformed, a loader returned something unusable, the data
+            fail a check, or two split files have the same content.
+        components.factory.FactoryError: ``data.loader.function`` cannot be imported.
+    """
+    d = config.data
+    if d.form == "files":
+        splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        records: dict[str, dict[str, Any]] = {}
+        for name in SPLIT_NAMES:
+            path = getattr(d, name)
+            x, y, records[name] = _read_file(path, d)
+            splits[name] = (x, y)
+        _refuse_shared_files(records)
+        provenance: dict[str, Any] = {"form": "files", "files": records}
+    elif d.form == "source":
+        assert d.source is not None and d.split is not None  # DataSection guarantees the form's keys
+        x, y, record = _read_file(d.source, d)
+        splits, split_record = _split_arrays(x, y, d.split, where=str(d.source))
+        provenance = {"form": "source", "source": record, "split": split_record}
+    else:
+        assert d.loader is not None
+        splits, provenance = _from_loader(config)
+    if d.form != "loader":
+        provenance["columns"] = {"features": list(d.features) if d.features else "all but the label",
+                                 "label": d.label}
+    provenance["shape"] = list(d.shape) if d.shape else None
+    return _assemble(d, splits, provenance)
+
+
+def load_file(path: str | Path, data_cfg: DataSection) -> Pair:
+    """Read one Parquet, CSV or ``.npz`` file into ``(x, y)`` with the ``data`` section's columns and shape.
+
+    Args:
+        path: the file (relative paths: against the current directory).
+        data_cfg: ``config.data``; its ``features``, ``label``, ``shape`` and ``classes`` apply.
+
+    Returns:
+        ``(x, y)`` tensors: ``x`` float32 (float64 when the file holds float64 features),
+        ``y`` int64.
+
+    Raises:
+        DataError: missing file, unknown format, unreadable bytes, missing or non-numeric columns,
+            NaN/inf, bad labels, a shape that does not fit a row, or no rows.
+    """
+    x, y, _ = _read_file(Path(path), data_cfg)
+    return _tensor(x), torch.from_numpy(y)
+
+
+def file_provenance(path: str | Path) -> dict[str, Any]:
+    """``{"path": resolved path, "format": …, "sha256": of the file's bytes}`` for one data file.
+
+    Raises:
+        DataError: the file is missing, unreadable or of an unknown format.
+    """
+    path = Path(path)
+    return _record(path, _format(path), _read_bytes(path))
+
+
+def split_indices(n: int, fractions: Mapping[str, float], seed: int) -> dict[str, np.ndarray]:
+    """The rows each split receives in a seeded random split of ``n`` rows.
+
+    A simple random sample without replacement: one ``numpy.random.default_rng(seed)``
+    permutation of the rows, cut into consecutive pieces. Not stratified by class, on purpose: the
+    finite-sample bound of a certificate assumes the certification set is a random sample of the
+    population, which a stratified draw is not. Piece sizes are ``fraction × n`` rounded by the
+    largest-remainder rule (ties go to the earlier split), so they always sum to ``n``; each
+    piece's indices are returned sorted, so splits keep the source's row order.
+
+    Args:
+        n: number of rows.
+        fractions: ``{"train": …, "search": …, "certification": …}``, each > 0, summing to 1 (±1e-9).
+        seed: the permutation's seed (≥ 0).
+
+    Returns:
+        ``{"train": idx, "search": idx, "certification": idx}``: disjoint int64 arrays covering 0..n-1.
+
+    Raises:
+        ValueError: malformed ``fractions`` or ``seed``.
+        DataError: a split would receive 0 rows.
+    """
+    if set(fractions) != set(SPLIT_NAMES):
+        raise ValueError(f"split_indices: fractions must have exactly the keys {SPLIT_NAMES}, got {sorted(fractions)}")
+    values = [float(fractions[name]) for name in SPLIT_NAMES]
+    if not all(math.isfinite(v) and v > 0 for v in values) or abs(sum(values) - 1.0) > 1e-9:
+        raise ValueError(f"split_indices: fractions must be > 0 and sum to 1, got {dict(fractions)}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"split_indices: seed must be an integer ≥ 0, got {seed!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"split_indices: n must be an integer ≥ 0, got {n!r}")
+    total = sum(values)
+    ideal = [v / total * n for v in values]
+    counts = [math.floor(v) for v in ideal]
+    by_remainder = sorted(range(3), key=lambda i: (-(ideal[i] - counts[i]), i))
+    for i in by_remainder[: n - sum(counts)]:
+        counts[i] += 1
+    for name, count, frac in zip(SPLIT_NAMES, counts, values):
+        if count == 0:
+            raise DataError(f"split '{name}' would receive 0 of {n} rows (fraction {frac:g}); "
+                            "expected more rows or a larger fraction")
+    perm = np.random.default_rng(seed).permutation(n)
+    bounds = np.cumsum([0] + counts)
+    return {name: np.sort(perm[bounds[i]: bounds[i + 1]]).astype(np.int64) for i, name in enumerate(SPLIT_NAMES)}
+
+
+def seeded_split(x: Tensor | np.ndarray, y: Tensor | np.ndarray, fractions: Mapping[str, float],
+                 seed: int) -> dict[str, tuple[Any, Any]]:
+    """Split ``(x, y)`` into train / search / certification by ``split_indices`` (see there for how).
+
+    Args:
+        x: examples, one per row (tensor or array).
+        y: labels, ``len(y) == len(x)``.
+        fractions: ``{"train": …, "search": …, "certification": …}``, each > 0, summing to 1.
+        seed: the permutation's seed.
+
+    Returns:
+        ``{"train": (x, y), "search": (x, y), "certification": (x, y)}``, same types as the input.
+
+    Raises:
+        ValueError: malformed arguments or ``len(x) != len(y)``.
+        DataError: a split would receive 0 rows.
+    """
+    if len(x) != len(y):
+        raise ValueError(f"seeded_split: x has {len(x)} rows but y has {len(y)}")
+    idx = split_indices(len(x), fractions, seed)
+    if isinstance(x, Tensor) or isinstance(y, Tensor):
+        return {k: (x[torch.from_numpy(i)], y[torch.from_numpy(i)]) for k, i in idx.items()}
+    return {k: (x[i], y[i]) for k, i in idx.items()}
+
+
+# ------------------------------------------------------------------------------ files
+def _format(path: Path) -> str:
+    fmt = DATA_SUFFIXES.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(f"{path}: unknown data format {path.suffix or '(no extension)'!r}; expected a file ending "
+                        f"in {', '.join(DATA_SUFFIXES)}")
+    return fmt
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, expected a data file") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+
+
+def _record(path: Path, fmt: str, raw: bytes) -> dict[str, Any]:
+    return {"path": str(path.resolve()), "format": fmt, "sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def _read_file(path: Path, d: DataSection) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """(x, y, provenance record) of one file; the bytes hashed are the bytes parsed."""
+    fmt = _format(path)
+    raw = _read_bytes(path)
+    where = str(path)
+    if fmt == "npz":
+        for key in ("features", "label"):
+            if key in d.model_fields_set:
+                raise DataError(f"{where}: data.{key} applies to tabular files (Parquet, CSV); an .npz archive "
+                                "holds arrays 'x' and 'y'")
+        x, y = _read_npz(raw, where)
+    else:
+        x, y = _table_xy(_read_table(raw, fmt, where), d, where, keep_float64=fmt == "parquet")
+    _check_rows(x, where, "the file")
+    if d.classes is not None:
+        _check_classes(y, d.classes, where)
+    if d.shape is not None:
+        x = _reshape(x, d.shape, where)
+    return x, y, _record(path, fmt, raw)
+
+
+def _read_table(raw: bytes, fmt: str, where: str) -> pd.DataFrame:
+    if fmt == "parquet":
+        try:
+            return pd.read_parquet(io.BytesIO(raw))
+        except Exception as exc:  # noqa: BLE001 — pyarrow raises several types for a bad file
+            raise DataError(f"{where}: not a readable Parquet file ({_short(exc)})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where}: not a CSV file: not UTF-8 text (byte {exc.start})") from None
+    if "\x00" in text:
+        raise DataError(f"{where}: not a CSV file: it contains NUL bytes")
+    try:
+        return pd.read_csv(io.StringIO(text))
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{where}: empty CSV file; expected a header row naming the columns") from None
+    except Exception as exc:  # noqa: BLE001 — ParserError and friends
+        raise DataError(f"{where}: not a valid CSV file ({_short(exc)})") from None
+
+
+def _table_xy(df: pd.DataFrame, d: DataSection, where: str, *, keep_float64: bool) -> tuple[np.ndarray, np.ndarray]:
+    columns = [str(c) for c in df.columns]
+    if len(set(columns)) != len(columns):
+        dup = next(c for c in columns if columns.count(c) > 1)
+        raise DataError(f"{where}: column {dup!r} appears more than once")
+    df = df.set_axis(columns, axis=1)
+    available = _listing(columns)
+    if d.label not in columns:
+        raise DataError(f"{where}: no label column {d.label!r} (set data.label); available columns: {available}")
+    features = list(d.features) if d.features is not None else [c for c in columns if c != d.label]
+    missing = [c for c in features if c not in columns]
+    if missing:
+        raise DataError(f"{where}: feature column(s) {_listing(missing)} not found (data.features); "
+                        f"available columns: {available}")
+    if not features:
+        raise DataError(f"{where}: no feature columns besides the label {d.label!r}")
+    _check_rows(df, where, "the file")
+    for c in features:
+        _check_numeric_column(df[c], c, where)
+    # CSV text has no precision of its own (pandas parses it as float64), so it reads as float32;
+    # a binary float64 column is kept as float64 rather than silently rounded.
+    wide = keep_float64 and any(df[c].dtype == np.float64 for c in features)
+    x = np.empty((len(df), len(features)), dtype=np.float64)
+    for j, c in enumerate(features):
+        x[:, j] = df[c].to_numpy(dtype=np.float64, na_value=np.nan)
+    x = _finite_features(x, where, [f"feature column {c!r}" for c in features],
+                         np.float64 if wide else np.float32, table=True)
+    y = _labels(df[d.label], where, f"label column {d.label!r}")
+    return x, y
+
+
+def _check_numeric_column(s: pd.Series, name: str, where: str) -> None:
+    if pd.api.types.is_numeric_dtype(s.dtype) and not pd.api.types.is_complex_dtype(s.dtype):
+        return
+    row = _first_non_number(s)
+    if row is not None:
+        raise DataError(f"{where}: feature column {name!r} is not numeric: row {row} holds "
+                        f"{_brief(s.iloc[row])}; expected numbers")
+    raise DataError(f"{where}: feature column {name!r} is not numeric (dtype {s.dtype}); expected numbers")
+
+
+def _first_non_number(s: pd.Series) -> int | None:
+    """Row of the first value in a text/object column that does not parse as a number (None: none)."""
+    if not (s.dtype == object or pd.api.types.is_string_dtype(s.dtype)):
+        return None
+    bad = np.flatnonzero((pd.to_numeric(s, errors="coerce").isna() & s.notna()).to_numpy())
+    return int(bad[0]) if len(bad) else None
+
+
+def _read_npz(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        archive = np.load(io.BytesIO(raw), allow_pickle=False)
+    except Exception:  # noqa: BLE001 — numpy's message talks about pickles for any non-numpy file
+        raise DataError(f"{where}: not an .npz archive; expected a file written by numpy.savez with arrays "
+                        "'x' and 'y'") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataError(f"{where}: holds a single .npy array; expected an .npz archive with arrays 'x' and 'y'")
+    with archive:
+        names = list(archive.files)
+        arrays = {}
+        for key in ("x", "y"):
+            if key not in names:
+                raise DataError(f"{where}: no array {key!r}; expected arrays 'x' (features) and 'y' (labels), "
+                                f"found {_listing(names)}")
+            try:
+                arrays[key] = archive[key]
+            except ValueError as exc:
+                if "pickle" in str(exc).lower() or "object" in str(exc).lower():
+                    raise DataError(f"{where}: array {key!r} holds Python objects; object arrays are not allowed "
+                                    "(they load through pickle); expected a numeric array") from None
+                raise DataError(f"{where}: array {key!r} cannot be read ({_short(exc)})") from None
+            except Exception as exc:  # noqa: BLE001 — a truncated or corrupt member
+                raise DataError(f"{where}: array {key!r} cannot be read ({_short(exc)})") from None
+    return _arrays_xy(arrays["x"], arrays["y"], where, "array 'x'", "array 'y'")
+
+
+# ------------------------------------------------------------------------------ checks
+def _arrays_xy(x: Any, y: Any, where: str, xname: str, yname: str) -> tuple[np.ndarray, np.ndarray]:
+    """Features and labels given as arrays (npz, loader results): checked and normalised."""
+    x = _as_numpy(x, where, xname)
+    y = _as_numpy(y, where, yname)
+    if x.dtype.kind not in "biuf":
+        raise DataError(f"{where}: {xname} has dtype {x.dtype}; expected numbers")
+    if x.ndim < 2:
+        raise DataError(f"{where}: {xname} has shape {x.shape}; expected one row per example "
+                        "(at least 2 dimensions: rows × features)")
+    if y.ndim != 1:
+        raise DataError(f"{where}: {yname} has shape {y.shape}; expected one label per row (1 dimension)")
+    if len(x) != len(y):
+        raise DataError(f"{where}: {xname} has {len(x)} rows but {yname} has {len(y)} labels; expected one label per row")
+    wide = x.dtype == np.float64
+    x = _finite_features(x.astype(np.float64, copy=False), where, [xname], np.float64 if wide else np.float32, table=False)
+    return x, _labels(y, where, yname)
+
+
+def _as_numpy(v: Any, where: str, name: str) -> np.ndarray:
+    if isinstance(v, Tensor):
+        t = v.detach().cpu()
+        if t.dtype in (torch.bfloat16, torch.float16):
+            t = t.float()  # numpy has no bfloat16
+        return t.numpy()
+    if isinstance(v, np.ndarray):
+        arr = v
+    else:
+        try:
+            arr = np.asarray(v)
+        except Exception as exc:  # noqa: BLE001 — ragged nested lists and the like
+            raise DataError(f"{where}: {name} cannot be read as an array ({_short(exc)})") from None
+    if arr.dtype.kind == "O":
+        raise DataError(f"{where}: {name} holds Python objects; object arrays are not allowed, expected numbers")
+    return arr
+
+
+def _finite_features(x: np.ndarray, where: str, names: list[str], dtype: type, *, table: bool) -> np.ndarray:
+    """Refuse NaN/inf (naming the column or array and the first row), then cast to ``dtype``.
+
+    ``names``: one per column when ``table`` (``x`` 2-D), else ``[array name]`` for ``x`` of any rank.
+    """
+    bad = ~np.isfinite(x)
+    if bad.any():
+        what, row, index = _first_bad(bad, names, table)
+        value = x[(row, *index)] if index else x[row, names.index(what)]
+        kind = "NaN (a missing value)" if np.isnan(value) else str(value)
+        raise DataError(f"{where}: {what} holds {kind} at row {row}{_index_text(index)} (rows count from 0; "
+                        f"{int(bad.sum())} non-finite in all); expected finite numbers")
+    if dtype is np.float64:
+        return x.astype(np.float64, copy=False)
+    with np.errstate(over="ignore"):
+        out = x.astype(np.float32)
+    bad = ~np.isfinite(out)
+    if bad.any():
+        what, row, index = _first_bad(bad, names, table)
+        raise DataError(f"{where}: {what} holds a value too large for float32 at row {row}{_index_text(index)}; "
+                        "expected values within ±3.4e38 (or float64 data)")
+    return out
+
+
+def _first_bad(bad: np.ndarray, names: list[str], table: bool) -> tuple[str, int, tuple[int, ...]]:
+    """(column or array name, first row, index within the row for arrays) of the first True in ``bad``."""
+    if table:  # a table: the first offending column in feature order, then its first row
+        col = int(np.flatnonzero(bad.any(axis=0))[0])
+        return names[col], int(np.flatnonzero(bad[:, col])[0]), ()
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    return names[0], first[0], first[1:]
+
+
+def _index_text(index: tuple[int, ...]) -> str:
+    return f" (position {list(index)} within the row)" if index else ""
+
+
+def _labels(values: pd.Series | np.ndarray, where: str, what: str) -> np.ndarray:
+    """Integer class ids ≥ 0 as int64; integral floats (1.0) are accepted, anything else is named."""
+    if isinstance(values, pd.Series):
+        s = values
+        if s.dtype == bool or pd.api.types.is_bool_dtype(s.dtype):
+            raise DataError(f"{where}: {what} holds true/false values; expected integer class ids ≥ 0")
+        if not pd.api.types.is_numeric_dtype(s.dtype) or pd.api.types.is_complex_dtype(s.dtype):
+            row = _first_non_number(s)
+            example = f": row {row} holds {_brief(s.iloc[row])}" if row is not None else ""
+            raise DataError(f"{where}: {what} is not numeric (dtype {s.dtype}){example}; expected integer class ids ≥ 0")
+        if pd.api.types.is_integer_dtype(s.dtype) and not s.isna().any():
+            arr = s.to_numpy()
+        else:
+            arr = s.to_numpy(dtype=np.float64, na_value=np.nan)
+    else:
+        arr = values
+        if arr.dtype.kind == "b":
+            raise DataError(f"{where}: {what} holds true/false values; expected integer class ids ≥ 0")
+        if arr.dtype.kind not in "iuf":
+            raise DataError(f"{where}: {what} has dtype {arr.dtype}; expected integer class ids ≥ 0")
+    if arr.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(arr) | (arr != np.round(arr)))
+        if len(bad):
+            shown = "NaN (a missing value)" if np.isnan(arr[bad[0]]) else _brief(arr[bad[0]])
+            raise DataError(f"{where}: {what} holds {shown} at row {bad[0]}; expected integer class ids ≥ 0")
+        if np.any(arr > np.iinfo(np.int64).max):
+            row = int(np.flatnonzero(arr > np.iinfo(np.int64).max)[0])
+            raise DataError(f"{where}: {what} holds {_brief(arr[row])} at row {row}; expected class ids that fit int64")
+    elif arr.dtype.kind == "u" and np.any(arr > np.iinfo(np.int64).max):
+        row = int(np.flatnonzero(arr > np.iinfo(np.int64).max)[0])
+        raise DataError(f"{where}: {what} holds {arr[row]} at row {row}; expected class ids that fit int64")
+    negative = np.flatnonzero(arr < 0)
+    if len(negative):
+        raise DataError(f"{where}: {what} holds {_brief(arr[negative[0]])} at row {negative[0]}; "
+                        "expected integer class ids ≥ 0")
+    return arr.astype(np.int64)
+
+
+def _reshape(x: np.ndarray, shape: Iterable[int], where: str) -> np.ndarray:
+    shape = tuple(shape)
+    per_row = int(np.prod(x.shape[1:]))
+    need = int(np.prod(shape))
+    if per_row != need:
+        raise DataError(f"{where}: data.shape {list(shape)} holds {need} values per row, but each row has "
+                        f"{per_row} (shape {list(x.shape[1:])}); expected a shape whose product is {per_row}")
+    return x.reshape((len(x), *shape))
+
+
+def _check_rows(x: np.ndarray | pd.DataFrame, where: str, what: str) -> None:
+    if len(x) == 0:
+        raise DataError(f"{where}: {what} has 0 rows; expected at least one example")
+
+
+def _check_classes(y: np.ndarray, classes: Iterable[int], where: str) -> None:
+    allowed = np.array(sorted(set(classes)), dtype=np.int64)
+    bad = np.flatnonzero(~np.isin(y, allowed))
+    if len(bad):
+        raise DataError(f"{where}: label {int(y[bad[0]])} at row {bad[0]} is not one of data.classes "
+                        f"{allowed.tolist()} ({len(bad)} such row(s) in all)")
+
+
+def _refuse_shared_files(records: Mapping[str, Mapping[str, Any]]) -> None:
+    # Soundness rule 5: the certification set must be data the search never saw; the same bytes
+    # named twice is the one overlap that can be caught without comparing rows.
+    seen: dict[str, str] = {}
+    for name in SPLIT_NAMES:
+        digest = records[name]["sha256"]
+        if digest in seen:
+            raise DataError(f"{records[name]['path']}: data.{name} has the same content as data.{seen[digest]}; "
+                            "expected disjoint train, search and certification data")
+        seen[digest] = name
+
+
+# ------------------------------------------------------------------------------ splitting
+def _split_arrays(x: np.ndarray, y: np.ndarray, split: SplitSection, *, where: str
+                  ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
+    try:
+        idx = split_indices(len(x), split.fractions(), split.seed)
+    except DataError as exc:
+        raise DataError(f"{where}: data.split: {exc}") from None
+    record = {**split.fractions(), "seed": split.seed, "rows": len(x), "assignment_sha256": _assignment_sha256(idx, len(x))}
+    return {k: (x[i], y[i]) for k, i in idx.items()}, record
+
+
+def _assignment_sha256(idx: Mapping[str, np.ndarray], n: int) -> str:
+    """sha256 of which split each row went to: detects a change in numpy's permutation stream."""
+    assignment = np.empty(n, dtype=np.uint8)
+    for code, name in enumerate(SPLIT_NAMES):
+        assignment[idx[name]] = code
+    h = hashlib.sha256(b"lidgate.split/1")
+    h.update(struct.pack("<Q", n))
+    h.update(assignment.tobytes())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------ loaders
+def _from_loader(config: LidgateConfig) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
+    from components.factory import resolve
+
+    d = config.data
+    assert d.loader is not None and d.split is not None
+    ref, kwargs = d.loader.function, dict(d.loader.kwargs)
+    fn = resolve(ref, field="data.loader.function", roots=config.code)
+    where = f"data.loader.function {ref}"
+    try:
+        result = fn(**kwargs)
+    except Exception as exc:  # noqa: BLE001 — the team's code failed: say which and why
+        raise DataError(f"{where}: calling it raised {type(exc).__name__}: {exc}") from exc
+    provenance: dict[str, Any] = {"form": "loader", "loader": {"function": ref, "kwargs": kwargs}}
+    if isinstance(result, Mapping):
+        if set(result) != set(SPLIT_NAMES):
+            raise DataError(f"{where}: returned a dict with keys {_listing([str(k) for k in result])}; expected "
+                            f"exactly {_listing(list(SPLIT_NAMES))}")
+        splits = {name: _pair(result[name], where, f"split '{name}'") for name in SPLIT_NAMES}
+        if d.classes is not None:
+            for name, (_, y) in splits.items():
+                _check_classes(y, d.classes, f"{where} (y of the split '{name}')")
+        provenance["returned"] = "splits"
+    else:
+        if isinstance(result, torch.utils.data.Dataset):
+            x, y = _materialise(result, where)
+            provenance["returned"] = "dataset"
+        elif isinstance(result, (tuple, list)) and len(result) == 2:
+            x, y = _pair(result, where, "result")
+            provenance["returned"] = "arrays"
+        else:
+            raise DataError(f"{where}: returned {type(result).__name__}; expected (x, y), a dict with keys train, "
+                            "search and certification, or a torch.utils.data.Dataset of (x, y) pairs")
+        if d.classes is not None:
+            _check_classes(y, d.classes, where)
+        splits, provenance["split"] = _split_arrays(x, y, d.split, where=where)
+    if d.shape is not None:
+        splits = {k: (_reshape(x, d.shape, f"{where} (split '{k}')"), y) for k, (x, y) in splits.items()}
+    return splits, provenance
+
+
+def _pair(value: Any, where: str, what: str) -> tuple[np.ndarray, np.ndarray]:
+    if not (isinstance(value, (tuple, list)) and len(value) == 2):
+        raise DataError(f"{where}: {what} is {type(value).__name__}; expected an (x, y) pair")
+    return _arrays_xy(value[0], value[1], where, f"x of the {what}", f"y of the {what}")
+
+
+def _materialise(ds: torch.utils.data.Dataset, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read every ``(x, y)`` item of a Dataset (map-style by index, iterable by iteration)."""
+    if isinstance(ds, torch.utils.data.IterableDataset):
+        items: Iterable[Any] = ds
+    else:
+        try:
+            n = len(ds)  # type: ignore[arg-type]
+        except TypeError:
+            raise DataError(f"{where}: returned a map-style Dataset without __len__; expected len() "
+                            "or a torch.utils.data.IterableDataset") from None
+        items = (ds[i] for i in range(n))
+    xs: list[np.ndarray] = []
+    ys: list[Any] = []
+    i = 0
+    try:
+        for i, item in enumerate(items):
+            if not (isinstance(item, (tuple, list)) and len(item) == 2):
+                raise DataError(f"{where}: Dataset item {i} is {type(item).__name__}; expected an (x, y) pair")
+            x = _as_numpy(item[0], where, f"x of Dataset item {i}")
+            if xs and x.shape != xs[0].shape:
+                raise DataError(f"{where}: x of Dataset item {i} has shape {list(x.shape)}, item 0 has "
+                                f"{list(xs[0].shape)}; expected every example to have the same shape")
+            label = _as_numpy(item[1], where, f"y of Dataset item {i}")
+            if label.size != 1:
+                raise DataError(f"{where}: y of Dataset item {i} has shape {list(label.shape)}; expected one label")
+            xs.append(x)
+            ys.append(label.reshape(()))
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 — the team's Dataset failed while reading an item
+        raise DataError(f"{where}: reading Dataset item {i} raised {type(exc).__name__}: {exc}") from exc
+    if not xs:
+        raise DataError(f"{where}: returned an empty Dataset; expected (x, y) items")
+    x_all = np.stack(xs)
+    if x_all.ndim == 1:
+        x_all = x_all[:, None]  # scalar examples: one feature each
+    return _arrays_xy(x_all, np.stack(ys), where, "x of the Dataset", "y of the Dataset")
+
+
+# ------------------------------------------------------------------------------ assembly
+def _assemble(d: DataSection, splits: Mapping[str, tuple[np.ndarray, np.ndarray]],
+              provenance: dict[str, Any]) -> DataSplits:
+    where = _source_name(d)
+    for name in SPLIT_NAMES:
+        _check_rows(splits[name][0], f"{where}", f"split '{name}'")
+    shapes = {name: tuple(splits[name][0].shape[1:]) for name in SPLIT_NAMES}
+    if len(set(shapes.values())) != 1:
+        raise DataError(f"{where}: the splits have examples of different shapes "
+                        f"({', '.join(f'{k} {list(v)}' for k, v in shapes.items())}); expected one shape")
+    # Splits read from differently typed files are brought to the widest type rather than refused.
+    dtype = np.float64 if any(splits[n][0].dtype == np.float64 for n in SPLIT_NAMES) else np.float32
+    if d.classes is not None:  # each source was checked against them where its rows are numbered
+        classes = tuple(d.classes)
+    else:
+        classes = tuple(int(c) for c in np.unique(np.concatenate([splits[n][1] for n in SPLIT_NAMES])))
+    provenance["rows"] = {name: int(len(splits[name][0])) for name in SPLIT_NAMES}
+    tensors = {name: (_tensor(splits[name][0].astype(dtype, copy=False)), torch.from_numpy(splits[name][1]))
+               for name in SPLIT_NAMES}
+    return DataSplits(task=d.task, train=tensors["train"], search=tensors["search"],
+                      certification=tensors["certification"], provenance=provenance,
+                      feature_shape=shapes["train"], classes=classes)
+
+
+def _source_name(d: DataSection) -> str:
+    if d.form == "files":
+        return "data (train/search/certification files)"
+    if d.form == "source":
+        return str(d.source)
+    assert d.loader is not None
+    return f"data.loader.function {d.loader.function}"
+
+
+def _tensor(x: np.ndarray) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def _listing(names: list[str], limit: int = 20) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return (shown + f", … ({len(names)} in all)" if len(names) > limit else shown) or "none"
+
+
+def _brief(v: Any) -> str:
+    r = repr(v.item() if isinstance(v, np.generic) else v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
