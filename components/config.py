@@ -361,9 +361,20 @@ class LoaderSection(_Section):
 
 
 class DataSection(_Section):
-    """The task the first version is certified on, in one of three forms (see ``form``)."""
+    """The task the first version is certified on, in exactly one of three forms (``form``).
 
-    task: Annotated[str, _pattern(r"[A-Za-z0-9_.-]+", "a task name of 1-100 characters from A-Z a-z 0-9 _ . -")] = "task"
+    * ``"files"``: ``train``, ``search`` and ``certification`` files (all three);
+    * ``"source"``: one ``source`` file cut by the seeded ``split``;
+    * ``"loader"``: a ``loader`` function (its ``(x, y)`` or Dataset result is cut by ``split``).
+
+    ``features`` (default: every column but the label) and ``label`` apply to Parquet/CSV files;
+    ``.npz`` files hold arrays ``x`` and ``y``. ``shape`` reshapes each row; ``classes`` are the
+    expected class ids (default: those present); ``value_range`` is for data validation.
+    ``split`` is filled in (0.6/0.2/0.2, seed 0) for the source and loader forms, None otherwise.
+    """
+
+    task: Annotated[str, _pattern(r"[A-Za-z0-9_.-]+",
+                                  "a task name of 1-100 characters from A-Z a-z 0-9 _ . -")] = "task"
     train: DataFile | None = None
     search: DataFile | None = None
     certification: DataFile | None = None
@@ -445,7 +456,8 @@ class SpecSection(_Section):
         if self.tau is not None:
             return self.tau
         if accuracy is None or not 0.0 <= accuracy <= 1.0:
-            raise ValueError(f"spec.tau_from_accuracy needs the accuracy on the search split in [0, 1], got {accuracy!r}")
+            raise ValueError("spec.tau_from_accuracy needs the accuracy on the search split in [0, 1], "
+                             f"got {accuracy!r}")
         from lid_engine import tau_from_accuracy  # lazy: torch
 
         assert self.tau_from_accuracy is not None  # _one_threshold
@@ -469,7 +481,8 @@ class TrainingSection(_Section):
                 raise _Invalid("", at=("kwargs", key), message="set training.seed instead")
             if key not in BUILTIN_TRAINING_KWARGS:
                 raise _Invalid("", at=("kwargs", key), message=_unknown_key_text(
-                    key, BUILTIN_TRAINING_KWARGS, owner=" (lidgate's built-in training loop: training.function is null)"))
+                    key, BUILTIN_TRAINING_KWARGS,
+                    owner=" (lidgate's built-in training loop: training.function is null)"))
             ok = {"epochs": _is_int(value) and value >= 1, "batch_size": _is_int(value) and value >= 1,
                   "lr": _is_number(value) and value > 0, "progress": isinstance(value, bool)}[key]
             if not ok:
@@ -561,6 +574,18 @@ class ExportSection(_Section):
 
 class LidgateConfig(_Section):
     """A validated configuration file. Build it with ``load_config`` (or ``parse_config``).
+
+    Attributes:
+        version: the format version (1).
+        name: the registered model name in MLflow.
+        code: directories put on ``sys.path`` to import ``module:attr`` references from.
+        model: ``ModelSection`` (factory + kwargs + optional weights, or an MLflow version).
+        data: ``DataSection`` (the first task's data).
+        spec: ``SpecSection`` (metric, τ, confidence).
+        training: ``TrainingSection`` (function, kwargs, projection strategy, seed).
+        search: ``SearchSection`` (the LID search).
+        registry: ``RegistrySection`` (None values: the entry point's defaults).
+        export: ``ExportSection``.
 
     Paths are absolute (relative ones were resolved against ``base_dir``, the file's folder), except
     on a configuration built directly in Python, where they stay as given and ``base_dir`` is the
@@ -659,10 +684,12 @@ def parse_config(data: Any, *, base_dir: str | Path | None = None, file: str | P
         ConfigError: ``data`` does not follow the schema.
     """
     if not isinstance(data, dict):
-        raise ConfigError(file, [ConfigProblem("", f"expected a mapping of sections at the top level, got {_show(data)}")])
+        raise ConfigError(file, [ConfigProblem("", "expected a mapping of sections at the top level, "
+                                                   f"got {_show(data)}")])
     version = data.get("version", ...)
     if version is ...:  # checked first: a file in another format would otherwise report every key
-        raise ConfigError(file, [ConfigProblem("version", f"missing: the format version ({FORMAT_VERSION}) is required")])
+        raise ConfigError(file, [ConfigProblem("version", f"missing: the format version ({FORMAT_VERSION}) "
+                                                          "is required")])
     if not (_is_int(version) and version == FORMAT_VERSION):
         raise ConfigError(file, [ConfigProblem("version", f"expected {FORMAT_VERSION} (the only configuration "
                                                           f"format version), got {_show(version)}")])

@@ -139,9 +139,6 @@ def load_splits(config: LidgateConfig) -> DataSplits:
     else:
         assert d.loader is not None
         splits, provenance = _from_loader(config)
-    if d.form != "loader":
-        provenance["columns"] = {"features": list(d.features) if d.features else "all but the label",
-                                 "label": d.label}
     provenance["shape"] = list(d.shape) if d.shape else None
     return _assemble(d, splits, provenance)
 
@@ -281,14 +278,19 @@ def _read_file(path: Path, d: DataSection) -> tuple[np.ndarray, np.ndarray, dict
                 raise DataError(f"{where}: data.{key} applies to tabular files (Parquet, CSV); an .npz archive "
                                 "holds arrays 'x' and 'y'")
         x, y = _read_npz(raw, where)
+        columns = None
     else:
-        x, y = _table_xy(_read_table(raw, fmt, where), d, where, keep_float64=fmt == "parquet")
+        x, y, features = _table_xy(_read_table(raw, fmt, where), d, where, keep_float64=fmt == "parquet")
+        columns = {"features": features, "label": d.label}
     _check_rows(x, where, "the file")
     if d.classes is not None:
         _check_classes(y, d.classes, where)
     if d.shape is not None:
         x = _reshape(x, d.shape, where)
-    return x, y, _record(path, fmt, raw)
+    record = _record(path, fmt, raw)
+    if columns is not None:
+        record["columns"] = columns  # the feature columns actually read, in order
+    return x, y, record
 
 
 def _read_table(raw: bytes, fmt: str, where: str) -> pd.DataFrame:
@@ -311,7 +313,8 @@ def _read_table(raw: bytes, fmt: str, where: str) -> pd.DataFrame:
         raise DataError(f"{where}: not a valid CSV file ({_short(exc)})") from None
 
 
-def _table_xy(df: pd.DataFrame, d: DataSection, where: str, *, keep_float64: bool) -> tuple[np.ndarray, np.ndarray]:
+def _table_xy(df: pd.DataFrame, d: DataSection, where: str, *,
+              keep_float64: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
     columns = [str(c) for c in df.columns]
     if len(set(columns)) != len(columns):
         dup = next(c for c in columns if columns.count(c) > 1)
@@ -339,7 +342,7 @@ def _table_xy(df: pd.DataFrame, d: DataSection, where: str, *, keep_float64: boo
     x = _finite_features(x, where, [f"feature column {c!r}" for c in features],
                          np.float64 if wide else np.float32, table=True)
     y = _labels(df[d.label], where, f"label column {d.label!r}")
-    return x, y
+    return x, y, features
 
 
 def _check_numeric_column(s: pd.Series, name: str, where: str) -> None:
@@ -400,9 +403,11 @@ def _arrays_xy(x: Any, y: Any, where: str, xname: str, yname: str) -> tuple[np.n
     if y.ndim != 1:
         raise DataError(f"{where}: {yname} has shape {y.shape}; expected one label per row (1 dimension)")
     if len(x) != len(y):
-        raise DataError(f"{where}: {xname} has {len(x)} rows but {yname} has {len(y)} labels; expected one label per row")
+        raise DataError(f"{where}: {xname} has {len(x)} rows but {yname} has {len(y)} labels; "
+                        "expected one label per row")
     wide = x.dtype == np.float64
-    x = _finite_features(x.astype(np.float64, copy=False), where, [xname], np.float64 if wide else np.float32, table=False)
+    x = _finite_features(x.astype(np.float64, copy=False), where, [xname], np.float64 if wide else np.float32,
+                         table=False)
     return x, _labels(y, where, yname)
 
 
@@ -470,7 +475,8 @@ def _labels(values: pd.Series | np.ndarray, where: str, what: str) -> np.ndarray
         if not pd.api.types.is_numeric_dtype(s.dtype) or pd.api.types.is_complex_dtype(s.dtype):
             row = _first_non_number(s)
             example = f": row {row} holds {_brief(s.iloc[row])}" if row is not None else ""
-            raise DataError(f"{where}: {what} is not numeric (dtype {s.dtype}){example}; expected integer class ids ≥ 0")
+            raise DataError(f"{where}: {what} is not numeric (dtype {s.dtype}){example}; "
+                            "expected integer class ids ≥ 0")
         if pd.api.types.is_integer_dtype(s.dtype) and not s.isna().any():
             arr = s.to_numpy()
         else:
@@ -541,7 +547,8 @@ def _split_arrays(x: np.ndarray, y: np.ndarray, split: SplitSection, *, where: s
         idx = split_indices(len(x), split.fractions(), split.seed)
     except DataError as exc:
         raise DataError(f"{where}: data.split: {exc}") from None
-    record = {**split.fractions(), "seed": split.seed, "rows": len(x), "assignment_sha256": _assignment_sha256(idx, len(x))}
+    record = {**split.fractions(), "seed": split.seed, "rows": len(x),
+              "assignment_sha256": _assignment_sha256(idx, len(x))}
     return {k: (x[i], y[i]) for k, i in idx.items()}, record
 
 
@@ -676,7 +683,8 @@ def _source_name(d: DataSection) -> str:
 
 
 def _tensor(x: np.ndarray) -> Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x))
+    # A loader may hand back read-only arrays (np.broadcast_to, memory maps): torch needs its own copy.
+    return torch.from_numpy(np.ascontiguousarray(x) if x.flags.writeable else np.array(x, order="C"))
 
 
 def _listing(names: list[str], limit: int = 20) -> str:

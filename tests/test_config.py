@@ -295,7 +295,8 @@ SCHEMA_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("key,value,field,expected", SCHEMA_ERRORS, ids=[f"{e[0]}-{i}" for i, e in enumerate(SCHEMA_ERRORS)])
+@pytest.mark.parametrize("key,value,field,expected", SCHEMA_ERRORS,
+                         ids=[f"{e[0]}-{i}" for i, e in enumerate(SCHEMA_ERRORS)])
 def test_schema_errors_name_the_file_the_field_and_what_was_expected(tmp_path, key, value, field, expected):
     path = write(tmp_path, "team.json", json.dumps(_mutate(MINIMAL, key, value)))
     with pytest.raises(ConfigError) as info:

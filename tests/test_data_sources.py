@@ -53,8 +53,7 @@ def test_files_form_reads_parquet_csv_and_npz(tmp_path):
     with pytest.raises(DataError, match=r"cert\.npz: data\.label applies to tabular files"):
         load_splits(cfg)
     # an npz carries x and y itself, so the columns only fit the tabular files: use the default label name
-    for name in ("train.parquet",):
-        table(30, 1).rename(columns={"target": "label"}).to_parquet(tmp_path / name)
+    table(30, 1).rename(columns={"target": "label"}).to_parquet(tmp_path / "train.parquet")
     table(20, 2).rename(columns={"target": "label"}).to_csv(tmp_path / "search.csv", index=False)
     cfg = config(tmp_path, {"task": "golden", "train": "train.parquet", "search": "search.csv",
                             "certification": "cert.npz"})
@@ -70,7 +69,10 @@ def test_files_form_reads_parquet_csv_and_npz(tmp_path):
         assert files[name]["path"] == str((tmp_path / file).resolve())
         assert files[name]["sha256"] == sha(tmp_path / file)
     assert splits.provenance["rows"] == {"train": 30, "search": 20, "certification": 10}
-    torch.testing.assert_close(splits.train[0], torch.from_numpy(table(30, 1)[["f1", "f2", "f3", "f4"]].to_numpy().copy()))
+    assert files["train"]["columns"] == {"features": ["f1", "f2", "f3", "f4"], "label": "label"}
+    assert "columns" not in files["certification"]
+    expected = table(30, 1)[["f1", "f2", "f3", "f4"]].to_numpy().copy()
+    torch.testing.assert_close(splits.train[0], torch.from_numpy(expected))
 
 
 def test_dtypes_float32_unless_the_source_holds_float64(tmp_path):
