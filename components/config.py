@@ -80,6 +80,7 @@ BUILTIN_TRAINING_KWARGS = {"epochs": "an integer ≥ 1", "batch_size": "an integ
 _SEARCH_OWN_KEYS = {"iterations": "search.iterations", "checkpoints": "search.checkpoints",
                     "batch_size": "search.batch_size", "method": "search.bound"}
 _SEARCH_INTERNAL = {"history"}
+_OPTIONAL_SECTIONS = ("training", "search", "registry", "export")
 
 
 # ------------------------------------------------------------------------------------ errors
@@ -275,7 +276,8 @@ DataFile = Annotated[Path, BeforeValidator(_path_in), AfterValidator(_data_file)
 WeightsFile = Annotated[Path, BeforeValidator(_path_in), AfterValidator(_weights_file), AfterValidator(_resolve),
                         PlainSerializer(_path_out)]
 Ref = Annotated[str, _pattern(_REF_RE, 'a reference "package.module:callable"', max_len=500)]
-Kwargs = Annotated[dict[str, Any], AfterValidator(_jsonable)]
+# ``kwargs:`` with nothing under it is YAML's null: read as "no arguments".
+Kwargs = Annotated[dict[str, Any], BeforeValidator(lambda v: {} if v is None else v), AfterValidator(_jsonable)]
 ModelName = Annotated[str, _pattern(r"[A-Za-z0-9_.-]+", "1-100 characters from A-Z a-z 0-9 _ . -")]
 Alias = Annotated[str, _pattern(r"[A-Za-z0-9_-]+", "an alias of 1-100 characters from A-Z a-z 0-9 _ -")]
 Version = Annotated[str, BeforeValidator(_version_in)]
@@ -391,7 +393,7 @@ class DataSection(_Section):
     @classmethod
     def _default_split(cls, data: Any) -> Any:
         # The split only exists for the forms that need one; filled in here so to_dict() shows it.
-        if isinstance(data, dict) and ("source" in data or "loader" in data) and "split" not in data:
+        if isinstance(data, dict) and ("source" in data or "loader" in data) and data.get("split") is None:
             data = {**data, "split": {}}
         return data
 
@@ -604,6 +606,14 @@ class LidgateConfig(_Section):
     export: ExportSection = Field(default_factory=ExportSection)
 
     _base_dir: Path | None = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data: Any) -> Any:
+        # ``training:`` with every key commented out is YAML's null: it means "all defaults".
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if not (k in _OPTIONAL_SECTIONS and v is None)}
+        return data
 
     @model_validator(mode="after")
     def _known_version(self) -> LidgateConfig:

@@ -662,7 +662,7 @@ def _assemble(d: DataSection, splits: Mapping[str, tuple[np.ndarray, np.ndarray]
     # Splits read from differently typed files are brought to the widest type rather than refused.
     dtype = np.float64 if any(splits[n][0].dtype == np.float64 for n in SPLIT_NAMES) else np.float32
     if d.classes is not None:  # each source was checked against them where its rows are numbered
-        classes = tuple(d.classes)
+        classes = tuple(sorted(d.classes))
     else:
         classes = tuple(int(c) for c in np.unique(np.concatenate([splits[n][1] for n in SPLIT_NAMES])))
     provenance["rows"] = {name: int(len(splits[name][0])) for name in SPLIT_NAMES}

@@ -201,6 +201,17 @@ def test_three_data_forms_and_the_mlflow_model_form(tmp_path):
         assert cfg.model.mlflow is not None and getattr(cfg.model.mlflow, field) == value
 
 
+def test_empty_sections_and_kwargs_mean_defaults(tmp_path):
+    text = ("version: 1\nname: m\nmodel:\n  factory: a:b\n  kwargs:\ndata:\n  source: a.csv\n  split:\n"
+            "spec:\n  tau: 0.5\ntraining:\nsearch:\nregistry:\nexport:\n")
+    cfg = load_config(write(tmp_path, "lidgate.yaml", text))
+    assert cfg.model.kwargs == {} and cfg.training.strategy == "sample_largest_closest"
+    assert cfg.data.split is not None and cfg.data.split.seed == 0
+    assert cfg.to_dict() == load_config(write_doc(tmp_path, {**MINIMAL, "model": {"factory": "a:b"},
+                                                             "data": {"source": "a.csv"},
+                                                             "spec": {"tau": 0.5}}, "b.yaml")).to_dict()
+
+
 def test_configuration_is_frozen(tmp_path):
     cfg = load_config(write_doc(tmp_path, MINIMAL))
     with pytest.raises(Exception):
