@@ -8,7 +8,8 @@
 3. with a champion: the candidate's parameters lie inside the champion's LID (``outside_champion_lid``);
 4. every earlier certificate still holds for this exact model: for the champion and every version
    of the candidate's lineage, ``verify(<its LID>, candidate, data=<its cert data>, allow_update=True)``
-   passes and the member containing the model certifies τ (``earlier_certificate_failed``);
+   passes and the member containing the model certifies τ (``earlier_certificate_failed``; the
+   check is ``components.lineage.verify_lineage``, shared with the certification flow and the audit);
 5. the candidate's own certificate verifies (``new_certificate_failed``) and meets τ on every task
    (``below_tau``); a candidate registered without a LID is blocked (``no_certificate``).
 
@@ -16,6 +17,10 @@ Every check runs and every failure is collected. Writes happen in the order deci
 alias → record the status tags. Fail closed: any exception (``gate_error``) blocks, the alias
 stays where it was; if the alias cannot be moved the version is tagged blocked; if the promotion
 cannot be recorded after the alias moved, the alias is moved back.
+
+Versions are read with ``Registry.inspect`` (every integrity problem listed, none raised) and the
+alias is moved with ``Registry.move_champion``, which nothing else may call. Tag names and status
+values: ``components.tags``.
 """
 
 from __future__ import annotations
@@ -24,20 +29,13 @@ import json
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 from lid_engine import verify
+from lid_engine.files import utc_now
 
-from .registry import (
-    STATUS_BLOCKED,
-    STATUS_PROMOTED,
-    TAG_CERT_ACC,
-    TAG_LOWER_BOUND,
-    TAG_STATUS,
-    TAG_TAU,
-    LoadedVersion,
-    Registry,
-)
+from . import tags as tg
+from .lineage import LineageCheck, verify_lineage
+from .registry import LoadedVersion, Registry
 
 __all__ = ["CODES", "GateDecision", "Reason", "promote"]
 
@@ -52,11 +50,6 @@ CODES = (
     "gate_error",
 )
 
-TAG_BLOCK_REASONS = "lid.block_reasons"
-TAG_PROMOTED_AT = "lid.promoted_at"
-TAG_BLOCKED_AT = "lid.blocked_at"
-TAG_PREVIOUS_CHAMPION = "lid.previous_champion"
-TAG_VALIDATION = "lid.validation"
 DETAIL_LIMIT = 600       # characters per reason detail in the tag
 TAG_VALUE_LIMIT = 5000   # MLflow caps model-version tag values (5000 on older stores; 100k on 3.x SQL)
 
@@ -94,10 +87,6 @@ class GateDecision:
             "checks": list(self.checks),
             "decided_at": self.decided_at,
         }
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _err(exc: BaseException) -> str:
@@ -144,7 +133,7 @@ class _Evaluation:
             return self._loaded[version]
         lv = None
         try:
-            lv = registry._load(version=version, strict=False)
+            lv = registry.inspect(version=version)
         except Exception as exc:  # noqa: BLE001 — missing version, store unreachable, ...
             self.error(f"load version {version} ({role})", exc)
         if lv is not None:
@@ -234,12 +223,14 @@ def _evaluate(ev: _Evaluation, registry: Registry, version: str, validation_pass
     for v in (cand.lineage if cand is not None else []) + ([champion] if champion else []):
         if v not in earlier and v != version:
             earlier.append(v)
-    for v in earlier:
-        role = "champion" if v == champion else "lineage"
-        try:
-            _check_earlier(ev, registry, v, role, model)
-        except Exception as exc:  # noqa: BLE001
-            ev.error(f"earlier certificate of version {v}", exc)
+    roles = {v: "champion" if v == champion else "lineage" for v in earlier}
+    try:
+        results = verify_lineage(registry, model, earlier, load=lambda v: ev.load(registry, v, roles[v]))
+    except Exception as exc:  # noqa: BLE001
+        ev.error("earlier certificates", exc)
+    else:
+        for result in results:
+            _record_earlier(ev, result, roles[result.version])
 
 
 def _check_new_certificate(ev: _Evaluation, cand: LoadedVersion) -> None:
@@ -272,7 +263,7 @@ def _check_new_certificate(ev: _Evaluation, cand: LoadedVersion) -> None:
         if not ok:
             ev.fail("below_tau", f"version {v}, task '{t}': certified {spec.kind} {acc:.4f} < τ = {spec.tau:g}")
         # the tags shown to people must say what the certificate says
-        for tag, value in ((TAG_CERT_ACC + t, acc), (TAG_LOWER_BOUND + t, lb), (TAG_TAU + t, spec.tau)):
+        for tag, value in ((tg.TAG_CERT_ACC + t, acc), (tg.TAG_LOWER_BOUND + t, lb), (tg.TAG_TAU + t, spec.tau)):
             recorded = cand.tags.get(tag)
             try:
                 same = recorded is not None and float(recorded) == float(value)
@@ -283,34 +274,22 @@ def _check_new_certificate(ev: _Evaluation, cand: LoadedVersion) -> None:
                 ev.fail("artifact_tampered", f"version {v}: tag '{tag}' = {recorded!r} but the certificate says {value!r}")
 
 
-def _check_earlier(ev: _Evaluation, registry: Registry, v: str, role: str, model) -> None:
-    lv = ev.load(registry, v, role)
-    if lv is None:
-        ev.fail("earlier_certificate_failed", f"version {v} ({role}): could not be loaded")
+def _record_earlier(ev: _Evaluation, r: LineageCheck, role: str) -> None:
+    """Turn one lineage result into checks and ``earlier_certificate_failed`` / ``gate_error`` reasons."""
+    v = r.version
+    if r.error is not None:
+        ev.check(f"earlier certificate of version {v}", False, r.error)
+        ev.fail("gate_error", f"earlier certificate of version {v}: {r.error}")
         return
-    if lv.lid is None or lv.lid_dir is None:
-        ev.check(f"earlier certificate of version {v}", False, "no usable LID", version=v)
-        ev.fail("earlier_certificate_failed",
-                f"version {v} ({role}): " + ("registered without a LID" if not lv.has_lid else "its LID did not load"))
+    if r.problems:
+        ev.check(f"earlier certificate of version {v}", False, "; ".join(r.problems), version=v)
+        ev.fail("earlier_certificate_failed", f"version {v} ({role}): " + "; ".join(r.problems))
         return
-    if model is None:
-        ev.check(f"earlier certificate of version {v}", False, "not verified: the candidate model did not load", version=v)
-        ev.fail("earlier_certificate_failed", f"version {v} ({role}): not verified, the candidate model did not load")
-        return
-    report = verify(lv.lid_dir, model, data=lv.cert_data, allow_update=True, recompute="containing")
-    bad = _failing(report)
-    for t, spec in lv.lid.tasks.items():
-        mine = [c for c in bad if f"'{t}'" in c.name or not any(f"'{u}'" in c.name for u in lv.lid.tasks)]
-        problems = [f"{c.name}: {c.detail}" for c in mine]
-        if report.ok and report.member is not None:
-            acc = lv.lid.certificates[report.member][t].certified_accuracy
-            if acc < spec.tau:
-                problems.append(f"member {report.member} containing the model certifies {acc:.4f} < τ = {spec.tau:g}")
-        ev.check(f"earlier certificate v{v} '{t}'", not problems,
-                 f"holds (model inside member {report.member})" if not problems else "; ".join(problems),
-                 version=v, task=t)
-        if problems:
-            ev.fail("earlier_certificate_failed", f"version {v} ({role}), task '{t}': " + "; ".join(problems))
+    for t in r.tasks:
+        ev.check(f"earlier certificate v{v} '{t.task}'", t.ok,
+                 f"holds (model inside member {t.member})" if t.ok else "; ".join(t.problems), version=v, task=t.task)
+        if not t.ok:
+            ev.fail("earlier_certificate_failed", f"version {v} ({role}), task '{t.task}': " + "; ".join(t.problems))
 
 
 def _record(registry: Registry, decision: GateDecision, tags: Mapping[str, str]) -> bool:
@@ -333,7 +312,7 @@ def promote(
     failure or a registry error: the decision says what happened (fail closed)."""
     version = str(version)
     decision = GateDecision(version=version, promoted=False, reasons=[], champion_before=None,
-                            champion_after=None, checks=[], decided_at=_now())
+                            champion_after=None, checks=[], decided_at=utc_now())
     ev = _Evaluation(decision)
     try:
         _evaluate(ev, registry, version, validation_passed, validation_summary)
@@ -357,7 +336,7 @@ def promote(
             now = registry.champion()
             if now != decision.champion_before:
                 raise RuntimeError(f"the champion changed from {decision.champion_before} to {now} while the gate ran")
-            registry._set_champion(version)
+            registry.move_champion(version)
             decision.promoted = True
             decision.champion_after = version
         except Exception as exc:  # noqa: BLE001
@@ -372,15 +351,15 @@ def promote(
                 decision.reasons.pop()
 
     # record the status ---------------------------------------------------------------------------
-    decision.decided_at = _now()
+    decision.decided_at = utc_now()
     if decision.promoted:
         ok = _record(registry, decision, {
-            TAG_STATUS: STATUS_PROMOTED, TAG_PROMOTED_AT: decision.decided_at, TAG_BLOCK_REASONS: "[]",
-            TAG_PREVIOUS_CHAMPION: decision.champion_before or "", TAG_VALIDATION: "passed",
+            tg.TAG_STATUS: tg.STATUS_PROMOTED, tg.TAG_PROMOTED_AT: decision.decided_at, tg.TAG_BLOCK_REASONS: "[]",
+            tg.TAG_PREVIOUS_CHAMPION: decision.champion_before or "", tg.TAG_VALIDATION: "passed",
         })
         if not ok:  # champion without a recorded promotion: undo the move (fail closed)
             try:
-                registry._set_champion(decision.champion_before)
+                registry.move_champion(decision.champion_before)
                 decision.promoted = False
                 decision.champion_after = decision.champion_before
                 decision.reasons.append(Reason("gate_error", "recording the promotion failed; the alias was moved back"))
@@ -389,9 +368,9 @@ def promote(
                     "gate_error", f"recording the promotion failed and the alias could not be moved back: {_err(exc)}"))
     if not decision.promoted:
         _record(registry, decision, {
-            TAG_STATUS: STATUS_BLOCKED, TAG_BLOCKED_AT: decision.decided_at,
-            TAG_BLOCK_REASONS: reasons_tag(decision.reasons),
-            TAG_VALIDATION: "passed" if not any(r.code == "validation_failed" for r in decision.reasons) else "failed",
+            tg.TAG_STATUS: tg.STATUS_BLOCKED, tg.TAG_BLOCKED_AT: decision.decided_at,
+            tg.TAG_BLOCK_REASONS: reasons_tag(decision.reasons),
+            tg.TAG_VALIDATION: "passed" if not any(r.code == "validation_failed" for r in decision.reasons) else "failed",
         })
     try:  # the full decision next to the version's artifacts, for audits (best effort)
         registry.log_record(version, f"gate/decision-{decision.decided_at.replace(':', '')}.json", decision.to_dict())

@@ -1,42 +1,30 @@
-"""The MLflow side of lidgate: model versions with their LID, certification data and fingerprints.
+"""The model store: lidgate's view of one MLflow registered model and its versions.
 
-One registered model version = one MLflow run whose artifacts are the source of truth::
+``Registry.register`` logs a model, its LID and its certification data as one MLflow run (layout
+and fingerprints: ``components.artifacts``; tag names: ``components.tags``) and creates a model
+version with ``lid.status=pending``. ``Registry.load`` downloads a version afresh, checks every
+artifact against the sha256 pinned at registration and rebuilds the model from its ``ModelSpec``
+(``components.factory``); anything edited in the store after registration raises
+``RegistryIntegrityError``. ``Registry.inspect`` reads the same version leniently for the gate and
+audits, listing every problem instead of stopping at the first.
 
-    model/weights.safetensors     state_dict (parameters and buffers), safetensors — never a pickle
-    model/spec.json               how to rebuild the nn.Module: {"factory": "pkg.mod:fn", "kwargs": {...}}
-    lid/                          LID.save output (lid.json, nominal.safetensors, members/...), if any
-    cert_data/<task>.safetensors  held-out certification data per task: tensors "x" and "y"
-    validation.json               the data-validation summary the version was registered with
-
-plus, when an ``example_input`` is given, an MLflow pytorch model (``pytorch_model``, the safe
-``pt2`` format) for serving tools. The registered model version carries tags (``lid.*``) that
-summarise the certificate and pin the sha256 of every artifact above, so ``load`` detects an
-artifact edited in the store after registration (``RegistryIntegrityError``).
-
-Promotion uses the alias ``champion`` (stages are deprecated). The alias is moved only by
-``components.gate.promote`` through the private ``Registry._set_champion``; nothing else in lidgate
-may call ``set_registered_model_alias`` (a test enforces it).
+Promotion uses the alias ``champion`` (MLflow stages are deprecated). The alias is moved only by
+``components.gate.promote`` through ``Registry.move_champion``; nothing else in lidgate may call it
+or MLflow's alias setters (a test enforces it).
 
 MLflow quirks handled here: the SQLite store returns ``ModelVersion.version`` as int and the HTTP
-store as str (we always ``str()`` it); ``mlflow.pytorch.log_model`` defaults to ``pt2``, which needs
-an input example, and reads the *global* tracking URI, so it runs inside a scoped tracking URI
-against a ``LoggedModel`` created explicitly in our experiment and run; ``pip_requirements`` are
-explicit (inference costs seconds per call).
+store as str (we always ``str()`` it); a missing alias is answered with INVALID_PARAMETER_VALUE on
+the SQL store (we read the registered model's alias map instead).
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import importlib
 import json
 import os
 import re
 import shutil
 import tempfile
-import threading
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,69 +32,18 @@ from pathlib import Path
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-import torch  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from lid_engine import LID, fingerprint_model  # noqa: E402
+from lid_engine.files import utc_now  # noqa: E402
 
-__all__ = [
-    "ARTIFACT_CERT_DIR",
-    "ARTIFACT_LID_DIR",
-    "ARTIFACT_SPEC",
-    "ARTIFACT_VALIDATION",
-    "ARTIFACT_WEIGHTS",
-    "CHAMPION_ALIAS",
-    "LoadedVersion",
-    "ModelSpec",
-    "Registry",
-    "RegistryError",
-    "RegistryIntegrityError",
-    "STATUS_BLOCKED",
-    "STATUS_PENDING",
-    "STATUS_PROMOTED",
-    "VersionInfo",
-    "sha256_file",
-]
+from . import artifacts as art  # noqa: E402
+from . import tags as tg  # noqa: E402
+from .factory import ModelSpec  # noqa: E402
 
-CHAMPION_ALIAS = "champion"
-MLFLOW_MODEL_NAME = "pytorch_model"
-
-ARTIFACT_WEIGHTS = "model/weights.safetensors"
-ARTIFACT_SPEC = "model/spec.json"
-ARTIFACT_LID_DIR = "lid"
-ARTIFACT_LID_JSON = "lid/lid.json"
-ARTIFACT_CERT_DIR = "cert_data"
-ARTIFACT_VALIDATION = "validation.json"
-
-STATUS_PENDING = "pending"
-STATUS_PROMOTED = "promoted"
-STATUS_BLOCKED = "blocked"
-
-# version tags
-TAG_STATUS = "lid.status"
-TAG_TASKS = "lid.tasks"
-TAG_HAS_LID = "lid.has_lid"
-TAG_CERT_ACC = "lid.certified_accuracy."
-TAG_LOWER_BOUND = "lid.lower_bound."
-TAG_TAU = "lid.tau."
-TAG_CERT_SHA = "lid.certificate_sha256"
-TAG_WEIGHTS_SHA = "lid.weights_sha256"
-TAG_SPEC_SHA = "lid.spec_sha256"
-TAG_VALIDATION_SHA = "lid.validation_sha256"
-TAG_MODEL_SHA = "lid.model_sha256"
-TAG_DATA_SHA = "lid.cert_data_sha256."
-TAG_LINEAGE = "lid.lineage"
-TAG_PARENT = "lid.parent"
-TAG_FACTORY = "lid.factory"
-TAG_MLFLOW_MODEL = "lid.mlflow_model"
-TAG_REGISTERED_AT = "lid.registered_at"
-
-PIP_REQUIREMENTS = [f"torch=={torch.__version__.split('+')[0]}", "safetensors", "numpy"]
+__all__ = ["LoadedVersion", "Registry", "RegistryError", "RegistryIntegrityError", "VersionInfo"]
 
 _TASK_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,99}$")
-_FACTORY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
-_URI_LOCK = threading.Lock()
 
 
 class RegistryError(RuntimeError):
@@ -116,7 +53,9 @@ class RegistryError(RuntimeError):
 class RegistryIntegrityError(RegistryError):
     """An artifact of a registered version does not match the fingerprint recorded at registration.
 
-    ``problems``: list of ``(artifact, detail)``; ``version``: the model version.
+    Attributes:
+        version: the model version.
+        problems: ``(artifact, detail)`` pairs, one per artifact that failed its check.
     """
 
     def __init__(self, version: str, problems: Sequence[tuple[str, str]]):
@@ -126,67 +65,13 @@ class RegistryIntegrityError(RegistryError):
         super().__init__(f"model version {self.version}: artifact integrity check failed: {text}")
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-# ------------------------------------------------------------------------------------ model spec
-@dataclass
-class ModelSpec:
-    """How to rebuild the nn.Module (never pickled): ``factory(**kwargs)``.
-
-    ``factory``: ``"package.module:function"``, e.g. ``"lid_engine.models:mlp"``; ``kwargs``: JSON-able.
-    """
-
-    factory: str
-    kwargs: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        if not isinstance(self.factory, str) or not _FACTORY_RE.match(self.factory):
-            raise RegistryError(f"ModelSpec: 'factory' must look like 'package.module:function', got {self.factory!r}")
-        if not isinstance(self.kwargs, Mapping):
-            raise RegistryError(f"ModelSpec: 'kwargs' must be a mapping, got {type(self.kwargs).__name__}")
-        try:
-            self.kwargs = json.loads(json.dumps(dict(self.kwargs), allow_nan=False))
-        except (TypeError, ValueError) as exc:
-            raise RegistryError(f"ModelSpec: 'kwargs' must be JSON-serialisable: {exc}") from None
-
-    def build(self) -> nn.Module:
-        module_name, fn_name = self.factory.split(":")
-        try:
-            fn = getattr(importlib.import_module(module_name), fn_name)
-        except (ImportError, AttributeError) as exc:
-            raise RegistryError(f"ModelSpec: cannot import factory {self.factory!r}: {exc}") from None
-        model = fn(**self.kwargs)
-        if not isinstance(model, nn.Module):
-            raise RegistryError(f"ModelSpec: factory {self.factory!r} returned {type(model).__name__}, not an nn.Module")
-        return model.eval()
-
-    def to_dict(self) -> dict:
-        return {"factory": self.factory, "kwargs": self.kwargs}
-
-    @classmethod
-    def from_dict(cls, d) -> ModelSpec:
-        if not isinstance(d, Mapping) or set(d) != {"factory", "kwargs"}:
-            raise RegistryError(f"ModelSpec: expected exactly the fields factory and kwargs, got {d!r}")
-        return cls(d["factory"], d["kwargs"])
-
-
 # ------------------------------------------------------------------------------------ records
 @dataclass
 class LoadedVersion:
     """A registered version, downloaded, checked and rebuilt.
 
     ``problems``: integrity problems ``(artifact, detail)`` — always empty from ``Registry.load``
-    (which raises instead); only the gate's lenient load returns a version with problems, and then
+    (which raises instead); only ``Registry.inspect`` returns a version with problems, and then
     ``model``/``lid`` may be None where the artifact could not be read.
     """
 
@@ -205,11 +90,13 @@ class LoadedVersion:
     @property
     def has_lid(self) -> bool:
         """The version was registered with a LID (whether or not it loaded)."""
-        return self.tags.get(TAG_HAS_LID) == "true"
+        return self.tags.get(tg.TAG_HAS_LID) == "true"
 
 
 @dataclass
 class VersionInfo:
+    """One row of ``Registry.history``: a version's identity, tags and aliases, nothing downloaded."""
+
     version: str
     run_id: str
     created: str  # ISO-8601 UTC
@@ -222,7 +109,7 @@ class VersionInfo:
                 "aliases": list(self.aliases), "status": self.status}
 
 
-# ------------------------------------------------------------------------------------ helpers
+# ------------------------------------------------------------------------------------ input checks
 def _check_task(task) -> str:
     if not isinstance(task, str) or not _TASK_RE.match(task):
         raise RegistryError(
@@ -250,42 +137,22 @@ def _fmt(v: float) -> str:
     return repr(float(v))
 
 
-def _state_for_file(model: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-
-
 def _is_not_found(exc: BaseException) -> bool:
     return getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
-
-
-@contextmanager
-def _scoped_tracking_uri(uri: str):
-    """``mlflow.pytorch.log_model`` reads the global tracking URI: set it for the call, then restore."""
-    import mlflow
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    with _URI_LOCK:
-        previous = tracking_utils._tracking_uri
-        env_before = os.environ.get("MLFLOW_TRACKING_URI")
-        mlflow.set_tracking_uri(uri)
-        try:
-            yield
-        finally:
-            mlflow.set_tracking_uri(previous)
-            if env_before is None:
-                os.environ.pop("MLFLOW_TRACKING_URI", None)
-            else:
-                os.environ["MLFLOW_TRACKING_URI"] = env_before
 
 
 # ------------------------------------------------------------------------------------ registry
 class Registry:
     """lidgate's view of one MLflow registered model (default ``lidgate-model``).
 
-    ``tracking_uri``: e.g. ``sqlite:////abs/path/mlflow.db`` or ``http://host:port`` (also the
-    registry URI). ``artifact_location``: used when the experiment is created (recommended with a
-    SQLite store). ``cache_dir``: where artifacts are downloaded (a fresh sub-directory per download,
-    so a re-download never overwrites files a caller still uses); default: a private temp dir.
+    Args:
+        tracking_uri: e.g. ``sqlite:////abs/path/mlflow.db`` or ``http://host:port`` (also the
+            registry URI).
+        model_name: the registered model.
+        experiment: the MLflow experiment that holds the registration runs.
+        artifact_location: used when the experiment is created (recommended with a SQLite store).
+        cache_dir: where artifacts are downloaded (a fresh sub-directory per download, so a
+            re-download never overwrites files a caller still uses); default: a private temp dir.
     """
 
     def __init__(
@@ -372,10 +239,25 @@ class Registry:
     ) -> str:
         """Log the model, its LID and certification data as one MLflow run and create a model version.
 
-        The version starts with ``lid.status=pending``; only the gate promotes it. ``lineage``: earlier
-        champion versions whose certificates this model must still satisfy (oldest first); the last
-        one is recorded as ``lid.parent``. ``example_input``: if given, an MLflow pytorch model
-        (``pt2``) is logged too and becomes the version's source. Returns the version (str).
+        The version starts with ``lid.status=pending``; only the gate promotes it.
+
+        Args:
+            model: the model; ``spec`` must rebuild exactly this architecture (checked).
+            spec: how to rebuild it (``components.factory.ModelSpec``).
+            lid: its certified LID, or None (the gate then blocks it: ``no_certificate``).
+            cert_data: ``{task: (x, y)}``, the held-out certification data of every LID task.
+            lineage: earlier champion versions whose certificates this model must still satisfy
+                (oldest first); the last one is recorded as ``lid.parent``.
+            validation: the data-validation summary (JSON-able), stored as ``validation.json``.
+            extra_tags: more version tags (never ``lid.*``).
+            example_input: if given (a batch of at least 2 rows), an MLflow pytorch model (``pt2``)
+                is logged too and becomes the version's source.
+
+        Returns:
+            The new version (str).
+
+        Raises:
+            RegistryError: bad input, unknown lineage version, or a spec that does not rebuild the model.
         """
         if not isinstance(model, nn.Module):
             raise RegistryError(f"register: 'model' must be a torch.nn.Module, got {type(model).__name__}")
@@ -398,11 +280,16 @@ class Registry:
         clash = sorted(k for k in extra if k.startswith("lid."))
         if clash:
             raise RegistryError(f"register: extra_tags may not set lid.* tags ({clash})")
+        if example_input is not None:
+            if not isinstance(example_input, Tensor):
+                raise RegistryError(f"register: 'example_input' must be a tensor, got {type(example_input).__name__}")
+            if example_input.shape[0] < 2:  # torch.export makes a size-1 batch dimension static
+                raise RegistryError("register: 'example_input' needs a batch of at least 2 rows (a dynamic batch dimension)")
         validation_doc = json.loads(json.dumps(dict(validation) if validation is not None else None,
                                                allow_nan=False, default=str))
 
         # The spec must rebuild exactly this architecture (load() depends on it).
-        state = _state_for_file(model)
+        state = art.model_state(model)
         rebuilt = spec.build()
         try:
             rebuilt.load_state_dict(state, strict=True)
@@ -415,38 +302,24 @@ class Registry:
 
         with tempfile.TemporaryDirectory(prefix="lidgate-register-", dir=self.cache_dir) as tmp:
             stage = Path(tmp) / "artifacts"
-            (stage / "model").mkdir(parents=True)
-            save_file(state, str(stage / ARTIFACT_WEIGHTS), metadata={"format": "lidgate.weights/1"})
-            (stage / ARTIFACT_SPEC).write_text(json.dumps(spec.to_dict(), indent=2, sort_keys=True))
-            if lid is not None:
-                lid.save(stage / ARTIFACT_LID_DIR)
-            (stage / ARTIFACT_CERT_DIR).mkdir()
-            for t, (x, y) in cert_data.items():
-                save_file({"x": x.detach().cpu().contiguous().clone(), "y": y.detach().cpu().contiguous().clone()},
-                          str(stage / ARTIFACT_CERT_DIR / f"{t}.safetensors"), metadata={"task": t})
-            (stage / ARTIFACT_VALIDATION).write_text(json.dumps(validation_doc, indent=2, sort_keys=True))
-
+            pins = art.stage_version(stage, state=state, spec=spec, lid=lid, cert_data=cert_data,
+                                     validation=validation_doc)
             tags = {
-                TAG_STATUS: STATUS_PENDING,
-                TAG_HAS_LID: "true" if lid is not None else "false",
-                TAG_TASKS: ",".join(sorted(cert_data)),
-                TAG_WEIGHTS_SHA: sha256_file(stage / ARTIFACT_WEIGHTS),
-                TAG_SPEC_SHA: sha256_file(stage / ARTIFACT_SPEC),
-                TAG_VALIDATION_SHA: sha256_file(stage / ARTIFACT_VALIDATION),
-                TAG_MODEL_SHA: model_sha,
-                TAG_LINEAGE: ",".join(lineage),
-                TAG_PARENT: lineage[-1] if lineage else "",
-                TAG_FACTORY: spec.factory,
-                TAG_REGISTERED_AT: _utc_now(),
+                tg.TAG_STATUS: tg.STATUS_PENDING,
+                tg.TAG_HAS_LID: "true" if lid is not None else "false",
+                tg.TAG_TASKS: ",".join(sorted(cert_data)),
+                **pins,
+                tg.TAG_MODEL_SHA: model_sha,
+                tg.TAG_LINEAGE: ",".join(lineage),
+                tg.TAG_PARENT: lineage[-1] if lineage else "",
+                tg.TAG_FACTORY: spec.factory,
+                tg.TAG_REGISTERED_AT: utc_now(),
             }
-            for t in cert_data:
-                tags[TAG_DATA_SHA + t] = sha256_file(stage / ARTIFACT_CERT_DIR / f"{t}.safetensors")
             if lid is not None:
-                tags[TAG_CERT_SHA] = sha256_file(stage / ARTIFACT_LID_JSON)
                 for t, s in lid.tasks.items():
-                    tags[TAG_CERT_ACC + t] = _fmt(lid.certified_accuracy(t))
-                    tags[TAG_LOWER_BOUND + t] = _fmt(lid.lower_bound(t))
-                    tags[TAG_TAU + t] = _fmt(s.tau)
+                    tags[tg.TAG_CERT_ACC + t] = _fmt(lid.certified_accuracy(t))
+                    tags[tg.TAG_LOWER_BOUND + t] = _fmt(lid.lower_bound(t))
+                    tags[tg.TAG_TAU + t] = _fmt(s.tau)
 
             run = self.client.create_run(
                 self.experiment_id, run_name=f"register-{self.model_name}",
@@ -462,8 +335,9 @@ class Registry:
                 self.client.log_artifacts(run_id, str(stage))
                 source, model_id = f"{run.info.artifact_uri.rstrip('/')}/model", None
                 if example_input is not None:
-                    source, model_id = self._log_pytorch_model(run_id, model, example_input)
-                tags[TAG_MLFLOW_MODEL] = "pt2" if model_id else "none"
+                    source, model_id = art.log_pytorch_model(self.client, self.experiment_id, self.tracking_uri,
+                                                             run_id, model, example_input)
+                tags[tg.TAG_MLFLOW_MODEL] = "pt2" if model_id else "none"
                 self._ensure_registered_model()
                 mv = self.client.create_model_version(
                     self.model_name, source=source, run_id=run_id, tags={**extra, **tags},
@@ -476,32 +350,56 @@ class Registry:
             self.client.set_terminated(run_id, "FINISHED")
         return str(mv.version)
 
-    def _log_pytorch_model(self, run_id: str, model: nn.Module, example_input: Tensor) -> tuple[str, str]:
-        """An MLflow pytorch model in the safe ``pt2`` format (needs the input example to trace)."""
-        import mlflow
-
-        if not isinstance(example_input, Tensor):
-            raise RegistryError(f"register: 'example_input' must be a tensor, got {type(example_input).__name__}")
-        example = example_input.detach().cpu().numpy()
-        if example.shape[0] < 2:  # torch.export makes a size-1 batch dimension static
-            raise RegistryError("register: 'example_input' needs a batch of at least 2 rows (a dynamic batch dimension)")
-        logged = self.client.create_logged_model(self.experiment_id, name=MLFLOW_MODEL_NAME, source_run_id=run_id)
-        with _scoped_tracking_uri(self.tracking_uri), torch.no_grad():
-            mlflow.pytorch.log_model(
-                copy.deepcopy(model).eval(), name=MLFLOW_MODEL_NAME, model_id=logged.model_id, run_id=run_id,
-                input_example=example, pip_requirements=PIP_REQUIREMENTS, serialization_format="pt2",
-            )
-        # The SQL registry store resolves a ``models:/<id>`` source through the *global* tracking URI;
-        # the logged model's storage location needs no resolution.
-        return self.client.get_logged_model(logged.model_id).artifact_location, logged.model_id
-
     # ---------------------------------------------------------------- read
-    def _download(self, run_id: str, artifact_path: str, dest: Path) -> Path:
-        import mlflow
+    def load(self, version: str | None = None, alias: str | None = None) -> LoadedVersion:
+        """Download, check and rebuild a version (``version=`` or ``alias=``, e.g. ``"champion"``).
 
-        local = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=artifact_path, dst_path=str(dest), tracking_uri=self.tracking_uri)
-        return Path(local)
+        Every artifact's sha256 must match the tags recorded at registration and the rebuilt model's
+        fingerprint must equal ``lid.model_sha256``. The model is rebuilt from ``spec.json`` +
+        ``weights.safetensors`` (strict).
+
+        Raises:
+            RegistryError: no such version or alias.
+            RegistryIntegrityError: naming every artifact that failed its check.
+        """
+        return self._read(version, alias, strict=True)
+
+    def inspect(self, version: str | None = None, alias: str | None = None) -> LoadedVersion:
+        """Read a version leniently: every integrity problem is listed, none raises.
+
+        For the promotion gate and audits, which must report *every* failing check: integrity
+        problems go to ``LoadedVersion.problems`` and reading continues with whatever can still be
+        read (``model``/``lid`` are None where an artifact could not be read). A factory named by a
+        ``spec.json`` whose fingerprint does not match is never imported. A version with problems
+        must never be trusted; use ``load`` for anything but reporting.
+
+        Raises:
+            RegistryError: no such version or alias (nothing to inspect).
+        """
+        return self._read(version, alias, strict=False)
+
+    def release(self, loaded: LoadedVersion) -> None:
+        """Delete the downloaded copy behind ``loaded`` (its ``lid_dir`` becomes invalid).
+
+        Every ``load`` downloads afresh (a cached copy could hide an artifact edited in the store), so
+        long-running callers should release what they no longer need; the gate does.
+        """
+        d = loaded.directory
+        if d is not None and Path(d).resolve().parent == self.cache_dir.resolve():
+            shutil.rmtree(d, ignore_errors=True)
+        loaded.directory = None
+
+    def _read(self, version: str | None, alias: str | None, *, strict: bool) -> LoadedVersion:
+        mv = self._resolve(version, alias)
+        version, tags, run_id = str(mv.version), dict(mv.tags or {}), mv.run_id
+        dest = self._fresh_dir(version)
+        files = art.read_version(lambda rel: art.download(self.tracking_uri, run_id, rel, dest), dest, tags,
+                                 lenient=not strict)
+        if strict and files.problems:
+            raise RegistryIntegrityError(version, files.problems)
+        return LoadedVersion(version=version, run_id=run_id, model=files.model, spec=files.spec, lid=files.lid,
+                             lid_dir=files.lid_dir, cert_data=files.cert_data, lineage=tg.lineage(tags), tags=tags,
+                             directory=dest, problems=files.problems)
 
     def _fresh_dir(self, version: str) -> Path:
         return Path(tempfile.mkdtemp(prefix=f"v{version}-", dir=self.cache_dir))
@@ -523,133 +421,6 @@ class Registry:
             return self._model_version(str(aliases[alias]))
         return self._model_version(str(version))
 
-    def load(self, version: str | None = None, alias: str | None = None) -> LoadedVersion:
-        """Download, check and rebuild a version (``version=`` or ``alias=``, e.g. ``"champion"``).
-
-        Every artifact's sha256 must match the tags recorded at registration and the rebuilt model's
-        fingerprint must equal ``lid.model_sha256``; otherwise ``RegistryIntegrityError`` names the
-        artifacts. The model is rebuilt from ``spec.json`` + ``weights.safetensors`` (strict).
-        """
-        loaded = self._load(version=version, alias=alias, strict=True)
-        return loaded
-
-    def _load(self, version: str | None = None, alias: str | None = None, *, strict: bool = True) -> LoadedVersion:
-        """``strict=False`` (the gate): collect integrity problems in ``LoadedVersion.problems`` and
-        keep going with whatever can still be read, so that every failing check can be reported."""
-        mv = self._resolve(version, alias)
-        version = str(mv.version)
-        tags = dict(mv.tags or {})
-        run_id = mv.run_id
-        problems: list[tuple[str, str]] = []
-        dest = self._fresh_dir(version)
-
-        def fetch(path: str) -> Path | None:
-            try:
-                return self._download(run_id, path, dest)
-            except Exception as exc:  # noqa: BLE001
-                problems.append((path, f"cannot download: {type(exc).__name__}: {exc}"))
-                return None
-
-        def pinned(path: Path | None, artifact: str, tag: str) -> bool:
-            if path is None:
-                return False
-            if not path.is_file():
-                problems.append((artifact, "missing from the artifact store"))
-                return False
-            expected = tags.get(tag)
-            if not expected:
-                problems.append((artifact, f"no '{tag}' tag records its fingerprint"))
-                return False
-            actual = sha256_file(path)
-            if actual != expected:
-                problems.append((artifact, f"sha256 {actual} differs from the registered {expected} (tag '{tag}'): "
-                                           "modified after registration"))
-                return False
-            return True
-
-        # spec + weights -> model
-        model_dir = fetch("model")
-        spec = model = None
-        spec_path = None if model_dir is None else dest / ARTIFACT_SPEC
-        weights_path = None if model_dir is None else dest / ARTIFACT_WEIGHTS
-        spec_ok = pinned(spec_path, ARTIFACT_SPEC, TAG_SPEC_SHA)
-        weights_ok = pinned(weights_path, ARTIFACT_WEIGHTS, TAG_WEIGHTS_SHA)
-        if spec_ok:  # never import a factory named by an unpinned file
-            try:
-                spec = ModelSpec.from_dict(json.loads(spec_path.read_text(encoding="utf-8")))
-            except Exception as exc:  # noqa: BLE001
-                problems.append((ARTIFACT_SPEC, f"unreadable: {exc}"))
-        if spec is not None and weights_path is not None and weights_path.is_file() and (weights_ok or not strict):
-            try:
-                model = spec.build()
-                model.load_state_dict(load_file(str(weights_path)), strict=True)
-                model.eval()
-                sha = fingerprint_model(model)
-                if sha != tags.get(TAG_MODEL_SHA):
-                    problems.append(("model", f"the rebuilt model's fingerprint {sha} differs from the registered "
-                                              f"'{TAG_MODEL_SHA}' {tags.get(TAG_MODEL_SHA)}"))
-            except Exception as exc:  # noqa: BLE001
-                problems.append((ARTIFACT_WEIGHTS, f"cannot rebuild the model: {type(exc).__name__}: {exc}"))
-                model = None
-
-        # LID
-        lid = lid_dir = None
-        if tags.get(TAG_HAS_LID) == "true":
-            d = fetch(ARTIFACT_LID_DIR)
-            if d is not None:
-                lid_dir = d
-                lid_ok = pinned(lid_dir / "lid.json", ARTIFACT_LID_JSON, TAG_CERT_SHA)
-                if lid_ok or not strict:
-                    try:
-                        lid = LID.load(lid_dir)
-                    except Exception as exc:  # noqa: BLE001
-                        problems.append((ARTIFACT_LID_DIR, f"LID.load refused it: {exc}"))
-        elif tags.get(TAG_HAS_LID) != "false":
-            problems.append(("tags", f"'{TAG_HAS_LID}' tag missing: not a lidgate registration"))
-
-        # certification data
-        cert_data: dict[str, tuple[Tensor, Tensor]] = {}
-        tasks = [t for t in tags.get(TAG_TASKS, "").split(",") if t]
-        if tasks:
-            d = fetch(ARTIFACT_CERT_DIR)
-            if d is not None:
-                present = sorted(p.name for p in d.iterdir())
-                unexpected = sorted(set(present) - {f"{t}.safetensors" for t in tasks})
-                if unexpected:
-                    problems.append((ARTIFACT_CERT_DIR, f"unexpected files {unexpected}"))
-                for t in tasks:
-                    rel = f"{ARTIFACT_CERT_DIR}/{t}.safetensors"
-                    p = d / f"{t}.safetensors"
-                    if pinned(p, rel, TAG_DATA_SHA + t) or (not strict and p.is_file()):
-                        try:
-                            tensors = load_file(str(p))
-                            cert_data[t] = (tensors["x"], tensors["y"])
-                        except Exception as exc:  # noqa: BLE001
-                            problems.append((rel, f"unreadable: {type(exc).__name__}: {exc}"))
-        if lid is not None and set(lid.tasks) != set(tasks):
-            problems.append(("tags", f"'{TAG_TASKS}' lists {tasks}, the LID certifies {sorted(lid.tasks)}"))
-
-        # validation summary (pinned so an audit can trust it)
-        v = fetch(ARTIFACT_VALIDATION)
-        pinned(v, ARTIFACT_VALIDATION, TAG_VALIDATION_SHA)
-
-        if strict and problems:
-            raise RegistryIntegrityError(version, problems)
-        lineage = [x for x in tags.get(TAG_LINEAGE, "").split(",") if x]
-        return LoadedVersion(version=version, run_id=run_id, model=model, spec=spec, lid=lid, lid_dir=lid_dir,
-                             cert_data=cert_data, lineage=lineage, tags=tags, directory=dest, problems=problems)
-
-    def release(self, loaded: LoadedVersion) -> None:
-        """Delete the downloaded copy behind ``loaded`` (its ``lid_dir`` becomes invalid).
-
-        Every ``load`` downloads afresh (a cached copy could hide an artifact edited in the store), so
-        long-running callers should release what they no longer need; the gate does.
-        """
-        d = loaded.directory
-        if d is not None and Path(d).resolve().parent == self.cache_dir.resolve():
-            shutil.rmtree(d, ignore_errors=True)
-        loaded.directory = None
-
     # ---------------------------------------------------------------- aliases and tags
     def champion(self) -> str | None:
         """The version holding the alias ``champion``, or None (no registered model or no alias).
@@ -662,29 +433,39 @@ class Registry:
             if _is_not_found(exc):
                 return None
             raise
-        v = (rm.aliases or {}).get(CHAMPION_ALIAS)
+        v = (rm.aliases or {}).get(tg.CHAMPION_ALIAS)
         return None if v is None else str(v)
 
-    def _set_champion(self, version: str | None) -> None:
-        """Private: ONLY ``components.gate`` calls this. ``None`` removes the alias (gate rollback)."""
+    def move_champion(self, version: str | None) -> None:
+        """Point the ``champion`` alias at ``version``; ``None`` removes it.
+
+        ONLY ``components.gate.promote`` may call this: it runs every check first and records the
+        decision (a test enforces that nothing else in lidgate moves the alias). ``None`` is the
+        gate's rollback when a promotion could not be recorded and there was no champion before.
+        """
         if version is None:
-            self.client.delete_registered_model_alias(self.model_name, CHAMPION_ALIAS)
+            self.client.delete_registered_model_alias(self.model_name, tg.CHAMPION_ALIAS)
         else:
-            self.client.set_registered_model_alias(self.model_name, CHAMPION_ALIAS, str(version))
+            self.client.set_registered_model_alias(self.model_name, tg.CHAMPION_ALIAS, str(version))
 
     def set_tags(self, version: str, tags: Mapping[str, str]) -> None:
+        """Set model-version tags (values are stringified)."""
         for k, v in tags.items():
             self.client.set_model_version_tag(self.model_name, str(version), str(k), str(v))
 
     def log_record(self, version: str, relative: str, obj: Mapping) -> None:
-        """Add a JSON record (e.g. a gate decision) to the version's run, as ``relative``."""
-        if not relative.endswith(".json") or relative.startswith(("model/", "lid/", "cert_data/")) \
-                or relative == ARTIFACT_VALIDATION:
+        """Add a JSON record (e.g. a gate decision) to the version's run, as ``relative``.
+
+        Raises:
+            RegistryError: ``relative`` is not a ``.json`` path outside the pinned artifacts.
+        """
+        if not relative.endswith(".json") or relative.startswith(art.PINNED_PREFIXES) \
+                or relative == art.ARTIFACT_VALIDATION:
             raise RegistryError(f"log_record: {relative!r} must be a new .json path outside the pinned artifacts")
         mv = self._model_version(version)
         self.client.log_dict(mv.run_id, json.loads(json.dumps(obj, default=str)), relative)
 
-    # ---------------------------------------------------------------- listing and audit
+    # ---------------------------------------------------------------- listing and single artifacts
     def history(self) -> list[VersionInfo]:
         """Every version of the registered model, oldest first."""
         out, token = [], None
@@ -701,9 +482,10 @@ class Registry:
             for mv in page:
                 tags = dict(mv.tags or {})
                 created = datetime.fromtimestamp((mv.creation_timestamp or 0) / 1000, timezone.utc)
-                out.append(VersionInfo(
-                    version=str(mv.version), run_id=mv.run_id, created=created.isoformat(timespec="milliseconds"),
-                    tags=tags, aliases=sorted(set(mv.aliases or []) | set(aliases_of.get(str(mv.version), []))), status=tags.get(TAG_STATUS, "unknown")))
+                aliases = sorted(set(mv.aliases or []) | set(aliases_of.get(str(mv.version), [])))
+                out.append(VersionInfo(version=str(mv.version), run_id=mv.run_id,
+                                       created=created.isoformat(timespec="milliseconds"), tags=tags,
+                                       aliases=aliases, status=tg.status(tags)))
             token = getattr(page, "token", None)
             if not token:
                 break
@@ -712,31 +494,33 @@ class Registry:
 
     def certificate(self, version: str) -> dict:
         """The version's ``lid.json`` (manifest with every certificate) as a dict, checked against its
-        registered sha256. Raises ``RegistryError`` when the version has no LID."""
+        registered sha256.
+
+        Raises:
+            RegistryError: the version has no LID. RegistryIntegrityError: ``lid.json`` was modified.
+        """
         mv = self._model_version(version)
         tags = dict(mv.tags or {})
-        if tags.get(TAG_HAS_LID) != "true":
+        if tags.get(tg.TAG_HAS_LID) != "true":
             raise RegistryError(f"model version {version} was registered without a LID (no certificate)")
-        path = self.artifact_path(version, ARTIFACT_LID_JSON)
+        path = self.artifact_path(version, art.ARTIFACT_LID_JSON)
         return json.loads(path.read_text(encoding="utf-8"))
 
     def artifact_path(self, version: str, relative: str) -> Path:
         """Download one artifact of the version's run (fresh copy) and return its local path.
 
         Artifacts whose sha256 is pinned by a tag (weights, spec, lid.json, cert data, validation)
-        are checked; a mismatch raises ``RegistryIntegrityError``.
+        are checked.
+
+        Raises:
+            RegistryIntegrityError: a pinned artifact does not match its registered sha256.
         """
         mv = self._model_version(version)
         tags = dict(mv.tags or {})
         relative = relative.strip("/")
-        path = self._download(mv.run_id, relative, self._fresh_dir(str(mv.version)))
-        tag = {ARTIFACT_WEIGHTS: TAG_WEIGHTS_SHA, ARTIFACT_SPEC: TAG_SPEC_SHA, ARTIFACT_LID_JSON: TAG_CERT_SHA,
-               ARTIFACT_VALIDATION: TAG_VALIDATION_SHA}.get(relative)
-        if relative.startswith(ARTIFACT_CERT_DIR + "/") and relative.endswith(".safetensors"):
-            tag = TAG_DATA_SHA + relative[len(ARTIFACT_CERT_DIR) + 1:-len(".safetensors")]
-        if tag is not None and path.is_file():
-            actual = sha256_file(path)
-            if actual != tags.get(tag):
-                raise RegistryIntegrityError(str(mv.version), [(relative, f"sha256 {actual} differs from the registered "
-                                                                          f"{tags.get(tag)} (tag '{tag}')")])
+        path = art.download(self.tracking_uri, mv.run_id, relative, self._fresh_dir(str(mv.version)))
+        if art.pin_tag(relative) is not None and path.is_file():
+            problem = art.pinned_problem(path, relative, tags)
+            if problem is not None:
+                raise RegistryIntegrityError(str(mv.version), [(relative, problem)])
         return path

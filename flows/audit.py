@@ -16,7 +16,9 @@ from prefect import flow, get_run_logger
 
 
 def build_records(registry) -> list:
+    from components import tags
     from components.audit import TaskAudit, VersionAudit
+    from components.lineage import verify_lineage
     from lid_engine import verify
 
     champion = registry.champion()
@@ -30,14 +32,13 @@ def build_records(registry) -> list:
 
     for info in registry.history():
         version = str(info.version)
-        tags = dict(info.tags)
-        reasons = json.loads(tags.get("lid.block_reasons", "[]") or "[]")
+        status, reasons = tags.status(info.tags), tags.block_reasons(info.tags)
         try:
             loaded = load(version)
         except Exception as exc:  # an unreadable or tampered version is reported, never skipped
-            records.append(VersionAudit(version=version, status=tags.get("lid.status", "unknown"),
-                                        is_champion=version == champion, created=str(info.created), verified=False,
-                                        tasks=[], block_reasons=reasons + [{"code": "load_failed", "detail": str(exc)}],
+            records.append(VersionAudit(version=version, status=status, is_champion=version == champion,
+                                        created=str(info.created), verified=False, tasks=[],
+                                        block_reasons=reasons + [{"code": "load_failed", "detail": str(exc)}],
                                         lid=None))
             continue
         tasks = []
@@ -48,22 +49,18 @@ def build_records(registry) -> list:
                 tasks.append(TaskAudit(task=task_name, tau=spec.tau, certified_accuracy=loaded.lid.certified_accuracy(task_name),
                                        lower_bound=loaded.lid.lower_bound(task_name),
                                        n=loaded.lid.certificates[0][task_name].n, verified=report.ok, failures=failures))
-        for earlier_version in loaded.lineage:
-            earlier = load(str(earlier_version))
-            if earlier.lid is None:
-                continue
-            report = verify(earlier.lid_dir, loaded.model, data=earlier.cert_data, allow_update=True,
-                            recompute="containing")
-            for task_name, spec in earlier.lid.tasks.items():
-                tasks.append(TaskAudit(task=f"{task_name} (LID of v{earlier_version})", tau=spec.tau,
-                                       certified_accuracy=earlier.lid.certified_accuracy(task_name),
-                                       lower_bound=earlier.lid.lower_bound(task_name),
-                                       n=earlier.lid.certificates[0][task_name].n, verified=report.ok,
-                                       failures=[f"{c.name}: {c.detail}" for c in report.failures]))
+        for earlier in verify_lineage(registry, loaded.model, loaded.lineage, load=load):
+            where = f"LID of v{earlier.version}"
+            for t in earlier.tasks:
+                tasks.append(TaskAudit(task=f"{t.task} ({where})", tau=t.tau, certified_accuracy=t.certified_accuracy,
+                                       lower_bound=t.lower_bound, n=t.n, verified=t.ok, failures=list(t.problems)))
+            if not earlier.tasks:  # the earlier version could not be checked at all: fail closed, visibly
+                tasks.append(TaskAudit(task=where, tau=float("nan"), certified_accuracy=float("nan"),
+                                       lower_bound=float("nan"), n=0, verified=False, failures=earlier.failures))
         verified = bool(tasks) and all(t.verified for t in tasks)
-        records.append(VersionAudit(version=version, status=tags.get("lid.status", "unknown"),
-                                    is_champion=version == champion, created=str(info.created), verified=verified,
-                                    tasks=tasks, block_reasons=reasons, lid=loaded.lid))
+        records.append(VersionAudit(version=version, status=status, is_champion=version == champion,
+                                    created=str(info.created), verified=verified, tasks=tasks,
+                                    block_reasons=reasons, lid=loaded.lid))
     for loaded in cache.values():
         registry.release(loaded)
     return records

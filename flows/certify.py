@@ -24,10 +24,10 @@ def load_candidate(candidate_dir: str | Path):
     """Rebuild the candidate model from ``spec.json`` + ``weights.safetensors`` (no pickles)."""
     from safetensors.torch import load_file
 
-    from components.registry import ModelSpec
+    from components.factory import ModelSpec
 
     candidate_dir = Path(candidate_dir)
-    spec = ModelSpec(**json.loads((candidate_dir / "spec.json").read_text()))
+    spec = ModelSpec.load(candidate_dir / "spec.json")
     model = spec.build()
     model.load_state_dict(load_file(str(candidate_dir / "weights.safetensors")), strict=True)
     return spec, model.eval()
@@ -40,26 +40,16 @@ def save_candidate(model, spec, candidate_dir: str | Path) -> Path:
     candidate_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
               str(candidate_dir / "weights.safetensors"))
-    (candidate_dir / "spec.json").write_text(json.dumps({"factory": spec.factory, "kwargs": spec.kwargs}))
+    spec.save(candidate_dir / "spec.json")
     return candidate_dir
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
 def reverify_earlier(registry, model, lineage: list[str]) -> list[dict]:
     """Re-verify the updated model against the certificate of every earlier version in its lineage."""
-    from lid_engine import verify
+    from components.lineage import verify_lineage
 
-    results = []
-    for version in lineage:
-        earlier = registry.load(version=version)
-        if earlier.lid_dir is None:
-            results.append({"version": version, "ok": False, "failures": ["no LID registered"]})
-            continue
-        report = verify(earlier.lid_dir, model, data=earlier.cert_data, allow_update=True, recompute="containing")
-        registry.release(earlier)  # downloaded artifacts are not needed any more
-        results.append({"version": version, "ok": bool(report.ok),
-                        "failures": [f"{c.name}: {c.detail}" for c in report.failures]})
-    return results
+    return [r.to_dict() for r in verify_lineage(registry, model, lineage)]
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)

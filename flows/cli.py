@@ -11,10 +11,7 @@ Heavy imports (torch, lid_engine) happen inside the commands so that ``lidgate -
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -83,48 +80,16 @@ def _die(message: str, code: int):
 
 # ----------------------------------------------------------------------------------- loaders
 def _load_factory(spec: str):
-    """``package.module:factory`` (or ``path/to/file.py:factory``) → the model the factory returns."""
-    from torch import nn
+    """``package.module:factory`` (or ``path/to/file.py:factory``) → the model the factory returns.
 
-    if spec.count(":") < 1:
-        raise BadInput(f"--model must look like 'package.module:factory', got {spec!r}")
-    module_name, attr = spec.rsplit(":", 1)
-    if not module_name or not attr or not all(part.isidentifier() for part in attr.split(".")):
-        raise BadInput(f"--model must look like 'package.module:factory', got {spec!r}")
+    Modules are imported from the current directory too (as ``python -m`` would).
+    """
+    from components.factory import FactoryError, build_model
+
     try:
-        if module_name.endswith(".py"):
-            path = Path(module_name)
-            if not path.is_file():
-                raise BadInput(f"--model: file '{path}' does not exist")
-            mod_spec = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(mod_spec)
-            mod_spec.loader.exec_module(module)
-        else:
-            if not all(part.isidentifier() for part in module_name.split(".")):
-                raise BadInput(f"--model: {module_name!r} is not a module name")
-            if os.getcwd() not in sys.path:
-                sys.path.insert(0, os.getcwd())
-            module = importlib.import_module(module_name)
-    except BadInput:
-        raise
-    except ImportError as exc:
-        raise BadInput(f"--model: cannot import module {module_name!r} ({exc})") from None
-    except Exception as exc:  # noqa: BLE001 — the user's module failed while importing
-        raise BadInput(f"--model: importing {module_name!r} raised {type(exc).__name__}: {exc}") from None
-    factory = module
-    for part in attr.split("."):
-        if not hasattr(factory, part):
-            raise BadInput(f"--model: module {module_name!r} has no attribute {attr!r}")
-        factory = getattr(factory, part)
-    if not callable(factory):
-        raise BadInput(f"--model: {spec!r} is not callable")
-    try:
-        model = factory()
-    except Exception as exc:  # noqa: BLE001
-        raise BadInput(f"--model: calling {spec}() raised {type(exc).__name__}: {exc}") from None
-    if not isinstance(model, nn.Module):
-        raise BadInput(f"--model: {spec}() returned {type(model).__name__}, expected a torch.nn.Module")
-    return model
+        return build_model(spec, field="--model", roots=[os.getcwd()])
+    except FactoryError as exc:
+        raise BadInput(str(exc)) from None
 
 
 def _load_weights(model, path: Path):

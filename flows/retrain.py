@@ -122,7 +122,7 @@ def _pipeline(
     import torch
 
     from components.gate import promote
-    from components.registry import ModelSpec
+    from components.factory import ModelSpec
     from flows.data import load_task
     from flows.settings import get_settings, open_registry
     from lid_engine.training import accuracy

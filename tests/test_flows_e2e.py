@@ -133,7 +133,7 @@ def test_crash_between_registration_and_alias_move_leaves_champion(home, monkeyp
         raise RuntimeError("injected crash before the alias move")
 
     with monkeypatch.context() as patch:  # scoped: the fixture's LIDGATE_HOME must stay set
-        patch.setattr(Registry, "_set_champion", crash)
+        patch.setattr(Registry, "move_champion", crash)
         r = retrain_flow(task_ref="digits:2,3", projection=True, biasing="none", **FAST)
     assert not r["promoted"] and r["reasons"][-1]["code"] == "gate_error"
     registry = _registry()

@@ -1,4 +1,4 @@
-"""components.registry + components.gate against REAL MLflow (SQLite store in a temp dir, no mocks).
+"""components.registry + components.gate (+ components.lineage) against REAL MLflow (SQLite store in a temp dir, no mocks).
 
 One SQLite database per module (creating its tables costs ~9 s); every test registers under its own
 registered-model name, so aliases and versions never leak between tests.
@@ -21,9 +21,11 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import components.gate as gate  # noqa: E402
+import components.lineage as lineage  # noqa: E402
 from components.datasets import blobs  # noqa: E402
+from components.factory import FactoryError, ModelSpec  # noqa: E402
 from components.gate import promote  # noqa: E402
-from components.registry import ModelSpec, Registry, RegistryError, RegistryIntegrityError  # noqa: E402
+from components.registry import Registry, RegistryError, RegistryIntegrityError  # noqa: E402
 from lid_engine import LID, Box, Spec, fingerprint_data, fingerprint_model, project_  # noqa: E402
 from lid_engine.lid import manifest_digest  # noqa: E402
 from lid_engine.training import train_classifier  # noqa: E402
@@ -195,7 +197,7 @@ def test_register_rejects_bad_input(registry, base_model, base_lid, data):
         registry.register(base_model, SPEC, lid=None, cert_data=data["cert"], extra_tags={"lid.status": "promoted"})
     with pytest.raises(RegistryError, match="no version"):
         registry.register(base_model, SPEC, lid=None, cert_data=data["cert"], lineage=["7"])
-    with pytest.raises(RegistryError):
+    with pytest.raises(FactoryError, match="ModelSpec.factory"):
         ModelSpec("os.system", {})  # not module:function
     assert registry.history() == []
 
@@ -341,6 +343,102 @@ def test_collects_every_reason(registry, champion, base_model, data):
     assert_blocked(registry, d, v, "below_tau", champion)
 
 
+# ------------------------------------------------------------------------------------------ lineage: one implementation
+def test_outside_an_earlier_lid_fails_in_gate_certify_flow_and_audit(registry, base_model, data, monkeypatch):
+    """v3 lies inside the champion's (v2's) LID but outside v1's: the gate, the certification flow's
+    re-verification and the audit all say so, all through components.lineage."""
+    from flows.audit import build_records
+    from flows.certify import reverify_earlier
+
+    lid1 = certify(base_model, data, radii=(1e-2,))
+    v1 = registry.register(base_model, SPEC, lid=lid1, cert_data=data["cert"])
+    assert promote(registry, v1, validation_passed=True).promoted
+    m2 = shifted(base_model, 0.05, into=lid1)
+    v2 = registry.register(m2, SPEC, lid=(lid2 := certify(m2, data, radii=(1e-3,))), cert_data=data["cert"],
+                           lineage=[v1])
+    assert promote(registry, v2, validation_passed=True).promoted
+    m3 = shifted(m2, 0.05, into=lid2)
+    assert lid2.member_index(m3) is not None and lid1.member_index(m3) is None
+    v3 = registry.register(m3, SPEC, lid=certify(m3, data, radii=(1e-3,)), cert_data=data["cert"], lineage=[v1, v2])
+
+    calls = []
+    real = lineage.check_version
+    monkeypatch.setattr(lineage, "check_version",
+                        lambda earlier, model, version: calls.append(str(version)) or real(earlier, model, version))
+
+    # the shared implementation
+    results = lineage.verify_lineage(registry, m3, [v1, v2])
+    assert [r.version for r in results] == [v1, v2] and [r.ok for r in results] == [False, True]
+    assert results[0].member is None and results[1].member is not None
+    assert [t.task for t in results[0].tasks] == ["t1"] and not results[0].tasks[0].ok
+    assert any("model inside LID" in p for p in results[0].tasks[0].problems)
+    assert calls == [v1, v2]
+
+    # the gate
+    calls.clear()
+    d = promote(registry, v3, validation_passed=True)
+    assert_blocked(registry, d, v3, "earlier_certificate_failed", v2)
+    assert [r.detail.split(",")[0] for r in d.reasons] == [f"version {v1} (lineage)"]
+    assert sorted(calls) == sorted([v1, v2])
+
+    # the certification flow's re-check before it computes a new LID
+    calls.clear()
+    summary = reverify_earlier.fn(registry, m3, [v1, v2])
+    assert summary == [r.to_dict() for r in results]
+    assert summary[0]["ok"] is False and summary[1] == {"version": v2, "ok": True, "failures": []}
+    assert calls == [v1, v2]
+
+    # the audit
+    calls.clear()
+    records = {r.version: r for r in build_records(registry)}
+    tasks = {t.task: t for t in records[v3].tasks}
+    assert not tasks[f"t1 (LID of v{v1})"].verified and tasks[f"t1 (LID of v{v2})"].verified
+    assert any("model inside LID" in f for f in tasks[f"t1 (LID of v{v1})"].failures)
+    assert not records[v3].verified and records[v2].verified and records[v1].verified
+    assert sorted(calls) == sorted([v1, v1, v2])  # v2's lineage [v1], v3's lineage [v1, v2]
+
+
+def test_unreadable_earlier_version_fails_closed_everywhere(registry, base_model, base_lid, data):
+    """An earlier version whose artifacts were modified fails the lineage check (it is not skipped),
+    and the audit reports it instead of crashing."""
+    from flows.audit import build_records
+
+    v1 = registry.register(base_model, SPEC, lid=base_lid, cert_data=data["cert"])
+    assert promote(registry, v1, validation_passed=True).promoted
+    v2, m2 = good_candidate(registry, v1, base_lid, data)
+    path = store_file(registry, v1, "cert_data/t1.safetensors")
+    tensors = load_file(str(path))
+    tensors["y"][0] = (tensors["y"][0] + 1) % 4
+    save_file(tensors, str(path))
+
+    [r] = lineage.verify_lineage(registry, m2, [v1])
+    assert not r.ok and r.problems[0].startswith("could not be loaded: RegistryIntegrityError")
+    [r] = lineage.verify_lineage(registry, None, [v1], load=lambda v: None)
+    assert not r.ok and r.problems == ["could not be loaded"]
+    records = {r.version: r for r in build_records(registry)}
+    assert not records[v1].verified and records[v1].block_reasons[-1]["code"] == "load_failed"
+    [t] = records[v2].tasks[1:]
+    assert t.task == f"LID of v{v1}" and not t.verified and "RegistryIntegrityError" in t.failures[0]
+    d = promote(registry, v2, validation_passed=True)
+    assert_blocked(registry, d, v2, "artifact_tampered", v1)
+
+
+def test_only_components_lineage_rechecks_earlier_certificates():
+    """No component and no pipeline flow calls verify(..., allow_update=True) outside components/lineage.py;
+    the gate, the certification flow and the audit call verify_lineage. (The CLI's ``verify --allow-update``
+    and the engine demo check a LID the user names, not a registry lineage.)"""
+    paths = [p for p in (ROOT / "components").rglob("*.py") if p.name != "lineage.py"]
+    paths += [ROOT / "flows" / name for name in ("certify.py", "audit.py", "retrain.py")]
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call):
+                updates = [k for k in node.keywords if k.arg == "allow_update" and not (
+                    isinstance(k.value, ast.Constant) and k.value.value is False)]
+                assert not updates, f"{path.relative_to(ROOT)}:{node.lineno} re-verifies an earlier LID itself"
+    for rel in ("components/gate.py", "flows/certify.py", "flows/audit.py"):
+        assert "verify_lineage(" in (ROOT / rel).read_text(encoding="utf-8"), rel
+
+
 # ------------------------------------------------------------------------------------------ gate: fail closed
 def test_crash_moving_the_alias(registry, champion, base_lid, data, monkeypatch):
     v, _ = good_candidate(registry, champion, base_lid, data)
@@ -348,7 +446,7 @@ def test_crash_moving_the_alias(registry, champion, base_lid, data, monkeypatch)
     def boom(self, version):
         raise RuntimeError("registry went away")
 
-    monkeypatch.setattr(Registry, "_set_champion", boom)
+    monkeypatch.setattr(Registry, "move_champion", boom)
     d = promote(registry, v, validation_passed=True)
     assert_blocked(registry, d, v, "gate_error", champion)
     assert d.codes == ["gate_error"] and "registry went away" in d.reasons[0].detail
@@ -361,7 +459,7 @@ def test_unknown_version_is_blocked_not_raised(registry, champion):
 
 def test_crash_moving_the_alias_first_champion(registry, base_model, base_lid, data, monkeypatch):
     v = registry.register(base_model, SPEC, lid=base_lid, cert_data=data["cert"])
-    monkeypatch.setattr(Registry, "_set_champion", lambda self, version: 1 / 0)
+    monkeypatch.setattr(Registry, "move_champion", lambda self, version: 1 / 0)
     d = promote(registry, v, validation_passed=True)
     assert_blocked(registry, d, v, "gate_error", None)
 
@@ -372,10 +470,12 @@ def test_crash_inside_verify(registry, champion, base_lid, data, monkeypatch):
     def boom(*args, **kwargs):
         raise MemoryError("verify died")
 
-    monkeypatch.setattr(gate, "verify", boom)
+    monkeypatch.setattr(gate, "verify", boom)  # the candidate's own certificate
+    monkeypatch.setattr(lineage, "verify", boom)  # the earlier certificates
     d = promote(registry, v, validation_passed=True)
     reasons = assert_blocked(registry, d, v, "gate_error", champion)
     assert set(d.codes) == {"gate_error"} and any("verify died" in r["detail"] for r in reasons)
+    assert any(r["detail"].startswith(f"earlier certificate of version {champion}: MemoryError") for r in reasons)
 
 
 def test_crash_recording_promotion_moves_alias_back(registry, champion, base_lid, data, monkeypatch):
@@ -425,7 +525,9 @@ def _python_files():
 
 
 def test_only_the_gate_moves_the_alias():
-    movers = ("set_registered_model_alias", "delete_registered_model_alias", "_set_champion")
+    """Registry.move_champion is public (the gate must not reach into privates) but only the gate calls it,
+    and the raw MLflow alias setters appear nowhere else."""
+    movers = ("set_registered_model_alias", "delete_registered_model_alias", "move_champion", "_set_champion")
     offenders = []
     for path in _python_files():
         rel = path.relative_to(ROOT).as_posix()
@@ -435,12 +537,12 @@ def test_only_the_gate_moves_the_alias():
                 offenders.append(f"{rel}: {name}")
         if rel == "components/gate.py":
             assert "set_registered_model_alias" not in text and "delete_registered_model_alias" not in text
+            assert "registry._" not in text, "the gate calls a private registry method"
     assert offenders == []
-    # inside registry.py the raw MLflow calls live only in the private _set_champion, and nothing there calls it
+    # inside registry.py the raw MLflow calls live only in move_champion, and nothing there calls it
     tree = ast.parse((ROOT / "components/registry.py").read_text(encoding="utf-8"))
     for fn in ast.walk(tree):
         if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
             calls = {n.func.attr for n in ast.walk(fn) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
-            if fn.name != "_set_champion":
+            if fn.name != "move_champion":
                 assert not calls & set(movers), f"registry.{fn.name} moves the alias"
-
