@@ -48,7 +48,7 @@ import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +57,7 @@ from .bounds import MARGIN_METHODS
 from .domains import Box
 from .zonotope import Zonotope
 from .errors import CertificateError, InvalidInputError
+from .files import utc_now
 from .spec import SPEC_KINDS, Spec, certified_in_every_dtype
 
 CERTIFICATE_FORMAT = "lidgate.certificate/1"
@@ -235,10 +236,6 @@ def population_lower_bound(
 
 
 # ----------------------------------------------------------------------------------- certificate
-def _utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def _engine_version() -> str:
     from . import __version__  # lazy: lid_engine/__init__ may import this module
 
@@ -267,7 +264,7 @@ class Certificate:
     dtype: str = "float64"
     evaluation_dtypes: list[str] = field(default_factory=lambda: ["float64"])
     engine_version: str = field(default_factory=_engine_version)
-    created_at: str = field(default_factory=_utc_now)
+    created_at: str = field(default_factory=utc_now)
     member: int = 0
     format: str = CERTIFICATE_FORMAT
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -41,13 +40,13 @@ from .certificate import (
     BUFFER_PREFIX,
     Certificate,
     _engine_version,
-    _utc_now,
     certify_box,
     fingerprint_tensors,
     model_state,
 )
 from .domains import BOX_FORMAT, Box
 from .errors import CertificateError, InvalidDomainError, InvalidInputError, LidError
+from .files import atomic_write, file_sha256, utc_now
 from .spec import Spec
 
 LID_FORMAT = "lidgate.lid/1"
@@ -76,14 +75,6 @@ def manifest_digest(manifest: Mapping) -> str:
 
 def member_dir(directory: str | Path, index: int) -> Path:
     return Path(directory) / MEMBERS_DIR / f"{index:03d}"  # expected_files() spells the same paths
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def expected_files(n_members: int) -> list[str]:
@@ -185,7 +176,7 @@ class LID:
         self.nominal: dict[str, Tensor] = {n: t.detach().clone() for n, t in nominal.items()}
         self.buffers: dict[str, Tensor] = {n: t.detach().clone() for n, t in buffers.items()}
         self.search_config: dict = _json_able(dict(search_config or {}), "LID")
-        self.created_at = created_at or _utc_now()
+        self.created_at = created_at or utc_now()
         self.engine_version = engine_version or _engine_version()
         self.history: list | None = None  # optional search trace; not saved, not certified
 
@@ -538,9 +529,7 @@ class LID:
         for i, m in enumerate(self.members):
             m.save(member_dir(directory, i))
         manifest = self.manifest({rel: file_sha256(directory / rel) for rel in expected_files(len(self.members))})
-        tmp = directory / (LID_FILE + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2, allow_nan=False))
-        os.replace(tmp, directory / LID_FILE)
+        atomic_write(directory / LID_FILE, json.dumps(manifest, indent=2, allow_nan=False))
         return directory
 
     @classmethod
