@@ -21,7 +21,7 @@ from .importance import fisher_importance, importance_mask, si_importance
 from .layers import TaskMask
 from .lid import LID
 from .models import mlp, mnist_cnn
-from .projection import CoefficientOptimizer, ProjectedOptimizer, Projector, project_
+from .projection import CoefficientOptimizer, ProjectedOptimizer, ProjectionHandle, Projector, attach_projection, project_
 from .search import LidSearchError, SearchConfig, compute_lid, tau_from_accuracy
 from .spec import Spec, certified_accuracy, certified_examples, certified_mask, worst_case_logits
 from .training import accuracy
@@ -38,6 +38,8 @@ __all__ = [
     "LidSearchError",
     "CoefficientOptimizer",
     "ProjectedOptimizer",
+    "ProjectionHandle",
+    "attach_projection",
     "Projector",
     "SearchConfig",
     "clopper_pearson_lower",
