@@ -238,3 +238,80 @@ def test_audit_ok_flag_and_edge_cases(tmp_path, champion_lid):
     html_path, json_path = render_audit_report([], tmp_path / "c", model_name="m")
     assert json.loads(json_path.read_text())["versions"] == []
     assert "no model versions" in html_path.read_text()
+
+
+def _png_size(png: bytes) -> tuple[int, int]:
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
+@pytest.fixture(scope="module")
+def frozen_bias_lid(champion_lid):
+    """One member whose biases have no width at all (as a frozen-coordinate mask leaves them)."""
+    model = models.mlp([2, 16, 4])
+    model.load_state_dict(champion_lid.state(), strict=False)
+    params = dict(model.named_parameters())
+    lower = {n: p.detach() - (0.0 if n.endswith("bias") else 1e-3) for n, p in params.items()}
+    upper = {n: p.detach() + (0.0 if n.endswith("bias") else 1e-3) for n, p in params.items()}
+    x, y = blobs(n=300, n_classes=4, seed=1)
+    return lid_engine.LID.certify(model, [Box(lower=lower, upper=upper)],
+                                  {"t1": (torch.from_numpy(x), torch.from_numpy(y))},
+                                  {"t1": lid_engine.Spec("accuracy", 0.3)})
+
+
+def test_zero_width_tensors_are_one_line_not_empty_panels(tmp_path, frozen_bias_lid):
+    from components.audit.plots import plot_width_histograms
+
+    widths = plot_width_histograms(frozen_bias_lid, 0)
+    assert [n for n, _ in widths.zero] == ["0.bias", "2.bias"] and widths.zero[0][1] == 16
+    assert _png_size(widths.png)[1] == 360  # one row of panels: the two weight tensors only
+    record = VersionAudit("1", "promoted", True, "2025-01-01T00:00:00+00:00", True,
+                          [TaskAudit("t1", 0.3, frozen_bias_lid.certified_accuracy("t1"), 0.2, 300, True)],
+                          [], frozen_bias_lid)
+    html_path, _ = render_audit_report([record], tmp_path, model_name="m", save_plots=True)
+    page = html_path.read_text(encoding="utf-8")
+    assert "all widths are 0" not in page
+    [line] = re.findall(r'<p class="note zero-widths">(.*?)</p>', page)
+    assert "<code>0.bias</code> (16)" in line and "<code>2.bias</code> (4)" in line
+    assert _png_size((tmp_path / "plot_widths.png").read_bytes()) == _png_size(widths.png)
+
+
+def test_every_width_zero_gives_no_histogram_figure(tmp_path, champion_lid):
+    from components.audit.plots import plot_width_histograms
+
+    model = models.mlp([2, 16, 4])
+    model.load_state_dict(champion_lid.state(), strict=False)
+    x, y = blobs(n=200, n_classes=4, seed=2)
+    lid = lid_engine.LID.certify(model, [Box.around(model, 0.0)], {"t1": (torch.from_numpy(x), torch.from_numpy(y))},
+                                 {"t1": lid_engine.Spec("accuracy", 0.3)})
+    widths = plot_width_histograms(lid, 0)
+    assert widths.png is None and len(widths.zero) == 4
+    html_path, _ = render_audit_report([VersionAudit("1", "promoted", True, "", True, [], [], lid)], tmp_path,
+                                       model_name="m")
+    page = html_path.read_text(encoding="utf-8")
+    figure = re.search(r'<figure id="plot_widths">(.*?)</figure>', page, flags=re.S).group(1)
+    assert "<img" not in figure and "allows no change to any parameter" in figure and "zero-widths" in figure
+
+
+def test_versions_table_is_bounded_however_many_tasks(tmp_path):
+    """Tasks are lines inside a cell, not three columns each; the table sits in a container that
+    bounds its width (scrolling inside it if a window is narrower still) and long reasons wrap."""
+    tasks = [TaskAudit(f"task-{k} (LID of v{k})", 0.8, 0.9, 0.85, 1000, k % 2 == 0, ["x" * 300] if k % 2 else [])
+             for k in range(12)]
+    reasons = [{"code": f"code_{k}", "detail": "a-very-long-unbroken-detail-" * 20} for k in range(6)]
+    records = [VersionAudit(str(v), "blocked", False, "2025-01-01T00:00:00.123+00:00", False, tasks, reasons, None)
+               for v in range(1, 4)]
+    html_path, _ = render_audit_report(records, tmp_path, model_name="m")
+    page = html_path.read_text(encoding="utf-8")
+    assert re.search(r'<div class="table-wrap"><table id="versions"', page)
+    css = re.search(r"<style>(.*?)</style>", page, flags=re.S).group(1)
+    assert re.search(r"\.table-wrap\{[^}]*max-width:100%[^}]*overflow-x:auto", css)
+    assert re.search(r"td\.reasons\{[^}]*overflow-wrap:anywhere", css)
+    head = re.search(r'<table id="versions".*?<thead>(.*?)</thead>', page, flags=re.S).group(1)
+    assert head.count("<th") == 6  # independent of the number of tasks
+    rows = re.findall(r'<tr class="version-row" data-status="blocked">(.*?)</tr>', page, flags=re.S)
+    assert len(rows) == 3
+    for row in rows:
+        assert row.count('<span class="task">') == 12
+        assert "<details><summary>" in row  # 6 reasons + 1 distinct failure: the rest folded away
+        assert row.count("x" * 300) == 1  # one failure shared by 6 tasks is listed once
+        assert "2025-01-01 00:00 UTC" in row
