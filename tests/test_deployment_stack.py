@@ -60,8 +60,9 @@ def stack(tmp_path_factory):
 def test_mlflow_server_on_postgres_registers_and_gates(stack, tmp_path):
     import lid_engine as le
     from components.datasets import blobs
+    from components.factory import ModelSpec
     from components.gate import promote
-    from components.registry import ModelSpec, Registry
+    from components.registry import Registry
     from lid_engine.models import mlp
     from lid_engine.training import train_classifier
 
