@@ -37,7 +37,7 @@ demo-engine: venv
 	$(PY) -m flows.engine_demo
 
 bench: venv
-	$(PY) -m benchmarks.bounds && $(PY) -m benchmarks.lid && $(PY) -m benchmarks.margins
+	$(PY) -m benchmarks.bounds && $(PY) -m benchmarks.lid && $(PY) -m benchmarks.margins && $(PY) -m benchmarks.search_robustness
 
 # Continual-learning benchmarks (benchmarks/cl). The reduced run (3 seeds; 14–25 min measured on 2 cores) writes
 # to lidgate-home/bench-cl; the full run resumes into the committed benchmarks/results/cl_runs.

@@ -46,7 +46,7 @@ from lid_engine.bounds import bound_logits, rounding
 from lid_engine.domains import Box
 from lid_engine.models import mnist_cnn
 from lid_engine.projection import ProjectedOptimizer
-from lid_engine.search import LidSearchError, compute_lid, tau_from_accuracy
+from lid_engine.search import LidSearchError, SearchConfig, compute_lid, tau_from_accuracy
 from lid_engine.training import accuracy, train_classifier
 
 T1, T2 = (0, 1), (2, 3)
@@ -189,7 +189,8 @@ def reproduce(data: Data, tap: CertifyTap, seeds: list[int], seeds_b: list[int],
               budget_s: float = 0.0, t_start: float = 0.0) -> dict:
     """Rows 4/5A for every seed, row 5B for ``seeds_b``; seeds after the first are skipped when the
     measured cost of a seed would overrun ``budget_s`` (0 = no budget) — the report says which."""
-    res = {"row4": [], "row4_m0": [], "row5a": [], "row5a_margin": [], "row5b": [], "models": {}, "skipped": []}
+    res = {"row4": [], "row4_m0": [], "row4_default": [], "row5a": [], "row5a_margin": [], "row5a_default": [],
+           "row5b": [], "models": {}, "skipped": []}
 
     def fits(label: str, est: float) -> bool:
         if budget_s <= 0:
@@ -210,21 +211,32 @@ def reproduce(data: Data, tap: CertifyTap, seeds: list[int], seeds_b: list[int],
         log(f"[row 4] seed {seed}: task-1 test accuracy {acc:.4f} → τ = {tau:.4f}; search {len(xs)}, cert {len(xc)}")
         res["models"][seed] = model
         common = dict(x=xs, y=ys, tau=tau, cert_x=xc, cert_y=yc, seed=seed)
-        r = run_lid(tap, model, f"row4 seed {seed} tau_margin=0.05 (default keep)", **common)
+        # The paper's search (SearchConfig.paper(): steps of 0.33/p in parameter units, no restoration or
+        # finalisation) with and without the τ margin, then the engine's defaults beside them.
+        r = run_lid(tap, model, f"row4 seed {seed} paper steps, tau_margin=0.05 (default keep)", **common,
+                    **SearchConfig.paper(tau_margin=0.05))
         r.update(acc=acc, seed=seed)
         res["row4"].append(r)
-        r = run_lid(tap, model, f"row4 seed {seed} tau_margin=0 (keep=all)", keep="all", tau_margin=0.0, **common)
+        r = run_lid(tap, model, f"row4 seed {seed} paper, tau_margin=0 (keep=all)", keep="all", **common,
+                    **SearchConfig.paper())
         r.update(acc=acc, seed=seed)
         res["row4_m0"].append(r)
+        r = run_lid(tap, model, f"row4 seed {seed} engine defaults (default keep)", **common)
+        r.update(acc=acc, seed=seed)
+        res["row4_default"].append(r)
         # Row 5, reading A (the biasing study's setting): the task-1 LID of the two-task CIL run,
         # τ = 0.8 fixed, primal lr 0.5/p; same model and data halves as row 4.
-        common5 = dict(x=xs, y=ys, tau=0.8, cert_x=xc, cert_y=yc, seed=seed, primal_lr=0.5)
-        r = run_lid(tap, model, f"row5A seed {seed} tau=0.8 lr=0.5/p tau_margin=0 (keep=all)", keep="all",
-                    tau_margin=0.0, **common5)
+        common5 = dict(x=xs, y=ys, tau=0.8, cert_x=xc, cert_y=yc, seed=seed)
+        r = run_lid(tap, model, f"row5A seed {seed} tau=0.8 paper lr=0.5/p tau_margin=0 (keep=all)", keep="all",
+                    **common5, **SearchConfig.paper(primal_lr=0.5))
         r.update(acc=acc, seed=seed)
         res["row5a"].append(r)
+        r = run_lid(tap, model, f"row5A seed {seed} tau=0.8 engine defaults (default keep)", **common5)
+        r.update(acc=acc, seed=seed)
+        res["row5a_default"].append(r)
         if extra and seed == seeds[0]:
-            r = run_lid(tap, model, f"row5A seed {seed} tau=0.8 lr=0.5/p tau_margin=0.05 (default keep)", **common5)
+            r = run_lid(tap, model, f"row5A seed {seed} tau=0.8 paper lr=0.5/p tau_margin=0.05 (default keep)",
+                        **common5, **SearchConfig.paper(primal_lr=0.5, tau_margin=0.05))
             r.update(acc=acc, seed=seed)
             res["row5a_margin"].append(r)
 
@@ -239,7 +251,7 @@ def reproduce(data: Data, tap: CertifyTap, seeds: list[int], seeds_b: list[int],
         log(f"[row 5B] seed {seed}: joint model, task accuracies {accs[0]:.4f} / {accs[1]:.4f}")
         r = run_lid(tap, model, f"row5B seed {seed} two constraints tau=0.8 lr=0.5/p tau_margin=0 (keep=all)",
                     tasks={"t1": (x1, y1, 0.8), "t2": (x2, y2, 0.8)}, cert={"t1": (c1x, c1y), "t2": (c2x, c2y)},
-                    keep="all", tau_margin=0.0, seed=seed, primal_lr=0.5)
+                    keep="all", seed=seed, **SearchConfig.paper(primal_lr=0.5))
         r.update(acc=accs, seed=seed)
         res["row5b"].append(r)
 
@@ -483,7 +495,8 @@ def plot(res: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 7.5), sharex=True)
-    variants = {"row4": ("tau_margin=0.05 (engine default)", "C0"), "row4_m0": ("tau_margin=0 (paper)", "C3")}
+    variants = {"row4": ("paper steps, tau_margin=0.05", "C0"), "row4_m0": ("tau_margin=0 (paper)", "C3"),
+                "row4_default": ("engine defaults", "C2")}
     seed_styles = ["-", "--", "-.", ":"]
     for key, (lbl, color) in variants.items():
         for i, r in enumerate(res[key]):
@@ -553,7 +566,11 @@ def write_report(res: dict, timing: dict, proj: dict, workaround: bool, args, wa
           "MNIST test split is cut into two random halves, the search sees one, certification (float64 and "
           "float32 IBP, rounding-sound) the other; `compute_lid(..., iterations=200, checkpoints=10, "
           "batch_size=500)`, dual lr 0.01, primal lr 0.33/p unless stated; CP lower bound at 95% confidence "
-          "with the union bound over the 10 checkpoints (`n_domains = 10`).", "",
+          "with the union bound over the 10 checkpoints (`n_domains = 10`). The paper's variants run the paper's "
+          "search (`SearchConfig.paper()`: steps of primal_lr/p in parameter units, raw logits, temperature 10, no "
+          "restoration or finalisation); *engine defaults* runs `compute_lid` with every search setting at its "
+          "default (steps scaled by sensitivity, feasibility restoration, finalisation on the search data; "
+          "lid_engine/search.py).", "",
           "`default keep` is the result of `compute_lid(...)` with `keep=\"meeting_tau\"`: the per-checkpoint "
           "rows below come from the full certified LID that `compute_lid` builds before filtering (captured "
           "by wrapping `LID.certify` — identical to `keep=\"all\"`; the kept count was cross-checked against "
@@ -564,7 +581,8 @@ def write_report(res: dict, timing: dict, proj: dict, workaround: bool, args, wa
           "| variant | seeds | task-1 acc | τ | final width sum | final certified acc | final CP lower "
           "| largest kept width sum | its certified acc | checkpoints meeting τ |",
           "|---|---|---|---|---|---|---|---|---|---|"]
-    for key, name in (("row4", "tau_margin=0.05 (engine default), default keep"), ("row4_m0", "tau_margin=0 (paper), keep=all")):
+    for key, name in (("row4", "paper steps, tau_margin=0.05, default keep"), ("row4_m0", "tau_margin=0 (paper), keep=all"),
+                      ("row4_default", "engine defaults (scaled steps, restoration, finalisation), default keep")):
         runs = res[key]
         if not runs:
             continue
@@ -572,7 +590,8 @@ def write_report(res: dict, timing: dict, proj: dict, workaround: bool, args, wa
         nk = mean_range([len(r["kept"]) for r in runs], "{:.1f}")
         L.append(f"| {name} | {len(runs)} | {mean_range([r['acc'] for r in runs])} | "
                  f"{mean_range([r['tau']['task'] for r in runs])} | {fw} | {fc} | {fl} | {kw} | {kc} | {nk} / 10 |")
-    for key, name in (("row4", "tau_margin=0.05"), ("row4_m0", "tau_margin=0")):
+    for key, name in (("row4", "paper steps, tau_margin=0.05"), ("row4_m0", "tau_margin=0 (paper)"),
+                      ("row4_default", "engine defaults")):
         for r in res[key]:
             L += ["", f"Per checkpoint, row 4, seed {r['seed']}, {name} (τ = {r['tau']['task']:.4f}, "
                   f"{r['n_cert']['task']} certification examples):", ""]
@@ -595,15 +614,17 @@ def write_report(res: dict, timing: dict, proj: dict, workaround: bool, args, wa
           "| reading | variant | seeds | final width sum | final certified acc (min over tasks) | final CP lower "
           "| largest kept width sum | its certified acc | checkpoints meeting τ |",
           "|---|---|---|---|---|---|---|---|---|"]
-    for key, rd, name in (("row5a", "A", "tau_margin=0 (paper)"), ("row5a_margin", "A", "tau_margin=0.05 (default)"),
-                          ("row5b", "B", "tau_margin=0, joint model, 2 constraints")):
+    for key, rd, name in (("row5a", "A", "tau_margin=0 (paper)"), ("row5a_margin", "A", "paper steps, tau_margin=0.05"),
+                          ("row5a_default", "A", "engine defaults"),
+                          ("row5b", "B", "tau_margin=0 (paper), joint model, 2 constraints")):
         runs = res[key]
         if not runs:
             continue
         fw, fc, fl, kw, kc = summary_rows(runs)
         nk = mean_range([len(r["kept"]) for r in runs], "{:.1f}")
         L.append(f"| ({rd}) | {name} | {len(runs)} | {fw} | {fc} | {fl} | {kw} | {kc} | {nk} / 10 |")
-    for key, name in (("row5a", "(A) tau_margin=0"), ("row5a_margin", "(A) tau_margin=0.05"), ("row5b", "(B)")):
+    for key, name in (("row5a", "(A) tau_margin=0"), ("row5a_margin", "(A) paper steps, tau_margin=0.05"),
+                      ("row5a_default", "(A) engine defaults"), ("row5b", "(B)")):
         for r in res[key]:
             extra = (f"task accuracies {r['acc'][0]:.4f} / {r['acc'][1]:.4f}" if isinstance(r["acc"], list)
                      else f"task-1 accuracy {r['acc']:.4f}")

@@ -35,7 +35,7 @@ from benchmarks.cl.methods import Settings
 from benchmarks.cl.protocol import SHORT, split_mnist
 from benchmarks.cl.runner import build_model
 from benchmarks.cl.training import accuracy, set_task, train_task
-from lid_engine import Box, ProjectedOptimizer, Spec, certified_accuracy, compute_lid, tau_from_accuracy
+from lid_engine import Box, ProjectedOptimizer, SearchConfig, Spec, certified_accuracy, compute_lid, tau_from_accuracy
 from lid_engine.bounds import ibp, linear, rounding
 from lid_engine.certificate import certified_counts
 
@@ -86,7 +86,8 @@ def search(seq, model, tau: float, method: str) -> tuple:
     start = time.perf_counter()
     lid = compute_lid(model, tasks={"t1": (*t.train, tau)}, cert={"t1": t.cert}, free=free_rows(seq, model),
                       iterations=s.iterations, batch_size=s.search_batch, checkpoints=s.checkpoints,
-                      primal_lr=s.primal_lr, tau_margin=s.tau_margin, progress=False, seed=SEED, **bound)
+                      progress=False, seed=SEED, **SearchConfig.paper(primal_lr=s.primal_lr, tau_margin=s.tau_margin),
+                      **bound)
     return lid, time.perf_counter() - start
 
 

@@ -4,12 +4,32 @@ The box [θ^L, θ^U] starts at zero width and grows by a primal–dual augmented
 (cooper's ``AlternatingDualPrimalOptimizer``: dual step first, then one Adam step on the bounds):
 
     maximise  J = (α Σ log(w_i + 1e-6) + (1 − α) Σ w_i) / p     (w = θ^U − θ^L)
-    s.t.      soft_certified_metric_t(box) ≥ τ_t  for every task t
+    s.t.      soft_certified_metric_t(box) ≥ target_t  for every task t
 
 with a penalty coefficient that grows ×1.01 while a constraint is violated beyond a tolerance
 (capped), and one step-size multiplier m (primal lr ∝ m, dual lr ∝ 1/m) that grows while all
 constraints hold and shrinks while one is violated. After every step the box is projected back
 onto {θ^L ≤ θ ≤ θ^U, widths ≤ max_width, masked coordinates at zero width, inside ``within``}.
+
+The paper's scheme was tuned on MNIST. Three additions make it work on models and data it was
+never tuned on (``SearchConfig.paper()`` switches all three off, for reproductions):
+
+* **Scaled steps** (``scaling="sensitivity"``). Adam moves every coordinate by about its learning
+  rate whatever the size of its gradient, so a fixed step in parameter units is far too large for
+  a first-layer weight that sees inputs of size 1000 and far too small for one that sees 10⁻³. Each
+  parameter tensor's step is therefore measured in units of its *sensitivity*: the radius per
+  coordinate at which the tensor alone would use up its share of the model's typical margin (the
+  derivative of the IBP logit radius at zero width, one autograd pass at θ). The soft surrogate is
+  computed on logits divided by that margin, so its temperature means the same on every model.
+* **Feasibility restoration** (``restore``). Once the bounds are loose the surrogate saturates:
+  the softmax of hopelessly wrong worst-case logits has no gradient, so a violated constraint stops
+  pushing back while the width objective keeps growing the box. When the box is clearly infeasible
+  on its minibatch (hard violation above the tolerance), the step is followed by pulling the box
+  part of the way back towards the last box that met its target, where the surrogate has gradients.
+* **Finalisation** (``finalize``). Each checkpoint is measured on the whole search set; one that
+  misses its target (τ + margin) is shrunk towards θ by the largest scale s ∈ [0, 1] that meets it
+  (bisection: the scaled boxes are nested and IBP is monotone under inclusion). Every checkpoint
+  therefore meets τ on the search data, and a looser τ leaves a larger box.
 
 Snapshots ("checkpoints") of the trajectory become the LID's members; each is certified in
 float64 on held-out certification data the search never saw, with a union bound over all
@@ -18,6 +38,8 @@ snapshots, and only snapshots meeting every τ on that data are kept.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
@@ -29,7 +51,7 @@ from .bounds import linear
 from .bounds.ibp import check_supported
 from .domains import Box
 from .errors import InvalidDomainError, InvalidInputError, LidError
-from .spec import Spec, check_labels
+from .spec import Spec, certified_accuracy, check_labels
 
 TaskData = tuple[Tensor, Tensor]
 
@@ -43,15 +65,27 @@ def tau_from_accuracy(accuracy: float, delta: float, tau_max: float = 1.0) -> fl
     return min(max(accuracy - delta, accuracy / 2), tau_max)
 
 
+SCALINGS = ("sensitivity", "absolute")
+FINALIZE_TARGETS = ("tau", "target")
+
+
 @dataclass
 class SearchConfig:
-    """Hyper-parameters of the search (defaults: the paper's MNIST configuration)."""
+    """Hyper-parameters of the search.
+
+    The defaults work without tuning on models and data of any scale (see the module docstring);
+    ``SearchConfig.paper()`` gives the paper's MNIST configuration for reproductions.
+    """
 
     iterations: int = 200
     batch_size: int = 500
     checkpoints: int = 10
     alpha: float = 0.0  # 1 = log-volume, 0 = mean width (the paper's configs all use 0)
-    primal_lr: float = 0.33  # divided by the number of parameters p
+    # "sensitivity": each tensor's step is primal_lr × its sensitivity scale (module docstring) and the
+    # surrogate sees logits in units of the typical margin; "absolute": the paper's rule, primal_lr / p
+    # in parameter units for every coordinate and raw logits.
+    scaling: str = "sensitivity"
+    primal_lr: float | None = None  # None: 0.05 with scaling="sensitivity", 0.33 (divided by p) with "absolute"
     dual_lr: float = 0.01
     penalty_init: float = 1.0
     penalty_growth: float = 1.01
@@ -60,13 +94,26 @@ class SearchConfig:
     lr_factor: float = 1.1
     lr_multiplier_range: tuple[float, float] = (1 / 20, 20.0)
     max_width: float = 10.0
-    temperature: float = 10.0
+    # Of the surrogate softmax(temperature · worst-case logits). With scaling="sensitivity" the logits are in
+    # units of the typical margin, where 5 keeps a band of examples around the decision boundary in the
+    # gradient; the paper uses 10 on raw logits.
+    temperature: float = 5.0
     # The surrogate is enforced stochastically on minibatches, so the paper's certificates land
     # slightly below τ. Aiming the search at τ + margin lets large checkpoints meet τ on the
     # held-out data; 0 reproduces the paper's behaviour. The margin never takes more than half of
     # the slack θ itself has (metric at θ − τ), so a task the model barely meets (τ = acc / 2 on a
     # task it has not learnt) stays feasible at width 0 instead of collapsing the box.
     tau_margin: float = 0.05
+    # Pull a clearly infeasible box (hard violation on its minibatch above violation_tolerance) back
+    # by this fraction of the way towards the last box that met its target.
+    restore: bool = True
+    restore_factor: float = 0.5
+    # Shrink each checkpoint towards θ until it meets finalize_target on the whole search set:
+    # "target" (τ + the margin the search aimed at, so held-out certificates more often reach τ)
+    # or "tau" (τ itself).
+    finalize: bool = True
+    finalize_target: str = "target"
+    finalize_steps: int = 10  # bisection steps: the scale is found to within 2^-10
     seed: int = 0
     # "ibp" (the paper's bound) or "linear" (bounds/linear.py: tighter on shared convolution weights,
     # so the same τ certifies wider boxes there; ~4× the cost of an IBP iteration with one competing
@@ -77,25 +124,73 @@ class SearchConfig:
     competitors: int | None = None
     history: list[dict] = field(default_factory=list, repr=False)
 
+    @classmethod
+    def paper(cls, **overrides) -> dict:
+        """Keyword arguments for the paper's MNIST configuration (METHOD.md §2.1): steps of 0.33/p in
+        parameter units, raw logits, no restoration, no finalisation, no τ margin. For reproductions:
+        ``compute_lid(model, x, y, tau, **SearchConfig.paper(primal_lr=0.5))``."""
+        settings = {"scaling": "absolute", "primal_lr": 0.33, "temperature": 10.0, "restore": False, "finalize": False,
+                    "tau_margin": 0.0}
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise InvalidInputError(f"SearchConfig.paper: unknown settings {sorted(unknown)}")
+        return {**settings, **overrides}
+
+    @property
+    def effective_primal_lr(self) -> float:
+        if self.primal_lr is not None:
+            return float(self.primal_lr)
+        return 0.05 if self.scaling == "sensitivity" else 0.33
+
     def validate(self) -> None:
+        def number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        def integer(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        rng = self.lr_multiplier_range
         checks = {
-            "iterations": self.iterations >= 1,
-            "batch_size": self.batch_size >= 1,
-            "checkpoints": 1 <= self.checkpoints <= self.iterations,
-            "alpha": 0.0 <= self.alpha <= 1.0,
-            "primal_lr": self.primal_lr > 0,
-            "dual_lr": self.dual_lr > 0,
-            "max_width": self.max_width > 0,
-            "temperature": self.temperature > 0,
-            "penalty_growth": self.penalty_growth >= 1.0,
-            "tau_margin": 0.0 <= self.tau_margin < 1.0,
+            "iterations": integer(self.iterations) and self.iterations >= 1,
+            "batch_size": integer(self.batch_size) and self.batch_size >= 1,
+            "checkpoints": integer(self.checkpoints) and integer(self.iterations) and 1 <= self.checkpoints <= self.iterations,
+            "alpha": number(self.alpha) and 0.0 <= self.alpha <= 1.0,
+            "scaling": self.scaling in SCALINGS,
+            "primal_lr": self.primal_lr is None or (number(self.primal_lr) and self.primal_lr > 0),
+            "dual_lr": number(self.dual_lr) and self.dual_lr > 0,
+            "penalty_init": number(self.penalty_init) and self.penalty_init > 0,
+            "penalty_max": number(self.penalty_max) and self.penalty_max > 0,
+            "violation_tolerance": number(self.violation_tolerance) and self.violation_tolerance >= 0,
+            "lr_factor": number(self.lr_factor) and self.lr_factor >= 1.0,
+            "lr_multiplier_range": (isinstance(rng, (tuple, list)) and len(rng) == 2 and all(number(v) for v in rng)
+                                    and 0 < rng[0] <= 1 <= rng[1]),
+            "max_width": number(self.max_width) and self.max_width > 0,
+            "temperature": number(self.temperature) and self.temperature > 0,
+            "penalty_growth": number(self.penalty_growth) and self.penalty_growth >= 1.0,
+            "tau_margin": number(self.tau_margin) and 0.0 <= self.tau_margin < 1.0,
+            "restore": isinstance(self.restore, bool),
+            "restore_factor": number(self.restore_factor) and 0.0 <= self.restore_factor < 1.0,
+            "finalize": isinstance(self.finalize, bool),
+            "finalize_target": self.finalize_target in FINALIZE_TARGETS,
+            "finalize_steps": integer(self.finalize_steps) and 1 <= self.finalize_steps <= 60,
+            "seed": integer(self.seed),
             "method": self.method in ("ibp", "linear"),
-            "competitors": self.competitors is None or (isinstance(self.competitors, int)
-                                                        and not isinstance(self.competitors, bool) and self.competitors >= 1),
+            "competitors": self.competitors is None or (integer(self.competitors) and self.competitors >= 1),
         }
         for name, ok in checks.items():
             if not ok:
                 raise InvalidInputError(f"compute_lid: invalid '{name}' = {getattr(self, name)!r}")
+
+
+def _search_config(config: Mapping) -> SearchConfig:
+    """``SearchConfig(**config)`` with an error that lists the valid settings instead of a TypeError."""
+    known = {f.name for f in dataclasses.fields(SearchConfig)} - {"history"}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise InvalidInputError(f"compute_lid: unknown keyword(s) {unknown}; search settings are {sorted(known)}")
+    cfg = SearchConfig(**config)
+    cfg.validate()
+    return cfg
 
 
 class _BoxCMP(cooper.ConstrainedMinimizationProblem):
@@ -179,8 +274,7 @@ def compute_lid(
     """
     from .lid import LID  # local import: lid.py imports the certificate machinery
 
-    cfg = SearchConfig(**config)
-    cfg.validate()
+    cfg = _search_config(config)
     if keep not in ("meeting_tau", "all"):
         raise InvalidInputError(f"compute_lid: 'keep' must be 'meeting_tau' or 'all', got {keep!r}")
     layers = check_supported(model)
@@ -194,6 +288,7 @@ def compute_lid(
     search_tasks, cert_tasks, taus = _collect_tasks(model, x, y, tau, tasks, cert, cert_x, cert_y, cert_fraction, cfg.seed)
     specs = {t: Spec(spec_kind, taus[t], cfg.temperature) for t in taus}
     theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    dtype = next(iter(theta.values())).dtype
     p_total = sum(t.numel() for t in theta.values())
     frozen = _check_mask(mask, theta)
     start_free = _check_mask(free, theta, "free")
@@ -201,6 +296,13 @@ def compute_lid(
         if bool((start_free[n] & frozen[n]).any()):
             raise InvalidInputError(f"compute_lid: '{n}' has coordinates that are both frozen (mask) and free")
     outer = _check_within(within, theta, dev)
+
+    nominal = _nominal(model, search_tasks, specs)
+    if keep == "meeting_tau":  # no domain certifies more than the model at its centre gets right
+        _check_reachable(nominal, specs, "search data")
+        _check_reachable(_nominal(model, cert_tasks, specs), specs, "held-out certification data")
+    targets = {t: search_target(specs[t].tau, nominal[t].metric, cfg.tau_margin) for t in specs}
+    steps, logit_scale = _step_sizes(model, search_tasks, theta, nominal, layers, cfg, p_total)
 
     lower = {n: t.clone() for n, t in theta.items()}
     upper = {n: t.clone() for n, t in theta.items()}
@@ -216,9 +318,9 @@ def compute_lid(
             upper[n].register_hook(lambda g, m=m: g.masked_fill(m, 0.0))
 
     names = list(search_tasks)
-    cmp = _BoxCMP(names, cfg.penalty_init, dev, next(iter(theta.values())).dtype)
-    base_primal = cfg.primal_lr / p_total
-    primal_opt = torch.optim.Adam(list(lower.values()) + list(upper.values()), lr=base_primal)
+    cmp = _BoxCMP(names, cfg.penalty_init, dev, dtype)
+    groups = [{"params": [lower[n], upper[n]], "lr": steps[n], "base_lr": steps[n]} for n in theta]
+    primal_opt = torch.optim.Adam(groups, lr=min(steps.values()))
     dual_opt = torch.optim.SGD(cmp.dual_parameters(), lr=cfg.dual_lr, maximize=True)
     optimizer = cooper.optim.AlternatingDualPrimalOptimizer(
         cmp=cmp, primal_optimizers=primal_opt, dual_optimizers=dual_opt
@@ -227,22 +329,24 @@ def compute_lid(
         growth_factor=cfg.penalty_growth, violation_tolerance=cfg.violation_tolerance, has_restart=False
     )
 
-    targets = _search_targets(model, search_tasks, specs, cfg.tau_margin)
     gen = torch.Generator().manual_seed(cfg.seed)
     every = max(1, cfg.iterations // cfg.checkpoints)
     snapshots: list[tuple[int, Box]] = []
     multiplier = 1.0
-    targets_t = torch.tensor([targets[t] for t in names], dtype=next(iter(theta.values())).dtype, device=dev)
+    targets_t = torch.tensor([targets[t] for t in names], dtype=dtype, device=dev)
+    feasible = _copy_bounds(lower, upper)  # the last box that met every target on its minibatch
     bar = _progress(cfg.iterations, progress)
     for it in range(1, cfg.iterations + 1):
         box = Box(lower, upper, check=False)
+        before = _copy_bounds(lower, upper) if cfg.restore else None
 
         def state_kwargs() -> dict:
             soft, hard = [], []
             for t in names:
                 xb, yb = _minibatch(search_tasks[t], cfg.batch_size, gen, dev)
                 lo, hi, lin = _search_bounds(model, box, xb, yb, layers, cfg)
-                soft.append(specs[t].soft(lo, hi, yb, lin))
+                soft.append(specs[t].soft(lo / logit_scale, hi / logit_scale, yb,
+                                          None if lin is None else lin / logit_scale))
                 hard.append(specs[t].hard(lo.detach(), hi.detach(), yb, None if lin is None else lin.detach()))
             soft_t, hard_t = torch.stack(soft), torch.stack(hard)
             return {
@@ -259,11 +363,19 @@ def compute_lid(
         hard_violation = rollout.cmp_state.observed_constraints[cmp.constraint].strict_violation.detach()
         multiplier = _next_multiplier(multiplier, hard_violation, cfg)
         for group in primal_opt.param_groups:
-            group["lr"] = base_primal * multiplier
+            group["lr"] = group["base_lr"] * multiplier
         for group in dual_opt.param_groups:
             group["lr"] = cfg.dual_lr / multiplier
 
         _project_box_(lower, upper, theta, cfg.max_width, frozen, outer)
+        worst = float(hard_violation.max())
+        restored = False
+        if cfg.restore:
+            if worst > cfg.violation_tolerance:  # saturated surrogate: pull back where it has gradients
+                _pull_back_(lower, upper, feasible, cfg.restore_factor)
+                restored = True
+            elif worst <= 0.0:
+                feasible = before
         if it % every == 0 or it == cfg.iterations:
             if not snapshots or snapshots[-1][0] != it:
                 snapshots.append((it, Box(lower, upper, check=True).detach()))
@@ -274,12 +386,22 @@ def compute_lid(
             "multiplier": multiplier,
             "lambda": cmp.constraint.multiplier.weight.detach().cpu().tolist(),
             "penalty": coeff.value.detach().cpu().tolist(),
+            "restored": restored,
         }
         cfg.history.append(record)
         _advance(bar, record)
     _close(bar)
 
-    return _certify_snapshots(model, snapshots, cert_tasks, specs, confidence, cfg, keep, LID, targets)
+    scales = None
+    if cfg.finalize:
+        goal = targets if cfg.finalize_target == "target" else {t: specs[t].tau for t in specs}
+        checks = [(search_tasks[t], specs[t], goal[t]) for t in specs]
+        finalized = [_finalize(model, b, theta, start_free, checks, layers, cfg) for _, b in snapshots]
+        snapshots = [(it, b) for (it, _), (b, _) in zip(snapshots, finalized)]
+        scales = [s for _, s in finalized]
+    extra = {"search_targets": targets, "logit_scale": logit_scale, "finalize_scales": scales,
+             "nominal_search_metric": {t: nominal[t].metric for t in specs}}
+    return _certify_snapshots(model, snapshots, cert_tasks, specs, confidence, cfg, keep, LID, extra)
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -365,28 +487,166 @@ def search_target(tau: float, nominal: float, margin: float) -> float:
     return min(tau + min(margin, max(nominal - tau, 0.0) / 2), 1.0)
 
 
+@dataclass(frozen=True)
+class _Nominal:
+    """θ's own hard metric on a task and the median margin of the examples it gets right."""
+
+    metric: float
+    margin: float
+
+
 @torch.no_grad()
-def _search_targets(model, search_tasks, specs, margin: float, chunk: int = 4096) -> dict[str, float]:
-    """Per task, the search target from θ's own metric on the whole search data (a plain forward
-    pass: this only sizes the margin, it certifies nothing)."""
+def _nominal(model, tasks: Mapping[str, TaskData], specs: Mapping[str, Spec], chunk: int = 4096) -> dict[str, _Nominal]:
+    """Per task, θ's own metric and typical margin (plain forward passes: this sizes the search,
+    it certifies nothing)."""
     param = next(model.parameters())
     out = {}
-    for t, (x, y) in search_tasks.items():
+    for t, (x, y) in tasks.items():
         logits = torch.cat([model(x[i : i + chunk].to(param.device, param.dtype)) for i in range(0, len(x), chunk)])
-        nominal = float(specs[t].hard(logits, logits, y.to(param.device)))
-        out[t] = search_target(specs[t].tau, nominal, margin)
+        y = y.to(param.device)
+        metric = float(specs[t].hard(logits, logits, y))
+        true = logits.gather(1, y[:, None]).squeeze(1)
+        others = logits.scatter(1, y[:, None], -torch.inf).max(dim=1).values
+        margin = (true - others).double()
+        right = margin[margin > 0]
+        typical = float(right.median()) if len(right) else float(margin.abs().median())
+        out[t] = _Nominal(metric, typical if math.isfinite(typical) and typical > 0 else 1.0)
     return out
+
+
+def _check_reachable(nominal: Mapping[str, _Nominal], specs: Mapping[str, Spec], where: str) -> None:
+    """No domain around θ certifies more than θ itself gets right: refuse an unreachable τ up front."""
+    for t, spec in specs.items():
+        if nominal[t].metric < spec.tau:
+            metric = spec.kind.replace("_", " ")
+            raise LidSearchError(
+                f"compute_lid: τ = {spec.tau:g} cannot be reached for task '{t}', because the model itself has "
+                f"{metric} {nominal[t].metric:.4f} on its {where} and no domain around it certifies more than that."
+            )
+
+
+def _step_sizes(model, tasks: Mapping[str, TaskData], theta: Mapping[str, Tensor], nominal: Mapping[str, _Nominal],
+                layers, cfg: SearchConfig, p_total: int) -> tuple[dict[str, float], float]:
+    """Per parameter tensor, Adam's base learning rate on its bounds, and the logit scale of the surrogate.
+
+    ``scaling="absolute"``: the paper's ``primal_lr / p`` for every tensor and raw logits. ``"sensitivity"``:
+    G_T = ∂(mean logit radius)/∂r summed over tensor T's coordinates at zero width (first order: the
+    radius every logit gets when each coordinate of T has radius 1), M = the smallest typical margin over
+    the tasks, K = the tensors that move the bounds at all. A radius of σ_T = M / (K·G_T) on all of T uses
+    1/K of the margin, so σ_T is the natural unit of T's steps: lr_T = primal_lr · σ_T (at most
+    max_width). A tensor the logits do not depend on at first order steps by max_width · primal_lr.
+    """
+    lr = cfg.effective_primal_lr
+    if cfg.scaling == "absolute":
+        return {n: lr / p_total for n in theta}, 1.0
+    scale = min(n.margin for n in nominal.values())
+    radius = {n: torch.zeros_like(t, requires_grad=True) for n, t in theta.items()}
+    box = Box({n: theta[n] - radius[n] for n in theta}, {n: theta[n] + radius[n] for n in theta}, check=False)
+    total = 0.0
+    for x, _ in tasks.values():
+        xb = x[:512].to(next(iter(theta.values())).device)
+        lo, hi = _ibp_search(model, box, xb, layers)
+        total = total + ((hi - lo) / 2).mean()
+    grads = torch.autograd.grad(total / len(tasks), list(radius.values()), allow_unused=True)
+    sensitivity = {n: (0.0 if g is None else float(g.detach().double().sum())) for n, g in zip(radius, grads)}
+    live = [n for n, s in sensitivity.items() if s > 0 and math.isfinite(s)]
+    steps = {}
+    for n, s in sensitivity.items():
+        unit = scale / (len(live) * s) if n in live else cfg.max_width
+        steps[n] = lr * min(unit, cfg.max_width)
+    return steps, scale
+
+
+def _ibp_search(model, box: Box, x: Tensor, layers) -> tuple[Tensor, Tensor]:
+    from .bounds import ibp, rounding
+
+    with rounding.native_kernels():
+        return ibp.propagate(model, box, x.to(box.dtype), certify=False, layers=layers)
+
+
+def _copy_bounds(lower: Mapping[str, Tensor], upper: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    return ({n: t.detach().clone() for n, t in lower.items()}, {n: t.detach().clone() for n, t in upper.items()})
+
+
+@torch.no_grad()
+def _pull_back_(lower, upper, feasible, keep: float) -> None:
+    """Move the box to ``feasible + keep · (box − feasible)``: both contain θ and respect the caps, the
+    masks and ``within``, and so does every point between them."""
+    f_lower, f_upper = feasible
+    for n in lower:
+        lower[n].copy_(f_lower[n] + keep * (lower[n] - f_lower[n]))
+        upper[n].copy_(f_upper[n] + keep * (upper[n] - f_upper[n]))
+
+
+@torch.no_grad()
+def _finalize(model, box: Box, theta, free, checks, layers, cfg: SearchConfig) -> tuple[Box, float]:
+    """``box`` shrunk towards θ by the largest scale s ∈ [0, 1] at which every check ``((x, y), spec, goal)``
+    holds on its whole data set; free coordinates keep their width. Returns (box, s).
+
+    The scale is bisected with the cheap search-mode bound (to within 2^-finalize_steps). Search mode
+    leaves out the rounding terms of certify mode, which can only cost examples whose margin is at
+    rounding level; so where the search-mode metric clears a goal by fewer than two examples, the scale
+    is confirmed with the sound certify-mode metric in float64 that certificates use (and bisected
+    below it if rounding costs an example), so "meets τ on the search data" holds in the certificate's
+    sense."""
+
+    def scaled(s: float) -> Box:
+        if s == 1.0:
+            return box
+        lower, upper = {}, {}
+        for n, c in theta.items():
+            lo, hi = c - s * (c - box.lower[n]), c + s * (box.upper[n] - c)
+            if n in free:
+                lo, hi = torch.where(free[n], box.lower[n], lo), torch.where(free[n], box.upper[n], hi)
+            lower[n], upper[n] = torch.minimum(lo, c), torch.maximum(hi, c)
+        return Box(lower, upper, check=False)
+
+    def slack(s: float) -> float:
+        """The smallest (search-mode metric − goal) · n over the checks: examples to spare."""
+        candidate = scaled(s)
+        return min((_search_metric(model, candidate, x, y, spec, layers, cfg) - goal) * len(x)
+                   for (x, y), spec, goal in checks)
+
+    def sound(s: float) -> bool:
+        candidate = scaled(s)
+        return all(certified_accuracy(model, candidate, x, y, method=cfg.method, dtype=torch.float64,
+                                      balanced=spec.kind == "balanced_accuracy") >= goal
+                   for (x, y), spec, goal in checks)
+
+    def bisect(good: float, bad: float, meets) -> float:
+        for _ in range(cfg.finalize_steps):
+            mid = (good + bad) / 2
+            good, bad = (mid, bad) if meets(mid) else (good, mid)
+        return good
+
+    spare = slack(1.0)
+    s = 1.0 if spare >= 0 else bisect(0.0, 1.0, lambda v: slack(v) >= 0)
+    if s > 0.0 and (s < 1.0 or spare < 2) and not sound(s):
+        s = bisect(0.0, s, sound)
+    return scaled(s), s
+
+
+def _search_metric(model, box: Box, x: Tensor, y: Tensor, spec: Spec, layers, cfg: SearchConfig) -> float:
+    """The search-mode hard metric of ``box`` on a whole data set, in minibatches."""
+    dev = box.device
+    los, his, lins = [], [], []
+    for s in range(0, len(x), cfg.batch_size):
+        lo, hi, lin = _search_bounds(model, box, x[s : s + cfg.batch_size].to(dev), y[s : s + cfg.batch_size].to(dev),
+                                     layers, cfg)
+        los.append(lo), his.append(hi), lins.append(lin)
+    lin = None if lins[0] is None else torch.cat(lins)
+    return float(spec.hard(torch.cat(los), torch.cat(his), y.to(dev), lin))
 
 
 def _search_bounds(model, box, x, y, layers, cfg: SearchConfig):
     """Differentiable (lo, hi, linear margins or None) of one minibatch (no input checks: done once)."""
-    from .bounds import ibp, rounding
+    if cfg.method == "linear":
+        from .bounds import rounding
 
-    with rounding.native_kernels():
-        if cfg.method == "linear":
+        with rounding.native_kernels():
             return linear.linear_margins(model, box, x.to(box.dtype), y, certify=False, layers=layers,
                                          competitors=cfg.competitors)
-        return (*ibp.propagate(model, box, x.to(box.dtype), certify=False, layers=layers), None)
+    return (*_ibp_search(model, box, x, layers), None)
 
 
 def _objective(lower, upper, alpha: float, p_total: int) -> Tensor:
@@ -423,11 +683,12 @@ def _project_box_(lower, upper, theta, max_width, frozen, outer: Box | None) -> 
             upper[n].copy_(torch.where(frozen[n], c, upper[n]))
 
 
-def _certify_snapshots(model, snapshots, cert_tasks, specs, confidence, cfg, keep, lid_cls, targets):
+def _certify_snapshots(model, snapshots, cert_tasks, specs, confidence, cfg, keep, lid_cls, extra: Mapping):
     members = [box for _, box in snapshots]
     config = {k: v for k, v in asdict(cfg).items() if k != "history"}
+    config["primal_lr"] = cfg.effective_primal_lr
     config["checkpoint_iterations"] = [it for it, _ in snapshots]
-    config["search_targets"] = targets
+    config.update(extra)
     config["keep"] = keep
     lid = lid_cls.certify(model, members, cert_tasks, specs, confidence=confidence, search_config=config,
                           method=cfg.method)
@@ -439,12 +700,15 @@ def _certify_snapshots(model, snapshots, cert_tasks, specs, confidence, cfg, kee
         if all(certs[t].certified_accuracy >= specs[t].tau for t in specs)
     ]
     if not good:
-        best = max(min(c.certified_accuracy for c in certs.values()) for certs in lid.certificates)
-        raise LidSearchError(
-            f"compute_lid: no checkpoint reaches τ on the held-out certification data "
-            f"(best certified metric {best:.4f}, τ = {[s.tau for s in specs.values()]}); "
-            "lower τ, use more iterations with a smaller primal_lr, or keep='all'"
-        )
+        best = max(range(len(lid)), key=lambda i: min(c.certified_accuracy - specs[t].tau
+                                                       for t, c in lid.certificates[i].items()))
+        short = ", ".join(f"task '{t}' {c.certified_accuracy:.4f} < τ = {specs[t].tau:g} on {c.n} held-out examples"
+                          for t, c in lid.certificates[best].items() if c.certified_accuracy < specs[t].tau)
+        why = ("every checkpoint met τ on the search data, so the domain's shape does not carry over to new examples "
+               "(give the search more data, lower τ or raise tau_margin)" if cfg.finalize else
+               "(lower τ, raise tau_margin, or pass keep='all' to keep certificates below τ)")
+        raise LidSearchError(f"compute_lid: no checkpoint reaches τ on the held-out certification data (best: {short}); "
+                             f"{why}.")
     return lid.subset(good)
 
 

@@ -34,7 +34,7 @@ def lid(task):
     acc = accuracy(model, x, y)
     assert acc > 0.95
     return le.compute_lid(model, x, y, tau=0.9, iterations=60, checkpoints=6, batch_size=256,
-                          primal_lr=0.5, progress=False, seed=0)
+                          progress=False, seed=0)
 
 
 def test_search_returns_certified_members_containing_theta(task, lid):
@@ -68,10 +68,18 @@ def test_certificate_is_sound_for_sampled_models(task, lid):
     assert lid.certificates[-1]["task"].certified_accuracy <= float(sampled_acc.min())
 
 
-def test_unmeetable_tau_fails_closed(task):
+def test_unmeetable_tau_fails_closed_in_one_sentence(task):
+    """τ above what the model itself gets right (on the search data or on the held-out data) is refused
+    before any search, in one sentence naming τ, the task, the data and the model's own metric."""
     model, x, y = task
-    with pytest.raises(LidSearchError, match="no checkpoint reaches"):
-        le.compute_lid(model, x, y, tau=1.0, iterations=10, checkpoints=2, progress=False,
+    acc = accuracy(model, x, y)
+    wrong = (y + 1) % 2  # the model gets (nearly) every example wrong under these labels
+    with pytest.raises(LidSearchError, match=r"τ = 0.5 cannot be reached for task 'task'.*search data") as err:
+        le.compute_lid(model, x, wrong, tau=0.5, iterations=10, checkpoints=2, progress=False)
+    message = str(err.value)
+    assert message.endswith(".") and message.count(". ") == 0 and "\n" not in message
+    with pytest.raises(LidSearchError, match=r"cannot be reached.*held-out certification data"):
+        le.compute_lid(model, x, y, tau=min(acc, 0.9), iterations=10, checkpoints=2, progress=False,
                        cert_x=x[:50], cert_y=(y[:50] + 1) % 2)
 
 
@@ -119,7 +127,7 @@ def test_nested_lid_stays_inside_within(task, lid):
     model, x, y = task
     outer = lid.members[0]
     inner = le.compute_lid(model, x, y, tau=0.85, iterations=40, checkpoints=4, progress=False,
-                           within=lid, keep="all", primal_lr=2.0)
+                           within=lid, keep="all")
     member = lid.members[lid.member_index(model)]
     for box in inner.members:
         assert box.is_subset(member)
@@ -159,7 +167,7 @@ def test_a_task_the_model_barely_meets_does_not_collapse_the_box(task):
     target = lid.search_config["search_targets"]["task"]
     assert tau <= target <= tau + (acc - tau) / 2 + 1e-9
     widths = lid.width_sum()
-    assert widths == sorted(widths) and widths[-1] > 2 * widths[0] > 0, "the box keeps growing"
+    assert widths == sorted(widths) and widths[-1] > widths[0] > 0, "the box keeps growing"
     assert all(c["task"].certified_accuracy >= tau for c in lid.certificates)
 
 

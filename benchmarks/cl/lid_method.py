@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from lid_engine import (
     LID,
     ProjectedOptimizer,
+    SearchConfig,
     compute_lid,
     fisher_importance,
     importance_mask,
@@ -120,10 +121,12 @@ class LidPGD(Method):
         With several constraints the minibatch is shared out, so an iteration costs the same."""
         batch = max(64, self.s.search_batch // len(kwargs["tasks"]))
         bound = {} if self.bound == "ibp" else {"method": self.bound, "competitors": self.s.linear_competitors}
+        # The paper's search (steps of primal_lr/p in parameter units, no restoration or
+        # finalisation), with this benchmark's τ margin: the numbers reproduce the paper's method.
+        paper = SearchConfig.paper(primal_lr=self.primal_lr, tau_margin=self.s.tau_margin)
         lid = compute_lid(
             model, keep="all", progress=False, seed=self.seed, iterations=self.iterations,
-            batch_size=batch, checkpoints=self.s.checkpoints, primal_lr=self.primal_lr,
-            tau_margin=self.s.tau_margin, **bound, **kwargs,
+            batch_size=batch, checkpoints=self.s.checkpoints, **paper, **bound, **kwargs,
         )
         meeting = [i for i in range(len(lid)) if all(
             lid.certificate(i, t).certified_accuracy >= lid.tasks[t].tau for t in lid.tasks)]
