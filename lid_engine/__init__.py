@@ -20,11 +20,10 @@ from .certificate import Certificate, certify_box, clopper_pearson_lower, finger
 from .importance import fisher_importance, importance_mask, si_importance
 from .layers import TaskMask
 from .lid import LID
-from .models import mlp, mnist_cnn
 from .projection import CoefficientOptimizer, ProjectedOptimizer, ProjectionHandle, Projector, attach_projection, project_
 from .search import LidSearchError, SearchConfig, compute_lid, tau_from_accuracy
 from .spec import Spec, certified_accuracy, certified_examples, certified_mask, worst_case_logits
-from .training import accuracy
+from .metrics import accuracy
 from .zonotope import Zonotope
 
 from .verify import verify  # noqa: E402
@@ -66,8 +65,6 @@ __all__ = [
     "certified_mask",
     "fisher_importance",
     "importance_mask",
-    "mlp",
-    "mnist_cnn",
     "si_importance",
     "load_parameters_",
     "worst_case_logits",

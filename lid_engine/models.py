@@ -1,4 +1,8 @@
-"""Reference architectures from the paper (METHOD.md §5), as certifiable ``nn.Sequential``s."""
+"""Left for flows/ and their tests until they switch over; delete then.
+
+The architectures moved out of the engine: ``examples.mnist.model.cnn`` (the paper's CNN) and
+``examples.digits.model.mlp``.
+"""
 
 from __future__ import annotations
 

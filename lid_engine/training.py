@@ -1,10 +1,16 @@
-"""Plain supervised training and evaluation helpers shared by the demo, benchmarks and flows."""
+"""Left for flows/ until it switches over; delete then.
+
+``train_classifier`` moved to ``benchmarks/training.py`` (the engine trains nothing), ``accuracy`` to
+``lid_engine.metrics`` (still ``lid_engine.accuracy``).
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .metrics import accuracy  # noqa: F401  (re-exported for flows/)
 
 
 def train_classifier(
@@ -42,10 +48,3 @@ def train_classifier(
     if bar is not None:
         bar.close()
     return model.eval()
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 4096) -> float:
-    model.eval()
-    correct = sum(int((model(x[s : s + batch_size]).argmax(1) == y[s : s + batch_size]).sum()) for s in range(0, len(x), batch_size))
-    return correct / len(x)

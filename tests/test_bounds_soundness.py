@@ -17,7 +17,7 @@ from torch import nn
 
 import lid_engine as le
 from lid_engine.spec import certified_mask
-from tests.sampling import sample_parameters, sampled_outputs
+from tests.helpers.sampling import sample_parameters, sampled_outputs
 
 N_SAMPLES = 10_000
 
@@ -281,18 +281,18 @@ def test_certify_mode_encloses_float64_forward_on_large_real_batches(radius: flo
     it. The float64 forward of the nominal model stands in for real arithmetic (its own error is
     ~1e-16, far below the float32 slack), at the nominal point and at box vertices.
     """
-    from components.datasets import load_mnist
-    from lid_engine.models import mnist_cnn
+    from examples.mnist.data import load_mnist
+    from examples.mnist.model import cnn
 
     torch.manual_seed(0)
-    model = mnist_cnn()
+    model = cnn()
     with torch.no_grad():
         model[0].bias.fill_(0.0313219)  # outputs over blank borders are pure bias: lo == hi exactly
     x = torch.from_numpy(load_mnist("test", copy=False)[0][:2048].copy())  # the packaged array is read-only
     box = le.Box.around(model, radius)
     lo, hi = le.bound_logits(model, box, x, dtype=torch.float32)
     for params in [dict(model.named_parameters()), box.vertex(torch.Generator().manual_seed(1))]:
-        m64 = mnist_cnn().double()
+        m64 = cnn().double()
         le.load_parameters_(m64, {n: p.detach().double() for n, p in params.items()})
         with torch.no_grad():
             exact = m64(x.double())

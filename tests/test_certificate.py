@@ -33,7 +33,7 @@ from lid_engine.errors import CertificateError, InvalidDomainError, InvalidInput
 from lid_engine.lid import LID, manifest_digest
 from lid_engine.spec import certified_mask
 from lid_engine.verify import verify
-from tests.sampling import sample_parameters, sampled_outputs
+from tests.helpers.sampling import sample_parameters, sampled_outputs
 
 RADII = (0.001, 0.01)
 

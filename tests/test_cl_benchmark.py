@@ -255,7 +255,7 @@ def test_run_unit_report_and_plan(tmp_path):
 def test_a_new_benchmark_needs_data_not_code(tmp_path):
     """An .npz with arrays and a task split runs through the CLI and lands in the report."""
     from benchmarks.cl.__main__ import main
-    from components.datasets import blobs
+    from benchmarks.cl.data import blobs
 
     x, y = blobs(1200, seed=4)
     data = tmp_path / "toy.npz"

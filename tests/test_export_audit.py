@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import lid_engine
+from benchmarks.cl.data import blobs
 from components.audit import TaskAudit, VersionAudit, render_audit_report
-from components.datasets import blobs
 from components.export import (
     CERTIFICATE_KEY,
     OnnxExportError,
@@ -22,7 +22,9 @@ from components.export import (
     log_onnx_to_mlflow,
     read_onnx_metadata,
 )
-from lid_engine import Box, models
+from examples.mnist.model import cnn
+from lid_engine import Box
+from tests.helpers.models import mlp
 
 CERT_SHA = "0123456789abcdef" * 4
 
@@ -47,13 +49,13 @@ def _assert_parity(model, path, example, sizes=(1, 7, 64)):
 
 
 # ------------------------------------------------------------------------------ export
-@pytest.mark.parametrize("which", ["mnist_cnn", "mlp"])
+@pytest.mark.parametrize("which", ["cnn", "mlp"])
 def test_export_parity_and_metadata(tmp_path, which):
     torch.manual_seed(0)
-    if which == "mnist_cnn":
-        model, example = models.mnist_cnn(), torch.rand(3, 1, 28, 28)
+    if which == "cnn":
+        model, example = cnn(), torch.rand(3, 1, 28, 28)
     else:
-        model, example = models.mlp([2, 16, 16, 4]), torch.randn(5, 2)
+        model, example = mlp([2, 16, 16, 4]), torch.randn(5, 2)
     model.train()  # export must switch to eval and restore the mode
     meta = {"lidgate.version": "7", "lidgate.model_sha256": "f" * 64, "lidgate.tasks": "t1,t2"}
     out = tmp_path / "sub" / f"{which}.onnx"
@@ -78,7 +80,7 @@ def test_export_parity_and_metadata(tmp_path, which):
 
 
 def test_export_is_quiet(tmp_path, capfd):
-    export_onnx(models.mlp([3, 8, 2]), torch.randn(4, 3), tmp_path / "m.onnx", certificate_sha256=CERT_SHA)
+    export_onnx(mlp([3, 8, 2]), torch.randn(4, 3), tmp_path / "m.onnx", certificate_sha256=CERT_SHA)
     captured = capfd.readouterr()
     assert captured.out == "" and captured.err == ""
 
@@ -114,7 +116,7 @@ def test_parity_failure_raises_and_keeps_previous_file(tmp_path):
 
 
 def test_export_rejects_bad_arguments(tmp_path):
-    m, x = models.mlp([2, 4]), torch.randn(2, 2)
+    m, x = mlp([2, 4]), torch.randn(2, 2)
     with pytest.raises(ValueError, match="sha256"):
         export_onnx(m, x, tmp_path / "a.onnx", certificate_sha256="not-a-sha")
     with pytest.raises(ValueError, match="contradicts"):
@@ -134,7 +136,7 @@ def test_log_onnx_to_mlflow(tmp_path, monkeypatch):
         client = MlflowClient()
         exp = client.create_experiment("export", artifact_location=(tmp_path / "artifacts").as_uri())
         run = client.create_run(exp)
-        res = export_onnx(models.mlp([2, 4]), torch.randn(3, 2), tmp_path / "m.onnx",
+        res = export_onnx(mlp([2, 4]), torch.randn(3, 2), tmp_path / "m.onnx",
                           certificate_sha256=CERT_SHA)
         log_onnx_to_mlflow(res, run.info.run_id)
         assert [a.path for a in client.list_artifacts(run.info.run_id, "onnx")] == ["onnx/m.onnx"]
@@ -153,7 +155,7 @@ def champion_lid():
     torch.manual_seed(0)
     x, y = blobs(n=600, n_classes=4, seed=0)
     x, y = torch.from_numpy(x), torch.from_numpy(y)
-    model = models.mlp([2, 16, 4])
+    model = mlp([2, 16, 4])
     opt = torch.optim.Adam(model.parameters(), 5e-2)
     for _ in range(40):
         opt.zero_grad()
@@ -247,7 +249,7 @@ def _png_size(png: bytes) -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def frozen_bias_lid(champion_lid):
     """One member whose biases have no width at all (as a frozen-coordinate mask leaves them)."""
-    model = models.mlp([2, 16, 4])
+    model = mlp([2, 16, 4])
     model.load_state_dict(champion_lid.state(), strict=False)
     params = dict(model.named_parameters())
     lower = {n: p.detach() - (0.0 if n.endswith("bias") else 1e-3) for n, p in params.items()}
@@ -278,7 +280,7 @@ def test_zero_width_tensors_are_one_line_not_empty_panels(tmp_path, frozen_bias_
 def test_every_width_zero_gives_no_histogram_figure(tmp_path, champion_lid):
     from components.audit.plots import plot_width_histograms
 
-    model = models.mlp([2, 16, 4])
+    model = mlp([2, 16, 4])
     model.load_state_dict(champion_lid.state(), strict=False)
     x, y = blobs(n=200, n_classes=4, seed=2)
     lid = lid_engine.LID.certify(model, [Box.around(model, 0.0)], {"t1": (torch.from_numpy(x), torch.from_numpy(y))},

@@ -127,7 +127,7 @@ def test_model_spec_roundtrip_and_build(tmp_path, code_dir):
     assert spec.build(roots=[code_dir]).out_features == 6
     with pytest.raises(FactoryError, match=r"^model\.factory: calling .*broken\(\) raised RuntimeError"):
         ModelSpec("teampkg_factory_tests.models:broken", {}).build(roots=[code_dir], field=FIELD)
-    assert isinstance(ModelSpec("lid_engine.models:mlp", {"sizes": [2, 3]}).build(), torch.nn.Module)
+    assert isinstance(ModelSpec("tests.helpers.models:mlp", {"sizes": [2, 3]}).build(), torch.nn.Module)
 
 
 def test_model_spec_rejects_bad_fields(tmp_path):
@@ -136,11 +136,11 @@ def test_model_spec_rejects_bad_fields(tmp_path):
     with pytest.raises(FactoryError, match=r"^ModelSpec\.factory: 'models\.py:net' names a file"):
         ModelSpec("models.py:net", {})
     with pytest.raises(FactoryError, match=r"^ModelSpec\.kwargs: expected a mapping"):
-        ModelSpec("lid_engine.models:mlp", [1, 2])
+        ModelSpec("tests.helpers.models:mlp", [1, 2])
     with pytest.raises(FactoryError, match=r"^ModelSpec\.kwargs: expected JSON values"):
-        ModelSpec("lid_engine.models:mlp", {"x": object()})
+        ModelSpec("tests.helpers.models:mlp", {"x": object()})
     with pytest.raises(FactoryError, match=r"^ModelSpec\.kwargs: expected JSON values"):
-        ModelSpec("lid_engine.models:mlp", {"x": float("nan")})
+        ModelSpec("tests.helpers.models:mlp", {"x": float("nan")})
     with pytest.raises(FactoryError, match="exactly the fields"):
         ModelSpec.from_dict({"factory": "a:b"})
     (tmp_path / "spec.json").write_text("{not json")

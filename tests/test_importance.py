@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 import lid_engine as le
+from benchmarks.training import train_classifier
 from lid_engine.importance import fisher_importance, importance_mask, si_importance
-from lid_engine.models import mlp
+from tests.helpers.models import mlp
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +64,6 @@ def test_masks_freeze_the_right_fraction_and_coordinates(model_and_data, fractio
 
 def test_mask_feeds_compute_lid(model_and_data):
     model, x, y = model_and_data
-    from lid_engine.training import train_classifier
-
     train_classifier(model, x, y, epochs=30, batch_size=16, lr=1e-2)
     mask = importance_mask(si_importance(model, x, y, steps=10), 0.8)
     lid = le.compute_lid(model, x, y, tau=0.3, iterations=10, checkpoints=1, progress=False, mask=mask,

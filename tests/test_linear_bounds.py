@@ -20,9 +20,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lid_engine as le
+from examples.mnist.model import cnn
 from lid_engine import bound_margins
 from lid_engine.errors import LidError, UnsupportedLayerError
-from tests.sampling import sample_parameters, sampled_outputs
+from tests.helpers.sampling import sample_parameters, sampled_outputs
 from tests.test_bounds_soundness import _bn, inputs, make_box
 
 N_SAMPLES = 10_000
@@ -175,7 +176,7 @@ def test_zero_width_box_gives_the_nominal_margins(name, dtype) -> None:
 def test_linear_is_much_tighter_than_ibp_on_shared_convolution_weights() -> None:
     """The reason the method exists: a kernel used at every position, its width counted once."""
     torch.manual_seed(0)
-    model = le.mnist_cnn(10).double()
+    model = cnn(10).double()
     box = le.Box.around(model, 0.003, names=["0.weight", "2.weight"])
     x = torch.rand(16, 1, 28, 28, dtype=torch.float64)
     y = labels(model, x)
@@ -267,7 +268,7 @@ def test_search_mode_is_differentiable_and_widening_hurts() -> None:
 
 def test_competitors_limit_the_work_but_never_loosen_below_ibp() -> None:
     torch.manual_seed(1)
-    model = le.mnist_cnn(10)
+    model = cnn(10)
     box = le.Box.around(model, 0.002)
     x = torch.rand(8, 1, 28, 28)
     y = labels(model, x)

@@ -20,18 +20,18 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from benchmarks.cl.data import blobs  # noqa: E402
+from benchmarks.training import train_classifier  # noqa: E402
 import components.gate as gate  # noqa: E402
 import components.lineage as lineage  # noqa: E402
-from components.datasets import blobs  # noqa: E402
 from components.factory import FactoryError, ModelSpec  # noqa: E402
 from components.gate import promote  # noqa: E402
 from components.registry import Registry, RegistryError, RegistryIntegrityError  # noqa: E402
 from lid_engine import LID, Box, Spec, fingerprint_data, fingerprint_model, project_  # noqa: E402
 from lid_engine.lid import manifest_digest  # noqa: E402
-from lid_engine.training import train_classifier  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = ModelSpec("lid_engine.models:mlp", {"sizes": [2, 16, 4]})
+SPEC = ModelSpec("tests.helpers.models:mlp", {"sizes": [2, 16, 4]})
 TAU = 0.8
 
 
@@ -189,7 +189,7 @@ def test_register_load_roundtrip(registry, base_model, base_lid, data):
 
 def test_register_rejects_bad_input(registry, base_model, base_lid, data):
     with pytest.raises(RegistryError, match="does not rebuild"):
-        registry.register(base_model, ModelSpec("lid_engine.models:mlp", {"sizes": [2, 8, 4]}),
+        registry.register(base_model, ModelSpec("tests.helpers.models:mlp", {"sizes": [2, 8, 4]}),
                           lid=base_lid, cert_data=data["cert"])
     with pytest.raises(RegistryError, match="tasks"):
         registry.register(base_model, SPEC, lid=base_lid, cert_data={"t2": data["cert"]["t1"]})

@@ -8,12 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lid_engine as le
-from components.datasets import blobs
-from lid_engine.models import mlp
+from benchmarks.cl.data import blobs
+from benchmarks.training import train_classifier
 from lid_engine.projection import Projector
 from lid_engine.search import LidSearchError, _split, search_target
-from lid_engine.training import accuracy, train_classifier
-from tests.sampling import sample_parameters, sampled_outputs
+from lid_engine.metrics import accuracy
+from tests.helpers.models import mlp
+from tests.helpers.sampling import sample_parameters, sampled_outputs
 
 
 @pytest.fixture(scope="module")

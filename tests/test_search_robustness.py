@@ -15,7 +15,7 @@ import torch
 
 import lid_engine as le
 from benchmarks.search_robustness import DELTAS, SMALL_CASES, run_case
-from tests.sampling import sample_parameters, sampled_outputs
+from tests.helpers.sampling import sample_parameters, sampled_outputs
 
 pytestmark = pytest.mark.slow
 

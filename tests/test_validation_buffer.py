@@ -14,8 +14,9 @@ import torch
 
 from components import validation as val
 from components.buffer import BufferCorruptError, BufferRejectedError, LookaheadBuffer
-from components.datasets import load_digits_8x8, load_mnist
 from components.validation import ValidationReport, min_rows_for_confidence, validate_all, validate_dataset
+from examples.digits.data import load_digits_8x8
+from examples.mnist.data import load_mnist
 
 MNIST_SHAPE = (1, 28, 28)
 

@@ -25,7 +25,7 @@ from torch import nn
 
 import lid_engine as le
 from lid_engine.errors import DomainMismatchError, InvalidDomainError, LidError
-from tests.sampling import sampled_outputs
+from tests.helpers.sampling import sampled_outputs
 from tests.test_bounds_soundness import assert_enclosed, inputs
 from tests.test_linear_bounds import LINEAR_ZOO, assert_below, labels, linear_zoo, sampled_margins
 

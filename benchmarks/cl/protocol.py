@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from components.datasets import split_tasks
+from .data import split_tasks
 
 SCENARIOS = ("class", "domain", "task")
 SHORT = {"class": "CIL", "domain": "DIL", "task": "TIL"}
@@ -147,7 +147,9 @@ def build_tasks(
 
 def split_mnist(scenario: str, seed: int, *, n_cert: int = 400, holdout: Sequence[int] | None = None) -> TaskSequence:
     """Split-MNIST, 5 tasks of one even and one odd digit drawn per seed (the paper's pairing)."""
-    from components.datasets import load_mnist, split_mnist_tasks
+    from examples.mnist.data import load_mnist
+
+    from .data import split_mnist_tasks
 
     x_tr, y_tr = load_mnist("train+valid", copy=False)
     x_te, y_te = load_mnist("test", copy=False)
@@ -176,7 +178,7 @@ def npz_tasks(path: str, scenario: str, seed: int, *, n_cert: int = 400, holdout
 
 def blobs_tasks(scenario: str, seed: int, *, n_cert: int = 100, holdout: Sequence[int] | None = None) -> TaskSequence:
     """The blobs toy (METHOD.md §5.0): 6 blobs, tasks {0,1}, {2,3}, {4,5}; 70/15/15 train/cert/test."""
-    from components.datasets import blobs
+    from .data import blobs
 
     x, y = blobs(2000, seed=seed)
     n_test = int(0.15 * len(x))

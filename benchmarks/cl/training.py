@@ -102,7 +102,7 @@ def train_task(
 
 
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, task: int | None = None) -> float:
-    """``lid_engine.training.accuracy`` with the task mask set to ``task`` (Task-IL), restored afterwards."""
+    """``lid_engine.accuracy`` with the task mask set to ``task`` (Task-IL), restored afterwards."""
     mask = task_mask(model)
     previous = mask.task if mask is not None else None
     set_task(model, task)

@@ -1,0 +1,1 @@
+"""Example: a small fully connected classifier on scikit-learn's bundled 8x8 digits."""

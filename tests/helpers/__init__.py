@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: model factories, the sampling oracle, CLI factories."""
