@@ -37,7 +37,7 @@ demo: venv
 	$(PY) -m flows.demo --fresh
 
 demo-engine: venv
-	$(PY) -m flows.engine_demo
+	$(PY) -m examples.engine_demo
 
 bench: venv
 	$(PY) -m benchmarks.bounds && $(PY) -m benchmarks.lid && $(PY) -m benchmarks.margins && $(PY) -m benchmarks.search_robustness

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 import lid_engine as le
+from examples.digits.model import mlp
 
 DELTAS = (0.05, 0.15, 0.30)
 RESULTS = Path(__file__).resolve().parent / "results" / "search_robustness.md"
@@ -53,15 +54,6 @@ class Case:
     @property
     def parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
-
-
-def mlp(sizes: list[int]) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
 
 
 def _train(model: nn.Module, x: Tensor, y: Tensor, epochs: int, lr: float = 1e-3, seed: int = 0) -> nn.Module:

@@ -22,8 +22,9 @@ import hashlib
 import io
 import json
 import math
+import re
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ __all__ = [
     "file_provenance",
     "load_file",
     "load_splits",
+    "load_update",
     "seeded_split",
     "split_indices",
 ]
@@ -141,6 +143,54 @@ def load_splits(config: LidgateConfig) -> DataSplits:
         splits, provenance = _from_loader(config)
     provenance["shape"] = list(d.shape) if d.shape else None
     return _assemble(d, splits, provenance)
+
+
+def load_update(config: LidgateConfig, paths: Sequence[str | Path], task: str | None = None) -> DataSplits:
+    """New data for a retrain: one or more files in the configuration's format, joined and cut into
+    train / search / certification by the seeded split.
+
+    The split is ``data.split`` when the configuration has one, else the default (0.6 / 0.2 / 0.2,
+    seed 0); its fractions, seed and row assignment are recorded in the provenance, and so are every
+    file's path and sha256. The task is named ``task``, else after the first file (its stem).
+
+    Args:
+        config: the validated configuration (``data.features``, ``label``, ``shape``, ``classes`` apply).
+        paths: Parquet, CSV or ``.npz`` files with the configured columns (arrays ``x``, ``y``).
+        task: the new task's name (letters, digits, ``_ . -``); default: the first file's stem.
+
+    Returns:
+        The new data's three splits.
+
+    Raises:
+        DataError: no file, a file that cannot be read or fails a check, the same file twice, files
+            whose examples differ in shape, or a task name that cannot be used.
+    """
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise DataError("--data: expected at least one data file (Parquet, CSV or .npz)")
+    d = config.data
+    name = task if task is not None else re.sub(r"[^A-Za-z0-9_.-]", "-", paths[0].stem).strip(".-") or "update"
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}", name):
+        raise DataError(f"task name {name!r}: expected 1-100 characters from A-Z a-z 0-9 _ . - (not starting with . or -)")
+    xs, ys, records, seen = [], [], [], {}
+    for path in paths:
+        x, y, record = _read_file(path, d)
+        if record["sha256"] in seen:
+            raise DataError(f"{path}: the same content as {seen[record['sha256']]}; expected each file once")
+        seen[record["sha256"]] = path
+        if xs and x.shape[1:] != xs[0].shape[1:]:
+            raise DataError(f"{path}: examples of shape {list(x.shape[1:])}, {paths[0]} has {list(xs[0].shape[1:])}; "
+                            "expected one shape")
+        xs.append(x), ys.append(y), records.append(record)
+    x = np.concatenate(xs) if len(xs) > 1 else xs[0]
+    y = np.concatenate(ys) if len(ys) > 1 else ys[0]
+    split = d.split if d.split is not None else SplitSection()
+    splits, split_record = _split_arrays(x, y, split, where=", ".join(str(p) for p in paths))
+    provenance = {"form": "update", "files": records, "split": split_record,
+                  "shape": list(d.shape) if d.shape else None}
+    out = _assemble(d, splits, provenance)
+    out.task = name
+    return out
 
 
 def load_file(path: str | Path, data_cfg: DataSection) -> Pair:

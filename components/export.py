@@ -6,7 +6,7 @@ with a dynamic batch dimension, writes ``lidgate.certificate_sha256`` (and any f
 ``metadata_props``, and then proves the file computes the same function: onnxruntime
 (``CPUExecutionProvider``) is run on the example input *and* on a batch of a different size (which
 also proves the batch dimension really is dynamic), and the export is refused with
-``OnnxParityError`` when any output differs from torch's by more than ``atol``.
+``OnnxParityError`` when any output differs from torch's by more than ``atol + rtol·|torch output|``.
 
 The file is written to a temporary name in the target directory and moved into place with
 ``os.replace`` only after every check has passed, so a failed or interrupted export never leaves a
@@ -185,8 +185,10 @@ def _check_metadata(certificate_sha256: str, metadata: Mapping[str, str] | None)
     return props
 
 
-def _parity(session, model: nn.Module, batches: Sequence[Tensor], input_name: str) -> float:
-    worst = 0.0
+def _parity(session, model: nn.Module, batches: Sequence[Tensor], input_name: str,
+            rtol: float = 0.0) -> tuple[float, float]:
+    """(largest |onnx − torch|, largest |onnx − torch| − rtol·|torch|) over every output element."""
+    worst, excess = 0.0, 0.0
     for xb in batches:
         with torch.no_grad():
             expected = [t.detach().cpu() for t in _flatten_outputs(model(xb), "export_onnx")]
@@ -207,16 +209,20 @@ def _parity(session, model: nn.Module, batches: Sequence[Tensor], input_name: st
             if e.numel() == 0:
                 continue
             if e.is_floating_point() or e.is_complex():
-                diff = float((g.double() - e.double()).abs().max())
+                gap = (g.double() - e.double()).abs()
+                over = gap - rtol * e.double().abs()
+                diff, beyond = float(gap.max()), float(over.max())
                 if math.isnan(diff):  # NaN where the other side is not (same NaN positions compare equal)
                     same_nan = bool(torch.equal(torch.isnan(g), torch.isnan(e)))
                     finite = ~torch.isnan(e)
-                    diff = float((g.double() - e.double())[finite].abs().max()) if same_nan and bool(finite.any()) else (
-                        0.0 if same_nan else math.inf)
+                    if same_nan and bool(finite.any()):
+                        diff, beyond = float(gap[finite].max()), float(over[finite].max())
+                    else:
+                        diff = beyond = 0.0 if same_nan else math.inf
             else:
-                diff = 0.0 if bool(torch.equal(g.to(e.dtype), e)) else math.inf
-            worst = max(worst, diff)
-    return worst
+                diff = beyond = 0.0 if bool(torch.equal(g.to(e.dtype), e)) else math.inf
+            worst, excess = max(worst, diff), max(excess, beyond)
+    return worst, excess
 
 
 # ------------------------------------------------------------------------------ public API
@@ -228,6 +234,7 @@ def export_onnx(
     certificate_sha256: str,
     metadata: Mapping[str, str] | None = None,
     atol: float = 1e-5,
+    rtol: float = 1e-5,
     check_batch_sizes: Sequence[int] | None = None,
     opset: int | None = None,
 ) -> OnnxExport:
@@ -241,7 +248,7 @@ def export_onnx(
 
     The ONNX outputs are compared with torch's on the example input and on batches of other sizes
     (``check_batch_sizes``; by default one size different from the example's). A difference above
-    ``atol`` raises ``OnnxParityError`` (with ``.max_abs_diff``); a model torch.onnx cannot export
+    ``atol + rtol·|torch output|`` raises ``OnnxParityError`` (with ``.max_abs_diff``); a model torch.onnx cannot export
     raises ``OnnxExportError``. In either case nothing is left at ``path`` or beside it (an
     existing file at ``path`` is kept untouched).
     """
@@ -249,8 +256,9 @@ def export_onnx(
         raise TypeError(f"export_onnx: 'model' must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(example_input, Tensor) or example_input.ndim < 1 or example_input.shape[0] < 1:
         raise ValueError("export_onnx: 'example_input' must be a tensor with a non-empty batch (first) dimension")
-    if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not math.isfinite(atol) or atol < 0:
-        raise ValueError(f"export_onnx: 'atol' must be a finite number ≥ 0, got {atol!r}")
+    for name, value in (("atol", atol), ("rtol", rtol)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"export_onnx: '{name}' must be a finite number ≥ 0, got {value!r}")
     props = _check_metadata(certificate_sha256, metadata)
     batch = int(example_input.shape[0])
     if check_batch_sizes is None:
@@ -315,17 +323,17 @@ def export_onnx(
         batches = [example_input] + [_other_batch(example_input, s, seed=i) for i, s in enumerate(sizes)]
         try:
             with _quiet(log):
-                max_diff = _parity(session, model, batches, inputs[0].name)
+                max_diff, excess = _parity(session, model, batches, inputs[0].name, rtol)
         except OnnxParityError:
             raise
         except Exception as exc:
             raise OnnxExportError(
                 f"export_onnx: running the exported model failed (batch sizes {[b.shape[0] for b in batches]}): {exc}"
             ) from exc
-        if not max_diff <= atol:
+        if not excess <= atol:
             raise OnnxParityError(
-                f"export_onnx: ONNX and torch outputs differ by up to {max_diff:.3g} > atol {atol:g} "
-                f"(batch sizes {[int(b.shape[0]) for b in batches]})",
+                f"export_onnx: ONNX and torch outputs differ by up to {max_diff:.3g}, beyond atol {atol:g} + rtol "
+                f"{rtol:g}·|torch| (batch sizes {[int(b.shape[0]) for b in batches]})",
                 max_diff, float(atol),
             )
         del session

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["FactoryError", "ModelSpec", "build_model", "resolve"]
+__all__ = ["FactoryError", "ModelSpec", "build_model", "resolve", "use_code_roots"]
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _MODULE_REF = re.compile(rf"^{_IDENT}(\.{_IDENT})*:{_IDENT}(\.{_IDENT})*$")
@@ -69,12 +69,7 @@ def resolve(ref: str, *, field: str, roots: Sequence[str | Path] = ()) -> Callab
             attribute, or not callable.
     """
     module_part, attr = _split(ref, field)
-    roots = [Path(r) for r in roots]
-    for root in reversed(roots):
-        text = str(root)
-        if text not in sys.path:
-            sys.path.insert(0, text)
-    importlib.invalidate_caches()  # a root created after the interpreter started must be seen
+    roots = use_code_roots(roots)
     if module_part.endswith(".py"):
         module = _import_file(ref, module_part, field, roots)
     else:
@@ -92,6 +87,25 @@ def resolve(ref: str, *, field: str, roots: Sequence[str | Path] = ()) -> Callab
         raise FactoryError(f"{field}: {ref!r} is a {type(target).__name__}, not callable; "
                            "expected a function or class that returns a torch.nn.Module")
     return target
+
+
+def use_code_roots(roots: Sequence[str | Path]) -> list[Path]:
+    """Put a team's code directories at the front of ``sys.path`` (unless already on it).
+
+    A registered version stores only its factory reference; rebuilding it later (the gate, the audit,
+    ``lidgate status``) imports the factory again, so entry points call this once with the
+    configuration's ``code`` directories before reading the registry.
+
+    Returns:
+        The roots as paths, in the order given.
+    """
+    paths = [Path(r) for r in roots]
+    for root in reversed(paths):
+        text = str(root)
+        if text not in sys.path:
+            sys.path.insert(0, text)
+    importlib.invalidate_caches()  # a root created after the interpreter started must be seen
+    return paths
 
 
 def build_model(ref: str, kwargs: Mapping[str, Any] | None = None, *, field: str,
@@ -179,7 +193,7 @@ class ModelSpec:
     Stored as ``spec.json`` beside the weights of every registered version and candidate.
 
     Attributes:
-        factory: ``"package.module:attr"`` (``attr`` may be dotted), e.g. ``"lid_engine.models:mlp"``.
+        factory: ``"package.module:attr"`` (``attr`` may be dotted), e.g. ``"examples.digits.model:mlp"``.
             A ``file.py:attr`` reference is refused: the spec must rebuild on another machine.
         kwargs: keyword arguments for the factory; JSON values only (checked, stored normalised).
     """

@@ -153,6 +153,7 @@ class Registry:
         artifact_location: used when the experiment is created (recommended with a SQLite store).
         cache_dir: where artifacts are downloaded (a fresh sub-directory per download, so a
             re-download never overwrites files a caller still uses); default: a private temp dir.
+        registry_uri: the model registry, when it is not the tracking server (default: ``tracking_uri``).
     """
 
     def __init__(
@@ -162,10 +163,12 @@ class Registry:
         experiment: str = "lidgate",
         artifact_location: str | Path | None = None,
         cache_dir: str | Path | None = None,
+        registry_uri: str | None = None,
     ):
         from mlflow import MlflowClient
 
         self.tracking_uri = str(tracking_uri)
+        self.registry_uri = str(registry_uri or tracking_uri)
         self.model_name = model_name
         self.experiment_name = experiment
         if artifact_location is not None:
@@ -174,7 +177,7 @@ class Registry:
                 loc = Path(loc).absolute().as_uri()
             artifact_location = loc
         self.artifact_location = artifact_location
-        self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri)
         if cache_dir is None:
             cache_dir = tempfile.mkdtemp(prefix="lidgate-registry-")
         self.cache_dir = Path(cache_dir)

@@ -15,7 +15,8 @@ from collections.abc import Mapping
 
 __all__ = [
     "CHAMPION_ALIAS", "STATUSES", "STATUS_BLOCKED", "STATUS_PENDING", "STATUS_PROMOTED", "STATUS_UNKNOWN",
-    "TAG_BLOCKED_AT", "TAG_BLOCK_REASONS", "TAG_CERT_ACC", "TAG_CERT_SHA", "TAG_DATA_SHA", "TAG_FACTORY",
+    "TAG_BLOCKED_AT", "TAG_BLOCK_REASONS", "TAG_CANDIDATE_SOURCE", "TAG_CERT_ACC", "TAG_CONFIG_SHA",
+    "TAG_DATA_SHA256", "TAG_PROJECTION", "TAG_TASK", "TAG_CERT_SHA", "TAG_DATA_SHA", "TAG_FACTORY",
     "TAG_HAS_LID", "TAG_LINEAGE", "TAG_LOWER_BOUND", "TAG_MLFLOW_MODEL", "TAG_MODEL_SHA", "TAG_PARENT",
     "TAG_PREVIOUS_CHAMPION", "TAG_PROMOTED_AT", "TAG_REGISTERED_AT", "TAG_SPEC_SHA", "TAG_STATUS", "TAG_TASKS",
     "TAG_TAU", "TAG_VALIDATION", "TAG_VALIDATION_SHA", "TAG_WEIGHTS_SHA",
@@ -50,6 +51,14 @@ TAG_PARENT = "lid.parent"                        # the last version of the linea
 TAG_FACTORY = "lid.factory"
 TAG_MLFLOW_MODEL = "lid.mlflow_model"            # "pt2" | "none"
 TAG_REGISTERED_AT = "lid.registered_at"
+
+# ------------------------------------------------------------------ written by the pipeline (flows.tasks)
+# Not lid.* tags: the registry reserves those for what it pins and the gate for what it decides.
+TAG_CONFIG_SHA = "pipeline.config_sha256"        # sha256 of the configuration that produced the version
+TAG_TASK = "pipeline.task"                       # the task its own LID certifies
+TAG_DATA_SHA256 = "pipeline.data_sha256"         # fingerprint of the train/search/certification splits
+TAG_CANDIDATE_SOURCE = "pipeline.source"         # "trained" | "submitted" | "given"
+TAG_PROJECTION = "pipeline.projection"           # "true" | "false": trained with projection onto the LID
 
 # ------------------------------------------------------------------ written by the gate
 TAG_BLOCK_REASONS = "lid.block_reasons"          # JSON list of {"code", "detail"}

@@ -40,6 +40,7 @@ without reaching GX; an expectation that raises inside GX fails its check (fail 
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -266,6 +267,8 @@ class _GXSession:
         import great_expectations.expectations as gxe
         from great_expectations.data_context.types.base import ProgressBarsConfig
 
+        # That module sets its own logger to INFO on import and then logs one line per ephemeral context.
+        logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
         self.gx, self.gxe = gx, gxe
         self.context = gx.get_context(mode="ephemeral")
         self.context.variables.progress_bars = ProgressBarsConfig(globally=False)

@@ -38,7 +38,7 @@ start() {
   echo $! >"$STACK/prefect.pid"
   wait_http "http://127.0.0.1:$MLFLOW_PORT/health"
   wait_http "http://127.0.0.1:$PREFECT_PORT/api/health"
-  "$VENV/python" -m flows.deployments apply
+  "$VENV/python" -m flows.deployments apply "${LIDGATE_CONFIG:-$REPO/examples/mnist/lidgate.yaml}"
   for pool in cpu gpu; do
     nohup "$VENV/prefect" worker start --pool "$pool" >"$STACK/logs/worker-$pool.log" 2>&1 &
     echo $! >"$STACK/worker-$pool.pid"

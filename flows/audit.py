@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import flows  # noqa: F401  (environment defaults before prefect is imported)
 from prefect import flow, get_run_logger
 
 
@@ -61,22 +60,61 @@ def build_records(registry) -> list:
         records.append(VersionAudit(version=version, status=status, is_champion=version == champion,
                                     created=str(info.created), verified=verified, tasks=tasks,
                                     block_reasons=reasons, lid=loaded.lid))
+    _heldout_accuracy(records, cache)
     for loaded in cache.values():
         registry.release(loaded)
     return records
 
 
-@flow(name="audit", log_prints=True)
-def audit_flow(model_name: str | None = None, out_dir: str | None = None) -> dict:
-    """Re-verify every registered version; returns the summary and the report paths."""
-    from components.audit import render_audit_report
-    from flows.settings import get_settings, open_registry
+def _heldout_accuracy(records: list, cache: dict) -> None:
+    """Fill each record's ``accuracy``: its model on every task's held-out data in the registry."""
+    from lid_engine import accuracy
 
-    settings = get_settings(model_name)
+    data: dict[str, tuple] = {}
+    for loaded in cache.values():
+        for task, xy in loaded.cert_data.items():
+            data.setdefault(task, xy)
+    for record in records:
+        loaded = cache.get(record.version)
+        if loaded is None or loaded.model is None:
+            continue
+        for task, (x, y) in data.items():
+            try:
+                record.accuracy[task] = accuracy(loaded.model, x, y)
+            except Exception:  # noqa: BLE001 — data of another shape (a different model family): not comparable
+                continue
+
+
+def write_audit(settings, out_dir: str | Path | None = None) -> dict:
+    """Re-verify every registered version of ``settings.model_name`` and write the HTML report and JSON summary.
+
+    Returns:
+        ``{"report", "summary", "ok", "versions", "records"}`` (``ok``: every promoted version verified).
+    """
+    from components.audit import render_audit_report
+    from flows.settings import open_registry
+
     registry = open_registry(settings)
     records = build_records(registry)
-    out = Path(out_dir) if out_dir else settings.audit_dir / settings.model_name
+    out = Path(out_dir) if out_dir else settings.audit_dir
     html, summary_path = render_audit_report(records, out, model_name=settings.model_name)
     summary = json.loads(Path(summary_path).read_text())
-    get_run_logger().info("audit of %d versions written to %s", len(records), html)
-    return {"report": str(html), "summary": str(summary_path), "ok": summary.get("ok"), "versions": len(records)}
+    return {"report": str(html), "summary": str(summary_path), "ok": summary.get("ok"), "versions": len(records),
+            "records": records}
+
+
+@flow(name="audit", log_prints=True)
+def audit_flow(config: str | None = None, model_name: str | None = None, out_dir: str | None = None) -> dict:
+    """Re-verify every registered version of the configuration's model (or ``model_name``); returns the
+    summary and the report paths."""
+    from flows.settings import settings_for
+
+    if config is not None:
+        from flows.tasks import load_configuration
+
+        settings = settings_for(load_configuration(config))
+    else:
+        settings = settings_for(model_name=model_name)
+    result = write_audit(settings, out_dir)
+    get_run_logger().info("audit of %d versions written to %s", result["versions"], result["report"])
+    return {k: v for k, v in result.items() if k != "records"}

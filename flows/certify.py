@@ -1,170 +1,158 @@
-"""Certification flow: re-check an updated model against every earlier certificate, then certify
-the next LID nested inside the current one, biased by the lookahead buffer.
+"""The certification flow: re-check a candidate against every earlier certificate, then certify its own
+LID nested inside the champion's.
 
-It has its own deployment on the ``gpu`` work pool (the device is chosen automatically: CUDA when
-present). The retrain flow calls it with ``run_deployment`` when a Prefect server is configured and
-as an in-process subflow on the embedded default. Inputs and outputs travel through
-``candidate_dir`` (a directory on the shared lidgate home): ``weights.safetensors`` + ``spec.json``
-in, ``lid/`` + ``certify.json`` out, so nothing depends on Prefect's result storage.
+It has its own deployment on the ``gpu`` work pool (CUDA when present). The training flows hand a
+candidate over through a folder on the shared lidgate home (``candidate_dir``):
+
+    candidate.json        the configuration file's path and sha256, the data files and task, the
+                          data's fingerprint, the champion and lineage the candidate was trained on
+    weights.safetensors   the candidate's state dict (no pickles)
+    spec.json             how to rebuild the module
+    → lid/, certify.json  written here: the new LID and the summary
+
+The certify flow loads the configuration and the data itself and refuses to certify unless both hash
+to what the trainer recorded, and it checks the lineage the trainer pinned (not whatever the
+``champion`` alias says by then): the worker certifies exactly what was trained, on the data it was
+trained for. Without a Prefect server it runs in-process as a subflow, through the same folder.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import flows  # noqa: F401  (environment defaults before prefect is imported)
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 
-CERTIFY_RESULT = "certify.json"
+from flows.settings import prefect_server_configured
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from components.factory import ModelSpec
+    from flows.tasks import Certification
+
+CANDIDATE_FILE = "candidate.json"
+RESULT_FILE = "certify.json"
+WEIGHTS_FILE = "weights.safetensors"
+SPEC_FILE = "spec.json"
+LID_DIR = "lid"
+CERTIFY_DEPLOYMENT = "certify/certify-gpu"
 
 
-def load_candidate(candidate_dir: str | Path):
-    """Rebuild the candidate model from ``spec.json`` + ``weights.safetensors`` (no pickles)."""
+class CandidateError(RuntimeError):
+    """A candidate folder cannot be certified: missing files, or a configuration or data that do not
+    hash to what the trainer recorded."""
+
+
+def save_candidate(candidate_dir: str | Path, model: nn.Module, spec: ModelSpec, record: dict[str, Any]) -> Path:
+    """Write a candidate folder (weights, spec and ``candidate.json``, the last written last)."""
+    from safetensors.torch import save_file
+
+    from lid_engine.files import atomic_write
+
+    candidate_dir = Path(candidate_dir)
+    candidate_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              str(candidate_dir / WEIGHTS_FILE))
+    spec.save(candidate_dir / SPEC_FILE)
+    atomic_write(candidate_dir / CANDIDATE_FILE, json.dumps(record, indent=2, sort_keys=True))
+    return candidate_dir
+
+
+def load_candidate(candidate_dir: str | Path) -> tuple[dict[str, Any], ModelSpec, nn.Module]:
+    """``(record, spec, model)`` of a candidate folder; the model is rebuilt from spec + weights (strict)."""
     from safetensors.torch import load_file
 
     from components.factory import ModelSpec
 
     candidate_dir = Path(candidate_dir)
-    spec = ModelSpec.load(candidate_dir / "spec.json")
+    path = candidate_dir / CANDIDATE_FILE
+    if not path.is_file():
+        raise CandidateError(f"'{candidate_dir}' holds no {CANDIDATE_FILE}: not a candidate folder")
+    record = json.loads(path.read_text(encoding="utf-8"))
+    spec = ModelSpec.load(candidate_dir / SPEC_FILE)
     model = spec.build()
-    model.load_state_dict(load_file(str(candidate_dir / "weights.safetensors")), strict=True)
-    return spec, model.eval()
-
-
-def save_candidate(model, spec, candidate_dir: str | Path) -> Path:
-    from safetensors.torch import save_file
-
-    candidate_dir = Path(candidate_dir)
-    candidate_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-              str(candidate_dir / "weights.safetensors"))
-    spec.save(candidate_dir / "spec.json")
-    return candidate_dir
-
-
-@task(cache_policy=NO_CACHE, persist_result=False)
-def reverify_earlier(registry, model, lineage: list[str]) -> list[dict]:
-    """Re-verify the updated model against the certificate of every earlier version in its lineage."""
-    from components.lineage import verify_lineage
-
-    return [r.to_dict() for r in verify_lineage(registry, model, lineage)]
-
-
-@task(cache_policy=NO_CACHE, persist_result=False)
-def lookahead_mask(model, lookahead_dir: str | None, biasing: str, frozen_fraction: float, seed: int):
-    """Frozen-coordinate mask from the lookahead buffer (None when there is no buffer or no biasing)."""
-    from lid_engine.importance import fisher_importance, importance_mask, si_importance
-
-    if biasing == "none" or not lookahead_dir or not Path(lookahead_dir).exists():
-        return None
-    from components.buffer import LookaheadBuffer
-
-    buffer = LookaheadBuffer.open(lookahead_dir)
-    if len(buffer) == 0:
-        return None
-    x, y = buffer.data()
-    scores = (fisher_importance if biasing == "fisher" else si_importance)(model, x, y, seed=seed)
-    return importance_mask(scores, frozen_fraction, "lookahead")
+    model.load_state_dict(load_file(str(candidate_dir / WEIGHTS_FILE)), strict=True)
+    return record, spec, model.eval()
 
 
 @flow(name="certify", log_prints=True)
-def certify_flow(
-    candidate_dir: str,
-    task_ref: str,
-    tau: float | None = None,
-    tau_delta: float = 0.12,
-    biasing: str = "fisher",
-    frozen_fraction: float = 0.8,
-    lookahead_dir: str | None = None,
-    iterations: int = 200,
-    checkpoints: int = 10,
-    batch_size: int = 500,
-    max_eval: int | None = None,
-    confidence: float = 0.95,
-    seed: int = 0,
-    model_name: str | None = None,
-    bound: str = "ibp",
-) -> dict:
-    """Certify ``candidate_dir``'s model; writes ``lid/`` and ``certify.json`` there and returns the summary.
+def certify_flow(candidate_dir: str) -> dict:
+    """Certify the candidate in ``candidate_dir``; writes ``lid/`` and ``certify.json`` there and returns
+    the summary (``lid`` is false with ``error`` saying why when no certificate could be made)."""
+    from components.registry import RegistryError
+    from flows import tasks
 
-    ``bound``: ``"ibp"`` (the paper's) or ``"linear"`` (tighter on convolutions; the search then
-    bounds the 3 most dangerous classes per example, the certificates all of them)."""
-    import torch
-
-    import lid_engine as le
-    from flows.data import load_task
-    from flows.settings import get_settings, open_registry
-    from lid_engine.training import accuracy
-
-    log = get_run_logger()
-    if biasing not in ("fisher", "si", "none"):
-        raise ValueError(f"certify_flow: 'biasing' must be 'fisher', 'si' or 'none', got {biasing!r}")
-    if bound not in ("ibp", "linear"):
-        raise ValueError(f"certify_flow: 'bound' must be 'ibp' or 'linear', got {bound!r}")
-    settings = get_settings(model_name)
-    registry = open_registry(settings)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    spec, model = load_candidate(candidate_dir)
-    data = load_task(task_ref, max_eval=max_eval, seed=seed)
-    summary: dict = {"task": data.name, "task_ref": task_ref, "device": device, "bound": bound, "lid": False,
-                     "error": None}
-
-    champion_version = registry.champion()
-    champion = registry.load(version=champion_version) if champion_version else None
-    lineage = (list(champion.lineage) + [champion.version]) if champion else []
-    if champion is not None:
-        registry.release(champion)  # its LID stays in memory; the downloaded files can go
-    summary["lineage"] = lineage
-    summary["reverify"] = reverify_earlier(registry, model, lineage)
-    if not all(r["ok"] for r in summary["reverify"]):
-        summary["error"] = "the updated model fails an earlier certificate; no new LID is computed"
-        log.warning(summary["error"])
-        return _write(candidate_dir, summary)
-
-    acc = accuracy(model, *data.search)
-    tau = float(tau) if tau is not None else le.tau_from_accuracy(acc, tau_delta)
-    summary.update({"search_accuracy": acc, "tau": tau})
-    within = champion.lid if champion is not None else None
-    if within is not None and within.member_index(model) is None:
-        summary["error"] = "the updated model lies outside the champion's LID; no nested LID exists"
-        return _write(candidate_dir, summary)
-    mask = lookahead_mask(model, lookahead_dir, biasing, frozen_fraction, seed)
-    summary["biasing"] = biasing if mask is not None else "none"
-    try:
-        lid = le.compute_lid(
-            model.to(device), tasks={data.name: (*data.search, tau)}, cert={data.name: data.cert},
-            within=within, mask=mask, iterations=iterations, checkpoints=checkpoints, batch_size=batch_size,
-            confidence=confidence, seed=seed, device=device, progress=True,
-            **({"method": "linear", "competitors": 3} if bound == "linear" else {}),
-        )
-    except le.LidSearchError as exc:
-        summary["error"] = str(exc)
-        log.warning("LID search failed: %s", exc)
-        return _write(candidate_dir, summary)
-    lid.save(Path(candidate_dir) / "lid", overwrite=True)
-    summary.update({
-        "lid": True,
-        "members": len(lid),
-        "width_sum": lid.width_sum()[-1],
-        "certified_accuracy": lid.certified_accuracy(),
-        "lower_bound": lid.lower_bound(),
-    })
-    log.info("LID: %d members, certified %.4f ≥ τ %.4f", len(lid), summary["certified_accuracy"], tau)
-    return _write(candidate_dir, summary)
+    directory = Path(candidate_dir)
+    path = directory / CANDIDATE_FILE
+    if not path.is_file():
+        raise CandidateError(f"'{directory}' holds no {CANDIDATE_FILE}: not a candidate folder")
+    record = json.loads(path.read_text(encoding="utf-8"))
+    config = tasks.load_configuration(record["config"])
+    if config.sha256() != record["config_sha256"]:
+        raise CandidateError(
+            f"the configuration '{record['config']}' hashes to {config.sha256()[:12]}… here but to "
+            f"{record['config_sha256'][:12]}… where the candidate was trained; certify the same file")
+    _, _, model = load_candidate(directory)
+    data = tasks.load_data.fn(config, record["data_paths"], record["task"])
+    if data.fingerprint() != record["data_sha256"]:
+        raise CandidateError(f"the data of task '{record['task']}' differ here from where the candidate was trained "
+                             "(fingerprints differ); certify on the same files")
+    registry = tasks.registry_for(config)
+    champion = None
+    if record.get("champion"):
+        try:
+            loaded = registry.load(version=record["champion"])
+        except RegistryError as exc:
+            return _write(directory, {"task": data.task, "lid": False, "lineage": [],
+                                      "error": f"champion v{record['champion']} cannot be loaded: {exc}"})
+        try:
+            if loaded.lid is not None:
+                champion = tasks.Champion(version=str(loaded.version), model=loaded.model, spec=loaded.spec,
+                                          lid=loaded.lid, lineage=list(record["lineage"]))
+        finally:
+            registry.release(loaded)
+    lookahead = tasks.settings_for(config).lookahead_dir
+    result = tasks.certify_candidate(config, model, data, champion, lineage=record["lineage"],
+                                     lookahead_dir=lookahead if record.get("biasing", True) else None)
+    if result.lid is not None:
+        result.lid.save(directory / LID_DIR, overwrite=True)
+    return _write(directory, result.summary())
 
 
-def _write(candidate_dir: str | Path, summary: dict) -> dict:
-    path = Path(candidate_dir) / CERTIFY_RESULT
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    tmp.replace(path)
+def _write(directory: Path, summary: dict) -> dict:
+    from lid_engine.files import atomic_write
+
+    atomic_write(directory / RESULT_FILE, json.dumps(summary, indent=2, default=str))
     return summary
 
 
-def read_result(candidate_dir: str | Path) -> dict:
-    path = Path(candidate_dir) / CERTIFY_RESULT
+def run_certification(candidate_dir: Path) -> Certification:
+    """Certify a saved candidate: through the ``certify-gpu`` deployment when a Prefect server is
+    configured (the gpu pool), else in-process. Returns the result with its LID loaded from disk.
+
+    Raises:
+        RuntimeError: the deployment run did not complete (no worker, crash, timeout): the caller
+            registers no certificate, so the gate blocks (fail closed).
+    """
+    from flows.tasks import Certification
+    from lid_engine import LID
+
+    if prefect_server_configured():
+        from prefect.deployments import run_deployment
+
+        timeout = float(os.environ.get("LIDGATE_CERTIFY_TIMEOUT", "7200"))
+        run = run_deployment(CERTIFY_DEPLOYMENT, parameters={"candidate_dir": str(candidate_dir)}, timeout=timeout)
+        if run.state is None or not run.state.is_completed():
+            raise RuntimeError(f"certify deployment run {run.id} is {run.state and run.state.name} after {timeout:.0f} s "
+                               "(is a worker polling the 'gpu' pool?)")
+    else:
+        certify_flow(candidate_dir=str(candidate_dir))
+    path = Path(candidate_dir) / RESULT_FILE
     if not path.is_file():
         raise RuntimeError(f"certification produced no result file at {path}")
-    return json.loads(path.read_text())
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    lid = LID.load(Path(candidate_dir) / LID_DIR) if summary.get("lid") else None
+    return Certification.from_summary(summary, lid)

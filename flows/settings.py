@@ -1,9 +1,10 @@
-"""Where the pipeline keeps its state, from environment variables with embedded defaults.
+"""Where the pipeline keeps its state: the configuration's ``registry`` section, else the environment,
+else embedded defaults.
 
-Embedded default (one machine, nothing to start by hand): MLflow on SQLite and artifacts under
-``$LIDGATE_HOME``, Prefect in ephemeral mode with its home there too. Beyond one machine, point
-``MLFLOW_TRACKING_URI`` at the MLflow server and ``PREFECT_API_URL`` at the Prefect server
-(deployment/README.md); ``LIDGATE_HOME`` must then be a volume shared by the workers.
+Embedded default (one machine, nothing to start by hand): MLflow on SQLite and artifacts under the
+lidgate home, Prefect in ephemeral mode with its home there too. Beyond one machine, point
+``registry.tracking_uri`` (or ``MLFLOW_TRACKING_URI``) at the MLflow server and ``PREFECT_API_URL`` at
+the Prefect server (deployment/README.md); the home must then be a volume shared by the workers.
 """
 
 from __future__ import annotations
@@ -11,26 +12,38 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from flows.env import home_dir
+
+if TYPE_CHECKING:
+    from components.config import LidgateConfig
+    from components.registry import Registry
 
 
 @dataclass(frozen=True)
 class Settings:
+    """Resolved locations: the lidgate home, the MLflow URIs and the registered model's name."""
+
     home: Path
     tracking_uri: str
+    registry_uri: str
     artifact_location: str
     model_name: str
 
     @property
     def staging(self) -> Path:
+        """Candidates between training and registration (shared with the certify worker)."""
         return self.home / "staging"
 
     @property
     def lookahead_dir(self) -> Path:
-        return self.home / "lookahead"
+        """The lookahead buffer of upcoming data for this model (biases the next LID)."""
+        return self.home / "lookahead" / self.model_name
 
     @property
     def audit_dir(self) -> Path:
-        return self.home / "audit"
+        return self.home / "audit" / self.model_name
 
     @property
     def onnx_dir(self) -> Path:
@@ -40,14 +53,36 @@ class Settings:
     def cache_dir(self) -> Path:
         return self.home / "cache"
 
+    @property
+    def rejections_dir(self) -> Path:
+        return self.home / "rejections"
 
-def get_settings(model_name: str | None = None) -> Settings:
-    home = Path(os.environ.get("LIDGATE_HOME", "lidgate-home")).resolve()
+
+def settings_for(config: LidgateConfig | None = None, *, model_name: str | None = None) -> Settings:
+    """The settings of one registered model: a configuration's ``registry`` values where given, else
+    ``$LIDGATE_HOME`` / ``$MLFLOW_TRACKING_URI`` / ``$LIDGATE_ARTIFACT_LOCATION``, else files under the home.
+
+    Args:
+        config: the team's configuration (its ``name`` is the registered model), or None.
+        model_name: the registered model when there is no configuration (default ``$LIDGATE_MODEL_NAME``).
+
+    Returns:
+        The settings; the home directory is created.
+    """
+    reg = config.registry if config is not None else None
+    home = Path(reg.home).resolve() if reg is not None and reg.home is not None else home_dir()
+    if home.exists() and not home.is_dir():
+        raise NotADirectoryError(f"the lidgate home '{home}' exists and is not a directory (LIDGATE_HOME or "
+                                 "registry.home)")
     home.mkdir(parents=True, exist_ok=True)
-    tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
-    artifacts = os.environ.get("LIDGATE_ARTIFACT_LOCATION") or (home / "mlartifacts").as_uri()
-    name = model_name or os.environ.get("LIDGATE_MODEL_NAME", "lidgate-mnist")
-    return Settings(home=home, tracking_uri=tracking, artifact_location=artifacts, model_name=name)
+    tracking = (reg.tracking_uri if reg is not None else None) or os.environ.get("MLFLOW_TRACKING_URI") \
+        or f"sqlite:///{home / 'mlflow.db'}"
+    registry = (reg.registry_uri if reg is not None else None) or os.environ.get("MLFLOW_REGISTRY_URI") or tracking
+    artifacts = (reg.artifact_location if reg is not None else None) or os.environ.get("LIDGATE_ARTIFACT_LOCATION") \
+        or (home / "mlartifacts").as_uri()
+    name = config.name if config is not None else (model_name or os.environ.get("LIDGATE_MODEL_NAME", "lidgate-model"))
+    return Settings(home=home, tracking_uri=tracking, registry_uri=registry, artifact_location=artifacts,
+                    model_name=name)
 
 
 def prefect_server_configured() -> bool:
@@ -55,9 +90,9 @@ def prefect_server_configured() -> bool:
     return bool(os.environ.get("PREFECT_API_URL"))
 
 
-def open_registry(settings: Settings):
+def open_registry(settings: Settings) -> Registry:
     """The MLflow registry for ``settings`` (the one way flows, the demo and the CLI open it)."""
     from components.registry import Registry
 
     return Registry(settings.tracking_uri, settings.model_name, artifact_location=settings.artifact_location,
-                    cache_dir=settings.cache_dir)
+                    cache_dir=settings.cache_dir, registry_uri=settings.registry_uri)

@@ -319,7 +319,11 @@ def compute_lid(
 
     names = list(search_tasks)
     cmp = _BoxCMP(names, cfg.penalty_init, dev, dtype)
-    groups = [{"params": [lower[n], upper[n]], "lr": steps[n], "base_lr": steps[n]} for n in theta]
+    if len(set(steps.values())) == 1:  # one step for every tensor (scaling="absolute"): the paper's single group
+        groups = [{"params": list(lower.values()) + list(upper.values()), "lr": steps[next(iter(steps))],
+                   "base_lr": steps[next(iter(steps))]}]
+    else:
+        groups = [{"params": [lower[n], upper[n]], "lr": steps[n], "base_lr": steps[n]} for n in theta]
     primal_opt = torch.optim.Adam(groups, lr=min(steps.values()))
     dual_opt = torch.optim.SGD(cmp.dual_parameters(), lr=cfg.dual_lr, maximize=True)
     optimizer = cooper.optim.AlternatingDualPrimalOptimizer(
@@ -396,12 +400,17 @@ def compute_lid(
     if cfg.finalize:
         goal = targets if cfg.finalize_target == "target" else {t: specs[t].tau for t in specs}
         checks = [(search_tasks[t], specs[t], goal[t]) for t in specs]
-        finalized = [_finalize(model, b, theta, start_free, checks, layers, cfg) for _, b in snapshots]
+        bar = _progress(len(snapshots), progress, "LID finalise", "checkpoint")
+        finalized = []
+        for _, b in snapshots:
+            finalized.append(_finalize(model, b, theta, start_free, checks, layers, cfg))
+            _advance(bar, None)
+        _close(bar)
         snapshots = [(it, b) for (it, _), (b, _) in zip(snapshots, finalized)]
         scales = [s for _, s in finalized]
     extra = {"search_targets": targets, "logit_scale": logit_scale, "finalize_scales": scales,
              "nominal_search_metric": {t: nominal[t].metric for t in specs}}
-    return _certify_snapshots(model, snapshots, cert_tasks, specs, confidence, cfg, keep, LID, extra)
+    return _certify_snapshots(model, snapshots, cert_tasks, specs, confidence, cfg, keep, LID, extra, progress)
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -683,7 +692,8 @@ def _project_box_(lower, upper, theta, max_width, frozen, outer: Box | None) -> 
             upper[n].copy_(torch.where(frozen[n], c, upper[n]))
 
 
-def _certify_snapshots(model, snapshots, cert_tasks, specs, confidence, cfg, keep, lid_cls, extra: Mapping):
+def _certify_snapshots(model, snapshots, cert_tasks, specs, confidence, cfg, keep, lid_cls, extra: Mapping,
+                       progress: bool = False):
     members = [box for _, box in snapshots]
     config = {k: v for k, v in asdict(cfg).items() if k != "history"}
     config["primal_lr"] = cfg.effective_primal_lr
@@ -691,7 +701,7 @@ def _certify_snapshots(model, snapshots, cert_tasks, specs, confidence, cfg, kee
     config.update(extra)
     config["keep"] = keep
     lid = lid_cls.certify(model, members, cert_tasks, specs, confidence=confidence, search_config=config,
-                          method=cfg.method)
+                          method=cfg.method, progress=progress)
     lid.history = cfg.history
     if keep == "all":
         return lid
@@ -712,19 +722,20 @@ def _certify_snapshots(model, snapshots, cert_tasks, specs, confidence, cfg, kee
     return lid.subset(good)
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, desc: str = "LID search", unit: str = "it"):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="LID search", unit="it", leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, leave=False)
 
 
-def _advance(bar, record: dict) -> None:
+def _advance(bar, record: dict | None) -> None:
     if bar is None:
         return
-    viol = record["hard_violation"]
-    bar.set_postfix(width_sum=f"{record['width_sum']:.4g}", worst_violation=f"{max(viol):+.3f}", refresh=False)
+    if record is not None:
+        viol = record["hard_violation"]
+        bar.set_postfix(width_sum=f"{record['width_sum']:.4g}", worst_violation=f"{max(viol):+.3f}", refresh=False)
     bar.update(1)
 
 

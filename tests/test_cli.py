@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 from flows.cli import app
 from lid_engine import Box, Spec
 from lid_engine.lid import LID
-from tests.cli_models import mlp
+from tests.helpers.cli_models import mlp
 
-FACTORY = "tests.cli_models:mlp"
+FACTORY = "tests.helpers.cli_models:mlp"
 runner = CliRunner()
 
 
@@ -74,9 +74,9 @@ def test_bad_factory_strings(files, tmp_path):
     common = ["--weights", files["w.safetensors"], "--data", files["data.npz"], "--out", tmp_path / "o", "--tau", "0.8"]
     assert_bad_input(run("certify", "--model", "no_colon", *common), "package.module:factory")
     assert_bad_input(run("certify", "--model", "no_such_module_xyz:f", *common), "cannot import module 'no_such_module_xyz'")
-    assert_bad_input(run("certify", "--model", "tests.cli_models:nope", *common), "no attribute 'nope'")
-    assert_bad_input(run("certify", "--model", "tests.cli_models:broken", *common), "the factory failed")
-    assert_bad_input(run("certify", "--model", "tests.cli_models:not_a_model", *common), "expected a torch.nn.Module")
+    assert_bad_input(run("certify", "--model", "tests.helpers.cli_models:nope", *common), "no attribute 'nope'")
+    assert_bad_input(run("certify", "--model", "tests.helpers.cli_models:broken", *common), "the factory failed")
+    assert_bad_input(run("certify", "--model", "tests.helpers.cli_models:not_a_model", *common), "expected a torch.nn.Module")
 
 
 def test_missing_files(files, tmp_path):
@@ -129,10 +129,10 @@ def test_bad_options(files, tmp_path):
 
 
 def test_linear_bound_on_an_unsupported_layer_is_bad_input(files, tmp_path):
-    from tests.cli_models import bn_mlp
+    from tests.helpers.cli_models import bn_mlp
 
     save_file(bn_mlp().state_dict(), str(tmp_path / "bn.safetensors"))
-    result = run("certify", "--model", "tests.cli_models:bn_mlp", "--weights", tmp_path / "bn.safetensors",
+    result = run("certify", "--model", "tests.helpers.cli_models:bn_mlp", "--weights", tmp_path / "bn.safetensors",
                  "--data", files["data.npz"], "--out", tmp_path / "o", "--tau", "0.5", "--bound", "linear")
     assert_bad_input(result, "layer '1' (BatchNorm1d)", "method='ibp'")
 

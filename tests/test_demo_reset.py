@@ -5,7 +5,7 @@ from flows.settings import Settings
 
 
 def test_fresh_demo_removes_only_its_own_state(tmp_path):
-    settings = Settings(home=tmp_path, tracking_uri="", artifact_location="", model_name="m")
+    settings = Settings(home=tmp_path, tracking_uri="", registry_uri="", artifact_location="", model_name="m")
     for path in demo_state(settings):
         if path.suffix:  # mlflow.db, the summary
             path.write_text("demo")

@@ -59,16 +59,16 @@ def stack(tmp_path_factory):
 
 def test_mlflow_server_on_postgres_registers_and_gates(stack, tmp_path):
     import lid_engine as le
-    from components.datasets import blobs
+    from benchmarks.cl.data import blobs
     from components.factory import ModelSpec
     from components.gate import promote
     from components.registry import Registry
-    from lid_engine.models import mlp
-    from lid_engine.training import train_classifier
+    from tests.helpers.models import mlp
+    from benchmarks.training import train_classifier
 
     x, y = (torch.from_numpy(a) for a in blobs(n=600, n_classes=4, seed=1))
     torch.manual_seed(0)
-    spec = ModelSpec("lid_engine.models:mlp", {"sizes": [2, 16, 4]})
+    spec = ModelSpec("tests.helpers.models:mlp", {"sizes": [2, 16, 4]})
     model = mlp([2, 16, 4])
     train_classifier(model, x[:300], y[:300], epochs=30, batch_size=32, lr=1e-2)
     lid = le.LID.certify(model, [le.Box.around(model, r) for r in (1e-3, 1e-2)], {"t": (x[300:], y[300:])},

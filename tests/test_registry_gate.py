@@ -348,7 +348,7 @@ def test_outside_an_earlier_lid_fails_in_gate_certify_flow_and_audit(registry, b
     """v3 lies inside the champion's (v2's) LID but outside v1's: the gate, the certification flow's
     re-verification and the audit all say so, all through components.lineage."""
     from flows.audit import build_records
-    from flows.certify import reverify_earlier
+    from flows.tasks import recheck_lineage
 
     lid1 = certify(base_model, data, radii=(1e-2,))
     v1 = registry.register(base_model, SPEC, lid=lid1, cert_data=data["cert"])
@@ -383,7 +383,7 @@ def test_outside_an_earlier_lid_fails_in_gate_certify_flow_and_audit(registry, b
 
     # the certification flow's re-check before it computes a new LID
     calls.clear()
-    summary = reverify_earlier.fn(registry, m3, [v1, v2])
+    summary = recheck_lineage(registry, m3, [v1, v2])
     assert summary == [r.to_dict() for r in results]
     assert summary[0]["ok"] is False and summary[1] == {"version": v2, "ok": True, "failures": []}
     assert calls == [v1, v2]
@@ -428,14 +428,14 @@ def test_only_components_lineage_rechecks_earlier_certificates():
     the gate, the certification flow and the audit call verify_lineage. (The CLI's ``verify --allow-update``
     and the engine demo check a LID the user names, not a registry lineage.)"""
     paths = [p for p in (ROOT / "components").rglob("*.py") if p.name != "lineage.py"]
-    paths += [ROOT / "flows" / name for name in ("certify.py", "audit.py", "retrain.py")]
+    paths += [ROOT / "flows" / name for name in ("certify.py", "audit.py", "retrain.py", "tasks.py")]
     for path in paths:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Call):
                 updates = [k for k in node.keywords if k.arg == "allow_update" and not (
                     isinstance(k.value, ast.Constant) and k.value.value is False)]
                 assert not updates, f"{path.relative_to(ROOT)}:{node.lineno} re-verifies an earlier LID itself"
-    for rel in ("components/gate.py", "flows/certify.py", "flows/audit.py"):
+    for rel in ("components/gate.py", "flows/tasks.py", "flows/audit.py"):
         assert "verify_lineage(" in (ROOT / rel).read_text(encoding="utf-8"), rel
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from lid_engine import LID, __version__ as ENGINE_VERSION
 from lid_engine.files import atomic_write, utc_now
 
-from .plots import plot_accuracy, plot_checkpoint_curve, plot_width_histograms
+from .plots import plot_accuracy, plot_checkpoint_curve, plot_heldout_accuracy, plot_width_histograms
 from .records import (
     TaskAudit,
     VersionAudit,
@@ -105,6 +105,13 @@ def render_audit_report(
                            "Clopper–Pearson population lower bound (dashed) of every version; τ is the dotted line. "
                            "Markers: status; ★ the champion." if acc_png is not None else
                            "No version has task certificates: nothing to plot."))
+    held_png = plot_heldout_accuracy(records)
+    if held_png is not None:
+        figures.insert(0, _figure(out if save_plots else None, "plot_heldout", "What each version gets right", held_png,
+                                  "Plain accuracy of every version's model on the held-out certification data of "
+                                  "every task in the registry: what an update learnt (its own task) and what it "
+                                  "kept (the tasks of earlier versions). Certificates bound the worst case over a "
+                                  "whole domain; these bars are the registered models themselves."))
     focus, why = focus_record(records)
     if focus is not None:
         lid = focus.lid
@@ -155,6 +162,7 @@ def render_audit_report(
 rows marked <i>LID of v…</i> re-check this version's weights against an earlier champion's certificate
 (the member that contains them). ✓ re-verified, ✗ not.</p>
 <div class="table-wrap">{_version_table(records)}</div>
+{_accuracy_table(records)}
 <h2>Plots</h2>
 {''.join(figures)}
 {lid_html}
@@ -255,6 +263,21 @@ def _version_table(records: Sequence[VersionAudit]) -> str:
     if not rows:
         rows.append('<tr><td colspan="6">no model versions</td></tr>')
     return f'<table id="versions" class="versions"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _accuracy_table(records: Sequence[VersionAudit]) -> str:
+    """Versions × tasks: plain accuracy on each task's held-out data (empty without any)."""
+    tasks = sorted({t for r in records for t in r.accuracy})
+    if not tasks:
+        return ""
+    head = "".join(f"<th>{_esc(t)}</th>" for t in tasks)
+    rows = "".join(
+        f"<tr><td><code>{_esc(r.version)}</code>{' ★' if r.is_champion else ''}</td><td>{_status_html(r.status)}</td>"
+        + "".join(f"<td>{_fmt(r.accuracy.get(t, float('nan')), 3)}</td>" for t in tasks) + "</tr>"
+        for r in records)
+    return ("<h2>Accuracy on each task's held-out data</h2><p class=\"note\">Plain accuracy of each version's model "
+            "(not a certificate): what an update gained on its own task and kept on earlier ones.</p>"
+            f"<div class=\"table-wrap\"><table><tr><th>version</th><th>status</th>{head}</tr>{rows}</table></div>")
 
 
 def _member_table(lid: LID) -> str:

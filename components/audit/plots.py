@@ -93,6 +93,35 @@ def plot_accuracy(records: Sequence[VersionAudit]) -> bytes | None:
     return _png(fig)
 
 
+def plot_heldout_accuracy(records: Sequence[VersionAudit]) -> bytes | None:
+    """Grouped bars: each version's plain accuracy on each task's held-out data (None without any)."""
+    tasks = sorted({t for r in records for t in r.accuracy})
+    shown = [r for r in records if r.accuracy]
+    if not tasks or not shown:
+        return None
+    fig = _new_figure(max(7.0, 1.1 * len(shown) * len(tasks) + 2.0), 3.8)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / len(tasks)
+    x = np.arange(len(shown))
+    colours = ["#1565c0", "#ef6c00", "#2e7d32", "#6a1b9a", "#00838f", "#8d6e63"]
+    for k, task in enumerate(tasks):
+        values = [r.accuracy.get(task, np.nan) for r in shown]
+        bars = ax.bar(x - 0.4 + width * (k + 0.5), values, width * 0.92, color=colours[k % len(colours)],
+                      label=f"task {_label(task)}")
+        for bar, v in zip(bars, values):
+            if not np.isnan(v):
+                ax.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"{_label(r.version)}\n{_status_key(r)}" + (" ★" if r.is_champion else "") for r in shown])
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel("accuracy on held-out data")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right", framealpha=0.85)
+    ax.set_title("Each version on each task's held-out certification data (plain accuracy)", fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def plot_width_histograms(lid: LID, member: int) -> WidthPlot:
     """Histogram of the coordinate widths of one member, one panel per parameter tensor with width."""
     from matplotlib.ticker import MaxNLocator
@@ -107,7 +136,7 @@ def plot_width_histograms(lid: LID, member: int) -> WidthPlot:
     if not shown_in_order:
         return WidthPlot(png=None, zero=zero, omitted=omitted)
     rows, cols = _grid(len(shown_in_order), 3)
-    fig = _new_figure(4.4 * cols, 3.0 * rows + 0.6)
+    fig = _new_figure(max(4.4 * cols, 6.0), 3.0 * rows + 0.6)  # wide enough for the title with one panel
     for k, name in enumerate(shown_in_order):
         ax = fig.add_subplot(rows, cols, k + 1)
         w = widths[name]
@@ -135,7 +164,7 @@ def plot_width_histograms(lid: LID, member: int) -> WidthPlot:
         note = f"mean {w.mean():.3g}, max {w.max():.3g}" + (f"\n{zeros} zero-width" if zeros else "")
         ax.text(0.97, 0.95, note, ha="right", va="top", fontsize=7, transform=ax.transAxes,
                 bbox={"boxstyle": "round", "fc": "white", "alpha": 0.8, "lw": 0.3})
-    fig.suptitle(f"Width per coordinate, LID member {member} (largest width sum)")
+    fig.suptitle(f"Width per coordinate, LID member {member} (largest width sum)", fontsize=11)
     fig.tight_layout()
     return WidthPlot(png=_png(fig), zero=zero, omitted=omitted)
 

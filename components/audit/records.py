@@ -72,7 +72,8 @@ class VersionAudit:
 
     ``status``: promoted | blocked | pending | champion | … (free text; shown as given).
     ``verified``: every certificate of this version re-verified. ``block_reasons``: ``[{code,
-    detail}]``. ``lid``: the version's LID (for the width and checkpoint plots) or None.
+    detail}]``. ``lid``: the version's LID (for the width and checkpoint plots) or None. ``accuracy``:
+    its plain (not certified) accuracy on each task's held-out data.
     """
 
     version: str
@@ -83,6 +84,9 @@ class VersionAudit:
     tasks: list[TaskAudit] = field(default_factory=list)
     block_reasons: list[dict] = field(default_factory=list)
     lid: LID | None = None
+    #: plain accuracy of this version's model on every task's held-out certification data in the
+    #: registry (task → accuracy): how it does on what earlier and later versions were certified on
+    accuracy: dict[str, float] = field(default_factory=dict)
 
     @property
     def promoted(self) -> bool:
@@ -99,6 +103,7 @@ class VersionAudit:
             "tasks": [t.to_dict() for t in self.tasks],
             "block_reasons": [json_safe(dict(r)) for r in self.block_reasons],
             "lid": _lid_summary(self.lid) if self.lid is not None else None,
+            "accuracy": {str(k): _num(v) for k, v in self.accuracy.items()},
         }
 
     @classmethod
@@ -108,6 +113,7 @@ class VersionAudit:
             version=d["version"], status=d["status"], is_champion=bool(d["is_champion"]), created=d["created"],
             verified=bool(d["verified"]), tasks=[TaskAudit.from_dict(t) for t in d.get("tasks", [])],
             block_reasons=[dict(r) for r in d.get("block_reasons", [])], lid=None,
+            accuracy={k: _denum(v, float("nan")) for k, v in d.get("accuracy", {}).items()},
         )
 
 

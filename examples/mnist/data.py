@@ -210,3 +210,62 @@ def load_mnist(split: str = "train", *, copy: bool = True) -> tuple[np.ndarray, 
         return x, y
     x, y = arrays[split]
     return (x.copy(), y.copy()) if copy else (x, y)
+
+
+# ------------------------------------------------------------------------------ the demo's data
+GOLDEN_TRAIN_ROWS = 40000  # the golden task trains on these; the demo's new data comes from the rest
+def golden(n_train: int = 20000, n_search: int = 1000, n_certification: int = 1000,
+           seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The demo's golden task, for a configuration's ``data.loader``: all ten digits, three disjoint parts.
+
+    Training rows come from the first 40,000 images of MNIST's train split (the rest is the demo's
+    new data, ``write_washed_out``), search rows from its validation split and the held-out
+    certification rows from its test split, each a seeded random sample of the given size.
+
+    Returns:
+        ``{"train": (x, y), "search": (x, y), "certification": (x, y)}`` with ``x`` float32
+        ``(n, 1, 28, 28)`` in [0, 1].
+    """
+    rng = np.random.default_rng(seed)
+    out = {}
+    for part, split, n in (("train", "train", n_train), ("search", "valid", n_search),
+                           ("certification", "test", n_certification)):
+        x, y = load_mnist(split)
+        if part == "train":
+            x, y = x[:GOLDEN_TRAIN_ROWS], y[:GOLDEN_TRAIN_ROWS]
+        idx = np.sort(rng.choice(len(x), size=min(n, len(x)), replace=False))
+        out[part] = (x[idx], y[idx])
+    return out
+
+
+def washed_out(x: np.ndarray, contrast: float = 0.35, floor: float = 0.3) -> np.ndarray:
+    """The demo's shift: the same digits from a scanner with a grey background and faint strokes,
+    ``floor + contrast · x`` (pixel values then lie in [floor, floor + contrast])."""
+    return (floor + contrast * np.asarray(x, dtype=np.float32)).astype(np.float32)
+
+
+def write_washed_out(path: str | Path, n: int = 6000, seed: int = 1,
+                     early: int = 0) -> tuple[Path, tuple[np.ndarray, np.ndarray]]:
+    """Write ``n`` washed-out digits to an ``.npz`` with arrays ``x`` (n, 784) and ``y``: images of MNIST's
+    train split the golden task never uses (rows 40,000 on), so they are new examples, not new views.
+
+    Args:
+        path: the ``.npz`` to write.
+        n: how many scans the file holds.
+        seed: which rows are drawn.
+        early: how many further washed-out scans to return (disjoint from the file's), e.g. for a
+            lookahead buffer of data that arrived before the file.
+
+    Returns:
+        ``(path, (x_early, y_early))`` with ``x_early`` of shape ``(early, 1, 28, 28)``.
+    """
+    rng = np.random.default_rng(seed)
+    x, y = load_mnist("train")
+    pool = rng.permutation(np.arange(GOLDEN_TRAIN_ROWS, len(x)))
+    if n + early > len(pool):
+        raise ValueError(f"write_washed_out: {n} + {early} scans asked, {len(pool)} images available")
+    idx, first = np.sort(pool[:n]), np.sort(pool[n: n + early])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, x=washed_out(x[idx]).reshape(len(idx), -1), y=y[idx].astype(np.int64))
+    return path, (washed_out(x[first]), y[first].astype(np.int64))

@@ -1,81 +1,19 @@
-"""The ``lidgate`` command line: certify a model, verify a saved LID, inspect one.
-
-Exit codes: 0 ok; 1 verification failed (or nothing could be certified, or a saved LID fails its
-integrity checks, or its genuine certificates promise less than τ); 2 bad input (missing file, bad
-factory string, malformed npz or weights, shapes that do not fit the model) — always a one-line
-message on stderr, never a traceback.
+"""Engine commands: certify a model, verify a saved LID, inspect one (no registry, no Prefect).
 
 Heavy imports (torch, lid_engine) happen inside the commands so that ``lidgate --help`` is quick.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-app = typer.Typer(
-    name="lidgate",
-    help="Provably safe model updates: certify locally invariant domains (LIDs) and verify them.",
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-)
+from flows.cli.app import BadInput, app, cli_errors as _cli_errors, console as _console
 
 CERT_DATA_FILE = "cert_data.npz"
-
-
-class BadInput(Exception):
-    """Exit 2 with this message."""
-
-
-class Failed(Exception):
-    """Exit 1 with this message."""
-
-
-@contextlib.contextmanager
-def _cli_errors():
-    """Turn every error into a one-line message and an exit code (no tracebacks at the boundary)."""
-    try:
-        yield
-    except (typer.Exit, typer.Abort, KeyboardInterrupt):
-        raise
-    except BadInput as exc:
-        _die(str(exc), 2)
-    except Failed as exc:
-        _die(str(exc), 1)
-    except Exception as exc:  # noqa: BLE001 — LidError and anything else: bad input, clear message
-        from lid_engine.errors import CertificateError
-
-        if isinstance(exc, CertificateError):
-            _die(f"integrity check failed: {exc}", 1)
-        search_error = _search_error_type()
-        if search_error is not None and isinstance(exc, search_error):
-            _die(f"certification failed: {exc}", 1)
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        _die(msg if _is_lid_error(exc) else f"{type(exc).__name__}: {msg}", 2)
-
-
-def _search_error_type():
-    try:
-        from lid_engine.search import LidSearchError
-    except Exception:  # noqa: BLE001 — search module missing or broken: no special case
-        return None
-    return LidSearchError
-
-
-def _is_lid_error(exc: BaseException) -> bool:
-    from lid_engine.errors import LidError
-
-    return isinstance(exc, LidError)
-
-
-def _die(message: str, code: int):
-    typer.echo(f"lidgate: error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 # ----------------------------------------------------------------------------------- loaders
@@ -94,27 +32,12 @@ def _load_factory(spec: str):
 
 def _load_weights(model, path: Path):
     """Load a safetensors state dict strictly: same keys, shapes and dtypes as the model's."""
-    from safetensors.torch import load_file
+    from components.weights import WeightsError, load_weights
 
-    if not path.is_file():
-        raise BadInput(f"--weights: file '{path}' does not exist")
     try:
-        state = load_file(str(path))
-    except Exception as exc:  # noqa: BLE001
-        raise BadInput(f"--weights: '{path}' is not a readable safetensors file ({exc})") from None
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise BadInput(
-            f"--weights: '{path}' does not fit the model: missing keys {missing}, unexpected keys {unexpected}"
-        )
-    for k, t in expected.items():
-        if tuple(state[k].shape) != tuple(t.shape):
-            raise BadInput(f"--weights: '{k}' has shape {tuple(state[k].shape)} in '{path}', the model expects {tuple(t.shape)}")
-        if state[k].dtype != t.dtype:
-            raise BadInput(f"--weights: '{k}' has dtype {state[k].dtype} in '{path}', the model has {t.dtype}")
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+        return load_weights(model, path, field="--weights")
+    except WeightsError as exc:
+        raise BadInput(str(exc)) from None
 
 
 def _load_npz(path: Path, option: str):
@@ -180,26 +103,6 @@ def _shared_rows(x, cx) -> int:
     """How many rows of ``cx`` occur (bit for bit) in ``x``."""
     seen = {row.tobytes() for row in x.reshape(len(x), -1).numpy()}
     return sum(row.tobytes() in seen for row in cx.reshape(len(cx), -1).numpy())
-
-
-def _console():
-    from rich.console import Console
-
-    return Console()
-
-
-def _nominal_accuracy(model, x, y, balanced: bool) -> float:
-    import torch
-
-    p = next(model.parameters())
-    correct = []
-    with torch.no_grad():
-        for s in range(0, len(x), 2048):
-            correct.append((model(x[s:s + 2048].to(p.device, p.dtype)).argmax(1).cpu() == y[s:s + 2048]).double())
-    c = torch.cat(correct)
-    if not balanced:
-        return float(c.mean())
-    return float(sum(c[y == k].mean() for k in torch.unique(y)) / len(torch.unique(y)))
 
 
 # ----------------------------------------------------------------------------------- certify
@@ -280,7 +183,9 @@ def certify(
         if tau_from_accuracy is not None:
             from lid_engine.search import tau_from_accuracy as rule
 
-            acc = _nominal_accuracy(net, x, y, balanced)
+            from lid_engine import accuracy
+
+            acc = accuracy(net, x, y, balanced=balanced)
             tau = rule(acc, tau_from_accuracy)
             typer.echo(f"nominal {'balanced ' if balanced else ''}accuracy on the search data {acc:.4f} → τ = {tau:.4f}", err=True)
 
@@ -434,46 +339,3 @@ def _print_lid(lid, directory: Path, widths: bool = False) -> None:
                   "certified (balanced) accuracy on the certification set; LB = the population lower bound.")
     for t in lid.tasks:
         console.print(lid.statement(t))
-
-
-@app.command()
-def audit(
-    model: Annotated[Optional[str], typer.Option("--model", help="Registered model name (default: $LIDGATE_MODEL_NAME).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Report directory (default: $LIDGATE_HOME/audit/NAME).")] = None,
-) -> None:
-    """Re-verify every registered version's certificates and write an HTML report and a JSON summary."""
-    with _cli_errors():
-        import flows  # noqa: F401  (environment defaults)
-        from flows.settings import get_settings, open_registry
-
-        settings = get_settings(model)
-        registry = open_registry(settings)
-        if not registry.history():
-            raise BadInput(f"no registered versions of model {settings.model_name!r} at {settings.tracking_uri}")
-        from components.audit import render_audit_report
-        from flows.audit import build_records
-
-        records = build_records(registry)
-        html, summary = render_audit_report(records, out or settings.audit_dir / settings.model_name,
-                                            model_name=settings.model_name)
-        from rich.table import Table
-
-        table = Table(title=f"audit of {settings.model_name!r}")
-        for col in ("version", "status", "champion", "verified", "tasks"):
-            table.add_column(col)
-        for r in records:
-            tasks = ", ".join(f"{t.task}: {t.certified_accuracy:.3f}≥{t.tau:.3f}" for t in r.tasks) or "—"
-            table.add_row(r.version, r.status, "yes" if r.is_champion else "", "✓" if r.verified else "✗", tasks)
-        _console().print(table)
-        typer.echo(f"report: {html}\nsummary: {summary}")
-        promoted = [r for r in records if r.status == "promoted" or r.is_champion]
-        if not all(r.verified for r in promoted):
-            raise Failed("a promoted version failed re-verification")
-
-
-def main() -> None:  # pragma: no cover - console entry convenience
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -1,0 +1,258 @@
+"""Pipeline commands: they take the team's configuration file and run lidgate's Prefect flows.
+
+    lidgate bootstrap CONFIG [--weights FILE]         first version: train (or take weights), certify, promote
+    lidgate retrain CONFIG [--data FILE ...]          champion + new data, projected; certify, register, gate
+    lidgate submit CONFIG --weights FILE [--data ...] a candidate trained elsewhere; certify, register, gate
+    lidgate status CONFIG [--json]                    versions, statuses, reasons, champion
+    lidgate audit [CONFIG] [--model NAME]             re-verify every version, HTML report
+
+Exit codes: 0 promoted (or ok), 1 blocked or rejected, 2 bad input. Set ``LIDGATE_DEBUG=1`` to see
+the traceback of an unexpected error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from flows.cli.app import BadInput, Failed, app, cli_errors, console
+
+ConfigArg = Annotated[Path, typer.Argument(help="The team's configuration file (YAML, TOML or JSON).",
+                                           show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+DataOpt = Annotated[Optional[list[Path]], typer.Option(
+    "--data", help="New data file (Parquet, CSV or .npz in the configuration's format); repeat for several. "
+                   "Default: the configuration's data.")]
+TaskOpt = Annotated[Optional[str], typer.Option("--task", help="Name of the new data's task (default: the first "
+                                                               "--data file's name).")]
+
+
+def _prepare(config_path: Path):
+    """Read the configuration (exit 2 on any problem) and set the environment defaults of an entry point
+    before Prefect or MLflow read it."""
+    from components.config import load_config
+    from components.factory import use_code_roots
+    from flows.env import apply_defaults
+
+    if not config_path.is_file():
+        raise BadInput(f"configuration file '{config_path}' does not exist")
+    config = load_config(config_path)
+    use_code_roots(config.code)  # versions are rebuilt from the team's factories
+    apply_defaults(config.registry.home)
+    if not os.environ.get("LIDGATE_DEBUG"):
+        # The CLI reports errors itself, in one line; Prefect would also log their tracebacks. Its logging
+        # configuration is (re)loaded when the first flow runs, from these variables.
+        for name in ("PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL", "PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL"):
+            os.environ.setdefault(name, "CRITICAL")
+    return config
+
+
+def _run(flow_name: str, as_json: bool, **params: Any) -> None:
+    """Run one of flows.retrain's flows in-process and report its outcome; exit 1 unless promoted."""
+    from flows import retrain
+
+    flow = {"bootstrap": retrain.bootstrap_flow, "retrain": retrain.retrain_flow,
+            "submit": retrain.submit_flow}[flow_name]
+    outcome = flow(**params)
+    if as_json:
+        typer.echo(json.dumps(outcome, indent=2, default=str))
+    else:
+        _print_outcome(outcome)
+    if not outcome["promoted"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def bootstrap(
+    config: ConfigArg,
+    weights: Annotated[Optional[Path], typer.Option(
+        "--weights", help="Take these weights (safetensors) for the first version instead of training.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train the first version (or take --weights), certify its LID, register it, make it the champion."""
+    with cli_errors():
+        _prepare(config)
+        _run("bootstrap", as_json, config=str(config), weights=str(weights) if weights else None)
+
+
+@app.command()
+def retrain(
+    config: ConfigArg,
+    data: DataOpt = None,
+    task: TaskOpt = None,
+    no_projection: Annotated[bool, typer.Option(
+        "--no-projection", help="Train WITHOUT projecting onto the champion's LID (to see the gate block an "
+                                "unsafe update).")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Retrain the champion on new data, every step projected onto its LID; certify, register, gate."""
+    with cli_errors():
+        _prepare(config)
+        _run("retrain", as_json, config=str(config), data=[str(p) for p in data or []], task=task,
+             projection=not no_projection)
+
+
+@app.command()
+def submit(
+    config: ConfigArg,
+    weights: Annotated[Path, typer.Option("--weights", help="The candidate's weights (safetensors), trained "
+                                                            "elsewhere.", show_default=False)],
+    data: DataOpt = None,
+    task: TaskOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Certify a candidate trained elsewhere against the champion's LID; register it, run the gate."""
+    with cli_errors():
+        _prepare(config)
+        _run("submit", as_json, config=str(config), weights=str(weights), data=[str(p) for p in data or []],
+             task=task)
+
+
+@app.command()
+def status(config: ConfigArg, as_json: JsonOpt = False) -> None:
+    """Every registered version: status, task, certificate, source, the gate's reasons, the champion."""
+    with cli_errors():
+        settings_config = _prepare(config)
+        from flows.settings import open_registry, settings_for
+
+        settings = settings_for(settings_config)
+        registry = open_registry(settings)
+        rows = version_rows(registry)
+        champion = registry.champion()
+        if as_json:
+            typer.echo(json.dumps({"model": settings.model_name, "tracking_uri": settings.tracking_uri,
+                                   "champion": champion, "versions": rows}, indent=2))
+            return
+        _print_status(settings.model_name, champion, rows)
+
+
+@app.command()
+def audit(
+    config: Annotated[Optional[Path], typer.Argument(help="The team's configuration file.", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="A registered model name instead of a "
+                                                                 "configuration (its factory must be importable).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Report directory (default: HOME/audit/NAME).")] = None,
+) -> None:
+    """Re-verify every registered version's certificates; write the HTML report and a JSON summary."""
+    with cli_errors():
+        from flows.env import apply_defaults
+        from flows.settings import open_registry, settings_for
+
+        if config is not None:
+            settings = settings_for(_prepare(config))
+        else:
+            apply_defaults()
+            settings = settings_for(model_name=model)
+        if not open_registry(settings).history():
+            raise BadInput(f"no registered versions of model {settings.model_name!r} at {settings.tracking_uri}")
+        from flows.audit import write_audit
+
+        result = write_audit(settings, out)
+        _print_audit(settings.model_name, result["records"])
+        typer.echo(f"report: {result['report']}\nsummary: {result['summary']}")
+        if not result["ok"]:
+            raise Failed("a promoted version failed re-verification")
+
+
+# ------------------------------------------------------------------------------------ rendering
+def version_rows(registry) -> list[dict[str, Any]]:
+    """One JSON-able row per registered version, read from its tags (no download)."""
+    from components import tags as t
+
+    champion = registry.champion()
+    rows = []
+    for info in registry.history():
+        tg = info.tags
+        task = tg.get(t.TAG_TASK) or ",".join(t.tasks(tg))
+        certs = {name: {"certified": _float(tg.get(t.TAG_CERT_ACC + name)), "tau": _float(tg.get(t.TAG_TAU + name)),
+                        "lower_bound": _float(tg.get(t.TAG_LOWER_BOUND + name))} for name in t.tasks(tg)
+                 if tg.get(t.TAG_CERT_ACC + name) is not None}
+        rows.append({"version": str(info.version), "status": t.status(tg), "champion": str(info.version) == champion,
+                     "created": info.created, "task": task, "certificates": certs,
+                     "source": tg.get(t.TAG_CANDIDATE_SOURCE), "projection": tg.get(t.TAG_PROJECTION),
+                     "lineage": t.lineage(tg), "reasons": t.block_reasons(tg)})
+    return rows
+
+
+def _float(v: str | None) -> float | None:
+    try:
+        return None if v is None else float(v)
+    except ValueError:
+        return None
+
+
+def _print_status(model_name: str, champion: str | None, rows: list[dict]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{model_name}: champion {'v' + champion if champion else '(none)'}")
+    for col in ("version", "status", "task", "certificate", "source", "lineage", "reasons"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        certs = "; ".join(f"{c['certified']:.4f} ≥ τ {c['tau']:.4f}" if c["certified"] is not None else "—"
+                          for c in r["certificates"].values()) or "—"
+        source = (r["source"] or "?") + (" (unprojected)" if r["projection"] == "false" and r["source"] == "trained"
+                                         else "")
+        reasons = "; ".join(f"{x['code']}: {x['detail']}"[:160] for x in r["reasons"]) or ""
+        status = {"promoted": "[green]promoted[/green]", "blocked": "[red]blocked[/red]"}.get(r["status"], r["status"])
+        table.add_row(("★ " if r["champion"] else "") + "v" + r["version"], status, r["task"], certs, source,
+                      ",".join(r["lineage"]) or "—", reasons)
+    console().print(table)
+
+
+def _print_outcome(outcome: dict) -> None:
+    from rich.table import Table
+
+    cert = outcome.get("certification") or {}
+    cand = outcome.get("candidate") or {}
+    verdict = {"promoted": "[bold green]PROMOTED[/bold green]", "blocked": "[bold red]BLOCKED[/bold red]",
+               "rejected": "[bold red]REJECTED[/bold red] (data validation failed, nothing registered)"}[outcome["status"]]
+    table = Table(title=f"lidgate {outcome['action']}: "
+                        + (f"v{outcome['version']} " if outcome.get("version") else "") + verdict, show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("", overflow="fold")
+    table.add_row("task", str(outcome.get("task", "—")))
+    if cand:
+        first = outcome["action"] == "bootstrap"
+        how = {"trained": "trained" + ("" if first else " with projection onto the champion's LID" if cand.get("projection")
+                                       else " WITHOUT projection onto the champion's LID"),
+               "submitted": "submitted (trained elsewhere)", "given": "given weights"}.get(cand.get("source"),
+                                                                                          cand.get("source"))
+        table.add_row("candidate", f"{how}; accuracy on the search split {cand.get('search_accuracy', float('nan')):.4f}")
+    if cert:
+        if cert.get("lid"):
+            for task, value in cert["certified"].items():
+                table.add_row("certificate", f"task '{task}': certified {value:.4f} ≥ τ {cert['tau']:.4f} on held-out "
+                                             f"data (population lower bound {cert['lower_bound'][task]:.4f}); "
+                                             f"{cert['members']} domain(s), width sum {cert['width_sum']:.4g}")
+        else:
+            table.add_row("certificate", f"none: {cert.get('error')}")
+        for check in cert.get("lineage", []):
+            table.add_row(f"certificate of v{check['version']}",
+                          "[green]still holds[/green]" if check["ok"] else "[red]fails[/red]: " + "; ".join(check["failures"]))
+    for r in outcome.get("reasons", []):
+        table.add_row(f"[red]{r['code']}[/red]", r["detail"])
+    before, after = outcome.get("champion_before"), outcome.get("champion_after")
+    table.add_row("champion", f"{'v' + before if before else '(none)'} → v{after}" if before != after else
+                  (f"v{after} (unchanged)" if after else "(none)"))
+    onnx = outcome.get("onnx")
+    if onnx and "error" in onnx:
+        table.add_row("[red]ONNX[/red]", f"export failed (the promotion stands): {onnx['error']}")
+    elif onnx:
+        table.add_row("ONNX", f"{onnx['path']} (max |Δ| vs torch {onnx['max_abs_diff']:.2g})")
+    console().print(table)
+
+
+def _print_audit(model_name: str, records: list) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"audit of {model_name!r}")
+    for col in ("version", "status", "champion", "verified", "certificates"):
+        table.add_column(col, overflow="fold")
+    for r in records:
+        certs = ", ".join(f"{t.task}: {t.certified_accuracy:.3f}≥{t.tau:.3f}" for t in r.tasks) or "—"
+        table.add_row(r.version, r.status, "★" if r.is_champion else "", "✓" if r.verified else "✗", certs)
+    console().print(table)

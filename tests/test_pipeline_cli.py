@@ -1,0 +1,212 @@
+"""A team adopts lidgate: a brand-new configuration in a temporary directory, with the team's model
+module and training function written there (not in the repository), driven through the ``lidgate``
+CLI against a fresh registry: bootstrap → retrain on new data → a rogue candidate submitted → status.
+
+Two teams: one with tabular data in CSV/Parquet files, one with images in ``.npz`` files. Each CLI
+call is a separate process, as a user (or a scheduler) would run it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+
+TEAM_MODELS = '''
+from torch import nn
+
+
+def tabular_mlp(n_features: int, hidden: int = 32, n_classes: int = 2):
+    return nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU(), nn.Linear(hidden, n_classes))
+
+
+def stroke_cnn(side: int = 12, n_classes: int = 4):
+    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(6 * (side // 2) ** 2, n_classes))
+'''
+
+TEAM_TRAINING = '''
+import torch
+import torch.nn.functional as F
+
+
+def fit(model, optimizer, data, *, epochs=5, batch_size=64):
+    """The team's own loop: a cosine schedule and gradient clipping, stepping lidgate's optimizer."""
+    x, y = data.train
+    steps = epochs * ((len(x) + batch_size - 1) // batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    order = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=order)
+        for s in range(0, len(x), batch_size):
+            i = perm[s:s + batch_size]
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[i]), y[i]).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            optimizer.step()
+            schedule.step()
+    return model.eval()
+'''
+
+
+def lidgate(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("LIDGATE_HOME", "MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
+    env["PREFECT_HOME"] = str(cwd / "prefect")
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+def team_dir(tmp_path: Path) -> Path:
+    team = tmp_path / "team"
+    (team / "team_code").mkdir(parents=True)
+    (team / "team_code" / "__init__.py").write_text("")
+    (team / "team_code" / "models.py").write_text(TEAM_MODELS)
+    (team / "team_code" / "training.py").write_text(TEAM_TRAINING)
+    return team
+
+
+def write_config(team: Path, model: str, kwargs: dict, data: dict) -> Path:
+    import yaml
+
+    config = {
+        "version": 1, "name": "team-model", "code": ["."],
+        "model": {"factory": f"team_code.models:{model}", "kwargs": kwargs},
+        "data": data,
+        "spec": {"metric": "accuracy", "tau_from_accuracy": 0.10},
+        "training": {"function": "team_code.training:fit", "kwargs": {"epochs": 5, "batch_size": 64}},
+        "search": {"iterations": 40, "checkpoints": 4, "biasing": "none"},
+        "registry": {"home": "state"},
+    }
+    path = team / "lidgate.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def tabular_team(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """Two Gaussian classes in 12 standardised features as CSV; new data as Parquet with a drift."""
+    import pandas as pd
+
+    team = team_dir(tmp_path)
+    rng = np.random.default_rng(0)
+
+    def frame(n: int, drift: float) -> pd.DataFrame:
+        y = rng.integers(0, 2, n)
+        x = rng.normal(size=(n, 12)) + (y[:, None] * 2 - 1) * 0.9 + drift
+        df = pd.DataFrame(x.astype(np.float32), columns=[f"f{i}" for i in range(12)])
+        df["outcome"] = y
+        return df
+
+    (team / "data").mkdir()
+    frame(3000, 0.0).to_csv(team / "data" / "history.csv", index=False)
+    frame(3000, 0.6).to_parquet(team / "data" / "drifted.parquet", index=False)
+    config = write_config(team, "tabular_mlp", {"n_features": 12}, {
+        "task": "history", "source": "data/history.csv", "label": "outcome",
+        "split": {"train": 0.6, "search": 0.2, "certification": 0.2, "seed": 3}})
+    return config, team / "data" / "drifted.parquet", team
+
+
+def image_team(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """Synthetic 12×12 stroke images in .npz files (flat rows, reshaped by the configuration); new data
+    from a noisier camera."""
+    from benchmarks.search_robustness import images
+
+    team = team_dir(tmp_path)
+    case = images(n=2400, side=12, seed=0)
+    x = np.concatenate([case.search[0].numpy(), case.cert[0].numpy()]).reshape(-1, 144)
+    y = np.concatenate([case.search[1].numpy(), case.cert[1].numpy()])
+    more = images(n=2400, side=12, seed=1)
+    (team / "data").mkdir()
+    np.savez(team / "data" / "strokes.npz", x=more.search[0].numpy().reshape(-1, 144), y=more.search[1].numpy())
+    noisy = x + np.random.default_rng(2).normal(0, 0.25, x.shape).astype(np.float32)
+    np.savez(team / "data" / "noisy-camera.npz", x=noisy.astype(np.float32), y=y)
+    train = images(n=2400, side=12, seed=3)
+    np.savez(team / "data" / "train.npz", x=train.search[0].numpy().reshape(-1, 144), y=train.search[1].numpy())
+    np.savez(team / "data" / "cert.npz", x=train.cert[0].numpy().reshape(-1, 144), y=train.cert[1].numpy())
+    config = write_config(team, "stroke_cnn", {"side": 12}, {
+        "task": "strokes", "train": "data/train.npz", "search": "data/strokes.npz",
+        "certification": "data/cert.npz", "shape": [1, 12, 12]})
+    return config, team / "data" / "noisy-camera.npz", team
+
+
+def rogue_weights(team: Path, config: Path, new_data: Path) -> Path:
+    """A candidate trained elsewhere, from scratch, on the new data only (no projection)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from components.config import load_config
+    from components.data import load_update
+    from components.factory import ModelSpec
+
+    cfg = load_config(config)
+    data = load_update(cfg, [new_data])
+    torch.manual_seed(7)
+    model = ModelSpec(cfg.model.factory, dict(cfg.model.kwargs)).build(cfg.code)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    x, y = data.train
+    for _ in range(5):
+        for s in range(0, len(x), 64):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[s:s + 64]), y[s:s + 64]).backward()
+            opt.step()
+    path = team / "rogue.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.mark.timeout(1500)
+@pytest.mark.parametrize("make_team", [tabular_team, image_team], ids=["tabular", "images"])
+def test_a_team_bootstraps_retrains_and_is_stopped_by_the_gate(tmp_path, make_team):
+    config, new_data, team = make_team(tmp_path)
+
+    boot = lidgate("bootstrap", str(config), "--json", cwd=team)
+    assert boot.returncode == 0, boot.stderr[-3000:]
+    first = json.loads(boot.stdout)
+    assert first["status"] == "promoted" and first["version"] == "1"
+
+    update = lidgate("retrain", str(config), "--data", str(new_data), "--json", cwd=team)
+    assert update.returncode == 0, update.stderr[-3000:] + update.stdout[-3000:]
+    second = json.loads(update.stdout)
+    assert second["promoted"] and second["champion_after"] == "2"
+    assert second["candidate"]["projection"] is True and second["certification"]["lineage"][0]["ok"]
+
+    rogue = lidgate("submit", str(config), "--weights", str(rogue_weights(team, config, new_data)), cwd=team)
+    assert rogue.returncode == 1, rogue.stderr[-3000:] + rogue.stdout[-3000:]
+    assert "BLOCKED" in rogue.stdout
+
+    status = lidgate("status", str(config), "--json", cwd=team)
+    assert status.returncode == 0, status.stderr[-3000:]
+    table = json.loads(status.stdout)
+    assert table["champion"] == "2"
+    by_version = {v["version"]: v for v in table["versions"]}
+    assert {k: v["status"] for k, v in by_version.items()} == {"1": "promoted", "2": "promoted", "3": "blocked"}
+    assert by_version["3"]["source"] == "submitted"
+    codes = {r["code"] for r in by_version["3"]["reasons"]}
+    assert {"outside_champion_lid", "earlier_certificate_failed"} <= codes
+    assert by_version["2"]["task"] == new_data.stem and by_version["2"]["lineage"] == ["1"]
+    # the team's state lives where its configuration says, not in the repository
+    assert (team / "state" / "mlflow.db").is_file() and not (REPO / "state").exists()
+
+
+def test_bad_configuration_and_bad_arguments_exit_2_naming_the_field(tmp_path):
+    team = team_dir(tmp_path)
+    bad = team / "lidgate.yaml"
+    bad.write_text("version: 1\nname: x\nmodel: {factory: team_code.models:tabular_mlp}\n"
+                   "data: {source: data.csv, split: {train: 1.5}}\nspec: {tau: 0.9}\n")
+    result = lidgate("bootstrap", str(bad), cwd=team)
+    assert result.returncode == 2 and "data.split.train" in result.stderr and str(bad) in result.stderr
+    assert "Traceback" not in result.stderr
+    result = lidgate("status", str(team / "missing.yaml"), cwd=team)
+    assert result.returncode == 2 and "does not exist" in result.stderr
+    config, _, _ = tabular_team(tmp_path / "other")
+    result = lidgate("retrain", str(config), "--data", str(team / "nope.csv"), cwd=config.parent)
+    assert result.returncode == 2 and "no champion yet" in result.stderr and "Traceback" not in result.stderr
