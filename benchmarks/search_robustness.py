@@ -15,7 +15,7 @@ box's shape fits the search examples and certifies less on new ones (see the rep
 The cases span tabular data with standardised and with raw features (scales up to 4·10³), images
 (a CNN), sentence-embedding-like vectors (unit norm, and the same model with inputs ×10⁻³ and ×10³
 by a function-preserving rescaling of the first layer), 2–100 classes and 10³–2·10⁶ parameters.
-The tests (tests/test_search_robustness.py) run the small cases; this command runs all of them and
+The tests (tests/lid_engine/test_search_robustness.py) run the small cases; this command runs all of them and
 writes benchmarks/results/search_robustness.md.
 """
 

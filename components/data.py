@@ -40,6 +40,8 @@ __all__ = [
     "SPLIT_NAMES",
     "DataError",
     "DataSplits",
+    "check_same_features",
+    "feature_columns",
     "file_provenance",
     "load_file",
     "load_splits",
@@ -100,6 +102,20 @@ class DataSplits:
 
         return {name: fingerprint_data(x, y) for name, (x, y) in self.items()}
 
+    def to_dtype(self, dtype: torch.dtype) -> DataSplits:
+        """The same data with the examples cast to ``dtype`` (a model's floating dtype); recorded in the
+        provenance. A file read as float64 and a float32 model agree this way, for every training function."""
+        if all(x.dtype == dtype for _, (x, _) in self.items()):
+            return self
+        cast = {name: (x.to(dtype), y) for name, (x, y) in self.items()}
+        return DataSplits(task=self.task, train=cast["train"], search=cast["search"],
+                          certification=cast["certification"], provenance={**self.provenance, "dtype": str(dtype)},
+                          feature_shape=self.feature_shape, classes=self.classes)
+
+    def feature_columns(self) -> list[str] | None:
+        """The feature columns read from tabular files, in order (None for arrays and loaders)."""
+        return feature_columns(self.provenance)
+
     def fingerprint(self) -> str:
         """sha256 over the task name and every split's tensors (dtype, shape and bytes)."""
         body = {"task": self.task, "splits": self.fingerprints()}
@@ -107,6 +123,42 @@ class DataSplits:
 
 
 # ------------------------------------------------------------------------------ public API
+def feature_columns(provenance: Mapping[str, Any] | None) -> list[str] | None:
+    """The feature columns a ``DataSplits.provenance`` records for its tabular files, in order (None when
+    the data came from arrays or a loader)."""
+    if not isinstance(provenance, Mapping):
+        return None
+    files = provenance.get("files")
+    records = list(files.values()) if isinstance(files, Mapping) else list(files or [])
+    if provenance.get("form") == "source":
+        records = [provenance.get("source", {})]
+    columns = [(r.get("columns") or {}).get("features") for r in records if isinstance(r, Mapping)]
+    return list(columns[0]) if columns and columns[0] is not None else None
+
+
+def check_same_features(expected: Sequence[str] | None, data: DataSplits, what: str) -> None:
+    """Refuse new data whose feature columns differ from ``expected`` (names or order).
+
+    Without ``data.features`` in the configuration the features are "every column but the label", in
+    the file's order: a renamed, added or reordered column would silently feed the model other inputs.
+
+    Raises:
+        DataError: naming the missing, unexpected or reordered columns.
+    """
+    got = data.feature_columns()
+    if expected is None or got is None or list(expected) == list(got):
+        return
+    missing = [c for c in expected if c not in got]
+    extra = [c for c in got if c not in expected]
+    if missing or extra:
+        detail = f"missing {_listing(missing)}, unexpected {_listing(extra)}"
+    else:
+        detail = "the same columns in another order"
+    raise DataError(f"{what}: feature columns differ from those {_listing(list(expected))} the champion was trained "
+                    f"on ({detail}); expected the same columns (or list them in data.features, which are then "
+                    "selected by name)")
+
+
 def load_splits(config: LidgateConfig) -> DataSplits:
     """Load the task a configuration's ``data`` section names.
 
@@ -181,6 +233,11 @@ def load_update(config: LidgateConfig, paths: Sequence[str | Path], task: str | 
         if xs and x.shape[1:] != xs[0].shape[1:]:
             raise DataError(f"{path}: examples of shape {list(x.shape[1:])}, {paths[0]} has {list(xs[0].shape[1:])}; "
                             "expected one shape")
+        columns = (record.get("columns") or {}).get("features")
+        first = (records[0].get("columns") or {}).get("features") if records else None
+        if records and columns != first:
+            raise DataError(f"{path}: feature columns {_listing(list(columns or []))} differ from {paths[0]}'s "
+                            f"{_listing(list(first or []))}; expected the same columns in every file")
         xs.append(x), ys.append(y), records.append(record)
     x = np.concatenate(xs) if len(xs) > 1 else xs[0]
     y = np.concatenate(ys) if len(ys) > 1 else ys[0]

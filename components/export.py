@@ -363,8 +363,12 @@ def log_onnx_to_mlflow(
     *,
     log_model: bool = False,
     registered_model_name: str | None = None,
+    tracking_uri: str | None = None,
 ) -> None:
     """Log the exported file as an artifact of run ``run_id`` (under ``artifact_path``).
+
+    ``tracking_uri``: the MLflow server or database of the run (default: MLflow's global tracking URI,
+    which falls back to a database in the current directory; pass the registry's own).
 
     The file is re-hashed first: a file changed since ``export_onnx`` checked it is refused. With
     ``log_model=True`` it is also logged as an MLflow ONNX model (``mlflow.onnx.log_model``, CPU
@@ -381,7 +385,7 @@ def log_onnx_to_mlflow(
         )
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=tracking_uri)
     client.log_artifact(run_id, str(path), artifact_path)
     if log_model:
         import mlflow

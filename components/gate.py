@@ -236,8 +236,10 @@ def _evaluate(ev: _Evaluation, registry: Registry, version: str, validation_pass
 def _check_new_certificate(ev: _Evaluation, cand: LoadedVersion) -> None:
     v = cand.version
     if not cand.has_lid:
+        why = cand.tags.get(tg.TAG_CERTIFICATION_ERROR)  # what the certification step said, if it said anything
         ev.check("new certificate", False, "registered without a LID")
-        ev.fail("no_certificate", f"version {v} was registered without a LID certificate")
+        ev.fail("no_certificate", f"version {v} was registered without a LID certificate"
+                + (f" (certification: {why})" if why else ""))
         return
     if cand.lid is None or cand.lid_dir is None:
         ev.check("new certificate", False, "the LID did not load")

@@ -15,7 +15,8 @@ from collections.abc import Mapping
 
 __all__ = [
     "CHAMPION_ALIAS", "STATUSES", "STATUS_BLOCKED", "STATUS_PENDING", "STATUS_PROMOTED", "STATUS_UNKNOWN",
-    "TAG_BLOCKED_AT", "TAG_BLOCK_REASONS", "TAG_CANDIDATE_SOURCE", "TAG_CERT_ACC", "TAG_CONFIG_SHA",
+    "TAG_BLOCKED_AT", "TAG_BLOCK_REASONS", "TAG_CANDIDATE_SOURCE", "TAG_CERT_ACC", "TAG_CERTIFICATION_ERROR",
+    "TAG_CONFIG_SHA",
     "TAG_DATA_SHA256", "TAG_PROJECTION", "TAG_TASK", "TAG_CERT_SHA", "TAG_DATA_SHA", "TAG_FACTORY",
     "TAG_HAS_LID", "TAG_LINEAGE", "TAG_LOWER_BOUND", "TAG_MLFLOW_MODEL", "TAG_MODEL_SHA", "TAG_PARENT",
     "TAG_PREVIOUS_CHAMPION", "TAG_PROMOTED_AT", "TAG_REGISTERED_AT", "TAG_SPEC_SHA", "TAG_STATUS", "TAG_TASKS",
@@ -59,6 +60,7 @@ TAG_TASK = "pipeline.task"                       # the task its own LID certifie
 TAG_DATA_SHA256 = "pipeline.data_sha256"         # fingerprint of the train/search/certification splits
 TAG_CANDIDATE_SOURCE = "pipeline.source"         # "trained" | "submitted" | "given"
 TAG_PROJECTION = "pipeline.projection"           # "true" | "false": trained with projection onto the LID
+TAG_CERTIFICATION_ERROR = "pipeline.certification_error"  # why no LID was certified (registered without one)
 
 # ------------------------------------------------------------------ written by the gate
 TAG_BLOCK_REASONS = "lid.block_reasons"          # JSON list of {"code", "detail"}

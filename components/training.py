@@ -32,7 +32,10 @@ The contract:
   is seeded with ``training.seed`` before the call (and restored after), so a function that draws
   from it is reproducible.
 * Leave the model in eval mode if it has dropout or batch norm layers (certification evaluates the
-  model as returned); the built-in loop does.
+  model as returned); the built-in loop does. In a retrain, keep BatchNorm layers in eval mode while
+  training (``module.eval()`` after ``model.train()``): the champion's LID certifies its parameters at
+  the champion's running statistics, so lidgate puts the champion's statistics back after training
+  (the built-in loop never changes them), and statistics learnt on the way would be lost.
 
 ``run_training`` calls a function under this contract and checks what can be checked cheaply
 (the same module back, parameters not replaced, finite, the optimizer stepped at least once).
@@ -75,6 +78,7 @@ def builtin_fit(
     lr: float | None = None,
     seed: int = 0,
     progress: bool = True,
+    freeze_norm_stats: bool = False,
 ) -> nn.Module:
     """lidgate's built-in loop: minibatch cross-entropy over ``data.train``.
 
@@ -91,6 +95,9 @@ def builtin_fit(
             built by lidgate; this is how a configuration chooses its learning rate).
         seed: seed of the batch order.
         progress: show a progress bar.
+        freeze_norm_stats: keep BatchNorm layers in eval mode (their running statistics fixed), as a
+            projected retrain needs: the champion's LID certifies its parameters at the champion's
+            statistics.
 
     Returns:
         ``model``, trained, in eval mode.
@@ -116,6 +123,10 @@ def builtin_fit(
     from tqdm.auto import tqdm  # lazy: only the built-in loop draws a bar
 
     model.train()
+    if freeze_norm_stats:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     with tqdm(total=steps, desc="training", unit="step", leave=False, disable=not progress) as bar:
         for _ in range(epochs):
             order = torch.randperm(len(x), generator=gen)
@@ -167,7 +178,8 @@ def resolve_training(config: LidgateConfig) -> TrainingFunction:
     return fn
 
 
-def run_training(config: LidgateConfig, model: nn.Module, optimizer: Any, data: DataSplits) -> nn.Module:
+def run_training(config: LidgateConfig, model: nn.Module, optimizer: Any, data: DataSplits, *,
+                 freeze_norm_stats: bool = False) -> nn.Module:
     """Train ``model`` with the configured function under the training contract.
 
     Seeds the global torch RNG with ``training.seed`` (restoring it afterwards), calls the function
@@ -178,6 +190,7 @@ def run_training(config: LidgateConfig, model: nn.Module, optimizer: Any, data: 
         model: the model to train in place (inside the champion's LID).
         optimizer: the projected optimizer lidgate built over ``model``'s parameters.
         data: the task's splits.
+        freeze_norm_stats: the built-in loop keeps BatchNorm statistics fixed (a projected retrain).
 
     Returns:
         ``model``, trained.
@@ -192,6 +205,7 @@ def run_training(config: LidgateConfig, model: nn.Module, optimizer: Any, data: 
     kwargs: dict[str, Any] = dict(config.training.kwargs)
     if fit is builtin_fit:
         kwargs["seed"] = config.training.seed
+        kwargs["freeze_norm_stats"] = freeze_norm_stats
     before = dict(model.named_parameters())
     steps = _StepCounter(optimizer)
     try:

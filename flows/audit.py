@@ -103,7 +103,7 @@ def write_audit(settings, out_dir: str | Path | None = None) -> dict:
             "records": records}
 
 
-@flow(name="audit", log_prints=True)
+@flow(name="audit")
 def audit_flow(config: str | None = None, model_name: str | None = None, out_dir: str | None = None) -> dict:
     """Re-verify every registered version of the configuration's model (or ``model_name``); returns the
     summary and the report paths."""

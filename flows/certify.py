@@ -78,7 +78,7 @@ def load_candidate(candidate_dir: str | Path) -> tuple[dict[str, Any], ModelSpec
     return record, spec, model.eval()
 
 
-@flow(name="certify", log_prints=True)
+@flow(name="certify")
 def certify_flow(candidate_dir: str) -> dict:
     """Certify the candidate in ``candidate_dir``; writes ``lid/`` and ``certify.json`` there and returns
     the summary (``lid`` is false with ``error`` saying why when no certificate could be made)."""
@@ -96,7 +96,10 @@ def certify_flow(candidate_dir: str) -> dict:
             f"the configuration '{record['config']}' hashes to {config.sha256()[:12]}… here but to "
             f"{record['config_sha256'][:12]}… where the candidate was trained; certify the same file")
     _, _, model = load_candidate(directory)
-    data = tasks.load_data.fn(config, record["data_paths"], record["task"])
+    import torch
+
+    dtype = getattr(torch, record["dtype"]) if record.get("dtype") else None
+    data = tasks.load_data.fn(config, record["data_paths"], record["task"], dtype=dtype)
     if data.fingerprint() != record["data_sha256"]:
         raise CandidateError(f"the data of task '{record['task']}' differ here from where the candidate was trained "
                              "(fingerprints differ); certify on the same files")

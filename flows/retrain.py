@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from prefect import flow
 
+from components.data import check_same_features
 from flows import tasks
 from flows.certify import run_certification, save_candidate
 from flows.settings import settings_for
@@ -72,7 +73,12 @@ def run_pipeline(config_path: str | Path, action: str, *, data: Sequence[str] = 
         raise PipelineError(f"{config.name!r} has no champion yet; run `lidgate bootstrap {config_path}` first")
     if action == "submit" and not weights:
         raise PipelineError("submit needs the candidate's weights (--weights FILE.safetensors)")
-    data_splits = tasks.load_data(config, list(data), task)
+    model, spec, source = _base_model(config, action, champion, weights)
+    dtype = _float_dtype(model)
+    data_splits = tasks.load_data(config, list(data), task, dtype=dtype)
+    if champion is not None and config.data.features is None:
+        check_same_features(champion.feature_columns, data_splits, "--data" if data else "data")
+    _preflight(config, model, data_splits)
     lookahead = settings.lookahead_dir if action != "bootstrap" else None
     validation = tasks.validate_data(config, data_splits, lookahead)
     before = champion.version if champion is not None else None
@@ -84,10 +90,13 @@ def run_pipeline(config_path: str | Path, action: str, *, data: Sequence[str] = 
         tasks.write_summary(settings, outcome)
         return outcome
 
-    candidate = _candidate(config, action, champion, data_splits, weights, projection)
+    if source == "train":
+        candidate = tasks.train_candidate(config, model, champion, data_splits, projection=projection)
+    else:
+        candidate = tasks.given_candidate(model, spec, source, data_splits, champion)
     record = {"config": str(Path(config_path).resolve()), "config_sha256": config.sha256(),
               "data_paths": [str(Path(p).resolve()) for p in data], "task": data_splits.task,
-              "data_sha256": data_splits.fingerprint(), "champion": before,
+              "dtype": str(dtype).removeprefix("torch."), "data_sha256": data_splits.fingerprint(), "champion": before,
               "lineage": champion.lineage if champion is not None else [], "action": action,
               "biasing": action != "bootstrap"}
     candidate_dir = save_candidate(settings.staging / f"{config.name}-{action}-{int(time.time() * 1000)}",
@@ -100,43 +109,63 @@ def run_pipeline(config_path: str | Path, action: str, *, data: Sequence[str] = 
     return outcome
 
 
-def _candidate(config: LidgateConfig, action: str, champion: Champion | None, data: DataSplits,
-               weights: str | None, projection: bool) -> Candidate:
-    """The model to certify: trained (bootstrap, retrain), given (bootstrap with weights) or submitted."""
+def _base_model(config: LidgateConfig, action: str, champion: Champion | None, weights: str | None):
+    """``(model, spec, source)``: the model to train (``source="train"``) or to certify as it is
+    (``"given"``: the first version's weights, ``"submitted"``: a candidate trained elsewhere)."""
     if action == "retrain":
         assert champion is not None
-        return tasks.train_candidate(config, champion.fresh_model(), champion, data, projection=projection)
+        return champion.fresh_model(), champion.spec, "train"
     if action == "submit":
         assert champion is not None and weights is not None
         model = champion.spec.build(config.code)
         _load_weights(model, Path(weights), "--weights")
-        return _given(model, champion.spec, "submitted", data)
+        return model, champion.spec, "submitted"
     spec, model, from_mlflow = _first_model(config)
     path = Path(weights) if weights else config.model.weights
     if path is not None:
         _load_weights(model, Path(path), "--weights" if weights else "model.weights")
-        return _given(model, spec, "given", data)
-    if from_mlflow:
-        return _given(model, spec, "given", data)
-    return tasks.train_candidate(config, model, None, data)
+        return model, spec, "given"
+    return model, spec, "given" if from_mlflow else "train"
 
 
-def _given(model, spec, source: str, data: DataSplits) -> Candidate:
-    import lid_engine as le
+def _float_dtype(model):
+    import torch
 
-    metrics = {"train_accuracy": le.accuracy(model, *data.train), "search_accuracy": le.accuracy(model, *data.search)}
-    return tasks.Candidate(model=model.eval(), spec=spec, source=source, projection=False, metrics=metrics)
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _preflight(config: LidgateConfig, model, data: DataSplits) -> None:
+    """What would otherwise fail after minutes of training: layers the bound engine cannot follow, and
+    labels the model's outputs cannot hold."""
+    import torch
+
+    from components.data import DataError
+    from lid_engine.bounds import ibp, linear
+
+    layers = ibp.check_supported(model)
+    if config.search.bound == "linear":
+        linear.check_supported(layers)
+    with torch.no_grad():
+        outputs = model.eval()(data.train[0][:2]).shape[-1]
+    for name, (_, y) in data.items():
+        if int(y.max()) >= outputs or int(y.min()) < 0:
+            raise DataError(f"task '{data.task}', split '{name}': labels go from {int(y.min())} to {int(y.max())}, "
+                            f"but the model has {outputs} outputs; expected class ids 0..{outputs - 1}")
 
 
 def _first_model(config: LidgateConfig):
-    """``(spec, model, from_mlflow)`` of the first version: built by the factory, or a registered version."""
+    """``(spec, model, from_mlflow)`` of the first version: built by the factory (its initialisation drawn
+    with ``training.seed``, so a bootstrap is reproducible), or a registered version."""
+    import torch
+
     from components.factory import ModelSpec
     from components.registry import Registry
-    from flows.settings import settings_for
 
     if config.model.factory is not None:
         spec = ModelSpec(config.model.factory, dict(config.model.kwargs))
-        return spec, spec.build(config.code, field="model.factory"), False
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.training.seed)
+            return spec, spec.build(config.code, field="model.factory"), False
     ref = config.model.mlflow
     assert ref is not None
     settings = settings_for(config)
@@ -155,20 +184,20 @@ def _load_weights(model, path: Path, field: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ flows
-@flow(name="bootstrap", log_prints=True)
+@flow(name="bootstrap")
 def bootstrap_flow(config: str, weights: str | None = None) -> dict:
     """Train (or take ``weights`` for) the first version, certify its LID and make it the champion."""
     return run_pipeline(config, "bootstrap", weights=weights).to_dict()
 
 
-@flow(name="retrain", log_prints=True)
+@flow(name="retrain")
 def retrain_flow(config: str, data: list[str] | None = None, task: str | None = None, projection: bool = True) -> dict:
     """Retrain the champion on ``data`` (default: the configuration's) with projection onto its LID;
     promote the result only if it is certified safe."""
     return run_pipeline(config, "retrain", data=data or [], task=task, projection=projection).to_dict()
 
 
-@flow(name="submit", log_prints=True)
+@flow(name="submit")
 def submit_flow(config: str, weights: str, data: list[str] | None = None, task: str | None = None) -> dict:
     """Certify a candidate trained elsewhere (``weights``) against the champion's LID; register and gate it."""
     return run_pipeline(config, "submit", data=data or [], task=task, weights=weights).to_dict()

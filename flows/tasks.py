@@ -97,6 +97,13 @@ class Champion:
     lid: LID
     lineage: list[str]
 
+    @property
+    def feature_columns(self) -> list[str] | None:
+        """The feature columns the champion's own task was read from (None for arrays and loaders)."""
+        from components.data import feature_columns
+
+        return feature_columns((self.lid.search_config.get("pipeline") or {}).get("data"))
+
     def fresh_model(self) -> nn.Module:
         """A copy of the champion's model to train (the champion object stays as registered)."""
         import copy
@@ -256,9 +263,13 @@ def load_champion(config: LidgateConfig) -> Champion | None:
 
 
 @task(name="load data", **STEP)
-def load_data(config: LidgateConfig, paths: Sequence[str | Path] = (), task_name: str | None = None) -> DataSplits:
+def load_data(config: LidgateConfig, paths: Sequence[str | Path] = (), task_name: str | None = None,
+              dtype: torch.dtype | None = None) -> DataSplits:
     """The task's train / search / certification data: the configuration's ``data`` section, or new
     files (``paths``) in its format, cut by the seeded split (recorded in the provenance).
+
+    ``dtype``: cast the examples to the model's floating dtype (a float64 Parquet file and a float32
+    model then agree, whatever training function runs).
 
     Raises:
         components.data.DataError: a file cannot be read or fails a check (names file and column).
@@ -266,11 +277,12 @@ def load_data(config: LidgateConfig, paths: Sequence[str | Path] = (), task_name
     from components.data import load_splits, load_update
 
     if paths:
-        return load_update(config, list(paths), task_name)
-    data = load_splits(config)
-    if task_name is not None:
-        data.task = task_name
-    return data
+        data = load_update(config, list(paths), task_name)
+    else:
+        data = load_splits(config)
+        if task_name is not None:
+            data.task = task_name
+    return data.to_dtype(dtype) if dtype is not None else data
 
 
 @task(name="validate data", **STEP)
@@ -326,32 +338,65 @@ def train_candidate(config: LidgateConfig, model: nn.Module, champion: Champion 
     by default), through an Adam optimizer projected onto the champion's LID.
 
     ``projection=False`` trains without projection — for demonstrations of what the gate blocks.
-    After training the model is checked against the champion's LID: a training function that moved
-    parameters outside it without a step (against the training contract) gets its model projected
-    back, and the log says so.
+    After a projected retrain the model is checked against the champion's LID (a training function that
+    moved parameters without a step, against the training contract, gets its model projected back, and
+    the log says so), and the champion's normalisation statistics (BatchNorm running mean and variance)
+    are put back: its LID certifies parameters at those statistics.
     """
     import torch
 
+    import lid_engine as le
     from components.factory import ModelSpec
     from components.training import run_training
 
     log = _log()
+    projected = projection and champion is not None
+    before = {"champion_search_accuracy": le.accuracy(champion.model, *data.search)} if champion is not None else {}
     lr = float(config.training.kwargs.get("lr", 1e-3)) if config.training.function is None else 1e-3
     base = torch.optim.Adam(model.parameters(), lr=lr)
-    optimizer = projected_optimizer.fn(model, champion if projection else None, base,
+    optimizer = projected_optimizer.fn(model, champion if projected else None, base,
                                        strategy=config.training.strategy, seed=config.training.seed)
-    run_training(config, model, optimizer, data)
-    if projection and champion is not None and not champion.lid.contains(model):
-        import lid_engine as le
-
-        log.warning("the training function changed parameters after its last optimizer step; projecting them "
-                    "back onto the champion's LID")
-        le.project_(model, champion.lid, strategy="closest")
+    run_training(config, model, optimizer, data, freeze_norm_stats=projected)
+    if projected:
+        if not champion.lid.contains(model):
+            log.warning("the training function changed parameters after its last optimizer step; projecting them "
+                        "back onto the champion's LID")
+            le.project_(model, champion.lid, strategy="closest")
+        changed = _restore_buffers(model, champion.model)
+        if changed:
+            log.warning("BatchNorm statistics changed during training (%s); the champion's are put back, since its "
+                        "LID certifies the parameters at them: keep BatchNorm layers in eval mode while retraining",
+                        ", ".join(changed[:3]))
     spec = champion.spec if champion is not None else ModelSpec(config.model.factory, dict(config.model.kwargs))
+    metrics = {**before, "train_accuracy": le.accuracy(model, *data.train),
+               "search_accuracy": le.accuracy(model, *data.search)}
+    return Candidate(model=model.eval(), spec=spec, source="trained", projection=projected, metrics=metrics)
+
+
+def given_candidate(model: nn.Module, spec: ModelSpec, source: str, data: DataSplits,
+                    champion: Champion | None = None) -> Candidate:
+    """A candidate certified as it is: the first version's given weights, or one trained elsewhere."""
     import lid_engine as le
 
     metrics = {"train_accuracy": le.accuracy(model, *data.train), "search_accuracy": le.accuracy(model, *data.search)}
-    return Candidate(model=model.eval(), spec=spec, source="trained", projection=projection, metrics=metrics)
+    if champion is not None:
+        metrics["champion_search_accuracy"] = le.accuracy(champion.model, *data.search)
+    return Candidate(model=model.eval(), spec=spec, source=source, projection=False, metrics=metrics)
+
+
+def _restore_buffers(model: nn.Module, reference: nn.Module) -> list[str]:
+    """Copy ``reference``'s floating buffers into ``model`` where they differ; returns their names."""
+    import torch
+
+    theirs = dict(reference.named_buffers())
+    changed = []
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            ref = theirs.get(name)
+            if ref is not None and buffer.shape == ref.shape and not torch.equal(buffer, ref.to(buffer.device)):
+                buffer.copy_(ref)
+                changed.append(name)
+    return changed
 
 
 @task(name="certify candidate", **STEP)
@@ -457,6 +502,7 @@ def register_candidate(config: LidgateConfig, candidate: Candidate, certificatio
     certification data, the validation summary and where it came from. Returns the version."""
     from components.tags import (
         TAG_CANDIDATE_SOURCE,
+        TAG_CERTIFICATION_ERROR,
         TAG_CONFIG_SHA,
         TAG_DATA_SHA256,
         TAG_PROJECTION,
@@ -470,7 +516,8 @@ def register_candidate(config: LidgateConfig, candidate: Candidate, certificatio
         validation={"passed": validation.passed, "reports": validation.reports,
                     "certification": certification.summary(), "data": data.provenance},
         extra_tags={TAG_CONFIG_SHA: config.sha256(), TAG_TASK: data.task, TAG_DATA_SHA256: data.fingerprint(),
-                    TAG_CANDIDATE_SOURCE: candidate.source, TAG_PROJECTION: str(candidate.projection).lower()},
+                    TAG_CANDIDATE_SOURCE: candidate.source, TAG_PROJECTION: str(candidate.projection).lower(),
+                    **({TAG_CERTIFICATION_ERROR: certification.error[:2000]} if certification.error else {})},
         example_input=data.certification[0][:2],
     )
 
@@ -501,7 +548,7 @@ def export_candidate(config: LidgateConfig, version: str, model: nn.Module, exam
             certificate_sha256=loaded.tags.get(TAG_CERT_SHA, ""),
             metadata={"lidgate.version": str(version), "lidgate.model_sha256": loaded.tags.get(TAG_MODEL_SHA, "")},
         )
-        log_onnx_to_mlflow(export, loaded.run_id)
+        log_onnx_to_mlflow(export, loaded.run_id, tracking_uri=settings.tracking_uri)
     finally:
         registry.release(loaded)
     return {"path": str(export.path), "sha256": export.sha256, "max_abs_diff": export.max_abs_diff}

@@ -51,6 +51,28 @@ def _prepare(config_path: Path):
     return config
 
 
+def _check_inputs(config, config_path: Path, data: list[Path] | None = None, weights: Path | None = None) -> None:
+    """The mistakes that need no model or data to find, before Prefect starts (seconds, not a minute):
+    missing files, and references to code that does not import."""
+    from components.factory import resolve
+
+    for path in data or []:
+        if not path.is_file():
+            raise BadInput(f"--data: file '{path}' does not exist")
+    if weights is not None and not weights.is_file():
+        raise BadInput(f"--weights: file '{weights}' does not exist")
+    for name in ("train", "search", "certification", "source"):
+        path = getattr(config.data, name)
+        if path is not None and not Path(path).is_file():
+            raise BadInput(f"configuration {config_path}: data.{name}: file '{path}' does not exist")
+    if config.model.weights is not None and not Path(config.model.weights).is_file():
+        raise BadInput(f"configuration {config_path}: model.weights: file '{config.model.weights}' does not exist")
+    for ref, field in ((config.model.factory, "model.factory"), (config.training.function, "training.function"),
+                       (config.data.loader.function if config.data.loader else None, "data.loader.function")):
+        if ref is not None:
+            resolve(ref, field=f"configuration {config_path}: {field}", roots=config.code)
+
+
 def _run(flow_name: str, as_json: bool, **params: Any) -> None:
     """Run one of flows.retrain's flows in-process and report its outcome; exit 1 unless promoted."""
     from flows import retrain
@@ -75,7 +97,7 @@ def bootstrap(
 ) -> None:
     """Train the first version (or take --weights), certify its LID, register it, make it the champion."""
     with cli_errors():
-        _prepare(config)
+        _check_inputs(_prepare(config), config, weights=weights)
         _run("bootstrap", as_json, config=str(config), weights=str(weights) if weights else None)
 
 
@@ -91,7 +113,7 @@ def retrain(
 ) -> None:
     """Retrain the champion on new data, every step projected onto its LID; certify, register, gate."""
     with cli_errors():
-        _prepare(config)
+        _check_inputs(_prepare(config), config, data=data)
         _run("retrain", as_json, config=str(config), data=[str(p) for p in data or []], task=task,
              projection=not no_projection)
 
@@ -107,7 +129,7 @@ def submit(
 ) -> None:
     """Certify a candidate trained elsewhere against the champion's LID; register it, run the gate."""
     with cli_errors():
-        _prepare(config)
+        _check_inputs(_prepare(config), config, data=data, weights=weights)
         _run("submit", as_json, config=str(config), weights=str(weights), data=[str(p) for p in data or []],
              task=task)
 
@@ -174,8 +196,25 @@ def version_rows(registry) -> list[dict[str, Any]]:
         rows.append({"version": str(info.version), "status": t.status(tg), "champion": str(info.version) == champion,
                      "created": info.created, "task": task, "certificates": certs,
                      "source": tg.get(t.TAG_CANDIDATE_SOURCE), "projection": tg.get(t.TAG_PROJECTION),
-                     "lineage": t.lineage(tg), "reasons": t.block_reasons(tg)})
+                     "lineage": t.lineage(tg), "model_sha256": tg.get(t.TAG_MODEL_SHA),
+                     "reasons": t.block_reasons(tg)})
     return rows
+
+
+def _grouped(reasons: list[dict]) -> dict[str, list[str]]:
+    """The gate's reasons by code, in order (a failing LID is reported once per task and version)."""
+    out: dict[str, list[str]] = {}
+    for r in reasons:
+        out.setdefault(r["code"], []).append(r["detail"])
+    return out
+
+
+def _clip(text: str, limit: int) -> str:
+    """``text`` cut at a word boundary before ``limit`` characters, with an ellipsis."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit].rsplit(" ", 1)[0]
+    return cut.rstrip(",;:") + " …"
 
 
 def _float(v: str | None) -> float | None:
@@ -196,7 +235,8 @@ def _print_status(model_name: str, champion: str | None, rows: list[dict]) -> No
                           for c in r["certificates"].values()) or "—"
         source = (r["source"] or "?") + (" (unprojected)" if r["projection"] == "false" and r["source"] == "trained"
                                          else "")
-        reasons = "; ".join(f"{x['code']}: {x['detail']}"[:160] for x in r["reasons"]) or ""
+        reasons = "\n".join(f"{code}: {_clip(details[0], 140)}" + (f" (+{len(details) - 1})" if len(details) > 1 else "")
+                            for code, details in _grouped(r["reasons"]).items())
         status = {"promoted": "[green]promoted[/green]", "blocked": "[red]blocked[/red]"}.get(r["status"], r["status"])
         table.add_row(("★ " if r["champion"] else "") + "v" + r["version"], status, r["task"], certs, source,
                       ",".join(r["lineage"]) or "—", reasons)
@@ -221,7 +261,10 @@ def _print_outcome(outcome: dict) -> None:
                                        else " WITHOUT projection onto the champion's LID"),
                "submitted": "submitted (trained elsewhere)", "given": "given weights"}.get(cand.get("source"),
                                                                                           cand.get("source"))
-        table.add_row("candidate", f"{how}; accuracy on the search split {cand.get('search_accuracy', float('nan')):.4f}")
+        line = f"{how}; accuracy on the search split {cand.get('search_accuracy', float('nan')):.4f}"
+        if cand.get("champion_search_accuracy") is not None:
+            line += f" (the champion: {cand['champion_search_accuracy']:.4f})"
+        table.add_row("candidate", line)
     if cert:
         if cert.get("lid"):
             for task, value in cert["certified"].items():
@@ -233,8 +276,9 @@ def _print_outcome(outcome: dict) -> None:
         for check in cert.get("lineage", []):
             table.add_row(f"certificate of v{check['version']}",
                           "[green]still holds[/green]" if check["ok"] else "[red]fails[/red]: " + "; ".join(check["failures"]))
-    for r in outcome.get("reasons", []):
-        table.add_row(f"[red]{r['code']}[/red]", r["detail"])
+    for code, details in _grouped(outcome.get("reasons", [])).items():
+        more = f" (and {len(details) - 1} more like it)" if len(details) > 1 else ""
+        table.add_row(f"[red]{code}[/red]", details[0] + more)
     before, after = outcome.get("champion_before"), outcome.get("champion_after")
     table.add_row("champion", f"{'v' + before if before else '(none)'} → v{after}" if before != after else
                   (f"v{after} (unchanged)" if after else "(none)"))
@@ -253,6 +297,7 @@ def _print_audit(model_name: str, records: list) -> None:
     for col in ("version", "status", "champion", "verified", "certificates"):
         table.add_column(col, overflow="fold")
     for r in records:
-        certs = ", ".join(f"{t.task}: {t.certified_accuracy:.3f}≥{t.tau:.3f}" for t in r.tasks) or "—"
+        certs = ", ".join(f"{t.task}: " + (f"{t.certified_accuracy:.3f} ≥ {t.tau:.3f}" if t.certified_accuracy == t.certified_accuracy
+                                             else "— (not covered)") for t in r.tasks) or "—"
         table.add_row(r.version, r.status, "★" if r.is_champion else "", "✓" if r.verified else "✗", certs)
     console().print(table)

@@ -17,19 +17,10 @@ from torch import nn
 
 import lid_engine as le
 from lid_engine.spec import certified_mask
+from tests.helpers.bounds import assert_enclosed, inputs, make_box, seeded_bn
 from tests.helpers.sampling import sample_parameters, sampled_outputs
 
 N_SAMPLES = 10_000
-
-
-def _bn(layer: nn.Module, seed: int) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    layer.running_mean.copy_(torch.randn(layer.num_features, generator=g) * 0.3)
-    layer.running_var.copy_(torch.rand(layer.num_features, generator=g) + 0.5)
-    with torch.no_grad():
-        layer.weight.copy_(torch.randn(layer.num_features, generator=g))
-        layer.bias.copy_(torch.randn(layer.num_features, generator=g) * 0.2)
-    return layer
 
 
 def model_zoo(name: str) -> tuple[nn.Module, tuple[int, ...]]:
@@ -46,12 +37,12 @@ def model_zoo(name: str) -> tuple[nn.Module, tuple[int, ...]]:
         ), (1, 8, 8)
     if name == "bn_pool":
         return nn.Sequential(
-            nn.Conv2d(2, 4, 3, padding=1), _bn(nn.BatchNorm2d(4), 1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2, 4, 3, padding=1), seeded_bn(nn.BatchNorm2d(4), 1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(4, 3, 3, padding=1), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(12, 5),
         ).eval(), (2, 8, 8)
     if name == "bn1d_nested":
         return nn.Sequential(
-            nn.Linear(5, 8), _bn(nn.BatchNorm1d(8), 2),
+            nn.Linear(5, 8), seeded_bn(nn.BatchNorm1d(8), 2),
             nn.Sequential(nn.ReLU(), nn.Dropout(0.3), nn.Sequential(nn.Linear(8, 8))),
             nn.Identity(), nn.ReLU(), nn.Linear(8, 4),
         ).eval(), (5,)
@@ -63,33 +54,6 @@ def model_zoo(name: str) -> tuple[nn.Module, tuple[int, ...]]:
 
 
 ZOO = ["linear", "mlp", "conv", "bn_pool", "bn1d_nested", "taskmask"]
-
-
-def make_box(model: nn.Module, kind: str, seed: int) -> le.Box:
-    if kind == "absolute":
-        return le.Box.around(model, 0.05)
-    if kind == "relative":
-        return le.Box.relative_around(model, 0.3)
-    g = torch.Generator().manual_seed(seed)
-    lower, upper = {}, {}
-    for n, p in model.named_parameters():
-        p = p.detach()
-        lower[n] = p - 0.1 * torch.rand(p.shape, generator=g)
-        upper[n] = p + 0.1 * torch.rand(p.shape, generator=g) * (torch.rand(p.shape, generator=g) < 0.7)
-    return le.Box(lower, upper)
-
-
-def inputs(shape: tuple[int, ...], dtype: torch.dtype, seed: int, n: int = 12) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn((n, *shape), generator=g).to(dtype)
-
-
-def assert_enclosed(outs: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, tol: float = 0.0) -> None:
-    slack = tol * (1 + outs.abs())
-    below = (outs < lo - slack).sum().item()
-    above = (outs > hi + slack).sum().item()
-    worst = max(float((lo - outs).max()), float((outs - hi).max()))
-    assert below == 0 and above == 0, f"{below} outputs below lo, {above} above hi (worst excess {worst:.3g})"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -181,7 +145,7 @@ def random_mlp(draw):
         if i < depth - 1:
             extra = draw(st.sampled_from(["relu", "relu+bn", "relu+dropout", "none"]))
             if extra == "relu+bn":
-                layers += [_bn(nn.BatchNorm1d(widths[i + 1]), i), nn.ReLU()]
+                layers += [seeded_bn(nn.BatchNorm1d(widths[i + 1]), i), nn.ReLU()]
             elif extra == "relu+dropout":
                 layers += [nn.ReLU(), nn.Dropout(0.5)]
             elif extra == "relu":
@@ -204,7 +168,7 @@ def random_cnn(draw):
     pool = draw(st.sampled_from(["none", "max", "avg"]))
     layers: list[nn.Module] = [nn.Conv2d(c1, c2, k, stride=stride, padding=pad), nn.ReLU()]
     if draw(st.booleans()):
-        layers.insert(1, _bn(nn.BatchNorm2d(c2), 3))
+        layers.insert(1, seeded_bn(nn.BatchNorm2d(c2), 3))
     if pool == "max":
         layers.append(nn.MaxPool2d(2))
     elif pool == "avg":

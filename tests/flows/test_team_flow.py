@@ -5,21 +5,14 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers.pipeline import new_scans, registry_of, write_config
+
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
 
 
 def test_a_teams_own_flow_with_its_own_loop_is_gated_by_lidgate(tmp_path, harness, monkeypatch):
     from examples.team_flow.flow import team_nightly
     from flows.retrain import bootstrap_flow
-    from tests.test_flows_e2e import _registry, new_scans, write_config
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     config = write_config(tmp_path)
@@ -28,7 +21,7 @@ def test_a_teams_own_flow_with_its_own_loop_is_gated_by_lidgate(tmp_path, harnes
     result = team_nightly(str(config), [str(new_scans(tmp_path))])
     assert result["promoted"], result["reasons"]
     assert result["action"] == "team-nightly" and result["certification"]["lineage"][0]["ok"]
-    registry = _registry(config)
+    registry = registry_of(config)
     assert registry.champion() == "2"
     v1, v2 = registry.load(version="1"), registry.load(version="2")
     assert v1.lid.contains(v2.model), "the team's loop stepped through lidgate's projected optimizer"

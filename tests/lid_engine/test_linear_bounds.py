@@ -11,7 +11,6 @@ convolutions, and bad input gets a clear error.
 from __future__ import annotations
 
 import copy
-import zlib
 
 import pytest
 import torch
@@ -23,65 +22,12 @@ import lid_engine as le
 from examples.mnist.model import cnn
 from lid_engine import bound_margins
 from lid_engine.errors import LidError, UnsupportedLayerError
+from tests.helpers.bounds import (
+    LINEAR_ZOO, assert_below, inputs, labels, linear_zoo, make_box, sampled_margins, seeded_bn,
+)
 from tests.helpers.sampling import sample_parameters, sampled_outputs
-from tests.test_bounds_soundness import _bn, inputs, make_box
 
 N_SAMPLES = 10_000
-
-
-def linear_zoo(name: str) -> tuple[nn.Module, tuple[int, ...]]:
-    """Models built from the layers the linear bound supports, with their input shape."""
-    torch.manual_seed(zlib.crc32(name.encode()) % 1000)  # str hash() differs per process
-    if name == "linear":
-        return nn.Sequential(nn.Linear(6, 4)), (6,)
-    if name == "mlp":
-        return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)), (6,)
-    if name == "conv":  # the paper's CNN in miniature: two convolutions, stride, padding, no bias on one
-        return nn.Sequential(
-            nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 3, stride=2, bias=False), nn.ReLU(),
-            nn.Flatten(), nn.Linear(18, 4),
-        ), (1, 8, 8)
-    if name == "conv_geometry":  # 'same' and 'valid' strings, dilation, stride, asymmetric integer padding
-        return nn.Sequential(
-            nn.Conv2d(1, 2, 3, padding="same", dilation=2), nn.ReLU(), nn.Conv2d(2, 2, 3, padding="valid"),
-            nn.ReLU(), nn.Conv2d(2, 2, (3, 2), stride=2, padding=(1, 2)), nn.ReLU(), nn.Flatten(), nn.Linear(40, 3),
-        ), (1, 9, 9)
-    if name == "nested":  # pass-through layers, nesting, two affine layers in a row, a leading ReLU
-        return nn.Sequential(
-            nn.ReLU(), nn.Linear(5, 8), nn.Sequential(nn.Dropout(0.3), nn.Linear(8, 8), nn.Identity()),
-            nn.ReLU(), nn.Sequential(nn.Linear(8, 4)),
-        ).eval(), (5,)
-    if name == "taskmask":
-        return nn.Sequential(
-            nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(72, 6),
-            le.TaskMask(6, [[0, 1], [2, 3, 4], [5]]).set_task(1),
-        ), (1, 8, 8)
-    raise KeyError(name)
-
-
-LINEAR_ZOO = ["linear", "mlp", "conv", "conv_geometry", "nested", "taskmask"]
-
-
-def labels(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Mostly the model's own predictions (certifiable), every fourth one shifted."""
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    y[::4] = (y[::4] + 1) % model(x[:1]).shape[1]
-    if isinstance(model[-1], le.TaskMask):  # keep labels inside the active task, but one outside
-        y[::4] = 2
-        y[1] = 0
-    return y
-
-
-def sampled_margins(outs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(samples, N, C) margins z_y − z_j of stacked forward passes."""
-    return outs.gather(2, y[None, :, None].expand(len(outs), -1, 1)) - outs
-
-
-def assert_below(bound: torch.Tensor, margins: torch.Tensor) -> None:
-    finite = torch.isfinite(bound)
-    excess = (bound[None] - margins)[:, finite]
-    assert int((excess > 0).sum()) == 0, f"bound above a sampled margin by up to {float(excess.max()):.3g}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -312,7 +258,7 @@ def test_a_linear_bound_that_overflows_leaves_ibp_bound_instead_of_nan() -> None
 
 # ------------------------------------------------------------------------------------ bad input
 def test_unsupported_layer_names_the_layer_and_the_alternative() -> None:
-    model = nn.Sequential(nn.Linear(4, 6), _bn(nn.BatchNorm1d(6), 0), nn.ReLU(), nn.Linear(6, 3)).eval()
+    model = nn.Sequential(nn.Linear(4, 6), seeded_bn(nn.BatchNorm1d(6), 0), nn.ReLU(), nn.Linear(6, 3)).eval()
     with pytest.raises(UnsupportedLayerError, match=r"layer '1' \(BatchNorm1d\).*method='linear'.*method='ibp'"):
         bound_margins(model, le.Box.around(model, 0.01), torch.randn(3, 4), torch.zeros(3, dtype=torch.long), "linear")
     with pytest.raises(UnsupportedLayerError, match=r"method='linear'"):

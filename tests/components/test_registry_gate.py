@@ -29,8 +29,8 @@ from components.gate import promote  # noqa: E402
 from components.registry import Registry, RegistryError, RegistryIntegrityError  # noqa: E402
 from lid_engine import LID, Box, Spec, fingerprint_data, fingerprint_model, project_  # noqa: E402
 from lid_engine.lid import manifest_digest  # noqa: E402
+from tests.helpers.paths import REPO  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 SPEC = ModelSpec("tests.helpers.models:mlp", {"sizes": [2, 16, 4]})
 TAU = 0.8
 
@@ -427,16 +427,16 @@ def test_only_components_lineage_rechecks_earlier_certificates():
     """No component and no pipeline flow calls verify(..., allow_update=True) outside components/lineage.py;
     the gate, the certification flow and the audit call verify_lineage. (The CLI's ``verify --allow-update``
     and the engine demo check a LID the user names, not a registry lineage.)"""
-    paths = [p for p in (ROOT / "components").rglob("*.py") if p.name != "lineage.py"]
-    paths += [ROOT / "flows" / name for name in ("certify.py", "audit.py", "retrain.py", "tasks.py")]
+    paths = [p for p in (REPO / "components").rglob("*.py") if p.name != "lineage.py"]
+    paths += [REPO / "flows" / name for name in ("certify.py", "audit.py", "retrain.py", "tasks.py")]
     for path in paths:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Call):
                 updates = [k for k in node.keywords if k.arg == "allow_update" and not (
                     isinstance(k.value, ast.Constant) and k.value.value is False)]
-                assert not updates, f"{path.relative_to(ROOT)}:{node.lineno} re-verifies an earlier LID itself"
+                assert not updates, f"{path.relative_to(REPO)}:{node.lineno} re-verifies an earlier LID itself"
     for rel in ("components/gate.py", "flows/tasks.py", "flows/audit.py"):
-        assert "verify_lineage(" in (ROOT / rel).read_text(encoding="utf-8"), rel
+        assert "verify_lineage(" in (REPO / rel).read_text(encoding="utf-8"), rel
 
 
 # ------------------------------------------------------------------------------------------ gate: fail closed
@@ -519,7 +519,7 @@ def test_block_reasons_tag_fits_mlflow_limit():
 # ------------------------------------------------------------------------------------------ only the gate moves the alias
 def _python_files():
     for top in ("lid_engine", "components", "flows", "deployment", "benchmarks"):
-        base = ROOT / top
+        base = REPO / top
         if base.is_dir():
             yield from (p for p in base.rglob("*.py") if ".venv" not in p.parts)
 
@@ -530,7 +530,7 @@ def test_only_the_gate_moves_the_alias():
     movers = ("set_registered_model_alias", "delete_registered_model_alias", "move_champion", "_set_champion")
     offenders = []
     for path in _python_files():
-        rel = path.relative_to(ROOT).as_posix()
+        rel = path.relative_to(REPO).as_posix()
         text = path.read_text(encoding="utf-8")
         for name in movers:
             if name in text and rel not in ("components/registry.py", "components/gate.py"):
@@ -540,7 +540,7 @@ def test_only_the_gate_moves_the_alias():
             assert "registry._" not in text, "the gate calls a private registry method"
     assert offenders == []
     # inside registry.py the raw MLflow calls live only in move_champion, and nothing there calls it
-    tree = ast.parse((ROOT / "components/registry.py").read_text(encoding="utf-8"))
+    tree = ast.parse((REPO / "components/registry.py").read_text(encoding="utf-8"))
     for fn in ast.walk(tree):
         if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
             calls = {n.func.attr for n in ast.walk(fn) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}

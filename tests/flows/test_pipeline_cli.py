@@ -9,87 +9,15 @@ call is a separate process, as a user (or a scheduler) would run it.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.helpers.paths import REPO
+from tests.helpers.team import lidgate, team_dir, write_config
+
 pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parents[1]
-
-TEAM_MODELS = '''
-from torch import nn
-
-
-def tabular_mlp(n_features: int, hidden: int = 32, n_classes: int = 2):
-    return nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU(), nn.Linear(hidden, n_classes))
-
-
-def stroke_cnn(side: int = 12, n_classes: int = 4):
-    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, stride=2, padding=1), nn.ReLU(),
-                         nn.Flatten(), nn.Linear(6 * (side // 2) ** 2, n_classes))
-'''
-
-TEAM_TRAINING = '''
-import torch
-import torch.nn.functional as F
-
-
-def fit(model, optimizer, data, *, epochs=5, batch_size=64):
-    """The team's own loop: a cosine schedule and gradient clipping, stepping lidgate's optimizer."""
-    x, y = data.train
-    steps = epochs * ((len(x) + batch_size - 1) // batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    order = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=order)
-        for s in range(0, len(x), batch_size):
-            i = perm[s:s + batch_size]
-            optimizer.zero_grad()
-            F.cross_entropy(model(x[i]), y[i]).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            optimizer.step()
-            schedule.step()
-    return model.eval()
-'''
-
-
-def lidgate(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("LIDGATE_HOME", "MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
-    env["PREFECT_HOME"] = str(cwd / "prefect")
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=900)
-
-
-def team_dir(tmp_path: Path) -> Path:
-    team = tmp_path / "team"
-    (team / "team_code").mkdir(parents=True)
-    (team / "team_code" / "__init__.py").write_text("")
-    (team / "team_code" / "models.py").write_text(TEAM_MODELS)
-    (team / "team_code" / "training.py").write_text(TEAM_TRAINING)
-    return team
-
-
-def write_config(team: Path, model: str, kwargs: dict, data: dict) -> Path:
-    import yaml
-
-    config = {
-        "version": 1, "name": "team-model", "code": ["."],
-        "model": {"factory": f"team_code.models:{model}", "kwargs": kwargs},
-        "data": data,
-        "spec": {"metric": "accuracy", "tau_from_accuracy": 0.10},
-        "training": {"function": "team_code.training:fit", "kwargs": {"epochs": 5, "batch_size": 64}},
-        "search": {"iterations": 40, "checkpoints": 4, "biasing": "none"},
-        "registry": {"home": "state"},
-    }
-    path = team / "lidgate.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
 
 
 def tabular_team(tmp_path: Path) -> tuple[Path, Path, Path]:
@@ -207,6 +135,8 @@ def test_bad_configuration_and_bad_arguments_exit_2_naming_the_field(tmp_path):
     assert "Traceback" not in result.stderr
     result = lidgate("status", str(team / "missing.yaml"), cwd=team)
     assert result.returncode == 2 and "does not exist" in result.stderr
-    config, _, _ = tabular_team(tmp_path / "other")
+    config, new_data, _ = tabular_team(tmp_path / "other")
     result = lidgate("retrain", str(config), "--data", str(team / "nope.csv"), cwd=config.parent)
+    assert result.returncode == 2 and "--data" in result.stderr and "does not exist" in result.stderr
+    result = lidgate("retrain", str(config), "--data", str(new_data), cwd=config.parent)
     assert result.returncode == 2 and "no champion yet" in result.stderr and "Traceback" not in result.stderr

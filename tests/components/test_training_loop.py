@@ -92,13 +92,29 @@ def test_builtin_loop_casts_float64_data_to_the_model_dtype():
     data = task()
     wide = DataSplits("t", (data.train[0].double(), data.train[1]), data.search, data.certification, {}, (2,), (0, 1))
     m = model()
+    before = loss_on(m, data)
     builtin_fit(m, torch.optim.Adam(m.parameters(), lr=0.01), wide, progress=False)
+    assert all(p.dtype == torch.float32 for p in m.parameters()) and loss_on(m, data) < before
+
+
+def test_builtin_loop_keeps_batchnorm_statistics_when_asked():
+    """A projected retrain keeps the champion's running statistics (its LID certifies them); a
+    first training learns them."""
+    data = task()
+    for freeze in (True, False):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(2, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+        stats = {k: v.clone() for k, v in m.state_dict().items() if "running" in k}
+        builtin_fit(m, torch.optim.Adam(m.parameters(), lr=0.01), data, progress=False, freeze_norm_stats=freeze)
+        same = all(torch.equal(m.state_dict()[k], v) for k, v in stats.items())
+        assert same is freeze and not m.training and loss_on(m, data) < 0.69
 
 
 def test_the_configuration_knows_the_builtin_loops_arguments():
     params = inspect.signature(builtin_fit).parameters
     keywords = {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    assert keywords == set(BUILTIN_TRAINING_KWARGS) | {"seed"}  # seed comes from training.seed
+    # seed comes from training.seed; freeze_norm_stats from the pipeline (a retrain keeps the champion's)
+    assert keywords == set(BUILTIN_TRAINING_KWARGS) | {"seed", "freeze_norm_stats"}
 
 
 # ------------------------------------------------------------------------------ team functions

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers.paths import REPO
+
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _free_port() -> int:

@@ -25,9 +25,8 @@ from torch import nn
 
 import lid_engine as le
 from lid_engine.errors import DomainMismatchError, InvalidDomainError, LidError
+from tests.helpers.bounds import LINEAR_ZOO, assert_below, assert_enclosed, inputs, labels, linear_zoo, sampled_margins
 from tests.helpers.sampling import sampled_outputs
-from tests.test_bounds_soundness import assert_enclosed, inputs
-from tests.test_linear_bounds import LINEAR_ZOO, assert_below, labels, linear_zoo, sampled_margins
 
 N_SAMPLES = 4_000
 

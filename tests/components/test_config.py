@@ -19,6 +19,7 @@ from components.config import (
     load_config,
     parse_config,
 )
+from tests.helpers.paths import REPO
 
 FULL_YAML = """\
 version: 1
@@ -237,7 +238,7 @@ def test_importing_the_module_does_not_import_torch():
             "c.parse_config({'version': 1, 'name': 'm', 'model': {'factory': 'a:b'}, "
             "'data': {'source': 'x.csv'}, 'spec': {'tau': 0.5}}); "
             "assert 'torch' not in sys.modules, 'torch imported'")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
 # ------------------------------------------------------------------------------- errors

@@ -2,7 +2,7 @@
 
 The flows take a configuration file, as a team's would: the digits example (8×8 digits, an MLP
 64-32-10) with a short search, so the module runs in a few minutes; `make demo` runs the same flows
-on MNIST, and tests/test_pipeline_cli.py drives them through the CLI with code written in tmp.
+on MNIST, and tests/flows/test_pipeline_cli.py drives them through the CLI with code written in tmp.
 """
 
 from __future__ import annotations
@@ -18,42 +18,10 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.helpers.paths import REPO
+from tests.helpers.pipeline import new_scans, registry_of, write_config
+
 pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
-
-
-def write_config(directory: Path, **search) -> Path:
-    """The digits example's configuration with a short search, its registry under ``directory``."""
-    config = yaml.safe_load((REPO / "examples" / "digits" / "lidgate.yaml").read_text())
-    config.update(name="e2e", code=[str(REPO)], registry={"home": str(directory / "home")})
-    config["training"] = {"kwargs": {"epochs": 20, "batch_size": 32, "lr": 0.003}}
-    config["search"] = {"iterations": 30, "checkpoints": 3, **search}
-    path = directory / "lidgate.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def new_scans(directory: Path, name: str = "scanner2", scale: float = 0.6, offset: float = 0.25) -> Path:
-    """New data in the configuration's format: the digits from a second scanner (fainter, greyer)."""
-    from examples.digits.data import load_digits_8x8
-
-    x, y = load_digits_8x8()
-    rng = np.random.default_rng(1)
-    x2 = (scale * x + offset + rng.normal(0, 0.03, x.shape)).astype(np.float32)
-    if scale <= 1.0:
-        x2 = np.clip(x2, 0.0, 1.0)
-    path = directory / f"{name}.npz"
-    np.savez(path, x=x2, y=y)
-    return path
 
 
 @pytest.fixture()
@@ -61,13 +29,6 @@ def config(tmp_path, harness, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     return write_config(tmp_path)
-
-
-def _registry(config: Path):
-    from flows.settings import open_registry, settings_for
-    from flows.tasks import load_configuration
-
-    return open_registry(settings_for(load_configuration(config)))
 
 
 def _statuses(registry) -> dict[str, str]:
@@ -88,7 +49,7 @@ def test_promotion_path_registers_certifies_promotes_and_exports(config, tmp_pat
     assert r2["promoted"], r2["reasons"]
     assert r2["task"] == "scanner2" and r2["candidate"]["projection"] is True
     assert r2["certification"]["lineage"] == [{"version": "1", "ok": True, "failures": []}]
-    registry = _registry(config)
+    registry = registry_of(config)
     assert registry.champion() == "2" and _statuses(registry) == {"1": "promoted", "2": "promoted"}
     v2 = registry.load(version="2")
     assert v2.lineage == ["1"] and set(v2.cert_data) == {"scanner2"}
@@ -117,7 +78,7 @@ def test_rogue_update_is_blocked_and_champion_stays(config, tmp_path):
     assert not r["promoted"] and r["champion_after"] == "1"
     codes = {x["code"] for x in r["reasons"]}
     assert {"outside_champion_lid", "earlier_certificate_failed", "no_certificate"} <= codes
-    assert _statuses(_registry(config)) == {"1": "promoted", "2": "blocked"}
+    assert _statuses(registry_of(config)) == {"1": "promoted", "2": "blocked"}
 
 
 def test_a_candidate_trained_elsewhere_is_certified_against_the_champion(config, tmp_path):
@@ -129,7 +90,7 @@ def test_a_candidate_trained_elsewhere_is_certified_against_the_champion(config,
     from flows.retrain import bootstrap_flow, submit_flow
 
     bootstrap_flow(config=str(config))
-    registry = _registry(config)
+    registry = registry_of(config)
     champion = registry.load(version="1")
     same = tmp_path / "same.safetensors"
     save_file({k: v.contiguous() for k, v in champion.model.state_dict().items()}, str(same))
@@ -158,7 +119,7 @@ def test_bad_data_is_rejected_before_training_and_recorded(config, tmp_path):
     r = retrain_flow(config=str(config), data=[str(new_scans(tmp_path, "bright", scale=3.0, offset=0.0))])
     assert r["version"] is None and not r["promoted"] and r["reasons"][0]["code"] == "validation_failed"
     assert "range" in r["reasons"][0]["detail"]
-    registry = _registry(config)
+    registry = registry_of(config)
     assert registry.champion() == "1" and len(registry.history()) == 1
     mlflow.set_tracking_uri(registry.tracking_uri)
     runs = mlflow.search_runs(experiment_names=["lidgate-rejections"])
@@ -178,7 +139,7 @@ def test_crash_between_registration_and_alias_move_leaves_champion(config, tmp_p
         patch.setattr(Registry, "move_champion", crash)
         r = retrain_flow(config=str(config), data=[str(new_scans(tmp_path))])
     assert not r["promoted"] and r["reasons"][-1]["code"] == "gate_error"
-    registry = _registry(config)
+    registry = registry_of(config)
     assert registry.champion() == "1" and _statuses(registry) == {"1": "promoted", "2": "blocked"}
 
 
@@ -294,7 +255,7 @@ def test_the_first_version_can_come_from_a_model_already_in_mlflow(config, tmp_p
     copy_path.write_text(yaml.safe_dump(other))
     r = bootstrap_flow(config=str(copy_path))
     assert r["promoted"] and r["candidate"]["source"] == "given", r["reasons"]
-    source, copy = _registry(config).load(version="1"), _registry(copy_path).load(version="1")
+    source, copy = registry_of(config).load(version="1"), registry_of(copy_path).load(version="1")
     assert fingerprint_model(source.model) == fingerprint_model(copy.model)
     assert copy.spec.to_dict() == source.spec.to_dict()
 
@@ -306,7 +267,7 @@ def test_a_champion_without_a_certificate_is_not_built_on(config, tmp_path):
     from flows.tasks import ChampionError
 
     bootstrap_flow(config=str(config))
-    registry = _registry(config)
+    registry = registry_of(config)
     v1 = registry.load(version="1")
     bare = registry.register(v1.model, v1.spec, lid=None, cert_data=v1.cert_data)
     registry.client.set_registered_model_alias(registry.model_name, "champion", bare)  # by hand, not the gate

@@ -1,0 +1,1 @@
+"""Tests of benchmarks: the continual-learning driver and its data helpers."""

@@ -1,0 +1,1 @@
+"""Tests of components: configuration, data, training, factory, registry and gate, validation, export."""

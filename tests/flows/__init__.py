@@ -1,0 +1,1 @@
+"""Tests of flows: the CLI, the Prefect flows end to end, the deployment stack."""

@@ -1,0 +1,1 @@
+"""Tests of lid_engine: domains, bounds, certificates, search, projection, optimizers."""
