@@ -80,10 +80,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from examples.mnist.data import write_washed_out
     from flows.audit import audit_flow
+    from flows.cli.pipeline import clip_text, grouped_reasons
     from flows.retrain import bootstrap_flow, retrain_flow
+    from flows.settings import open_registry
 
     runs: list[tuple[str, dict]] = []
-    from flows.settings import open_registry
 
     if open_registry(settings).champion() is None:
         _step(console, 1, "v1: train the CNN on the golden digits, certify its LID, register it (champion)")
@@ -121,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     console.print("golden digits / washed-out scans: plain accuracy of each version on the task's held-out data;\n"
                   "golden certificate: every model in v1's LID keeps certified accuracy ≥ τ on the golden digits.")
     for name, r in runs:
-        for reason in r["reasons"]:
-            console.print(f"[red]{name} blocked[/red] — {reason['code']}: {reason['detail'][:200]}")
+        for code, details in grouped_reasons(r["reasons"]).items():
+            more = f" (and {len(details) - 1} more like it)" if len(details) > 1 else ""
+            console.print(f"[red]{name} blocked[/red] — {code}: {clip_text(details[0], 220)}{more}")
     console.print(f"audit report: {audit['report']} (every promoted version re-verified: {audit['ok']})")
     console.print(f"done in {time.perf_counter() - start:.0f} s")
     (settings.home / SUMMARY).write_text(json.dumps({"runs": runs, "audit": audit, "accuracy": accuracy},

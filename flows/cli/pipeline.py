@@ -201,7 +201,7 @@ def version_rows(registry) -> list[dict[str, Any]]:
     return rows
 
 
-def _grouped(reasons: list[dict]) -> dict[str, list[str]]:
+def grouped_reasons(reasons: list[dict]) -> dict[str, list[str]]:
     """The gate's reasons by code, in order (a failing LID is reported once per task and version)."""
     out: dict[str, list[str]] = {}
     for r in reasons:
@@ -209,7 +209,7 @@ def _grouped(reasons: list[dict]) -> dict[str, list[str]]:
     return out
 
 
-def _clip(text: str, limit: int) -> str:
+def clip_text(text: str, limit: int) -> str:
     """``text`` cut at a word boundary before ``limit`` characters, with an ellipsis."""
     if len(text) <= limit:
         return text
@@ -235,8 +235,8 @@ def _print_status(model_name: str, champion: str | None, rows: list[dict]) -> No
                           for c in r["certificates"].values()) or "—"
         source = (r["source"] or "?") + (" (unprojected)" if r["projection"] == "false" and r["source"] == "trained"
                                          else "")
-        reasons = "\n".join(f"{code}: {_clip(details[0], 140)}" + (f" (+{len(details) - 1})" if len(details) > 1 else "")
-                            for code, details in _grouped(r["reasons"]).items())
+        reasons = "\n".join(f"{code}: {clip_text(details[0], 140)}" + (f" (+{len(details) - 1})" if len(details) > 1 else "")
+                            for code, details in grouped_reasons(r["reasons"]).items())
         status = {"promoted": "[green]promoted[/green]", "blocked": "[red]blocked[/red]"}.get(r["status"], r["status"])
         table.add_row(("★ " if r["champion"] else "") + "v" + r["version"], status, r["task"], certs, source,
                       ",".join(r["lineage"]) or "—", reasons)
@@ -276,7 +276,7 @@ def _print_outcome(outcome: dict) -> None:
         for check in cert.get("lineage", []):
             table.add_row(f"certificate of v{check['version']}",
                           "[green]still holds[/green]" if check["ok"] else "[red]fails[/red]: " + "; ".join(check["failures"]))
-    for code, details in _grouped(outcome.get("reasons", [])).items():
+    for code, details in grouped_reasons(outcome.get("reasons", [])).items():
         more = f" (and {len(details) - 1} more like it)" if len(details) > 1 else ""
         table.add_row(f"[red]{code}[/red]", details[0] + more)
     before, after = outcome.get("champion_before"), outcome.get("champion_after")
