@@ -243,15 +243,24 @@ def load_champion(config: LidgateConfig) -> Champion | None:
 
     Raises:
         ChampionError: the champion was registered without a LID, or its LID does not load: a
-            retrain on it could not be projected, so none is started (fail closed).
+            retrain on it could not be projected, so none is started (fail closed); or the gate did
+            not promote it (an alias moved by hand).
         components.registry.RegistryIntegrityError: one of its artifacts was modified after registration.
     """
+    from components import tags
+
     registry = registry_for(config)
     version = registry.champion()
     if version is None:
         return None
     loaded = registry.load(version=version)
     try:
+        decided = tags.status(loaded.tags)
+        if decided != tags.STATUS_PROMOTED:
+            raise ChampionError(
+                f"champion v{version} of {config.name!r} carries no promotion by the gate (its status is {decided!r}: "
+                "the alias was moved by hand, or a promotion is under way or was interrupted), so it is not built "
+                "on; nothing was trained")
         if loaded.lid is None:
             raise ChampionError(
                 f"champion v{version} of {config.name!r} has no LID certificate (the alias was set outside the "
@@ -441,6 +450,10 @@ def certify_candidate(config: LidgateConfig, model: nn.Module, data: DataSplits,
     except ValueError as exc:
         result.error = str(exc)
         return _done(result, start)
+    vacuous = _vacuous_threshold(model, data, result.tau)
+    if vacuous:
+        result.error = vacuous
+        return _done(result, start)
     mask = _lookahead_mask(config, model, lookahead_dir)
     result.biasing = config.search.biasing if mask is not None else "none"
     search = config.search.search_config()
@@ -472,6 +485,21 @@ def recheck_lineage(registry, model: nn.Module, versions: Sequence[str]) -> list
     from components.lineage import verify_lineage
 
     return [check.to_dict() for check in verify_lineage(registry, model, list(versions))]
+
+
+def _vacuous_threshold(model: nn.Module, data: DataSplits, tau: float) -> str | None:
+    """Why ``tau`` certifies nothing, or None: at or below chance level (1 / the model's outputs), a
+    model that guesses meets it, so a certificate at it promises nothing."""
+    import torch
+
+    with torch.no_grad():
+        outputs = int(model.eval()(data.search[0][:1]).shape[-1])
+    chance = 1.0 / max(outputs, 1)
+    if tau > chance:
+        return None
+    return (f"τ = {tau:.4f} is at or below chance level (1/{outputs} = {chance:.4f}): a certificate at it would "
+            "hold for a model that guesses, so none is issued; the candidate's accuracy on the search split is too "
+            "low for spec.tau_from_accuracy, or spec.tau is set too low")
 
 
 def _done(result: Certification, start: float) -> Certification:

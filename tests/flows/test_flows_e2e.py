@@ -78,6 +78,15 @@ def test_rogue_update_is_blocked_and_champion_stays(config, tmp_path):
     assert not r["promoted"] and r["champion_after"] == "1"
     codes = {x["code"] for x in r["reasons"]}
     assert {"outside_champion_lid", "earlier_certificate_failed", "no_certificate"} <= codes
+
+    # the alias moved by hand to the blocked version: nothing is built on it
+    from flows.tasks import ChampionError
+
+    registry = registry_of(config)
+    registry.client.set_registered_model_alias(registry.model_name, "champion", r["version"])
+    with pytest.raises(ChampionError, match=f"v{r['version']} .* status is 'blocked'"):
+        retrain_flow(config=str(config), data=[str(new_scans(tmp_path))])
+    assert len(registry.history()) == 2, "nothing was trained or registered"
     assert _statuses(registry_of(config)) == {"1": "promoted", "2": "blocked"}
 
 
@@ -124,6 +133,31 @@ def test_bad_data_is_rejected_before_training_and_recorded(config, tmp_path):
     mlflow.set_tracking_uri(registry.tracking_uri)
     runs = mlflow.search_runs(experiment_names=["lidgate-rejections"])
     assert len(runs) == 1 and runs.iloc[0]["tags.lid.status"] == "rejected"
+
+
+def test_a_vacuous_specification_is_refused(config, tmp_path):
+    """A first version that guesses (constant outputs: ~10% on ten digits) gets τ = accuracy − 0.10, at
+    or below chance level; a certificate at it would promise nothing, so it is blocked and says why."""
+    import torch
+    from safetensors.torch import save_file
+
+    from components.factory import ModelSpec
+    from flows.retrain import bootstrap_flow
+    from flows.tasks import load_configuration
+
+    cfg = load_configuration(config)
+    model = ModelSpec(cfg.model.factory, dict(cfg.model.kwargs)).build(cfg.code)
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+    weights = tmp_path / "guessing.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+
+    r = bootstrap_flow(config=str(config), weights=str(weights))
+    assert not r["promoted"] and r["champion_after"] is None
+    assert "chance level (1/10" in r["certification"]["error"]
+    assert any("chance level" in x["detail"] for x in r["reasons"] if x["code"] == "no_certificate")
+    assert _statuses(registry_of(config)) == {"1": "blocked"}
 
 
 def test_crash_between_registration_and_alias_move_leaves_champion(config, tmp_path, monkeypatch):
@@ -272,6 +306,9 @@ def test_a_champion_without_a_certificate_is_not_built_on(config, tmp_path):
     bare = registry.register(v1.model, v1.spec, lid=None, cert_data=v1.cert_data)
     registry.client.set_registered_model_alias(registry.model_name, "champion", bare)  # by hand, not the gate
     registry.release(v1)
+    with pytest.raises(ChampionError, match="status is 'pending'"):
+        retrain_flow(config=str(config), data=[str(new_scans(tmp_path))])
+    registry.client.set_model_version_tag(registry.model_name, bare, "lid.status", "promoted")  # a forged status
     with pytest.raises(ChampionError, match="has no LID certificate"):
         retrain_flow(config=str(config), data=[str(new_scans(tmp_path))])
     assert len(registry.history()) == 2, "nothing was trained or registered"
