@@ -5,9 +5,13 @@
 1. the data validation passed (``validation_failed``);
 2. the version's artifacts are intact: weights, spec, ``lid.json``, certification data and the
    rebuilt model match the fingerprints recorded at registration (``artifact_tampered``);
-3. with a champion: the candidate's parameters lie inside the champion's LID (``outside_champion_lid``);
-4. every earlier certificate still holds for this exact model: for the champion and every version
-   of the candidate's lineage, ``verify(<its LID>, candidate, data=<its cert data>, allow_update=True)``
+3. with a champion: the candidate's parameters lie inside the champion's LID (``outside_champion_lid``),
+   and the candidate was certified against that champion: the last version of its lineage is the
+   current champion (``stale_champion``: another version was promoted while it trained; promotion
+   is a compare-and-set on the champion it was built on);
+4. every earlier certificate still holds for this exact model: for the champion, every version of
+   the champion's lineage and of the candidate's (every former champion stays in the chain),
+   ``verify(<its LID>, candidate, data=<its cert data>, allow_update=True)``
    passes and the member containing the model certifies τ (``earlier_certificate_failed``; the
    check is ``components.lineage.verify_lineage``, shared with the certification flow and the audit);
 5. the candidate's own certificate verifies (``new_certificate_failed``) and meets τ on every task
@@ -44,6 +48,7 @@ CODES = (
     "artifact_tampered",
     "outside_champion_lid",
     "earlier_certificate_failed",
+    "stale_champion",
     "new_certificate_failed",
     "below_tau",
     "no_certificate",
@@ -87,6 +92,10 @@ class GateDecision:
             "checks": list(self.checks),
             "decided_at": self.decided_at,
         }
+
+
+def _v(version: str | None) -> str:
+    return f"version {version}" if version else "no champion"
 
 
 def _err(exc: BaseException) -> str:
@@ -218,9 +227,19 @@ def _evaluate(ev: _Evaluation, registry: Registry, version: str, validation_pass
         except Exception as exc:  # noqa: BLE001
             ev.error("inside champion LID", exc)
 
+    # (3b) certified against the champion it would replace ---------------------------------------
+    if champion_known and cand is not None:
+        built_on = cand.lineage[-1] if cand.lineage else None
+        ev.check("built on the current champion", built_on == champion,
+                 f"built on {_v(built_on)}; the champion is {_v(champion)}")
+        if built_on != champion:
+            ev.fail("stale_champion", f"the candidate was trained and certified against {_v(built_on)}, but the "
+                                      f"champion is now {_v(champion)}; retrain or re-certify it against the champion")
+
     # (4) every earlier certificate on this exact model -------------------------------------------
     earlier: list[str] = []
-    for v in (cand.lineage if cand is not None else []) + ([champion] if champion else []):
+    chain = (champ.lineage if champ is not None else []) + (cand.lineage if cand is not None else [])
+    for v in chain + ([champion] if champion else []):
         if v not in earlier and v != version:
             earlier.append(v)
     roles = {v: "champion" if v == champion else "lineage" for v in earlier}

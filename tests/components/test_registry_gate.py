@@ -276,6 +276,32 @@ def test_blocked_when_earlier_certificate_fails(registry, base_model, data):
     assert f"version {v1}" in detail and "'t1'" in detail and "model inside LID" in detail
 
 
+def test_a_candidate_built_on_a_former_champion_is_stale(registry, champion, base_lid, data):
+    """Promotion is a compare-and-set on the champion a candidate was certified against: two retrains
+    start from v1, the first is promoted, the second is blocked (it never saw v2)."""
+    first, _ = good_candidate(registry, champion, base_lid, data)
+    assert promote(registry, first, validation_passed=True).promoted
+    second, _ = good_candidate(registry, champion, base_lid, data)
+    d = promote(registry, second, validation_passed=True)
+    reasons = assert_blocked(registry, d, second, "stale_champion", first)
+    assert d.codes == ["stale_champion"]  # otherwise fine: inside v2's LID, every certificate holds
+    assert f"against version {champion}" in reasons[0]["detail"] and f"now version {first}" in reasons[0]["detail"]
+
+
+def test_every_former_champion_stays_in_the_chain(registry, champion, base_lid, data):
+    """A candidate whose lineage names only the current champion is still checked against the
+    champion's own lineage (v1 here), so no former champion's certificate drops out."""
+    v2, m2 = good_candidate(registry, champion, base_lid, data)
+    assert promote(registry, v2, validation_passed=True).promoted
+    lid2 = certify(m2, data, radii=(1e-3,))
+    v3 = registry.register(m2, SPEC, lid=lid2, cert_data=data["cert"], lineage=[v2])  # v1 left out
+    d = promote(registry, v3, validation_passed=True)
+    assert d.promoted, d.to_dict()
+    checked = {c["check"] for c in d.checks}
+    assert any(c.startswith(f"earlier certificate v{champion}") for c in checked), checked
+    assert any(c.startswith(f"earlier certificate v{v2}") for c in checked), checked
+
+
 def test_blocked_when_lid_json_tampered(registry, champion, base_lid, data):
     v, _ = good_candidate(registry, champion, base_lid, data)
     path = store_file(registry, v, "lid/lid.json")
