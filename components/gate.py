@@ -41,7 +41,7 @@ from . import tags as tg
 from .lineage import LineageCheck, verify_lineage
 from .registry import LoadedVersion, Registry
 
-__all__ = ["CODES", "GateDecision", "Reason", "promote"]
+__all__ = ["CODES", "GateDecision", "Reason", "promote", "recover"]
 
 CODES = (
     "validation_failed",
@@ -314,8 +314,10 @@ def _record_earlier(ev: _Evaluation, r: LineageCheck, role: str) -> None:
 
 
 def _record(registry: Registry, decision: GateDecision, tags: Mapping[str, str]) -> bool:
+    """Write the decision's tags, the status last (it is the commit: a crash before it leaves the
+    version pending, which ``recover`` finishes or ends)."""
     try:
-        registry.set_tags(decision.version, tags)
+        registry.set_tags(decision.version, _status_last(tags))
         return True
     except Exception as exc:  # noqa: BLE001
         decision.checks.append({"check": "record status", "ok": False, "detail": _err(exc)})
@@ -357,6 +359,8 @@ def promote(
             now = registry.champion()
             if now != decision.champion_before:
                 raise RuntimeError(f"the champion changed from {decision.champion_before} to {now} while the gate ran")
+            registry.set_tags(version, {tg.TAG_GATE_INTENT: json.dumps(
+                {"previous_champion": decision.champion_before, "at": utc_now()})})
             registry.move_champion(version)
             decision.promoted = True
             decision.champion_after = version
@@ -399,3 +403,116 @@ def promote(
         pass
     ev.release(registry)
     return decision
+
+
+# ------------------------------------------------------------------------------------ recovery
+def _status_last(tags: Mapping[str, str]) -> dict[str, str]:
+    return {**{k: v for k, v in tags.items() if k != tg.TAG_STATUS},
+            **({tg.TAG_STATUS: tags[tg.TAG_STATUS]} if tg.TAG_STATUS in tags else {})}
+
+
+def _json_tag(tags: Mapping[str, str], name: str) -> dict | None:
+    try:
+        value = json.loads(tags.get(name) or "null")
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def owner_tag() -> str:
+    """``pipeline.owner`` for a version this process registers: host, pid and the process's start
+    time (a pid reused by another process does not look alive)."""
+    import os
+    import socket
+
+    import psutil
+
+    return json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                       "started": psutil.Process().create_time()})
+
+
+def owner_alive(owner: Mapping | None) -> bool | None:
+    """Whether the process that registered a version still runs: True/False on this host, None when
+    that cannot be told (another host, or no owner recorded)."""
+    import socket
+
+    import psutil
+
+    if not owner or owner.get("host") != socket.gethostname():
+        return None
+    try:
+        return abs(psutil.Process(int(owner["pid"])).create_time() - float(owner["started"])) < 1.0
+    except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError, TypeError, ValueError):
+        return False
+
+
+def recover(registry: Registry, *, move_alias: bool = True) -> list[dict]:
+    """Finish or end what a crash, or a hand on the alias, left half-done. Returns one record per
+    action (``{"kind", "version", "detail"}``); each is also written on the version (tags, and a
+    JSON record next to its artifacts). Safe to run at any time, by the next run or the audit:
+
+    * the champion is ``pending`` with the gate's intent: the gate passed every check and moved the
+      alias, then died before its commit; the promotion is committed (``promotion_finished``);
+    * the champion is anything else that is not ``promoted`` (blocked, pending without intent,
+      incomplete, unknown): the alias was moved outside the gate; it is moved back to the last
+      version the gate promoted, or removed (``alias_incident``);
+    * a ``pending`` version, not the champion, whose registering process (on this host) has ended:
+      it is marked ``incomplete`` (``promotion_interrupted`` when the gate had passed it but died
+      before moving the alias, ``run_died`` otherwise). One whose process still runs, or that was
+      registered from another host, stays pending.
+
+    ``move_alias=False`` (a retrain's start) leaves a champion the gate did not promote where it is:
+    the retrain then refuses to build on it, and the audit moves it back.
+    """
+    done: list[dict] = []
+    history = registry.history()
+    champion = registry.champion()
+    by_version = {h.version: h for h in history}
+
+    def act(kind: str, version: str, detail: str, tags: Mapping[str, str]) -> None:
+        at = utc_now()
+        record = {"kind": kind, "version": version, "detail": detail, "at": at}
+        registry.set_tags(version, _status_last({**tags, tg.TAG_RECOVERED: at}))
+        try:
+            registry.log_record(version, f"gate/recovery-{at.replace(':', '')}.json", record)
+        except Exception:  # noqa: BLE001 — the tags are the record; the file is for auditors
+            pass
+        done.append(record)
+
+    if champion is not None and champion in by_version:
+        tags = by_version[champion].tags
+        intent = _json_tag(tags, tg.TAG_GATE_INTENT)
+        state = tg.status(tags)
+        if state == tg.STATUS_PENDING and intent is not None:
+            act("promotion_finished", champion,
+                f"the gate promoted version {champion} (every check passed, alias moved) and stopped before "
+                "recording it; the promotion is now recorded",
+                {tg.TAG_PROMOTED_AT: str(intent.get("at") or utc_now()), tg.TAG_BLOCK_REASONS: "[]",
+                 tg.TAG_PREVIOUS_CHAMPION: str(intent.get("previous_champion") or ""), tg.TAG_VALIDATION: "passed",
+                 tg.TAG_STATUS: tg.STATUS_PROMOTED})
+        elif state != tg.STATUS_PROMOTED and move_alias:
+            gated = [h for h in history if h.status == tg.STATUS_PROMOTED and h.version != champion]
+            back = max(gated, key=lambda h: (h.tags.get(tg.TAG_PROMOTED_AT, ""), int(h.version)), default=None)
+            registry.move_champion(back.version if back is not None else None)
+            incident = {"found_on": champion, "status": state, "moved_back_to": back.version if back else None}
+            act("alias_incident", champion,
+                f"the champion alias was on version {champion} (status {state!r}), which the gate did not promote; "
+                f"it was moved back to {'version ' + back.version if back else 'no champion'}",
+                {tg.TAG_INCIDENT: json.dumps(incident)})
+    for h in history:
+        if h.status != tg.STATUS_PENDING or h.version == registry.champion():
+            continue
+        if owner_alive(_json_tag(h.tags, tg.TAG_OWNER)) is not False:
+            continue  # still running, or registered from another host: left pending
+        if _json_tag(h.tags, tg.TAG_GATE_INTENT) is not None:
+            act("promotion_interrupted", h.version,
+                "the gate passed every check but its process ended before moving the alias; not promoted "
+                "(run it again)",
+                {tg.TAG_BLOCK_REASONS: json.dumps([{"code": "gate_error", "detail": "promotion interrupted"}]),
+                 tg.TAG_STATUS: tg.STATUS_INCOMPLETE})
+        else:
+            act("run_died", h.version,
+                "the run that registered it ended before the gate decided; not promoted (run it again)",
+                {tg.TAG_BLOCK_REASONS: json.dumps([{"code": "gate_error", "detail": "the run died before the gate"}]),
+                 tg.TAG_STATUS: tg.STATUS_INCOMPLETE})
+    return done

@@ -14,7 +14,8 @@ import json
 from collections.abc import Mapping
 
 __all__ = [
-    "CHAMPION_ALIAS", "STATUSES", "STATUS_BLOCKED", "STATUS_PENDING", "STATUS_PROMOTED", "STATUS_UNKNOWN",
+    "CHAMPION_ALIAS", "STATUSES", "STATUS_BLOCKED", "STATUS_INCOMPLETE", "STATUS_PENDING", "STATUS_PROMOTED",
+    "STATUS_UNKNOWN", "TAG_GATE_INTENT", "TAG_INCIDENT", "TAG_OWNER", "TAG_RECOVERED",
     "TAG_BLOCKED_AT", "TAG_BLOCK_REASONS", "TAG_CANDIDATE_SOURCE", "TAG_CERT_ACC", "TAG_CERTIFICATION_ERROR",
     "TAG_CONFIG_SHA",
     "TAG_DATA_SHA256", "TAG_PROJECTION", "TAG_TASK", "TAG_CERT_SHA", "TAG_DATA_SHA", "TAG_FACTORY",
@@ -31,8 +32,9 @@ CHAMPION_ALIAS = "champion"
 STATUS_PENDING = "pending"      # registered, the gate has not decided yet
 STATUS_PROMOTED = "promoted"    # the gate promoted it (it is, or was, the champion)
 STATUS_BLOCKED = "blocked"      # the gate refused it; TAG_BLOCK_REASONS says why
+STATUS_INCOMPLETE = "incomplete"  # the run that registered it, or the gate's promotion, died half-way
 STATUS_UNKNOWN = "unknown"      # reading a version without a status tag (not a lidgate registration)
-STATUSES = (STATUS_PENDING, STATUS_PROMOTED, STATUS_BLOCKED)
+STATUSES = (STATUS_PENDING, STATUS_PROMOTED, STATUS_BLOCKED, STATUS_INCOMPLETE)
 
 # ------------------------------------------------------------------ written at registration
 TAG_STATUS = "lid.status"
@@ -61,6 +63,7 @@ TAG_DATA_SHA256 = "pipeline.data_sha256"         # fingerprint of the train/sear
 TAG_CANDIDATE_SOURCE = "pipeline.source"         # "trained" | "submitted" | "given"
 TAG_PROJECTION = "pipeline.projection"           # "true" | "false": trained with projection onto the LID
 TAG_CERTIFICATION_ERROR = "pipeline.certification_error"  # why no LID was certified (registered without one)
+TAG_OWNER = "pipeline.owner"                     # JSON {"host", "pid", "started"}: the process that registered it
 
 # ------------------------------------------------------------------ written by the gate
 TAG_BLOCK_REASONS = "lid.block_reasons"          # JSON list of {"code", "detail"}
@@ -68,6 +71,10 @@ TAG_PROMOTED_AT = "lid.promoted_at"
 TAG_BLOCKED_AT = "lid.blocked_at"
 TAG_PREVIOUS_CHAMPION = "lid.previous_champion"
 TAG_VALIDATION = "lid.validation"                # "passed" | "failed"
+# A promotion is intent → alias move → commit. The status tag is written last: it is the commit.
+TAG_GATE_INTENT = "lid.gate_intent"              # JSON {"previous_champion", "at"}: every check passed
+TAG_RECOVERED = "lid.recovered"                  # when gate.recover finished or ended a half-done decision
+TAG_INCIDENT = "lid.incident"                    # JSON: the alias found on this version outside the gate
 
 
 def _items(text: str | None) -> list[str]:

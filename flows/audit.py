@@ -31,7 +31,7 @@ def build_records(registry) -> list:
 
     for info in registry.history():
         version = str(info.version)
-        status, reasons = tags.status(info.tags), tags.block_reasons(info.tags)
+        status, reasons = tags.status(info.tags), tags.block_reasons(info.tags) + _incidents(info.tags)
         try:
             loaded = load(version)
         except Exception as exc:  # an unreadable or tampered version is reported, never skipped
@@ -66,6 +66,23 @@ def build_records(registry) -> list:
     return records
 
 
+def _incidents(version_tags: dict) -> list[dict]:
+    """What ``components.gate.recover`` found on a version, as reasons the report shows."""
+    from components import tags
+
+    incident = version_tags.get(tags.TAG_INCIDENT)
+    if not incident:
+        return []
+    try:
+        found = json.loads(incident)
+        moved = found.get("moved_back_to")
+        detail = (f"the champion alias was found here (status {found.get('status')!r}) without a gate decision; "
+                  f"moved back to {'v' + str(moved) if moved else 'no champion'} at {version_tags.get(tags.TAG_RECOVERED)}")
+    except (ValueError, AttributeError):
+        detail = f"unreadable incident record: {incident[:200]!r}"
+    return [{"code": "alias_incident", "detail": detail}]
+
+
 def _heldout_accuracy(records: list, cache: dict) -> None:
     """Fill each record's ``accuracy``: its model on every task's held-out data in the registry."""
     from lid_engine import accuracy
@@ -89,18 +106,23 @@ def write_audit(settings, out_dir: str | Path | None = None) -> dict:
     """Re-verify every registered version of ``settings.model_name`` and write the HTML report and JSON summary.
 
     Returns:
-        ``{"report", "summary", "ok", "versions", "records"}`` (``ok``: every promoted version verified).
+        ``{"report", "summary", "ok", "versions", "recovered", "records"}`` (``ok``: every promoted
+        version verified; ``recovered``: what ``components.gate.recover`` finished or undid first:
+        half-done promotions, runs that died, a champion alias moved outside the gate).
     """
     from components.audit import render_audit_report
     from flows.settings import open_registry
 
+    from components.gate import recover
+
     registry = open_registry(settings)
+    recovered = recover(registry, move_alias=True)
     records = build_records(registry)
     out = Path(out_dir) if out_dir else settings.audit_dir
     html, summary_path = render_audit_report(records, out, model_name=settings.model_name)
     summary = json.loads(Path(summary_path).read_text())
     return {"report": str(html), "summary": str(summary_path), "ok": summary.get("ok"), "versions": len(records),
-            "records": records}
+            "recovered": recovered, "records": records}
 
 
 @flow(name="audit")

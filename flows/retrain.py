@@ -65,6 +65,7 @@ def run_pipeline(config_path: str | Path, action: str, *, data: Sequence[str] = 
     start = time.perf_counter()
     config = tasks.load_configuration(config_path)
     settings = settings_for(config)
+    tasks.recover_registry(config)
     champion = tasks.load_champion(config)
     if action == "bootstrap" and champion is not None:
         raise PipelineError(f"{config.name!r} already has a champion (v{champion.version}); use "

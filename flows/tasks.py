@@ -59,6 +59,7 @@ __all__ = [
     "certify_candidate",
     "export_candidate",
     "load_champion",
+    "recover_registry",
     "load_configuration",
     "load_data",
     "projected_optimizer",
@@ -259,8 +260,8 @@ def load_champion(config: LidgateConfig) -> Champion | None:
         if decided != tags.STATUS_PROMOTED:
             raise ChampionError(
                 f"champion v{version} of {config.name!r} carries no promotion by the gate (its status is {decided!r}: "
-                "the alias was moved by hand, or a promotion is under way or was interrupted), so it is not built "
-                "on; nothing was trained")
+                "the alias was moved by hand, or a promotion is under way), so it is not built on; nothing was "
+                "trained. `lidgate audit` moves it back to the last promoted version and records the incident")
         if loaded.lid is None:
             raise ChampionError(
                 f"champion v{version} of {config.name!r} has no LID certificate (the alias was set outside the "
@@ -269,6 +270,18 @@ def load_champion(config: LidgateConfig) -> Champion | None:
                         lineage=[*loaded.lineage, str(version)])
     finally:
         registry.release(loaded)
+
+
+def recover_registry(config: LidgateConfig, *, move_alias: bool = False) -> list[dict]:
+    """Finish or end what a crashed run left half-done (``components.gate.recover``): a promotion
+    the gate decided but did not record is recorded; versions whose run died are marked
+    ``incomplete``; with ``move_alias`` a champion the gate did not promote is moved back."""
+    from components.gate import recover
+
+    done = recover(registry_for(config), move_alias=move_alias)
+    for record in done:
+        _log().warning("recovery: version %s: %s (%s)", record["version"], record["detail"], record["kind"])
+    return done
 
 
 @task(name="load data", **STEP)
@@ -528,11 +541,13 @@ def register_candidate(config: LidgateConfig, candidate: Candidate, certificatio
                        validation: Validation, lineage: Sequence[str]) -> str:
     """Register the candidate as a new MLflow model version (status ``pending``) with its LID, its
     certification data, the validation summary and where it came from. Returns the version."""
+    from components.gate import owner_tag
     from components.tags import (
         TAG_CANDIDATE_SOURCE,
         TAG_CERTIFICATION_ERROR,
         TAG_CONFIG_SHA,
         TAG_DATA_SHA256,
+        TAG_OWNER,
         TAG_PROJECTION,
         TAG_TASK,
     )
@@ -545,6 +560,7 @@ def register_candidate(config: LidgateConfig, candidate: Candidate, certificatio
                     "certification": certification.summary(), "data": data.provenance},
         extra_tags={TAG_CONFIG_SHA: config.sha256(), TAG_TASK: data.task, TAG_DATA_SHA256: data.fingerprint(),
                     TAG_CANDIDATE_SOURCE: candidate.source, TAG_PROJECTION: str(candidate.projection).lower(),
+                    TAG_OWNER: owner_tag(),
                     **({TAG_CERTIFICATION_ERROR: certification.error[:2000]} if certification.error else {})},
         example_input=data.certification[0][:2],
     )

@@ -34,7 +34,7 @@ from .records import (
 
 __all__ = ["render_audit_report"]
 
-_KNOWN_STATUSES = ("promoted", "champion", "blocked", "pending", "failed", "archived")
+_KNOWN_STATUSES = ("promoted", "champion", "blocked", "pending", "incomplete", "failed", "archived")
 _FAILURES_SHOWN = 4  # per version; the rest behind a <details> toggle
 
 _CSS = """
@@ -55,7 +55,7 @@ td.nowrap{white-space:nowrap} td.created{min-width:6em} td.reasons{min-width:18e
 .ok{color:#2e7d32;font-weight:bold} .bad{color:#c62828;font-weight:bold} .none{color:#888}
 .status{padding:1px 6px;border-radius:4px;font-size:12px;color:white;background:#616161;white-space:nowrap}
 .status-promoted,.status-champion{background:#2e7d32} .status-blocked,.status-failed{background:#c62828}
-.status-pending{background:#9e9e9e} .status-archived{background:#795548}
+.status-pending{background:#9e9e9e} .status-incomplete{background:#ef6c00} .status-archived{background:#795548}
 .badge{display:inline-block;padding:4px 10px;border-radius:6px;color:white;font-weight:bold}
 .badge.ok{background:#2e7d32;color:white} .badge.bad{background:#c62828;color:white}
 figure{margin:16px 0} figcaption,p.note{color:#555;font-size:13px;max-width:1000px} img{max-width:100%;height:auto}

@@ -123,9 +123,12 @@ def is_promoted(record: VersionAudit) -> bool:
 
 
 def problems(records: Sequence[VersionAudit]) -> list[str]:
-    """One line per promoted version, or task of one, that did not re-verify."""
+    """One line per promoted version, or task of one, that did not re-verify, and for a champion the
+    gate did not promote."""
     out = []
     for r in records:
+        if r.is_champion and str(r.status) != "promoted":
+            out.append(f"version {r.version} is the champion but the gate did not promote it (status {r.status!r})")
         if not is_promoted(r):
             continue
         if not r.verified:

@@ -159,7 +159,9 @@ def audit(
                                                                  "configuration (its factory must be importable).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Report directory (default: HOME/audit/NAME).")] = None,
 ) -> None:
-    """Re-verify every registered version's certificates; write the HTML report and a JSON summary."""
+    """Re-verify every registered version's certificates; write the HTML report and a JSON summary.
+    First finishes or undoes what crashes left half-done, and moves a champion alias set outside the
+    gate back to the last promoted version (each recorded as an incident)."""
     with cli_errors():
         from flows.env import apply_defaults
         from flows.settings import open_registry, settings_for
@@ -174,6 +176,8 @@ def audit(
         from flows.audit import write_audit
 
         result = write_audit(settings, out)
+        for record in result["recovered"]:
+            console().print(f"[yellow]recovered[/yellow] v{record['version']} ({record['kind']}): {record['detail']}")
         _print_audit(settings.model_name, result["records"])
         typer.echo(f"report: {result['report']}\nsummary: {result['summary']}")
         if not result["ok"]:

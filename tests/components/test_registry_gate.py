@@ -127,7 +127,7 @@ def assert_history_consistent(registry: Registry) -> None:
     holders = [h.version for h in hist if "champion" in h.aliases]
     assert holders == ([champ] if champ else [])
     for h in hist:
-        assert h.status in ("pending", "promoted", "blocked")
+        assert h.status in ("pending", "promoted", "blocked", "incomplete")
         if h.version == champ:
             assert h.status == "promoted"
 
@@ -572,3 +572,72 @@ def test_only_the_gate_moves_the_alias():
             calls = {n.func.attr for n in ast.walk(fn) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
             if fn.name != "move_champion":
                 assert not calls & set(movers), f"registry.{fn.name} moves the alias"
+
+
+# ------------------------------------------------------------------------------------------ recovery
+class Killed(BaseException):
+    """A SIGKILL at this point: nothing after it runs (no ``except Exception`` catches it)."""
+
+
+def dead_owner() -> dict[str, str]:
+    """``pipeline.owner`` of a process on this host that has ended."""
+    import socket
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return {"pipeline.owner": json.dumps({"host": socket.gethostname(), "pid": proc.pid, "started": 0.0})}
+
+
+def test_a_promotion_killed_after_the_alias_move_is_committed_by_recover(registry, champion, base_lid, data,
+                                                                          monkeypatch):
+    v, _ = good_candidate(registry, champion, base_lid, data)
+    monkeypatch.setattr(gate, "_record", lambda *a, **k: (_ for _ in ()).throw(Killed()))
+    with pytest.raises(Killed):
+        promote(registry, v, validation_passed=True)
+    monkeypatch.undo()
+    tags = registry.client.get_model_version(registry.model_name, v).tags
+    assert registry.champion() == v and tags["lid.status"] == "pending" and "lid.gate_intent" in tags
+
+    done = gate.recover(registry)
+    assert [r["kind"] for r in done] == ["promotion_finished"]
+    tags = registry.client.get_model_version(registry.model_name, v).tags
+    assert tags["lid.status"] == "promoted" and tags["lid.previous_champion"] == champion and tags["lid.promoted_at"]
+    assert_history_consistent(registry)
+    assert gate.recover(registry) == []  # idempotent
+
+
+def test_versions_whose_run_died_are_marked_incomplete_and_live_ones_left_pending(registry, champion, base_lid,
+                                                                                   data, monkeypatch):
+    died, _ = good_candidate(registry, champion, base_lid, data, extra_tags=dead_owner())
+    running, _ = good_candidate(registry, champion, base_lid, data,
+                                extra_tags={"pipeline.owner": gate.owner_tag()})  # this process: alive
+    interrupted, _ = good_candidate(registry, champion, base_lid, data, extra_tags=dead_owner())
+    monkeypatch.setattr(Registry, "move_champion", lambda self, version: (_ for _ in ()).throw(Killed()))
+    with pytest.raises(Killed):
+        promote(registry, interrupted, validation_passed=True)
+    monkeypatch.undo()
+
+    done = {r["version"]: r["kind"] for r in gate.recover(registry)}
+    assert done == {died: "run_died", interrupted: "promotion_interrupted"}
+    statuses = {h.version: h.status for h in registry.history()}
+    assert statuses == {champion: "promoted", died: "incomplete", running: "pending", interrupted: "incomplete"}
+    assert registry.champion() == champion
+    assert_history_consistent(registry)
+
+
+def test_an_alias_moved_by_hand_is_moved_back_and_recorded(registry, champion, base_model, base_lid, data):
+    v2, _ = good_candidate(registry, champion, base_lid, data)
+    assert promote(registry, v2, validation_passed=True).promoted
+    rogue = registry.register(shifted(base_model, 0.05), SPEC, lid=None, cert_data=data["cert"])
+    blocked = promote(registry, rogue, validation_passed=True)
+    assert not blocked.promoted
+    registry.client.set_registered_model_alias(registry.model_name, "champion", rogue)  # by hand
+
+    assert gate.recover(registry, move_alias=False) == [] and registry.champion() == rogue  # a retrain's view
+    done = gate.recover(registry)
+    assert [r["kind"] for r in done] == ["alias_incident"] and registry.champion() == v2
+    incident = json.loads(registry.client.get_model_version(registry.model_name, rogue).tags["lid.incident"])
+    assert incident == {"found_on": rogue, "status": "blocked", "moved_back_to": v2}
+    assert_history_consistent(registry)

@@ -88,6 +88,15 @@ def test_rogue_update_is_blocked_and_champion_stays(config, tmp_path):
         retrain_flow(config=str(config), data=[str(new_scans(tmp_path))])
     assert len(registry.history()) == 2, "nothing was trained or registered"
     assert _statuses(registry_of(config)) == {"1": "promoted", "2": "blocked"}
+    # the audit moves it back to the last promoted version and records the incident
+    from flows.audit import audit_flow
+
+    audit = audit_flow(config=str(config))
+    assert registry.champion() == "1" and audit["ok"]
+    assert [(r["kind"], r["version"]) for r in audit["recovered"]] == [("alias_incident", "2")]
+    summary = json.loads(Path(audit["summary"]).read_text())
+    v2 = next(v for v in summary["versions"] if v["version"] == "2")
+    assert any(r["code"] == "alias_incident" for r in v2["block_reasons"])
 
 
 def test_a_candidate_trained_elsewhere_is_certified_against_the_champion(config, tmp_path):
