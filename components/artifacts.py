@@ -261,6 +261,24 @@ def download(tracking_uri: str, run_id: str, relative: str, dest: Path) -> Path:
     return Path(local)
 
 
+def directory_digest(directory: Path) -> str:
+    """sha256 over every file below ``directory``: its relative path and its own sha256, sorted (a
+    file added, removed, renamed or changed changes the digest)."""
+    import hashlib
+
+    lines = sorted(f"{p.relative_to(directory).as_posix()}\t{file_sha256(p)}" for p in directory.rglob("*") if p.is_file())
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def mlflow_model_digest(tracking_uri: str, source: str, dest: Path) -> str:
+    """``directory_digest`` of the MLflow model at ``source`` (a version's ``source``: what
+    ``mlflow.pytorch.load_model("models:/NAME@champion")`` loads), downloaded into ``dest``."""
+    import mlflow
+
+    local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dest), tracking_uri=tracking_uri)
+    return directory_digest(Path(local))
+
+
 def log_pytorch_model(client, experiment_id: str, tracking_uri: str, run_id: str, model: nn.Module,
                       example: Tensor) -> tuple[str, str]:
     """Log an MLflow pytorch model (``pt2``) in ``run_id``; returns ``(source, model_id)`` for the version.

@@ -340,6 +340,8 @@ class Registry:
                 if example_input is not None:
                     source, model_id = art.log_pytorch_model(self.client, self.experiment_id, self.tracking_uri,
                                                              run_id, model, example_input)
+                    tags[tg.TAG_MLFLOW_MODEL_SHA] = art.mlflow_model_digest(self.tracking_uri, source,
+                                                                            Path(tmp) / "mlflow-model")
                 tags[tg.TAG_MLFLOW_MODEL] = "pt2" if model_id else "none"
                 self._ensure_registered_model()
                 mv = self.client.create_model_version(
@@ -398,11 +400,27 @@ class Registry:
         dest = self._fresh_dir(version)
         files = art.read_version(lambda rel: art.download(self.tracking_uri, run_id, rel, dest), dest, tags,
                                  lenient=not strict)
+        files.problems.extend(self._mlflow_model_problems(mv, dest))
         if strict and files.problems:
             raise RegistryIntegrityError(version, files.problems)
         return LoadedVersion(version=version, run_id=run_id, model=files.model, spec=files.spec, lid=files.lid,
                              lid_dir=files.lid_dir, cert_data=files.cert_data, lineage=tg.lineage(tags), tags=tags,
                              directory=dest, problems=files.problems)
+
+    def _mlflow_model_problems(self, mv, dest: Path) -> list[tuple[str, str]]:
+        """The MLflow model consumers load (the version's ``source``) against the digest recorded at
+        registration: a swapped or edited model is an integrity problem like any pinned file."""
+        expected = (mv.tags or {}).get(tg.TAG_MLFLOW_MODEL_SHA)
+        if not expected:
+            return []
+        try:
+            actual = art.mlflow_model_digest(self.tracking_uri, mv.source, dest / "mlflow-model")
+        except Exception as exc:  # noqa: BLE001 — unreadable is a problem, not a crash
+            return [("mlflow model", f"cannot download {mv.source}: {type(exc).__name__}: {exc}")]
+        if actual != expected:
+            return [("mlflow model", f"the model at {mv.source} (what mlflow.pytorch.load_model loads) hashes to "
+                                     f"{actual[:16]}…, registered as {expected[:16]}…: it was changed after registration")]
+        return []
 
     def _fresh_dir(self, version: str) -> Path:
         return Path(tempfile.mkdtemp(prefix=f"v{version}-", dir=self.cache_dir))

@@ -15,11 +15,12 @@ from collections.abc import Mapping
 
 __all__ = [
     "CHAMPION_ALIAS", "STATUSES", "STATUS_BLOCKED", "STATUS_INCOMPLETE", "STATUS_PENDING", "STATUS_PROMOTED",
-    "STATUS_UNKNOWN", "TAG_GATE_INTENT", "TAG_INCIDENT", "TAG_OWNER", "TAG_RECOVERED",
+    "STATUS_UNKNOWN", "TAG_GATE_INTENT", "TAG_INCIDENT", "TAG_ONNX_ARTIFACT", "TAG_ONNX_PATH", "TAG_ONNX_SHA",
+    "TAG_OWNER", "TAG_RECOVERED",
     "TAG_BLOCKED_AT", "TAG_BLOCK_REASONS", "TAG_CANDIDATE_SOURCE", "TAG_CERT_ACC", "TAG_CERTIFICATION_ERROR",
     "TAG_CONFIG_SHA",
     "TAG_DATA_SHA256", "TAG_PROJECTION", "TAG_TASK", "TAG_CERT_SHA", "TAG_DATA_SHA", "TAG_FACTORY",
-    "TAG_HAS_LID", "TAG_LINEAGE", "TAG_LOWER_BOUND", "TAG_MLFLOW_MODEL", "TAG_MODEL_SHA", "TAG_PARENT",
+    "TAG_HAS_LID", "TAG_LINEAGE", "TAG_LOWER_BOUND", "TAG_MLFLOW_MODEL", "TAG_MLFLOW_MODEL_SHA", "TAG_MODEL_SHA", "TAG_PARENT",
     "TAG_PREVIOUS_CHAMPION", "TAG_PROMOTED_AT", "TAG_REGISTERED_AT", "TAG_SPEC_SHA", "TAG_STATUS", "TAG_TASKS",
     "TAG_TAU", "TAG_VALIDATION", "TAG_VALIDATION_SHA", "TAG_WEIGHTS_SHA",
     "block_reasons", "lineage", "status", "tasks",
@@ -53,6 +54,7 @@ TAG_LINEAGE = "lid.lineage"                      # comma-separated earlier champ
 TAG_PARENT = "lid.parent"                        # the last version of the lineage ("" without one)
 TAG_FACTORY = "lid.factory"
 TAG_MLFLOW_MODEL = "lid.mlflow_model"            # "pt2" | "none"
+TAG_MLFLOW_MODEL_SHA = "lid.mlflow_model_sha256"  # artifacts.directory_digest of the version's source (pt2)
 TAG_REGISTERED_AT = "lid.registered_at"
 
 # ------------------------------------------------------------------ written by the pipeline (flows.tasks)
@@ -63,6 +65,9 @@ TAG_DATA_SHA256 = "pipeline.data_sha256"         # fingerprint of the train/sear
 TAG_CANDIDATE_SOURCE = "pipeline.source"         # "trained" | "submitted" | "given"
 TAG_PROJECTION = "pipeline.projection"           # "true" | "false": trained with projection onto the LID
 TAG_CERTIFICATION_ERROR = "pipeline.certification_error"  # why no LID was certified (registered without one)
+TAG_ONNX_SHA = "pipeline.onnx_sha256"           # sha256 of the ONNX export of a promoted version
+TAG_ONNX_ARTIFACT = "pipeline.onnx_artifact"     # its path in the version's MLflow run
+TAG_ONNX_PATH = "pipeline.onnx_path"             # the exported file on disk (what a deployment picks up)
 TAG_OWNER = "pipeline.owner"                     # JSON {"host", "pid", "started"}: the process that registered it
 
 # ------------------------------------------------------------------ written by the gate

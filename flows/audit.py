@@ -56,14 +56,44 @@ def build_records(registry) -> list:
             if not earlier.tasks:  # the earlier version could not be checked at all: fail closed, visibly
                 tasks.append(TaskAudit(task=where, tau=float("nan"), certified_accuracy=float("nan"),
                                        lower_bound=float("nan"), n=0, verified=False, failures=earlier.failures))
-        verified = bool(tasks) and all(t.verified for t in tasks)
+        exports = _onnx_problems(registry, info, loaded.directory)
+        verified = bool(tasks) and all(t.verified for t in tasks) and not exports
         records.append(VersionAudit(version=version, status=status, is_champion=version == champion,
                                     created=str(info.created), verified=verified, tasks=tasks,
-                                    block_reasons=reasons, lid=loaded.lid))
+                                    block_reasons=reasons + exports, lid=loaded.lid))
     _heldout_accuracy(records, cache)
     for loaded in cache.values():
         registry.release(loaded)
     return records
+
+
+def _onnx_problems(registry, info, directory) -> list[dict]:
+    """The version's ONNX export, in its MLflow run and on disk, against the sha256 recorded when it
+    was exported (consumers deploy these bytes, so a swapped file fails the audit)."""
+    from components import artifacts, tags
+    from lid_engine.files import file_sha256
+
+    expected = info.tags.get(tags.TAG_ONNX_SHA)
+    if not expected:
+        return []
+    found = []
+    copies = [("MLflow run", info.tags.get(tags.TAG_ONNX_ARTIFACT)), ("disk", info.tags.get(tags.TAG_ONNX_PATH))]
+    for where, ref in copies:
+        if not ref:
+            continue
+        try:
+            path = (artifacts.download(registry.tracking_uri, info.run_id, ref, Path(directory) / "onnx-check")
+                    if where == "MLflow run" else Path(ref))
+            if where == "disk" and not path.exists():
+                continue  # moved away after export: nothing on disk to vouch for
+            actual = file_sha256(path)
+        except Exception as exc:  # noqa: BLE001 — unreadable is a finding, not a crash
+            found.append({"code": "onnx_unreadable", "detail": f"ONNX export ({where}) {ref}: {exc}"})
+            continue
+        if actual != expected:
+            found.append({"code": "onnx_tampered", "detail": f"ONNX export ({where}) {ref} hashes to {actual[:16]}…, "
+                                                             f"exported as {expected[:16]}…"})
+    return found
 
 
 def _incidents(version_tags: dict) -> list[dict]:

@@ -579,9 +579,10 @@ def promote_candidate(config: LidgateConfig, version: str, validation: Validatio
 @task(name="export candidate", **STEP)
 def export_candidate(config: LidgateConfig, version: str, model: nn.Module, example_input) -> dict:
     """ONNX export of a promoted version with its certificate's sha256 in the metadata, checked
-    against torch with onnxruntime and logged to the version's MLflow run."""
+    against torch with onnxruntime and logged to the version's MLflow run; its sha256 and where it
+    lies are recorded on the version (the audit re-hashes both copies)."""
     from components.export import export_onnx, log_onnx_to_mlflow
-    from components.tags import TAG_CERT_SHA, TAG_MODEL_SHA
+    from components.tags import TAG_CERT_SHA, TAG_MODEL_SHA, TAG_ONNX_ARTIFACT, TAG_ONNX_PATH, TAG_ONNX_SHA
 
     settings = settings_for(config)
     registry = open_registry(settings)
@@ -593,6 +594,8 @@ def export_candidate(config: LidgateConfig, version: str, model: nn.Module, exam
             metadata={"lidgate.version": str(version), "lidgate.model_sha256": loaded.tags.get(TAG_MODEL_SHA, "")},
         )
         log_onnx_to_mlflow(export, loaded.run_id, tracking_uri=settings.tracking_uri)
+        registry.set_tags(version, {TAG_ONNX_SHA: export.sha256, TAG_ONNX_ARTIFACT: f"onnx/{Path(export.path).name}",
+                                    TAG_ONNX_PATH: str(Path(export.path).resolve())})
     finally:
         registry.release(loaded)
     return {"path": str(export.path), "sha256": export.sha256, "max_abs_diff": export.max_abs_diff}

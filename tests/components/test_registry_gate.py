@@ -276,6 +276,24 @@ def test_blocked_when_earlier_certificate_fails(registry, base_model, data):
     assert f"version {v1}" in detail and "'t1'" in detail and "model inside LID" in detail
 
 
+def test_a_swapped_mlflow_model_is_caught_by_load_and_the_gate(registry, champion, base_model, base_lid, data):
+    """What consumers load (``mlflow.pytorch.load_model("models:/NAME/<v>")``, the version's source) is
+    pinned at registration: editing it afterwards is an integrity failure like any pinned artifact."""
+    m = shifted(base_model, 0.004, into=base_lid)
+    v = registry.register(m, SPEC, lid=certify(m, data, radii=(1e-3,)), cert_data=data["cert"], lineage=[champion],
+                          example_input=data["cert"]["t1"][0][:4])
+    mv = registry.client.get_model_version(registry.model_name, v)
+    assert len(mv.tags["lid.mlflow_model_sha256"]) == 64
+    registry.release(registry.load(v))  # intact: loads
+    local = Path(unquote(urlparse(mv.source).path))
+    victim = next(p for p in sorted(local.rglob("*")) if p.is_file() and p.suffix == ".pt2")
+    victim.write_bytes(victim.read_bytes() + b"\0")
+    with pytest.raises(RegistryIntegrityError, match="mlflow model"):
+        registry.load(v)
+    d = promote(registry, v, validation_passed=True)
+    assert_blocked(registry, d, v, "artifact_tampered", champion)
+
+
 def test_a_candidate_built_on_a_former_champion_is_stale(registry, champion, base_lid, data):
     """Promotion is a compare-and-set on the champion a candidate was certified against: two retrains
     start from v1, the first is promoted, the second is blocked (it never saw v2)."""

@@ -227,6 +227,15 @@ def test_audit_lists_every_version_with_its_status_and_accuracy(config, tmp_path
     html = Path(result["report"]).read_text()
     assert html.count("<img") >= 4 and "blocked" in html and "held-out data" in html
 
+    # the champion's ONNX export swapped on disk: the audit fails and says where
+    onnx = Path(registry_of(config).client.get_model_version("e2e", "2").tags["pipeline.onnx_path"])
+    onnx.write_bytes(onnx.read_bytes()[:-8] + b"\0" * 8)
+    result = audit_flow(config=str(config))
+    summary = json.loads(Path(result["summary"]).read_text())
+    v2 = next(v for v in summary["versions"] if v["version"] == "2")
+    assert summary["ok"] is False and not v2["verified"]
+    assert [r["code"] for r in v2["block_reasons"]] == ["onnx_tampered"] and "(disk)" in v2["block_reasons"][0]["detail"]
+
 
 def test_deployments_take_the_configuration_and_have_pools_and_cron_schedules(config, harness):
     from prefect.client.orchestration import get_client
