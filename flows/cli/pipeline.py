@@ -48,7 +48,31 @@ def _prepare(config_path: Path):
         # configuration is (re)loaded when the first flow runs, from these variables.
         for name in ("PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL", "PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL"):
             os.environ.setdefault(name, "CRITICAL")
+    _check_server(config, config_path)
     return config
+
+
+def _check_server(config, config_path: Path, timeout_s: float = 10.0) -> None:
+    """An MLflow server that does not answer is reported in seconds (MLflow's own client retries for
+    minutes before it gives up)."""
+    import urllib.error
+    import urllib.request
+
+    from flows.settings import settings_for
+
+    uri = settings_for(config).tracking_uri
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):  # noqa: S310 — the configured URI
+            pass
+    except urllib.error.HTTPError:
+        return  # it answered (a proxy or an older server without /health): the client reports the rest
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise BadInput(f"configuration {config_path}: registry.tracking_uri (or $MLFLOW_TRACKING_URI): the MLflow "
+                       f"server at {uri} does not answer within {timeout_s:.0f} s ({reason}); start it or fix the "
+                       "URI") from None
 
 
 def _check_inputs(config, config_path: Path, data: list[Path] | None = None, weights: Path | None = None) -> None:

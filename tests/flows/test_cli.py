@@ -244,3 +244,21 @@ def test_verify_fails_when_genuine_certificates_promise_less_than_tau(files, tmp
     result = run("verify", tmp_path / "wide", *args, "--json")
     report = json.loads(result.stdout)
     assert result.exit_code == 1 and report["ok"] and not report["meets_tau"] and report["below_tau"]
+
+
+def test_an_mlflow_server_that_does_not_answer_is_bad_input_in_seconds(tmp_path, monkeypatch):
+    """MLflow's client would retry for minutes; the CLI asks the server's /health first."""
+    import os
+
+    import yaml
+
+    from tests.helpers.paths import REPO
+
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # the entry point sets its defaults here
+    os.environ["MLFLOW_TRACKING_URI"] = "http://127.0.0.1:9"  # nothing listens on the discard port
+    os.environ["LIDGATE_HOME"] = str(tmp_path / "home")
+    config = yaml.safe_load((REPO / "examples" / "digits" / "lidgate.yaml").read_text())
+    config["code"] = [str(REPO)]
+    path = tmp_path / "lidgate.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert_bad_input(run("status", path), "registry.tracking_uri", "http://127.0.0.1:9 does not answer")
