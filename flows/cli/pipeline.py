@@ -177,6 +177,38 @@ def status(config: ConfigArg, as_json: JsonOpt = False) -> None:
 
 
 @app.command()
+def watch(
+    config: ConfigArg,
+    interval: Annotated[float, typer.Option("--interval", min=1.0, help="Seconds between two looks at the "
+                                                                         "registry.")] = 30.0,
+    once: Annotated[bool, typer.Option("--once", help="Look once and exit: 0 when all was in order, 1 when "
+                                                      "something had to be put right (for cron).")] = False,
+) -> None:
+    """Watch the champion alias: one set outside the gate is moved back to the last promoted version
+    and the incident is recorded on the version; half-done promotions and dead runs are settled."""
+    with cli_errors():
+        import time
+
+        from components.gate import recover
+        from flows.settings import open_registry, settings_for
+
+        registry = open_registry(settings_for(_prepare(config)))
+        console().print(f"watching {registry.model_name!r} at {registry.tracking_uri}"
+                        + ("" if once else f" every {interval:g} s (Ctrl-C stops)"))
+        while True:
+            done = recover(registry, move_alias=True)
+            for record in done:
+                console().print(f"[yellow]{record['at']} v{record['version']} {record['kind']}[/yellow]: "
+                                f"{record['detail']}")
+            if once:
+                if done:
+                    raise Failed(f"{len(done)} thing(s) put right; see above and the versions' tags")
+                console().print(f"all in order: champion {registry.champion() or '(none)'}")
+                return
+            time.sleep(interval)
+
+
+@app.command()
 def audit(
     config: Annotated[Optional[Path], typer.Argument(help="The team's configuration file.", show_default=False)] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="A registered model name instead of a "

@@ -124,6 +124,17 @@ def test_a_team_bootstraps_retrains_and_is_stopped_by_the_gate(tmp_path, make_te
     # the team's state lives where its configuration says, not in the repository
     assert (team / "state" / "mlflow.db").is_file() and not (REPO / "state").exists()
 
+    # someone points the alias at the blocked version by hand: the watch puts it back and says so
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=f"sqlite:///{team / 'state' / 'mlflow.db'}").set_registered_model_alias(
+        "team-model", "champion", "3")
+    watched = lidgate("watch", str(config), "--once", cwd=team)
+    assert watched.returncode == 1 and "alias_incident" in watched.stdout, watched.stdout + watched.stderr[-2000:]
+    assert json.loads(lidgate("status", str(config), "--json", cwd=team).stdout)["champion"] == "2"
+    again = lidgate("watch", str(config), "--once", cwd=team)
+    assert again.returncode == 0 and "all in order: champion 2" in again.stdout
+
 
 def test_bad_configuration_and_bad_arguments_exit_2_naming_the_field(tmp_path):
     team = team_dir(tmp_path)
