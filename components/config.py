@@ -80,7 +80,7 @@ BUILTIN_TRAINING_KWARGS = {"epochs": "an integer ≥ 1", "batch_size": "an integ
 _SEARCH_OWN_KEYS = {"iterations": "search.iterations", "checkpoints": "search.checkpoints",
                     "batch_size": "search.batch_size", "method": "search.bound"}
 _SEARCH_INTERNAL = {"history"}
-_OPTIONAL_SECTIONS = ("training", "search", "registry", "export")
+_OPTIONAL_SECTIONS = ("training", "search", "registry", "export", "signing")
 
 
 # ------------------------------------------------------------------------------------ errors
@@ -574,6 +574,16 @@ class ExportSection(_Section):
     onnx: bool = True
 
 
+class SigningSection(_Section):
+    """Signed certificates (``components.signing``). ``private_key``: the Ed25519 key the certify
+    worker signs each certificate with (PEM; keep it on that machine). ``public_keys``: the keys the
+    gate trusts; when any is listed, a candidate whose certificate is unsigned, signed by another key,
+    or signed over other artifacts is blocked (``signature_invalid``)."""
+
+    private_key: ConfigPath | None = None
+    public_keys: list[ConfigPath] = Field(default_factory=list)
+
+
 class LidgateConfig(_Section):
     """A validated configuration file. Build it with ``load_config`` (or ``parse_config``).
 
@@ -588,6 +598,7 @@ class LidgateConfig(_Section):
         search: ``SearchSection`` (the LID search).
         registry: ``RegistrySection`` (None values: the entry point's defaults).
         export: ``ExportSection``.
+        signing: ``SigningSection`` (signing key of the certify worker, keys the gate trusts).
 
     Paths are absolute (relative ones were resolved against ``base_dir``, the file's folder), except
     on a configuration built directly in Python, where they stay as given and ``base_dir`` is the
@@ -604,6 +615,7 @@ class LidgateConfig(_Section):
     search: SearchSection = Field(default_factory=SearchSection)
     registry: RegistrySection = Field(default_factory=RegistrySection)
     export: ExportSection = Field(default_factory=ExportSection)
+    signing: SigningSection = Field(default_factory=SigningSection)
 
     _base_dir: Path | None = PrivateAttr(default=None)
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import traceback
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from lid_engine import verify
@@ -41,7 +41,7 @@ from . import tags as tg
 from .lineage import LineageCheck, verify_lineage
 from .registry import LoadedVersion, Registry
 
-__all__ = ["CODES", "GateDecision", "Reason", "promote", "recover"]
+__all__ = ["CODES", "SIGNATURE_RECORD", "GateDecision", "Reason", "promote", "recover"]
 
 CODES = (
     "validation_failed",
@@ -52,8 +52,12 @@ CODES = (
     "new_certificate_failed",
     "below_tau",
     "no_certificate",
+    "signature_invalid",
     "gate_error",
 )
+
+#: where a version's signed certificate (a DSSE envelope, ``components.signing``) is kept in its run
+SIGNATURE_RECORD = "signature/certificate.dsse.json"
 
 DETAIL_LIMIT = 600       # characters per reason detail in the tag
 TAG_VALUE_LIMIT = 5000   # MLflow caps model-version tag values (5000 on older stores; 100k on 3.x SQL)
@@ -169,7 +173,8 @@ def _failing(report) -> list:
     return [c for c in report.checks if not c.ok]
 
 
-def _evaluate(ev: _Evaluation, registry: Registry, version: str, validation_passed, validation_summary) -> None:
+def _evaluate(ev: _Evaluation, registry: Registry, version: str, validation_passed, validation_summary,
+              trusted_keys: Sequence | None = None) -> None:
     d = ev.decision
 
     # (1) validation ------------------------------------------------------------------------------
@@ -202,6 +207,13 @@ def _evaluate(ev: _Evaluation, registry: Registry, version: str, validation_pass
             _check_new_certificate(ev, cand)
         except Exception as exc:  # noqa: BLE001
             ev.error("new certificate", exc)
+
+    # (5b) the certificate's signature -------------------------------------------------------------
+    if trusted_keys is not None and cand is not None and cand.lid is not None:
+        try:
+            _check_signature(ev, registry, cand, trusted_keys)
+        except Exception as exc:  # noqa: BLE001
+            ev.error("signature", exc)
 
     # (3) inside the champion's LID ---------------------------------------------------------------
     champ = None
@@ -295,6 +307,32 @@ def _check_new_certificate(ev: _Evaluation, cand: LoadedVersion) -> None:
                 ev.fail("artifact_tampered", f"version {v}: tag '{tag}' = {recorded!r} but the certificate says {value!r}")
 
 
+def _check_signature(ev: _Evaluation, registry: Registry, cand: LoadedVersion, trusted_keys: Sequence) -> None:
+    """The DSSE envelope in the candidate's run verifies with a trusted key, and its statement names
+    exactly this version's model, certificate and certification data."""
+    from lid_engine import fingerprint_data
+
+    from .signing import SignatureError, subject_digests, verify_envelope
+
+    envelope = registry.read_record(cand.version, SIGNATURE_RECORD)
+    try:
+        if envelope is None:
+            raise SignatureError("the certificate is not signed (no signature in the version's run)")
+        signed = subject_digests(verify_envelope(envelope, trusted_keys))
+    except SignatureError as exc:
+        ev.check("signature", False, str(exc))
+        ev.fail("signature_invalid", str(exc))
+        return
+    expected = {"model": cand.tags.get(tg.TAG_MODEL_SHA), "lid/lid.json": cand.tags.get(tg.TAG_CERT_SHA),
+                **{f"cert_data/{t}": fingerprint_data(x, y) for t, (x, y) in (cand.cert_data or {}).items()}}
+    wrong = sorted(n for n in set(expected) | set(signed) if expected.get(n) != signed.get(n))
+    ev.check("signature", not wrong, "signed by a trusted key over this version's artifacts" if not wrong else
+             f"the signature covers other artifacts: {wrong}")
+    if wrong:
+        ev.fail("signature_invalid", f"the signed statement does not match this version's {', '.join(wrong)} "
+                                     "(a signature of another certificate, or artifacts changed after signing)")
+
+
 def _record_earlier(ev: _Evaluation, r: LineageCheck, role: str) -> None:
     """Turn one lineage result into checks and ``earlier_certificate_failed`` / ``gate_error`` reasons."""
     v = r.version
@@ -330,15 +368,20 @@ def promote(
     *,
     validation_passed: bool,
     validation_summary: Mapping | None = None,
+    trusted_keys: Sequence | None = None,
 ) -> GateDecision:
     """Run every check; move ``champion`` to ``version`` only if all pass. Never raises on a check
-    failure or a registry error: the decision says what happened (fail closed)."""
+    failure or a registry error: the decision says what happened (fail closed).
+
+    ``trusted_keys``: Ed25519 public keys (``components.signing``); when given, the candidate's
+    certificate must be signed by one of them over exactly its registered artifacts
+    (``signature_invalid`` otherwise)."""
     version = str(version)
     decision = GateDecision(version=version, promoted=False, reasons=[], champion_before=None,
                             champion_after=None, checks=[], decided_at=utc_now())
     ev = _Evaluation(decision)
     try:
-        _evaluate(ev, registry, version, validation_passed, validation_summary)
+        _evaluate(ev, registry, version, validation_passed, validation_summary, trusted_keys)
     except Exception as exc:  # noqa: BLE001 — fail closed
         decision.reasons.append(Reason("gate_error", f"unexpected error: {_err(exc)}"))
         decision.checks.append({"check": "gate", "ok": False, "detail": traceback.format_exc(limit=5)})

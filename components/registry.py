@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -485,6 +486,23 @@ class Registry:
             raise RegistryError(f"log_record: {relative!r} must be a new .json path outside the pinned artifacts")
         mv = self._model_version(version)
         self.client.log_dict(mv.run_id, json.loads(json.dumps(obj, default=str)), relative)
+
+    def read_record(self, version: str, relative: str) -> Any:
+        """A JSON record of the version's run (``log_record``), parsed; None when there is none.
+
+        Raises:
+            RegistryError: the record exists but is not JSON.
+        """
+        mv = self._model_version(version)
+        with tempfile.TemporaryDirectory(prefix="record-", dir=self.cache_dir) as tmp:
+            try:
+                path = art.download(self.tracking_uri, mv.run_id, relative, Path(tmp))
+            except Exception:  # noqa: BLE001 — MLflow raises various errors for a missing artifact
+                return None
+            try:
+                return json.loads(Path(path).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise RegistryError(f"version {version}: record {relative!r} is not JSON ({exc})") from None
 
     # ---------------------------------------------------------------- listing and single artifacts
     def history(self) -> list[VersionInfo]:

@@ -38,6 +38,7 @@ RESULT_FILE = "certify.json"
 WEIGHTS_FILE = "weights.safetensors"
 SPEC_FILE = "spec.json"
 LID_DIR = "lid"
+SIGNATURE_FILE = "certificate.dsse.json"  # the signed statement (components.signing), when the config signs
 CERTIFY_DEPLOYMENT = "certify/certify-gpu"
 
 
@@ -122,7 +123,20 @@ def certify_flow(candidate_dir: str) -> dict:
                                      lookahead_dir=lookahead if record.get("biasing", True) else None)
     if result.lid is not None:
         result.lid.save(directory / LID_DIR, overwrite=True)
+        if config.signing.private_key is not None:
+            _sign(directory, config.signing.private_key, model, result.lid, {data.task: data.certification})
     return _write(directory, result.summary())
+
+
+def _sign(directory: Path, private_key: Path, model, lid, cert_data) -> None:
+    """Sign the certificate just saved (``components.signing``): the worker's key over the model, the
+    saved ``lid.json`` and the certification data."""
+    from components.signing import certificate_statement, load_private_key, sign
+    from lid_engine.files import atomic_write, file_sha256
+
+    statement = certificate_statement(model, lid, file_sha256(directory / LID_DIR / "lid.json"), cert_data)
+    envelope = sign(statement, load_private_key(private_key))
+    atomic_write(directory / SIGNATURE_FILE, json.dumps(envelope, indent=2))
 
 
 def _write(directory: Path, summary: dict) -> dict:
@@ -158,4 +172,8 @@ def run_certification(candidate_dir: Path) -> Certification:
         raise RuntimeError(f"certification produced no result file at {path}")
     summary = json.loads(path.read_text(encoding="utf-8"))
     lid = LID.load(Path(candidate_dir) / LID_DIR) if summary.get("lid") else None
-    return Certification.from_summary(summary, lid)
+    result = Certification.from_summary(summary, lid)
+    signature = Path(candidate_dir) / SIGNATURE_FILE
+    if lid is not None and signature.is_file():
+        result.signature = json.loads(signature.read_text(encoding="utf-8"))
+    return result

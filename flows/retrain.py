@@ -136,13 +136,23 @@ def _float_dtype(model):
 
 
 def _preflight(config: LidgateConfig, model, data: DataSplits) -> None:
-    """What would otherwise fail after minutes of training: layers the bound engine cannot follow, and
-    labels the model's outputs cannot hold."""
+    """What would otherwise fail after minutes of training: signing keys that do not load, layers the
+    bound engine cannot follow, and labels the model's outputs cannot hold."""
     import torch
 
     from components.data import DataError
     from lid_engine.bounds import ibp, linear
 
+    from components.signing import load_private_key, load_public_key
+
+    from flows.settings import prefect_server_configured
+
+    if config.signing.private_key is not None and not prefect_server_configured():
+        # certification runs here: a key that does not load fails now, not after training (the gpu
+        # worker of a deployment holds its own key)
+        load_private_key(config.signing.private_key)
+    for path in config.signing.public_keys:
+        load_public_key(path)
     layers = ibp.check_supported(model)
     if config.search.bound == "linear":
         linear.check_supported(layers)

@@ -159,6 +159,8 @@ class Certification:
     device: str = "cpu"
     biasing: str = "none"
     seconds: float = 0.0
+    #: the DSSE envelope signing the LID (``components.signing``), when the configuration signs
+    signature: dict | None = None
 
     @property
     def lineage_ok(self) -> bool:
@@ -541,7 +543,7 @@ def register_candidate(config: LidgateConfig, candidate: Candidate, certificatio
                        validation: Validation, lineage: Sequence[str]) -> str:
     """Register the candidate as a new MLflow model version (status ``pending``) with its LID, its
     certification data, the validation summary and where it came from. Returns the version."""
-    from components.gate import owner_tag
+    from components.gate import SIGNATURE_RECORD, owner_tag
     from components.tags import (
         TAG_CANDIDATE_SOURCE,
         TAG_CERTIFICATION_ERROR,
@@ -554,7 +556,7 @@ def register_candidate(config: LidgateConfig, candidate: Candidate, certificatio
 
     registry = registry_for(config)
     cert_data = {data.task: data.certification}
-    return registry.register(
+    version = registry.register(
         candidate.model.cpu(), candidate.spec, lid=certification.lid, cert_data=cert_data, lineage=list(lineage),
         validation={"passed": validation.passed, "reports": validation.reports,
                     "certification": certification.summary(), "data": data.provenance},
@@ -564,6 +566,9 @@ def register_candidate(config: LidgateConfig, candidate: Candidate, certificatio
                     **({TAG_CERTIFICATION_ERROR: certification.error[:2000]} if certification.error else {})},
         example_input=data.certification[0][:2],
     )
+    if certification.signature is not None:
+        registry.log_record(version, SIGNATURE_RECORD, certification.signature)
+    return version
 
 
 @task(name="promote candidate", **STEP)
@@ -571,9 +576,11 @@ def promote_candidate(config: LidgateConfig, version: str, validation: Validatio
     """The promotion gate (``components.gate.promote``): every check recomputed, the alias moved only
     if all pass. Never raises: the decision says what happened."""
     from components.gate import promote
+    from components.signing import load_public_key
 
+    keys = [load_public_key(p) for p in config.signing.public_keys] or None
     return promote(registry_for(config), version, validation_passed=validation.passed,
-                   validation_summary=validation.reports)
+                   validation_summary=validation.reports, trusted_keys=keys)
 
 
 @task(name="export candidate", **STEP)

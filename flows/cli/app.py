@@ -33,7 +33,7 @@ class Failed(Exception):
 _BAD_INPUT = ("components.config.ConfigError", "components.data.DataError", "components.factory.FactoryError",
               "components.training.TrainingError", "flows.retrain.PipelineError", "flows.tasks.ChampionError",
               "flows.certify.CandidateError", "components.registry.RegistryError",
-              "components.weights.WeightsError")
+              "components.weights.WeightsError", "components.signing.SignatureError")
 # Errors that mean a check failed (exit 1).
 _FAILED = ("lid_engine.errors.CertificateError", "lid_engine.search.LidSearchError",
            "components.registry.RegistryIntegrityError")

@@ -177,6 +177,24 @@ def status(config: ConfigArg, as_json: JsonOpt = False) -> None:
 
 
 @app.command()
+def keygen(
+    private: Annotated[Path, typer.Option("--private", help="Where to write the private key (PEM, mode 0600): "
+                                                            "on the certify worker only.", show_default=False)],
+    public: Annotated[Path, typer.Option("--public", help="Where to write the public key (PEM): list it in "
+                                                          "signing.public_keys.", show_default=False)],
+) -> None:
+    """Make an Ed25519 key pair for signed certificates (signing.private_key / signing.public_keys)."""
+    with cli_errors():
+        from components.signing import SignatureError, generate_keys
+
+        try:
+            kid = generate_keys(private, public)
+        except SignatureError as exc:
+            raise BadInput(str(exc)) from None
+        typer.echo(f"key id {kid}\nprivate: {private} (keep it on the certify worker)\npublic: {public}")
+
+
+@app.command()
 def watch(
     config: ConfigArg,
     interval: Annotated[float, typer.Option("--interval", min=1.0, help="Seconds between two looks at the "

@@ -659,3 +659,56 @@ def test_an_alias_moved_by_hand_is_moved_back_and_recorded(registry, champion, b
     incident = json.loads(registry.client.get_model_version(registry.model_name, rogue).tags["lid.incident"])
     assert incident == {"found_on": rogue, "status": "blocked", "moved_back_to": v2}
     assert_history_consistent(registry)
+
+
+# ------------------------------------------------------------------------------------------ signatures
+@pytest.fixture(scope="module")
+def signing_keys(tmp_path_factory):
+    from components.signing import generate_keys, load_private_key, load_public_key
+
+    d = tmp_path_factory.mktemp("signing")
+    generate_keys(d / "worker.key", d / "worker.pub")
+    generate_keys(d / "other.key", d / "other.pub")
+    return {n: (load_private_key(d / f"{n}.key"), load_public_key(d / f"{n}.pub")) for n in ("worker", "other")}
+
+
+def signed_candidate(registry, champion, base_lid, data, private_key) -> str:
+    """A good candidate whose certificate the worker signed (as flows.certify does) and logged."""
+    from lid_engine.files import file_sha256
+    from components.signing import certificate_statement, sign
+
+    v, m = good_candidate(registry, champion, base_lid, data)
+    loaded = registry.load(v)
+    try:
+        statement = certificate_statement(m, loaded.lid, file_sha256(Path(loaded.lid_dir) / "lid.json"), data["cert"])
+    finally:
+        registry.release(loaded)
+    registry.log_record(v, gate.SIGNATURE_RECORD, sign(statement, private_key))
+    return v
+
+
+def test_a_certificate_signed_by_a_trusted_key_passes(registry, champion, base_lid, data, signing_keys):
+    v = signed_candidate(registry, champion, base_lid, data, signing_keys["worker"][0])
+    d = promote(registry, v, validation_passed=True, trusted_keys=[signing_keys["worker"][1]])
+    assert d.promoted, d.to_dict()
+    assert any(c["check"] == "signature" and c["ok"] for c in d.checks)
+
+
+@pytest.mark.parametrize("case", ["unsigned", "unknown key", "another version's signature"])
+def test_unsigned_or_foreign_signatures_are_blocked(registry, champion, base_lid, data, signing_keys, case):
+    trusted = [signing_keys["worker"][1]]
+    if case == "unsigned":
+        v, _ = good_candidate(registry, champion, base_lid, data)
+        fragment = "not signed"
+    elif case == "unknown key":
+        v = signed_candidate(registry, champion, base_lid, data, signing_keys["other"][0])
+        fragment = "unknown key"
+    else:  # a genuine signature, copied from a version with another certificate
+        donor = signed_candidate(registry, champion, base_lid, data, signing_keys["worker"][0])
+        m = shifted(registry.load(champion).model, 0.002, into=base_lid)  # another model, another certificate
+        v = registry.register(m, SPEC, lid=certify(m, data, radii=(1e-3,)), cert_data=data["cert"], lineage=[champion])
+        registry.log_record(v, gate.SIGNATURE_RECORD, registry.read_record(donor, gate.SIGNATURE_RECORD))
+        fragment = "does not match this version's lid/lid.json, model"
+    d = promote(registry, v, validation_passed=True, trusted_keys=trusted)
+    reasons = assert_blocked(registry, d, v, "signature_invalid", champion)
+    assert d.codes == ["signature_invalid"] and fragment in reasons[0]["detail"], reasons

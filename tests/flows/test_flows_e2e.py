@@ -169,6 +169,36 @@ def test_a_vacuous_specification_is_refused(config, tmp_path):
     assert _statuses(registry_of(config)) == {"1": "blocked"}
 
 
+def test_certificates_are_signed_by_the_certify_worker_and_checked_by_the_gate(config, tmp_path):
+    """signing.private_key: the certify step signs each certificate; signing.public_keys: the gate
+    promotes only certificates signed by a trusted key over the version's own artifacts."""
+    from components.gate import SIGNATURE_RECORD
+    from components.signing import generate_keys, subject_digests
+    from flows.retrain import bootstrap_flow, retrain_flow
+
+    generate_keys(tmp_path / "keys" / "worker.key", tmp_path / "keys" / "worker.pub")
+    generate_keys(tmp_path / "keys" / "other.key", tmp_path / "keys" / "other.pub")
+    settings = yaml.safe_load(config.read_text())
+    settings["signing"] = {"private_key": "keys/worker.key", "public_keys": ["keys/worker.pub"]}
+    config.write_text(yaml.safe_dump(settings))
+
+    r1 = bootstrap_flow(config=str(config))
+    assert r1["promoted"], r1["reasons"]
+    registry = registry_of(config)
+    envelope = registry.read_record("1", SIGNATURE_RECORD)
+    import base64
+
+    signed = subject_digests(json.loads(base64.b64decode(envelope["payload"])))
+    tags = registry.client.get_model_version("e2e", "1").tags
+    assert signed["model"] == tags["lid.model_sha256"] and signed["lid/lid.json"] == tags["lid.certificate_sha256"]
+
+    settings["signing"] = {"private_key": "keys/other.key", "public_keys": ["keys/worker.pub"]}  # a stolen-key swap
+    config.write_text(yaml.safe_dump(settings))
+    r2 = retrain_flow(config=str(config), data=[str(new_scans(tmp_path))])
+    assert not r2["promoted"] and [x["code"] for x in r2["reasons"]] == ["signature_invalid"]
+    assert "unknown key" in r2["reasons"][0]["detail"] and registry.champion() == "1"
+
+
 def test_crash_between_registration_and_alias_move_leaves_champion(config, tmp_path, monkeypatch):
     from components.registry import Registry
     from flows.retrain import bootstrap_flow, retrain_flow
