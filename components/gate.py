@@ -39,9 +39,9 @@ from lid_engine.files import utc_now
 
 from . import tags as tg
 from .lineage import LineageCheck, verify_lineage
-from .registry import LoadedVersion, Registry
+from .registry import LoadedVersion, Registry, RegistryError
 
-__all__ = ["CODES", "SIGNATURE_RECORD", "GateDecision", "Reason", "promote", "recover"]
+__all__ = ["CODES", "SIGNATURE_RECORD", "GateDecision", "Reason", "promote", "recover", "signature_problem"]
 
 CODES = (
     "validation_failed",
@@ -307,30 +307,35 @@ def _check_new_certificate(ev: _Evaluation, cand: LoadedVersion) -> None:
                 ev.fail("artifact_tampered", f"version {v}: tag '{tag}' = {recorded!r} but the certificate says {value!r}")
 
 
-def _check_signature(ev: _Evaluation, registry: Registry, cand: LoadedVersion, trusted_keys: Sequence) -> None:
-    """The DSSE envelope in the candidate's run verifies with a trusted key, and its statement names
-    exactly this version's model, certificate and certification data."""
+def signature_problem(registry: Registry, version: LoadedVersion, trusted_keys: Sequence) -> str | None:
+    """Why the version's certificate signature cannot be trusted, or None: the DSSE envelope in its
+    run must verify with one of ``trusted_keys`` and its statement must name exactly this version's
+    model, certificate and certification data. Shared by the gate and the audit."""
     from lid_engine import fingerprint_data
 
     from .signing import SignatureError, subject_digests, verify_envelope
 
-    envelope = registry.read_record(cand.version, SIGNATURE_RECORD)
     try:
+        envelope = registry.read_record(version.version, SIGNATURE_RECORD)
         if envelope is None:
             raise SignatureError("the certificate is not signed (no signature in the version's run)")
         signed = subject_digests(verify_envelope(envelope, trusted_keys))
-    except SignatureError as exc:
-        ev.check("signature", False, str(exc))
-        ev.fail("signature_invalid", str(exc))
-        return
-    expected = {"model": cand.tags.get(tg.TAG_MODEL_SHA), "lid/lid.json": cand.tags.get(tg.TAG_CERT_SHA),
-                **{f"cert_data/{t}": fingerprint_data(x, y) for t, (x, y) in (cand.cert_data or {}).items()}}
+    except (SignatureError, RegistryError) as exc:
+        return str(exc)
+    expected = {"model": version.tags.get(tg.TAG_MODEL_SHA), "lid/lid.json": version.tags.get(tg.TAG_CERT_SHA),
+                **{f"cert_data/{t}": fingerprint_data(x, y) for t, (x, y) in (version.cert_data or {}).items()}}
     wrong = sorted(n for n in set(expected) | set(signed) if expected.get(n) != signed.get(n))
-    ev.check("signature", not wrong, "signed by a trusted key over this version's artifacts" if not wrong else
-             f"the signature covers other artifacts: {wrong}")
     if wrong:
-        ev.fail("signature_invalid", f"the signed statement does not match this version's {', '.join(wrong)} "
-                                     "(a signature of another certificate, or artifacts changed after signing)")
+        return (f"the signed statement does not match this version's {', '.join(wrong)} (a signature of another "
+                "certificate, or artifacts changed after signing)")
+    return None
+
+
+def _check_signature(ev: _Evaluation, registry: Registry, cand: LoadedVersion, trusted_keys: Sequence) -> None:
+    problem = signature_problem(registry, cand, trusted_keys)
+    ev.check("signature", problem is None, problem or "signed by a trusted key over this version's artifacts")
+    if problem is not None:
+        ev.fail("signature_invalid", problem)
 
 
 def _record_earlier(ev: _Evaluation, r: LineageCheck, role: str) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 
-def build_records(registry) -> list:
+def build_records(registry, trusted_keys=None) -> list:
     from components import tags
     from components.audit import TaskAudit, VersionAudit
     from components.lineage import verify_lineage
@@ -57,6 +57,12 @@ def build_records(registry) -> list:
                 tasks.append(TaskAudit(task=where, tau=float("nan"), certified_accuracy=float("nan"),
                                        lower_bound=float("nan"), n=0, verified=False, failures=earlier.failures))
         exports = _onnx_problems(registry, info, loaded.directory)
+        if trusted_keys is not None and loaded.lid is not None:
+            from components.gate import signature_problem
+
+            problem = signature_problem(registry, loaded, trusted_keys)
+            if problem is not None:
+                exports.append({"code": "signature_invalid", "detail": problem})
         verified = bool(tasks) and all(t.verified for t in tasks) and not exports
         records.append(VersionAudit(version=version, status=status, is_champion=version == champion,
                                     created=str(info.created), verified=verified, tasks=tasks,
@@ -132,8 +138,10 @@ def _heldout_accuracy(records: list, cache: dict) -> None:
                 continue
 
 
-def write_audit(settings, out_dir: str | Path | None = None) -> dict:
+def write_audit(settings, out_dir: str | Path | None = None, trusted_keys=None) -> dict:
     """Re-verify every registered version of ``settings.model_name`` and write the HTML report and JSON summary.
+
+    ``trusted_keys``: Ed25519 public keys; when given, every certificate's signature is checked too.
 
     Returns:
         ``{"report", "summary", "ok", "versions", "recovered", "records"}`` (``ok``: every promoted
@@ -147,7 +155,7 @@ def write_audit(settings, out_dir: str | Path | None = None) -> dict:
 
     registry = open_registry(settings)
     recovered = recover(registry, move_alias=True)
-    records = build_records(registry)
+    records = build_records(registry, trusted_keys)
     out = Path(out_dir) if out_dir else settings.audit_dir
     html, summary_path = render_audit_report(records, out, model_name=settings.model_name)
     summary = json.loads(Path(summary_path).read_text())
@@ -164,9 +172,18 @@ def audit_flow(config: str | None = None, model_name: str | None = None, out_dir
     if config is not None:
         from flows.tasks import load_configuration
 
-        settings = settings_for(load_configuration(config))
+        loaded = load_configuration(config)
+        settings = settings_for(loaded)
+        keys = configured_keys(loaded)
     else:
-        settings = settings_for(model_name=model_name)
-    result = write_audit(settings, out_dir)
+        settings, keys = settings_for(model_name=model_name), None
+    result = write_audit(settings, out_dir, keys)
     get_run_logger().info("audit of %d versions written to %s", result["versions"], result["report"])
     return {k: v for k, v in result.items() if k != "records"}
+
+
+def configured_keys(config) -> list | None:
+    """The configuration's ``signing.public_keys``, loaded (None when it lists none)."""
+    from components.signing import load_public_key
+
+    return [load_public_key(p) for p in config.signing.public_keys] or None

@@ -240,16 +240,18 @@ def audit(
         from flows.env import apply_defaults
         from flows.settings import open_registry, settings_for
 
+        from flows.audit import configured_keys, write_audit
+
+        keys = None
         if config is not None:
-            settings = settings_for(_prepare(config))
+            loaded = _prepare(config)
+            settings, keys = settings_for(loaded), configured_keys(loaded)
         else:
             apply_defaults()
             settings = settings_for(model_name=model)
         if not open_registry(settings).history():
             raise BadInput(f"no registered versions of model {settings.model_name!r} at {settings.tracking_uri}")
-        from flows.audit import write_audit
-
-        result = write_audit(settings, out)
+        result = write_audit(settings, out, keys)
         for record in result["recovered"]:
             console().print(f"[yellow]recovered[/yellow] v{record['version']} ({record['kind']}): {record['detail']}")
         _print_audit(settings.model_name, result["records"])

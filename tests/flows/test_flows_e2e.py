@@ -198,6 +198,17 @@ def test_certificates_are_signed_by_the_certify_worker_and_checked_by_the_gate(c
     assert not r2["promoted"] and [x["code"] for x in r2["reasons"]] == ["signature_invalid"]
     assert "unknown key" in r2["reasons"][0]["detail"] and registry.champion() == "1"
 
+    # the audit checks every signature against the configured keys: v1's holds
+    from flows.audit import audit_flow
+
+    audit = audit_flow(config=str(config))
+    assert audit["ok"], audit
+    settings["signing"] = {"public_keys": ["keys/other.pub"]}  # v1 was not signed by this key
+    config.write_text(yaml.safe_dump(settings))
+    audit = audit_flow(config=str(config))
+    v1 = next(v for v in json.loads(Path(audit["summary"]).read_text())["versions"] if v["version"] == "1")
+    assert not audit["ok"] and any(r["code"] == "signature_invalid" for r in v1["block_reasons"])
+
 
 def test_crash_between_registration_and_alias_move_leaves_champion(config, tmp_path, monkeypatch):
     from components.registry import Registry
