@@ -467,33 +467,6 @@ def _json_tag(tags: Mapping[str, str], name: str) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def owner_tag() -> str:
-    """``pipeline.owner`` for a version this process registers: host, pid and the process's start
-    time (a pid reused by another process does not look alive)."""
-    import os
-    import socket
-
-    import psutil
-
-    return json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                       "started": psutil.Process().create_time()})
-
-
-def owner_alive(owner: Mapping | None) -> bool | None:
-    """Whether the process that registered a version still runs: True/False on this host, None when
-    that cannot be told (another host, or no owner recorded)."""
-    import socket
-
-    import psutil
-
-    if not owner or owner.get("host") != socket.gethostname():
-        return None
-    try:
-        return abs(psutil.Process(int(owner["pid"])).create_time() - float(owner["started"])) < 1.0
-    except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError, TypeError, ValueError):
-        return False
-
-
 def recover(registry: Registry, *, move_alias: bool = True) -> list[dict]:
     """Finish or end what a crash, or a hand on the alias, left half-done. Returns one record per
     action (``{"kind", "version", "detail"}``); each is also written on the version (tags, and a
@@ -507,11 +480,14 @@ def recover(registry: Registry, *, move_alias: bool = True) -> list[dict]:
     * a ``pending`` version, not the champion, whose registering process (on this host) has ended:
       it is marked ``incomplete`` (``promotion_interrupted`` when the gate had passed it but died
       before moving the alias, ``run_died`` otherwise). One whose process still runs, or that was
-      registered from another host, stays pending.
+      registered from another host, stays pending;
+    * a registration run left RUNNING by a process that ended is marked FAILED (``run_abandoned``).
 
     ``move_alias=False`` (a retrain's start) leaves a champion the gate did not promote where it is:
     the retrain then refuses to build on it, and the audit moves it back.
     """
+    from .owner import owner_alive
+
     done: list[dict] = []
     history = registry.history()
     champion = registry.champion()
@@ -563,4 +539,30 @@ def recover(registry: Registry, *, move_alias: bool = True) -> list[dict]:
                 "the run that registered it ended before the gate decided; not promoted (run it again)",
                 {tg.TAG_BLOCK_REASONS: json.dumps([{"code": "gate_error", "detail": "the run died before the gate"}]),
                  tg.TAG_STATUS: tg.STATUS_INCOMPLETE})
+    done += _abandoned_runs(registry)
+    return done
+
+
+def _abandoned_runs(registry: Registry) -> list[dict]:
+    """Registration runs their process left RUNNING (killed before a version existed): ended as
+    FAILED, with a record."""
+    from .owner import owner_alive
+    from .registry import RUN_OWNER_TAG
+
+    done = []
+    runs = registry.client.search_runs(
+        [registry.experiment_id], filter_string="tags.`lidgate.kind` = 'registration' and attributes.status = 'RUNNING'",
+        max_results=1000)
+    for run in runs:
+        tags = run.data.tags or {}
+        if tags.get("lidgate.model_name") != registry.model_name:
+            continue
+        if owner_alive(_json_tag(tags, RUN_OWNER_TAG)) is not False:
+            continue
+        at = utc_now()
+        registry.client.set_tag(run.info.run_id, "lidgate.recovered", at)
+        registry.client.set_terminated(run.info.run_id, "FAILED")
+        done.append({"kind": "run_abandoned", "version": None, "run_id": run.info.run_id, "at": at,
+                     "detail": f"registration run {run.info.run_id} was left RUNNING by a process that ended before "
+                               "a version was created; marked FAILED"})
     return done

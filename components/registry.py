@@ -40,6 +40,11 @@ from lid_engine.files import utc_now  # noqa: E402
 
 from . import artifacts as art  # noqa: E402
 from . import tags as tg  # noqa: E402
+from .owner import owner_tag  # noqa: E402
+
+#: the registering process (``components.owner``) on each registration run, so that a run its
+#: process left RUNNING can be told from one still at work
+RUN_OWNER_TAG = "lidgate.owner"
 from .factory import ModelSpec  # noqa: E402
 
 __all__ = ["LoadedVersion", "Registry", "RegistryError", "RegistryIntegrityError", "VersionInfo"]
@@ -327,7 +332,8 @@ class Registry:
 
             run = self.client.create_run(
                 self.experiment_id, run_name=f"register-{self.model_name}",
-                tags={"lidgate.kind": "registration", "lidgate.model_name": self.model_name})
+                tags={"lidgate.kind": "registration", "lidgate.model_name": self.model_name,
+                      RUN_OWNER_TAG: owner_tag()})
             run_id = run.info.run_id
             try:
                 self.client.log_param(run_id, "factory", spec.factory)

@@ -543,7 +543,8 @@ def register_candidate(config: LidgateConfig, candidate: Candidate, certificatio
                        validation: Validation, lineage: Sequence[str]) -> str:
     """Register the candidate as a new MLflow model version (status ``pending``) with its LID, its
     certification data, the validation summary and where it came from. Returns the version."""
-    from components.gate import SIGNATURE_RECORD, owner_tag
+    from components.gate import SIGNATURE_RECORD
+    from components.owner import owner_tag
     from components.tags import (
         TAG_CANDIDATE_SOURCE,
         TAG_CERTIFICATION_ERROR,

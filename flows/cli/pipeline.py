@@ -216,7 +216,7 @@ def watch(
         while True:
             done = recover(registry, move_alias=True)
             for record in done:
-                console().print(f"[yellow]{record['at']} v{record['version']} {record['kind']}[/yellow]: "
+                console().print(f"[yellow]{record['at']} {_subject(record)} {record['kind']}[/yellow]: "
                                 f"{record['detail']}")
             if once:
                 if done:
@@ -253,7 +253,7 @@ def audit(
             raise BadInput(f"no registered versions of model {settings.model_name!r} at {settings.tracking_uri}")
         result = write_audit(settings, out, keys)
         for record in result["recovered"]:
-            console().print(f"[yellow]recovered[/yellow] v{record['version']} ({record['kind']}): {record['detail']}")
+            console().print(f"[yellow]recovered[/yellow] {_subject(record)} ({record['kind']}): {record['detail']}")
         _print_audit(settings.model_name, result["records"])
         typer.echo(f"report: {result['report']}\nsummary: {result['summary']}")
         if not result["ok"]:
@@ -261,6 +261,11 @@ def audit(
 
 
 # ------------------------------------------------------------------------------------ rendering
+def _subject(record: dict) -> str:
+    """What a recovery record is about: a version, or a registration run without one."""
+    return f"v{record['version']}" if record.get("version") else f"run {str(record.get('run_id'))[:12]}"
+
+
 def version_rows(registry) -> list[dict[str, Any]]:
     """One JSON-able row per registered version, read from its tags (no download)."""
     from components import tags as t

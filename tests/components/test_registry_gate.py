@@ -26,6 +26,7 @@ import components.gate as gate  # noqa: E402
 import components.lineage as lineage  # noqa: E402
 from components.factory import FactoryError, ModelSpec  # noqa: E402
 from components.gate import promote  # noqa: E402
+from components.owner import owner_tag  # noqa: E402
 from components.registry import Registry, RegistryError, RegistryIntegrityError  # noqa: E402
 from lid_engine import LID, Box, Spec, fingerprint_data, fingerprint_model, project_  # noqa: E402
 from lid_engine.lid import manifest_digest  # noqa: E402
@@ -630,7 +631,7 @@ def test_versions_whose_run_died_are_marked_incomplete_and_live_ones_left_pendin
                                                                                    data, monkeypatch):
     died, _ = good_candidate(registry, champion, base_lid, data, extra_tags=dead_owner())
     running, _ = good_candidate(registry, champion, base_lid, data,
-                                extra_tags={"pipeline.owner": gate.owner_tag()})  # this process: alive
+                                extra_tags={"pipeline.owner": owner_tag()})  # this process: alive
     interrupted, _ = good_candidate(registry, champion, base_lid, data, extra_tags=dead_owner())
     monkeypatch.setattr(Registry, "move_champion", lambda self, version: (_ for _ in ()).throw(Killed()))
     with pytest.raises(Killed):
@@ -712,3 +713,16 @@ def test_unsigned_or_foreign_signatures_are_blocked(registry, champion, base_lid
     d = promote(registry, v, validation_passed=True, trusted_keys=trusted)
     reasons = assert_blocked(registry, d, v, "signature_invalid", champion)
     assert d.codes == ["signature_invalid"] and fragment in reasons[0]["detail"], reasons
+
+
+def test_a_registration_run_left_running_by_a_dead_process_is_marked_failed(registry, champion):
+    owner = json.loads(dead_owner()["pipeline.owner"])
+    run = registry.client.create_run(registry.experiment_id, tags={
+        "lidgate.kind": "registration", "lidgate.model_name": registry.model_name, "lidgate.owner": json.dumps(owner)})
+    alive = registry.client.create_run(registry.experiment_id, tags={
+        "lidgate.kind": "registration", "lidgate.model_name": registry.model_name, "lidgate.owner": owner_tag()})
+    done = gate.recover(registry)
+    assert [(r["kind"], r["run_id"]) for r in done] == [("run_abandoned", run.info.run_id)]
+    assert registry.client.get_run(run.info.run_id).info.status == "FAILED"
+    assert registry.client.get_run(alive.info.run_id).info.status == "RUNNING"
+    registry.client.set_terminated(alive.info.run_id)
