@@ -322,6 +322,8 @@ def signature_problem(registry: Registry, version: LoadedVersion, trusted_keys: 
         signed = subject_digests(verify_envelope(envelope, trusted_keys))
     except (SignatureError, RegistryError) as exc:
         return str(exc)
+    except Exception as exc:  # noqa: BLE001 — anything unexpected is a failed check, never a pass
+        return f"the signature could not be checked: {type(exc).__name__}: {exc}"
     expected = {"model": version.tags.get(tg.TAG_MODEL_SHA), "lid/lid.json": version.tags.get(tg.TAG_CERT_SHA),
                 **{f"cert_data/{t}": fingerprint_data(x, y) for t, (x, y) in (version.cert_data or {}).items()}}
     wrong = sorted(n for n in set(expected) | set(signed) if expected.get(n) != signed.get(n))
@@ -358,7 +360,7 @@ def _record_earlier(ev: _Evaluation, r: LineageCheck, role: str) -> None:
 
 def _record(registry: Registry, decision: GateDecision, tags: Mapping[str, str]) -> bool:
     """Write the decision's tags, the status last (it is the commit: a crash before it leaves the
-    version pending, which ``recover`` finishes or ends)."""
+    version pending, which ``recover`` rolls back)."""
     try:
         registry.set_tags(decision.version, _status_last(tags))
         return True
@@ -454,6 +456,10 @@ def promote(
 
 
 # ------------------------------------------------------------------------------------ recovery
+class _Moved(Exception):
+    """The alias moved while ``recover`` looked: it leaves it to the next look."""
+
+
 def _status_last(tags: Mapping[str, str]) -> dict[str, str]:
     return {**{k: v for k, v in tags.items() if k != tg.TAG_STATUS},
             **({tg.TAG_STATUS: tags[tg.TAG_STATUS]} if tg.TAG_STATUS in tags else {})}
@@ -467,34 +473,59 @@ def _json_tag(tags: Mapping[str, str], name: str) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def recover(registry: Registry, *, move_alias: bool = True) -> list[dict]:
-    """Finish or end what a crash, or a hand on the alias, left half-done. Returns one record per
-    action (``{"kind", "version", "detail"}``); each is also written on the version (tags, and a
-    JSON record next to its artifacts). Safe to run at any time, by the next run or the audit:
+#: a half-done promotion whose process cannot be seen (another host) is left alone this long
+GRACE_S = 600.0
 
-    * the champion is ``pending`` with the gate's intent: the gate passed every check and moved the
-      alias, then died before its commit; the promotion is committed (``promotion_finished``);
-    * the champion is anything else that is not ``promoted`` (blocked, pending without intent,
-      incomplete, unknown): the alias was moved outside the gate; it is moved back to the last
-      version the gate promoted, or removed (``alias_incident``);
+
+def _age_s(at: object) -> float | None:
+    """Seconds since an ISO timestamp (negative: in the future), or None when unreadable."""
+    from datetime import datetime, timezone
+
+    try:
+        when = datetime.fromisoformat(str(at))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return (datetime.now(timezone.utc) - when).total_seconds()
+
+
+def recover(registry: Registry, *, move_alias: bool = True) -> list[dict]:
+    """Settle what a crash, or a hand on the alias, left half-done. Returns one record per action
+    (``{"kind", "version", "detail"}``); each is also written on the version (tags, and a JSON record
+    next to its artifacts) before the alias moves. Safe to run at any time, by the next run, the
+    watch or the audit. Nothing is ever promoted here: the alias only goes back to the latest
+    version the gate promoted (by version number), or is removed.
+
+    * the champion is ``pending`` with the gate's intent, and the gate's process has ended (or,
+      on another host, the intent is older than ``GRACE_S``): the gate moved the alias and died
+      before its commit; the promotion is rolled back and the version marked ``incomplete``
+      (``promotion_rolled_back``; run it again);
+    * with ``move_alias``: the champion is not the latest promoted version (a status other than
+      ``promoted``, or an older promoted version), or there is no champion while promoted versions
+      exist: the alias was moved outside the gate; it is put back on the latest promoted version
+      (``alias_incident``, tagged on the version it was found on);
     * a ``pending`` version, not the champion, whose registering process (on this host) has ended:
       it is marked ``incomplete`` (``promotion_interrupted`` when the gate had passed it but died
       before moving the alias, ``run_died`` otherwise). One whose process still runs, or that was
       registered from another host, stays pending;
     * a registration run left RUNNING by a process that ended is marked FAILED (``run_abandoned``).
 
-    ``move_alias=False`` (a retrain's start) leaves a champion the gate did not promote where it is:
-    the retrain then refuses to build on it, and the audit moves it back.
+    ``move_alias=False`` (a retrain's start) leaves a hand-moved alias where it is: the retrain then
+    refuses to build on it, and the watch or the audit moves it back.
     """
     from .owner import owner_alive
 
     done: list[dict] = []
+    champion = registry.champion()  # before the history: a gate moving the alias meanwhile shows as pending
     history = registry.history()
-    champion = registry.champion()
     by_version = {h.version: h for h in history}
+
+    acted: set[str] = set()
 
     def act(kind: str, version: str, detail: str, tags: Mapping[str, str]) -> None:
         at = utc_now()
+        acted.add(version)
         record = {"kind": kind, "version": version, "detail": detail, "at": at}
         registry.set_tags(version, _status_last({**tags, tg.TAG_RECOVERED: at}))
         try:
@@ -503,28 +534,50 @@ def recover(registry: Registry, *, move_alias: bool = True) -> list[dict]:
             pass
         done.append(record)
 
-    if champion is not None and champion in by_version:
-        tags = by_version[champion].tags
-        intent = _json_tag(tags, tg.TAG_GATE_INTENT)
-        state = tg.status(tags)
-        if state == tg.STATUS_PENDING and intent is not None:
-            act("promotion_finished", champion,
-                f"the gate promoted version {champion} (every check passed, alias moved) and stopped before "
-                "recording it; the promotion is now recorded",
-                {tg.TAG_PROMOTED_AT: str(intent.get("at") or utc_now()), tg.TAG_BLOCK_REASONS: "[]",
-                 tg.TAG_PREVIOUS_CHAMPION: str(intent.get("previous_champion") or ""), tg.TAG_VALIDATION: "passed",
-                 tg.TAG_STATUS: tg.STATUS_PROMOTED})
-        elif state != tg.STATUS_PROMOTED and move_alias:
-            gated = [h for h in history if h.status == tg.STATUS_PROMOTED and h.version != champion]
-            back = max(gated, key=lambda h: (h.tags.get(tg.TAG_PROMOTED_AT, ""), int(h.version)), default=None)
-            registry.move_champion(back.version if back is not None else None)
-            incident = {"found_on": champion, "status": state, "moved_back_to": back.version if back else None}
-            act("alias_incident", champion,
-                f"the champion alias was on version {champion} (status {state!r}), which the gate did not promote; "
-                f"it was moved back to {'version ' + back.version if back else 'no champion'}",
-                {tg.TAG_INCIDENT: json.dumps(incident)})
+    def latest_promoted(excluding: str | None) -> str | None:
+        gated = [int(h.version) for h in history if h.status == tg.STATUS_PROMOTED and h.version != excluding]
+        return str(max(gated)) if gated else None
+
+    def move_back(found_on: str | None, to: str | None) -> None:
+        if registry.champion() != found_on:  # it moved meanwhile (a gate at work): leave it to the next look
+            raise _Moved()
+        registry.move_champion(to)
+
+    try:
+        info = by_version.get(champion) if champion is not None else None
+        state = tg.status(info.tags) if info is not None else None
+        intent = _json_tag(info.tags, tg.TAG_GATE_INTENT) if info is not None else None
+        if info is not None and state == tg.STATUS_PENDING and intent is not None:
+            alive = owner_alive(_json_tag(info.tags, tg.TAG_OWNER))
+            age = _age_s(intent.get("at"))
+            if alive is False or (alive is None and (age is None or age < 0 or age > GRACE_S)):
+                back = latest_promoted(champion)
+                act("promotion_rolled_back", champion,
+                    f"the gate moved the alias to version {champion} and stopped before recording its decision; "
+                    f"the alias goes back to {'version ' + back if back else 'no champion'} and the version is "
+                    "not promoted (run it again)",
+                    {tg.TAG_BLOCK_REASONS: json.dumps([{"code": "gate_error", "detail": "promotion interrupted "
+                                                                                        "after the alias move"}]),
+                     tg.TAG_STATUS: tg.STATUS_INCOMPLETE})
+                move_back(champion, back)
+        elif move_alias and (champion is not None or latest_promoted(None) is not None):
+            back = latest_promoted(champion if state != tg.STATUS_PROMOTED else None)
+            if champion != back and not (state == tg.STATUS_PENDING and intent is not None):
+                what = (f"on version {champion} (status {state!r})" if champion is not None else "removed")
+                incident = {"found_on": champion, "status": state, "moved_back_to": back}
+                if champion is not None and info is not None:
+                    act("alias_incident", champion,
+                        f"the champion alias was {what}, which the gate did not decide; it was moved back to "
+                        f"{'version ' + back if back else 'no champion'}", {tg.TAG_INCIDENT: json.dumps(incident)})
+                else:
+                    done.append({"kind": "alias_incident", "version": back, "at": utc_now(),
+                                 "detail": f"the champion alias was {what} outside the gate; it was put back on "
+                                           f"version {back}"})
+                move_back(champion, back)
+    except _Moved:
+        pass
     for h in history:
-        if h.status != tg.STATUS_PENDING or h.version == registry.champion():
+        if h.status != tg.STATUS_PENDING or h.version in acted or h.version == registry.champion():
             continue
         if owner_alive(_json_tag(h.tags, tg.TAG_OWNER)) is not False:
             continue  # still running, or registered from another host: left pending

@@ -31,6 +31,9 @@ def owner_alive(owner: Mapping | None) -> bool | None:
     if not owner or owner.get("host") != socket.gethostname():
         return None
     try:
-        return abs(psutil.Process(int(owner["pid"])).create_time() - float(owner["started"])) < 1.0
-    except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError, TypeError, ValueError):
+        # start times are boot time + ticks; a clock step moves the boot time by whole seconds
+        return abs(psutil.Process(int(owner["pid"])).create_time() - float(owner["started"])) < 2.0
+    except psutil.AccessDenied:
+        return None  # cannot look: not evidence that it ended
+    except (psutil.NoSuchProcess, KeyError, TypeError, ValueError):
         return False

@@ -154,7 +154,11 @@ def write_audit(settings, out_dir: str | Path | None = None, trusted_keys=None) 
     from components.gate import recover
 
     registry = open_registry(settings)
-    recovered = recover(registry, move_alias=True)
+    try:
+        recovered = recover(registry, move_alias=True)
+    except Exception as exc:  # noqa: BLE001 — the audit still runs and says what could not be settled
+        recovered = [{"kind": "recover_failed", "version": None, "run_id": "-", "at": "",
+                      "detail": f"{type(exc).__name__}: {exc}"}]
     records = build_records(registry, trusted_keys)
     out = Path(out_dir) if out_dir else settings.audit_dir
     html, summary_path = render_audit_report(records, out, model_name=settings.model_name)

@@ -465,7 +465,7 @@ def certify_candidate(config: LidgateConfig, model: nn.Module, data: DataSplits,
     except ValueError as exc:
         result.error = str(exc)
         return _done(result, start)
-    vacuous = _vacuous_threshold(model, data, result.tau)
+    vacuous = _vacuous_threshold(model, data, result.tau, metric)
     if vacuous:
         result.error = vacuous
         return _done(result, start)
@@ -502,19 +502,25 @@ def recheck_lineage(registry, model: nn.Module, versions: Sequence[str]) -> list
     return [check.to_dict() for check in verify_lineage(registry, model, list(versions))]
 
 
-def _vacuous_threshold(model: nn.Module, data: DataSplits, tau: float) -> str | None:
-    """Why ``tau`` certifies nothing, or None: at or below chance level (1 / the model's outputs), a
-    model that guesses meets it, so a certificate at it promises nothing."""
+def _vacuous_threshold(model: nn.Module, data: DataSplits, tau: float, metric: str) -> str | None:
+    """Why ``tau`` certifies nothing, or None: at or below what a model that ignores its input gets
+    (balanced accuracy: 1 / the model's outputs; accuracy: the larger of that and the most frequent
+    class's share of the certification data), a certificate at it promises nothing."""
     import torch
 
     with torch.no_grad():
         outputs = int(model.eval()(data.search[0][:1]).shape[-1])
-    chance = 1.0 / max(outputs, 1)
+    chance, why = 1.0 / max(outputs, 1), f"1/{outputs} outputs"
+    if metric == "accuracy":
+        labels = data.certification[1]
+        majority = float(torch.bincount(labels.long()).max()) / max(len(labels), 1)
+        if majority > chance:
+            chance, why = majority, "the most frequent class's share of the certification data"
     if tau > chance:
         return None
-    return (f"τ = {tau:.4f} is at or below chance level (1/{outputs} = {chance:.4f}): a certificate at it would "
-            "hold for a model that guesses, so none is issued; the candidate's accuracy on the search split is too "
-            "low for spec.tau_from_accuracy, or spec.tau is set too low")
+    return (f"τ = {tau:.4f} is at or below chance level ({why} = {chance:.4f}): a certificate at it would hold "
+            "for a model that ignores its input, so none is issued; the candidate's accuracy on the search split "
+            "is too low for spec.tau_from_accuracy, or spec.tau is set too low")
 
 
 def _done(result: Certification, start: float) -> Certification:

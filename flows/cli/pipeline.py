@@ -214,7 +214,14 @@ def watch(
         console().print(f"watching {registry.model_name!r} at {registry.tracking_uri}"
                         + ("" if once else f" every {interval:g} s (Ctrl-C stops)"))
         while True:
-            done = recover(registry, move_alias=True)
+            try:
+                done = recover(registry, move_alias=True)
+            except Exception as exc:  # noqa: BLE001 — a watch outlives a registry hiccup; --once reports it
+                if once:
+                    raise
+                console().print(f"[red]could not look at the registry[/red]: {type(exc).__name__}: {exc}")
+                time.sleep(interval)
+                continue
             for record in done:
                 console().print(f"[yellow]{record['at']} {_subject(record)} {record['kind']}[/yellow]: "
                                 f"{record['detail']}")

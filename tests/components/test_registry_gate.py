@@ -609,22 +609,53 @@ def dead_owner() -> dict[str, str]:
     return {"pipeline.owner": json.dumps({"host": socket.gethostname(), "pid": proc.pid, "started": 0.0})}
 
 
-def test_a_promotion_killed_after_the_alias_move_is_committed_by_recover(registry, champion, base_lid, data,
-                                                                          monkeypatch):
-    v, _ = good_candidate(registry, champion, base_lid, data)
+@pytest.mark.parametrize("owner", ["dead", "alive"])
+def test_killed_after_alias_move_rolled_back(registry, champion, base_lid, data, monkeypatch, owner):
+    """A gate killed between the alias move and its commit: once its process is gone, recover rolls
+    the promotion back (it never promotes); while the process lives, nothing is touched. (A short
+    name: registered-model names are cut at 80 characters.)"""
+    tags = dead_owner() if owner == "dead" else {"pipeline.owner": owner_tag()}
+    v, _ = good_candidate(registry, champion, base_lid, data, extra_tags=tags)
     monkeypatch.setattr(gate, "_record", lambda *a, **k: (_ for _ in ()).throw(Killed()))
     with pytest.raises(Killed):
         promote(registry, v, validation_passed=True)
     monkeypatch.undo()
-    tags = registry.client.get_model_version(registry.model_name, v).tags
-    assert registry.champion() == v and tags["lid.status"] == "pending" and "lid.gate_intent" in tags
+    version_tags = registry.client.get_model_version(registry.model_name, v).tags
+    assert registry.champion() == v and version_tags["lid.status"] == "pending" and "lid.gate_intent" in version_tags
 
     done = gate.recover(registry)
-    assert [r["kind"] for r in done] == ["promotion_finished"]
-    tags = registry.client.get_model_version(registry.model_name, v).tags
-    assert tags["lid.status"] == "promoted" and tags["lid.previous_champion"] == champion and tags["lid.promoted_at"]
+    if owner == "alive":  # the gate may still be committing: nothing is touched, not even by the watch
+        assert done == [] and registry.champion() == v
+        return
+    assert [r["kind"] for r in done] == ["promotion_rolled_back"]
+    assert registry.champion() == champion  # nothing is promoted outside the gate
+    assert registry.client.get_model_version(registry.model_name, v).tags["lid.status"] == "incomplete"
     assert_history_consistent(registry)
-    assert gate.recover(registry) == []  # idempotent
+    assert gate.recover(registry) == []  # settled
+
+
+def test_a_forged_intent_promotes_nothing(registry, champion, base_model, base_lid, data):
+    """A gate intent written by hand on a version the alias is moved to: recover rolls it back."""
+    rogue = registry.register(shifted(base_model, 0.05), SPEC, lid=None, cert_data=data["cert"],
+                              extra_tags=dead_owner())
+    registry.client.set_model_version_tag(registry.model_name, rogue, "lid.gate_intent",
+                                          json.dumps({"previous_champion": champion, "at": "2999-01-01T00:00:00"}))
+    registry.client.set_registered_model_alias(registry.model_name, "champion", rogue)
+    done = gate.recover(registry, move_alias=False)  # even a retrain's recovery does this much
+    assert [r["kind"] for r in done] == ["promotion_rolled_back"] and registry.champion() == champion
+    assert registry.client.get_model_version(registry.model_name, rogue).tags["lid.status"] == "incomplete"
+
+
+def test_an_older_promoted_version_or_no_alias_is_an_incident(registry, champion, base_lid, data):
+    v2, _ = good_candidate(registry, champion, base_lid, data)
+    assert promote(registry, v2, validation_passed=True).promoted
+    registry.client.set_registered_model_alias(registry.model_name, "champion", champion)  # back to v1 by hand
+    done = gate.recover(registry)
+    assert [(r["kind"], r["version"]) for r in done] == [("alias_incident", champion)] and registry.champion() == v2
+    registry.client.delete_registered_model_alias(registry.model_name, "champion")
+    done = gate.recover(registry)
+    assert [(r["kind"], r["version"]) for r in done] == [("alias_incident", v2)] and registry.champion() == v2
+    assert_history_consistent(registry)
 
 
 def test_versions_whose_run_died_are_marked_incomplete_and_live_ones_left_pending(registry, champion, base_lid,
