@@ -109,7 +109,8 @@ def test_the_first_version_is_reproducible_and_state_stays_out_of_the_working_di
         (team / "data").mkdir()
         three_classes(900, 0).to_csv(team / "data" / "history.csv", index=False)
         config = write_config(team, "tabular_mlp", {"n_features": 8, "n_classes": 3}, {
-            "source": "data/history.csv", "label": "outcome"})
+            "source": "data/history.csv", "label": "outcome"},
+            training={"function": "team_code.training:fit", "kwargs": {"epochs": 30, "batch_size": 32}})
         elsewhere = tmp_path / name / "cwd"
         elsewhere.mkdir()
         boot = lidgate("bootstrap", str(config), "--json", cwd=elsewhere)
