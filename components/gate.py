@@ -39,7 +39,8 @@ from lid_engine.files import utc_now
 
 from . import tags as tg
 from .lineage import LineageCheck, verify_lineage
-from .registry import LoadedVersion, Registry, RegistryError
+from .owner import owner_alive
+from .registry import RUN_OWNER_TAG, LoadedVersion, Registry, RegistryError
 
 __all__ = ["CODES", "SIGNATURE_RECORD", "GateDecision", "Reason", "promote", "recover", "signature_problem"]
 
@@ -514,8 +515,6 @@ def recover(registry: Registry, *, move_alias: bool = True) -> list[dict]:
     ``move_alias=False`` (a retrain's start) leaves a hand-moved alias where it is: the retrain then
     refuses to build on it, and the watch or the audit moves it back.
     """
-    from .owner import owner_alive
-
     done: list[dict] = []
     champion = registry.champion()  # before the history: a gate moving the alias meanwhile shows as pending
     history = registry.history()
@@ -562,7 +561,7 @@ def recover(registry: Registry, *, move_alias: bool = True) -> list[dict]:
                 move_back(champion, back)
         elif move_alias and (champion is not None or latest_promoted(None) is not None):
             back = latest_promoted(champion if state != tg.STATUS_PROMOTED else None)
-            if champion != back and not (state == tg.STATUS_PENDING and intent is not None):
+            if champion != back:
                 what = (f"on version {champion} (status {state!r})" if champion is not None else "removed")
                 incident = {"found_on": champion, "status": state, "moved_back_to": back}
                 if champion is not None and info is not None:
@@ -576,22 +575,21 @@ def recover(registry: Registry, *, move_alias: bool = True) -> list[dict]:
                 move_back(champion, back)
     except _Moved:
         pass
+    current = registry.champion()
     for h in history:
-        if h.status != tg.STATUS_PENDING or h.version in acted or h.version == registry.champion():
+        if h.status != tg.STATUS_PENDING or h.version in acted or h.version == current:
             continue
         if owner_alive(_json_tag(h.tags, tg.TAG_OWNER)) is not False:
             continue  # still running, or registered from another host: left pending
         if _json_tag(h.tags, tg.TAG_GATE_INTENT) is not None:
-            act("promotion_interrupted", h.version,
-                "the gate passed every check but its process ended before moving the alias; not promoted "
-                "(run it again)",
-                {tg.TAG_BLOCK_REASONS: json.dumps([{"code": "gate_error", "detail": "promotion interrupted"}]),
-                 tg.TAG_STATUS: tg.STATUS_INCOMPLETE})
+            kind, short = "promotion_interrupted", "promotion interrupted"
+            detail = "the gate passed every check but its process ended before moving the alias"
         else:
-            act("run_died", h.version,
-                "the run that registered it ended before the gate decided; not promoted (run it again)",
-                {tg.TAG_BLOCK_REASONS: json.dumps([{"code": "gate_error", "detail": "the run died before the gate"}]),
-                 tg.TAG_STATUS: tg.STATUS_INCOMPLETE})
+            kind, short = "run_died", "the run died before the gate"
+            detail = "the run that registered it ended before the gate decided"
+        act(kind, h.version, detail + "; not promoted (run it again)",
+            {tg.TAG_BLOCK_REASONS: json.dumps([{"code": "gate_error", "detail": short}]),
+             tg.TAG_STATUS: tg.STATUS_INCOMPLETE})
     done += _abandoned_runs(registry)
     return done
 
@@ -599,9 +597,6 @@ def recover(registry: Registry, *, move_alias: bool = True) -> list[dict]:
 def _abandoned_runs(registry: Registry) -> list[dict]:
     """Registration runs their process left RUNNING (killed before a version existed): ended as
     FAILED, with a record."""
-    from .owner import owner_alive
-    from .registry import RUN_OWNER_TAG
-
     done = []
     runs = registry.client.search_runs(
         [registry.experiment_id], filter_string="tags.`lidgate.kind` = 'registration' and attributes.status = 'RUNNING'",

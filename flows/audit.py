@@ -56,17 +56,17 @@ def build_records(registry, trusted_keys=None) -> list:
             if not earlier.tasks:  # the earlier version could not be checked at all: fail closed, visibly
                 tasks.append(TaskAudit(task=where, tau=float("nan"), certified_accuracy=float("nan"),
                                        lower_bound=float("nan"), n=0, verified=False, failures=earlier.failures))
-        exports = _onnx_problems(registry, info, loaded.directory)
+        findings = _onnx_problems(registry, info, loaded.directory)
         if trusted_keys is not None and loaded.lid is not None:
             from components.gate import signature_problem
 
             problem = signature_problem(registry, loaded, trusted_keys)
             if problem is not None:
-                exports.append({"code": "signature_invalid", "detail": problem})
-        verified = bool(tasks) and all(t.verified for t in tasks) and not exports
+                findings.append({"code": "signature_invalid", "detail": problem})
+        verified = bool(tasks) and all(t.verified for t in tasks) and not findings
         records.append(VersionAudit(version=version, status=status, is_champion=version == champion,
                                     created=str(info.created), verified=verified, tasks=tasks,
-                                    block_reasons=reasons + exports, lid=loaded.lid))
+                                    block_reasons=reasons + findings, lid=loaded.lid))
     _heldout_accuracy(records, cache)
     for loaded in cache.values():
         registry.release(loaded)

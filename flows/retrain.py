@@ -138,14 +138,10 @@ def _float_dtype(model):
 def _preflight(config: LidgateConfig, model, data: DataSplits) -> None:
     """What would otherwise fail after minutes of training: signing keys that do not load, layers the
     bound engine cannot follow, and labels the model's outputs cannot hold."""
-    import torch
-
     from components.data import DataError
-    from lid_engine.bounds import ibp, linear
-
     from components.signing import load_private_key, load_public_key
-
     from flows.settings import prefect_server_configured
+    from lid_engine.bounds import ibp, linear
 
     if config.signing.private_key is not None and not prefect_server_configured():
         # certification runs here: a key that does not load fails now, not after training (the gpu
@@ -156,8 +152,7 @@ def _preflight(config: LidgateConfig, model, data: DataSplits) -> None:
     layers = ibp.check_supported(model)
     if config.search.bound == "linear":
         linear.check_supported(layers)
-    with torch.no_grad():
-        outputs = model.eval()(data.train[0][:2]).shape[-1]
+    outputs = tasks.model_outputs(model, data.train[0])
     for name, (_, y) in data.items():
         if int(y.max()) >= outputs or int(y.min()) < 0:
             raise DataError(f"task '{data.task}', split '{name}': labels go from {int(y.min())} to {int(y.max())}, "

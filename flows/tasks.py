@@ -375,7 +375,6 @@ def train_candidate(config: LidgateConfig, model: nn.Module, champion: Champion 
 
     log = _log()
     projected = projection and champion is not None
-    before = {"champion_search_accuracy": le.accuracy(champion.model, *data.search)} if champion is not None else {}
     lr = float(config.training.kwargs.get("lr", 1e-3)) if config.training.function is None else 1e-3
     base = torch.optim.Adam(model.parameters(), lr=lr)
     optimizer = projected_optimizer.fn(model, champion if projected else None, base,
@@ -392,20 +391,33 @@ def train_candidate(config: LidgateConfig, model: nn.Module, champion: Champion 
                         "LID certifies the parameters at them: keep BatchNorm layers in eval mode while retraining",
                         ", ".join(changed[:3]))
     spec = champion.spec if champion is not None else ModelSpec(config.model.factory, dict(config.model.kwargs))
-    metrics = {**before, "train_accuracy": le.accuracy(model, *data.train),
-               "search_accuracy": le.accuracy(model, *data.search)}
-    return Candidate(model=model.eval(), spec=spec, source="trained", projection=projected, metrics=metrics)
+    return Candidate(model=model.eval(), spec=spec, source="trained", projection=projected,
+                     metrics=_candidate_metrics(model, data, champion))
 
 
 def given_candidate(model: nn.Module, spec: ModelSpec, source: str, data: DataSplits,
                     champion: Champion | None = None) -> Candidate:
     """A candidate certified as it is: the first version's given weights, or one trained elsewhere."""
+    return Candidate(model=model.eval(), spec=spec, source=source, projection=False,
+                     metrics=_candidate_metrics(model, data, champion))
+
+
+def _candidate_metrics(model: nn.Module, data: DataSplits, champion: Champion | None) -> dict[str, float]:
+    """The candidate's accuracy on the train and search splits, and the champion's on the search split."""
     import lid_engine as le
 
     metrics = {"train_accuracy": le.accuracy(model, *data.train), "search_accuracy": le.accuracy(model, *data.search)}
     if champion is not None:
         metrics["champion_search_accuracy"] = le.accuracy(champion.model, *data.search)
-    return Candidate(model=model.eval(), spec=spec, source=source, projection=False, metrics=metrics)
+    return metrics
+
+
+def model_outputs(model: nn.Module, x: torch.Tensor) -> int:
+    """How many outputs (classes) ``model`` gives, from one forward pass on ``x[:1]`` in eval mode."""
+    import torch
+
+    with torch.no_grad():
+        return int(model.eval()(x[:1]).shape[-1])
 
 
 def _restore_buffers(model: nn.Module, reference: nn.Module) -> list[str]:
@@ -508,8 +520,7 @@ def _vacuous_threshold(model: nn.Module, data: DataSplits, tau: float, metric: s
     class's share of the certification data), a certificate at it promises nothing."""
     import torch
 
-    with torch.no_grad():
-        outputs = int(model.eval()(data.search[0][:1]).shape[-1])
+    outputs = model_outputs(model, data.search[0])
     chance, why = 1.0 / max(outputs, 1), f"1/{outputs} outputs"
     if metric == "accuracy":
         labels = data.certification[1]
