@@ -384,7 +384,7 @@ def _read_file(path: Path, d: DataSection) -> tuple[np.ndarray, np.ndarray, dict
             if key in d.model_fields_set:
                 raise DataError(f"{where}: data.{key} applies to tabular files (Parquet, CSV); an .npz archive "
                                 "holds arrays 'x' and 'y'")
-        x, y = _read_npz(raw, where)
+        x, y = read_npz(raw, where)
         columns = None
     else:
         x, y, features = _table_xy(_read_table(raw, fmt, where), d, where, keep_float64=fmt == "parquet")
@@ -470,7 +470,7 @@ def _first_non_number(s: pd.Series) -> int | None:
     return int(bad[0]) if len(bad) else None
 
 
-def _read_npz(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
+def read_npz(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         archive = np.load(io.BytesIO(raw), allow_pickle=False)
     except Exception:  # noqa: BLE001 — numpy's message talks about pickles for any non-numpy file
@@ -498,6 +498,23 @@ def _read_npz(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------ checks
+def check_model_outputs(model: torch.nn.Module, x: Tensor, where: str, rows: int = 256) -> int:
+    """The model's number of outputs (classes), from a forward pass in eval mode on the first ``rows``
+    examples; refuses data on which the model's outputs are NaN or infinite (features so large that the
+    first layers overflow), naming the largest feature, before any search or bound sees them."""
+    p = next(model.parameters(), None)
+    sample = x[:rows]
+    if p is not None:
+        sample = sample.to(p.device, p.dtype if p.is_floating_point() else sample.dtype)
+    with torch.no_grad():
+        out = model.eval()(sample)
+    if not torch.isfinite(out).all():
+        biggest = float(sample.detach().abs().max())
+        raise DataError(f"{where}: the model's outputs on these features are NaN or infinite (largest |feature| "
+                        f"{biggest:.3g}); expected features the model can take — rescale or standardise them")
+    return int(out.shape[-1])
+
+
 def _arrays_xy(x: Any, y: Any, where: str, xname: str, yname: str) -> tuple[np.ndarray, np.ndarray]:
     """Features and labels given as arrays (npz, loader results): checked and normalised."""
     x = _as_numpy(x, where, xname)

@@ -314,7 +314,7 @@ def signature_problem(registry: Registry, version: LoadedVersion, trusted_keys: 
     model, certificate and certification data. Shared by the gate and the audit."""
     from lid_engine import fingerprint_data
 
-    from .signing import SignatureError, subject_digests, verify_envelope
+    from .signing import SignatureError, signed_mismatch, subject_digests, verify_envelope
 
     try:
         envelope = registry.read_record(version.version, SIGNATURE_RECORD)
@@ -327,11 +327,7 @@ def signature_problem(registry: Registry, version: LoadedVersion, trusted_keys: 
         return f"the signature could not be checked: {type(exc).__name__}: {exc}"
     expected = {"model": version.tags.get(tg.TAG_MODEL_SHA), "lid/lid.json": version.tags.get(tg.TAG_CERT_SHA),
                 **{f"cert_data/{t}": fingerprint_data(x, y) for t, (x, y) in (version.cert_data or {}).items()}}
-    wrong = sorted(n for n in set(expected) | set(signed) if expected.get(n) != signed.get(n))
-    if wrong:
-        return (f"the signed statement does not match this version's {', '.join(wrong)} (a signature of another "
-                "certificate, or artifacts changed after signing)")
-    return None
+    return signed_mismatch(signed, expected)
 
 
 def _check_signature(ev: _Evaluation, registry: Registry, cand: LoadedVersion, trusted_keys: Sequence) -> None:

@@ -1,7 +1,7 @@
 """Signed certificates: an in-toto Statement in a DSSE envelope, signed with Ed25519.
 
-The certify worker holds the private key; the gate and ``lidgate verify-signature`` hold the public
-keys they trust. A Statement binds, by digest, what the certificate speaks about:
+The certify worker (or ``lidgate certify --sign-key``) holds the private key; the gate, the audit,
+``lidgate verify --public-key`` and ``lidgate fetch`` hold the public keys they trust. A Statement binds, by digest, what the certificate speaks about:
 
 * ``model``: ``lid_engine.fingerprint_model`` of the certified parameters and buffers (the registry
   pins the weights file, the rebuilt model and the MLflow model consumers load to the same value);
@@ -34,8 +34,11 @@ from typing import Any
 
 __all__ = [
     "PAYLOAD_TYPE", "PREDICATE_TYPE", "STATEMENT_TYPE", "SignatureError", "certificate_statement", "generate_keys",
-    "key_id", "load_private_key", "load_public_key", "sign", "verify_envelope",
+    "KeyFileError", "SIGNATURE_FILE", "key_id", "load_private_key", "load_public_key", "sign", "sign_lid",
+    "signed_mismatch", "verify_envelope",
 ]
+
+SIGNATURE_FILE = "certificate.dsse.json"  # the envelope's file name next to a saved LID
 
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -44,6 +47,10 @@ PREDICATE_TYPE = "https://lidgate.dev/certificate/v1"
 
 class SignatureError(ValueError):
     """A signature, envelope or key that cannot be trusted; the message says which and why."""
+
+
+class KeyFileError(SignatureError):
+    """A key file that cannot be read or written (bad input, not a failed signature)."""
 
 
 # ------------------------------------------------------------------------------------ keys
@@ -59,7 +66,7 @@ def generate_keys(private_path: str | Path, public_path: str | Path) -> str:
     private_path, public_path = Path(private_path), Path(public_path)
     for path in (private_path, public_path):
         if path.exists():
-            raise SignatureError(f"'{path}' exists; lidgate never overwrites a key (move it away first)")
+            raise KeyFileError(f"'{path}' exists; lidgate never overwrites a key (move it away first)")
     key = Ed25519PrivateKey.generate()
     private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
@@ -74,31 +81,31 @@ def generate_keys(private_path: str | Path, public_path: str | Path) -> str:
     return key_id(key.public_key())
 
 
-def load_private_key(path: str | Path):
-    """The Ed25519 private key in a PEM file. Raises SignatureError naming the file."""
+def load_private_key(path: str | Path, field: str = "signing.private_key"):
+    """The Ed25519 private key in a PEM file. Raises KeyFileError naming ``field`` and the file."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as exc:
-        raise SignatureError(f"signing.private_key '{path}': not a readable unencrypted PEM private key ({exc})") from None
+        raise KeyFileError(f"{field} '{path}': not a readable unencrypted PEM private key ({exc})") from None
     if not isinstance(key, Ed25519PrivateKey):
-        raise SignatureError(f"signing.private_key '{path}': expected an Ed25519 key, got {type(key).__name__}")
+        raise KeyFileError(f"{field} '{path}': expected an Ed25519 key, got {type(key).__name__}")
     return key
 
 
-def load_public_key(path: str | Path):
-    """The Ed25519 public key in a PEM file. Raises SignatureError naming the file."""
+def load_public_key(path: str | Path, field: str = "signing.public_keys"):
+    """The Ed25519 public key in a PEM file. Raises KeyFileError naming ``field`` and the file."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     try:
         key = serialization.load_pem_public_key(Path(path).read_bytes())
     except (OSError, ValueError, TypeError) as exc:
-        raise SignatureError(f"signing.public_keys '{path}': not a readable PEM public key ({exc})") from None
+        raise KeyFileError(f"{field} '{path}': not a readable PEM public key ({exc})") from None
     if not isinstance(key, Ed25519PublicKey):
-        raise SignatureError(f"signing.public_keys '{path}': expected an Ed25519 key, got {type(key).__name__}")
+        raise KeyFileError(f"{field} '{path}': expected an Ed25519 key, got {type(key).__name__}")
     return key
 
 
@@ -135,6 +142,27 @@ def certificate_statement(model, lid, lid_json_sha256: str, cert_data: Mapping[s
 def subject_digests(statement: Mapping[str, Any]) -> dict[str, str]:
     """``{name: sha256}`` of a statement's subjects."""
     return {s["name"]: s["digest"]["sha256"] for s in statement.get("subject", [])}
+
+
+def sign_lid(lid_dir: str | Path, out: str | Path, private_key: str | Path, model, lid,
+             cert_data: Mapping[str, tuple]) -> Path:
+    """Sign the LID saved in ``lid_dir`` (its ``lid.json``) for ``model`` and ``cert_data`` with the key
+    in the file ``private_key``; the envelope is written atomically to ``out``."""
+    from lid_engine.files import atomic_write, file_sha256
+
+    statement = certificate_statement(model, lid, file_sha256(Path(lid_dir) / "lid.json"), cert_data)
+    envelope = sign(statement, load_private_key(private_key))
+    return atomic_write(out, json.dumps(envelope, indent=2))
+
+
+def signed_mismatch(signed: Mapping[str, str], expected: Mapping[str, str | None]) -> str | None:
+    """Why a verified statement's subjects (``subject_digests``) do not speak about ``expected``
+    (name -> sha256), or None when they name exactly those digests."""
+    wrong = sorted(n for n in set(expected) | set(signed) if expected.get(n) != signed.get(n))
+    if wrong:
+        return (f"the signed statement does not match this certificate's {', '.join(wrong)} (a signature of "
+                "another certificate, or artifacts changed after signing)")
+    return None
 
 
 # ------------------------------------------------------------------------------------ DSSE

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from prefect import flow
 
+from components.signing import SIGNATURE_FILE, sign_lid
 from flows.settings import prefect_server_configured
 
 if TYPE_CHECKING:
@@ -38,7 +39,6 @@ RESULT_FILE = "certify.json"
 WEIGHTS_FILE = "weights.safetensors"
 SPEC_FILE = "spec.json"
 LID_DIR = "lid"
-SIGNATURE_FILE = "certificate.dsse.json"  # the signed statement (components.signing), when the config signs
 CERTIFY_DEPLOYMENT = "certify/certify-gpu"
 
 
@@ -124,19 +124,9 @@ def certify_flow(candidate_dir: str) -> dict:
     if result.lid is not None:
         result.lid.save(directory / LID_DIR, overwrite=True)
         if config.signing.private_key is not None:
-            _sign(directory, config.signing.private_key, model, result.lid, {data.task: data.certification})
+            sign_lid(directory / LID_DIR, directory / SIGNATURE_FILE, config.signing.private_key, model,
+                     result.lid, {data.task: data.certification})
     return _write(directory, result.summary())
-
-
-def _sign(directory: Path, private_key: Path, model, lid, cert_data) -> None:
-    """Sign the certificate just saved (``components.signing``): the worker's key over the model, the
-    saved ``lid.json`` and the certification data."""
-    from components.signing import certificate_statement, load_private_key, sign
-    from lid_engine.files import atomic_write, file_sha256
-
-    statement = certificate_statement(model, lid, file_sha256(directory / LID_DIR / "lid.json"), cert_data)
-    envelope = sign(statement, load_private_key(private_key))
-    atomic_write(directory / SIGNATURE_FILE, json.dumps(envelope, indent=2))
 
 
 def _write(directory: Path, summary: dict) -> dict:

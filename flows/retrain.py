@@ -138,7 +138,7 @@ def _float_dtype(model):
 def _preflight(config: LidgateConfig, model, data: DataSplits) -> None:
     """What would otherwise fail after minutes of training: signing keys that do not load, layers the
     bound engine cannot follow, and labels the model's outputs cannot hold."""
-    from components.data import DataError
+    from components.data import DataError, check_model_outputs
     from components.signing import load_private_key, load_public_key
     from flows.settings import prefect_server_configured
     from lid_engine.bounds import ibp, linear
@@ -152,8 +152,8 @@ def _preflight(config: LidgateConfig, model, data: DataSplits) -> None:
     layers = ibp.check_supported(model)
     if config.search.bound == "linear":
         linear.check_supported(layers)
-    outputs = tasks.model_outputs(model, data.train[0])
-    for name, (_, y) in data.items():
+    for name, (x, y) in data.items():
+        outputs = check_model_outputs(model, x, f"task '{data.task}', split '{name}'")
         if int(y.max()) >= outputs or int(y.min()) < 0:
             raise DataError(f"task '{data.task}', split '{name}': labels go from {int(y.min())} to {int(y.max())}, "
                             f"but the model has {outputs} outputs; expected class ids 0..{outputs - 1}")

@@ -72,6 +72,13 @@ class VerificationReport:
         self.checks.append(Check(name, bool(ok), detail))
         return bool(ok)
 
+    @property
+    def tampered(self) -> bool:
+        """Whether a failed check says the saved files themselves are not what was certified (a digest,
+        fingerprint, signature or internally inconsistent certificate), as opposed to the model or the
+        data given not matching them, or a certificate that does not hold when recomputed."""
+        return any(_is_integrity(c.name) for c in self.failures)
+
     def failed(self, name: str) -> bool:
         return any(c.name == name and not c.ok for c in self.checks)
 
@@ -89,6 +96,12 @@ class VerificationReport:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def _is_integrity(check: str) -> bool:
+    """The checks of the saved files' integrity (see :attr:`VerificationReport.tampered`)."""
+    return (check in (LID_FILE, NOMINAL_FILE, "files", "signature") or check.startswith("file ")
+            or check.endswith((" domain", " tasks", " certificate", " certificates agree")))
 
 
 def _err(exc: BaseException) -> str:

@@ -1,8 +1,17 @@
 """The ``lidgate`` Typer application and how every command turns errors into exit codes.
 
-Exit codes: 0 ok or promoted; 1 blocked, verification failed, certification impossible, or an
-integrity check failed; 2 bad input (a missing or malformed file, a bad configuration field or factory
-string, shapes that do not fit the model) — always a one-line message on stderr, never a traceback.
+Exit codes, one per failure class (docs/operations.md lists them too):
+
+- 0: ok — certified, verified, promoted, the registry is sound;
+- 1: the answer is no — a candidate blocked by the gate, a model outside its LID or below τ, a
+  certificate that does not hold when recomputed, certification impossible, an audit or watch that
+  found (and fixed) something;
+- 2: bad input — a missing or malformed file, a bad configuration field, key file or factory string,
+  shapes that do not fit the model, an unreachable server;
+- 3: integrity — saved or registered files are not what was certified: a digest or fingerprint that
+  does not match, a malformed certificate, a signature that is missing, unknown or does not verify.
+
+Always a one-line message on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -29,14 +38,23 @@ class Failed(Exception):
     """Exit 1 with this message."""
 
 
+class Tampered(Exception):
+    """Exit 3 with this message."""
+
+
+EXIT_OK, EXIT_NO, EXIT_BAD_INPUT, EXIT_INTEGRITY = 0, 1, 2, 3
+
+
 # Errors whose message already names the file, field or argument at fault (exit 2 with the message).
 _BAD_INPUT = ("components.config.ConfigError", "components.data.DataError", "components.factory.FactoryError",
               "components.training.TrainingError", "flows.retrain.PipelineError", "flows.tasks.ChampionError",
               "flows.certify.CandidateError", "components.registry.RegistryError",
-              "components.weights.WeightsError", "components.signing.SignatureError")
-# Errors that mean a check failed (exit 1).
-_FAILED = ("lid_engine.errors.CertificateError", "lid_engine.search.LidSearchError",
-           "components.registry.RegistryIntegrityError")
+              "components.weights.WeightsError", "components.signing.KeyFileError")
+# Errors that mean the answer is no (exit 1).
+_FAILED = ("lid_engine.search.LidSearchError",)
+# Errors that mean saved or registered files are not what was certified (exit 3).
+_INTEGRITY = ("lid_engine.errors.CertificateError", "components.registry.RegistryIntegrityError",
+              "components.signing.SignatureError")
 
 
 def _is(exc: BaseException, names: tuple[str, ...]) -> bool:
@@ -61,13 +79,16 @@ def cli_errors():
     except BadInput as exc:
         die(str(exc), 2)
     except Failed as exc:
-        die(str(exc), 1)
+        die(str(exc), EXIT_NO)
+    except Tampered as exc:
+        die(f"integrity check failed: {exc}", EXIT_INTEGRITY)
     except Exception as exc:  # noqa: BLE001 — mapped to a clear message and an exit code
         text = str(exc).strip()
         first = text.splitlines()[0] if text else type(exc).__name__
         if _is(exc, _FAILED):
-            prefix = "certification failed" if type(exc).__name__ == "LidSearchError" else "integrity check failed"
-            die(f"{prefix}: {first}", 1)
+            die(f"certification failed: {first}", EXIT_NO)
+        if _is(exc, _INTEGRITY) and not _is(exc, ("components.signing.KeyFileError",)):
+            die(f"integrity check failed: {first}", EXIT_INTEGRITY)
         if _is(exc, _BAD_INPUT) or _is(exc, ("lid_engine.errors.LidError",)):
             die(text.replace("\n", " ") if _is(exc, _BAD_INPUT) else first, 2)
         if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):

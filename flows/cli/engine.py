@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from flows.cli.app import BadInput, app, cli_errors as _cli_errors, console as _console
+from flows.cli.app import EXIT_INTEGRITY, EXIT_NO, BadInput, app, cli_errors as _cli_errors, console as _console
 
 CERT_DATA_FILE = "cert_data.npz"
 
@@ -41,45 +41,28 @@ def _load_weights(model, path: Path):
 
 
 def _load_npz(path: Path, option: str):
-    """``x`` (float) and ``y`` (integer class indices) from an npz file, as torch tensors."""
-    import zipfile
-
-    import numpy as np
+    """``x`` (float) and ``y`` (integer class indices) from an npz file, as torch tensors (checked by the
+    same reader the pipeline uses: no pickles, finite features, integer labels)."""
     import torch
+
+    from components.data import DataError, read_npz
 
     if not path.is_file():
         raise BadInput(f"{option}: file '{path}' does not exist")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            keys = set(f.files)
-            if not {"x", "y"} <= keys:
-                raise BadInput(f"{option}: '{path}' must hold arrays 'x' and 'y', found {sorted(keys)}")
-            x, y = f["x"], f["y"]
-    except BadInput:
-        raise
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise BadInput(f"{option}: '{path}' is not a readable npz file ({exc})") from None
-    if x.dtype.kind not in "fiub":
-        raise BadInput(f"{option}: 'x' in '{path}' must be numeric, got dtype {x.dtype}")
-    if x.ndim < 2 or len(x) == 0:
+        x, y = read_npz(path.read_bytes(), f"{option} '{path}'")
+    except DataError as exc:
+        raise BadInput(str(exc)) from None
+    if len(x) == 0:
         raise BadInput(f"{option}: 'x' in '{path}' must be a non-empty batch (N, ...), got shape {x.shape}")
-    if y.ndim != 1 or len(y) != len(x):
-        raise BadInput(f"{option}: 'y' in '{path}' must have shape ({len(x)},), got {y.shape}")
-    if y.dtype.kind == "f":
-        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
-            raise BadInput(f"{option}: 'y' in '{path}' holds non-integer labels")
-    elif y.dtype.kind not in "iu":
-        raise BadInput(f"{option}: 'y' in '{path}' must hold integer class indices, got dtype {y.dtype}")
-    if x.dtype.kind != "f" or x.dtype == np.float16:
-        x = x.astype(np.float32)
-    if not np.all(np.isfinite(x)):
-        raise BadInput(f"{option}: 'x' in '{path}' holds NaN or inf")
-    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y).astype(np.int64))
+    return torch.from_numpy(x), torch.from_numpy(y)
 
 
 def _check_fits(model, x, y, option: str) -> int:
     """Run the model on two examples: the shapes must fit and the labels must index its outputs."""
     import torch
+
+    from components.data import DataError, check_model_outputs
 
     p = next(model.parameters(), None)
     if p is None:
@@ -90,6 +73,11 @@ def _check_fits(model, x, y, option: str) -> int:
     except Exception as exc:  # noqa: BLE001
         raise BadInput(f"{option}: the model cannot take 'x' of shape {tuple(x.shape)} ({type(exc).__name__}: "
                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if out.dim() == 2:
+        try:
+            check_model_outputs(model, x, option)
+        except DataError as exc:
+            raise BadInput(str(exc)) from None
     if out.dim() != 2:
         raise BadInput(f"--model: the model must output logits of shape (N, classes), got {tuple(out.shape)}")
     n_out = out.shape[1]
@@ -127,9 +115,16 @@ def certify(
     bound: Annotated[str, typer.Option(
         "--bound", help="Sound bound for the search and the certificates: 'ibp' (the paper's) or 'linear' "
         "(tighter on convolutions; Linear/Conv2d/ReLU models).")] = "ibp",
+    sign_key: Annotated[Optional[Path], typer.Option(
+        "--sign-key", help="Ed25519 private key (`lidgate keygen`): also write the signed certificate "
+        "(in-toto statement in a DSSE envelope) to OUT/certificate.dsse.json.")] = None,
 ) -> None:
     """Search and certify an LID around a trained model; write it to --out."""
     with _cli_errors():
+        if sign_key is not None:
+            from components.signing import load_private_key
+
+            load_private_key(sign_key, "--sign-key")  # a key that does not load fails now, not after the search
         if bound not in ("ibp", "linear"):
             raise BadInput(f"--bound must be 'ibp' or 'linear', got {bound!r}")
         if (tau is None) == (tau_from_accuracy is None):
@@ -198,6 +193,11 @@ def certify(
         if split:
             np.savez(out / CERT_DATA_FILE, x=cx.numpy(), y=cy.numpy())
         _print_lid(lid, out)
+        if sign_key is not None:
+            from components.signing import SIGNATURE_FILE, sign_lid
+
+            task = next(iter(lid.tasks))
+            typer.echo(f"signed certificate written to {sign_lid(out, out / SIGNATURE_FILE, sign_key, net, lid, {task: (cx, cy)})}")
         if split:
             typer.echo(f"held-out certification data written to {out / CERT_DATA_FILE} (needed by `lidgate verify`)")
 
@@ -213,8 +213,12 @@ def verify(
     allow_update: Annotated[bool, typer.Option(
         "--allow-update", help="Accept any model inside the LID (a δ-safe update) instead of the nominal one.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    public_key: Annotated[Optional[list[Path]], typer.Option(
+        "--public-key", help="Trusted Ed25519 public key (repeatable): the LID's DIR/certificate.dsse.json must be "
+        "signed by one of them over this LID, its nominal model and the certification data.")] = None,
 ) -> None:
-    """Recompute every certificate of a saved LID and check the model against it."""
+    """Recompute every certificate of a saved LID and check the model against it (and, with
+    --public-key, its signature)."""
     with _cli_errors():
         if not directory.is_dir():
             raise BadInput(f"'{directory}' is not a directory")
@@ -244,7 +248,12 @@ def verify(
 
         from lid_engine.verify import verify as run_verify
 
+        keys = _public_keys(public_key or [])
         report = run_verify(directory, net, allow_update=allow_update, **kwargs)
+        if keys:
+            problem = _signature_problem(directory, keys)
+            report.add("signature", problem is None, problem or "signed by a trusted key over this LID, its nominal "
+                       "model and the certification data")
         below = _below_tau(directory, report) if report.ok else []
         if as_json:
             import json
@@ -256,7 +265,38 @@ def verify(
             if below:
                 _console().print("[bold red]BELOW τ[/bold red]: the certificates are genuine, but " + "; ".join(below))
         if not report.ok or below:
-            raise typer.Exit(1)
+            raise typer.Exit(EXIT_INTEGRITY if report.tampered else EXIT_NO)
+
+
+def _public_keys(paths: list[Path]) -> list:
+    from components.signing import load_public_key
+
+    return [load_public_key(p, "--public-key") for p in paths]
+
+
+def _signature_problem(directory: Path, keys: list) -> str | None:
+    """Why ``directory``'s signature cannot be trusted with ``keys``, or None. The statement must name
+    this ``lid.json``, its nominal model and the certification data its certificates record (the data
+    given to verify is checked against the same record separately)."""
+    import json
+
+    from components.signing import SIGNATURE_FILE, SignatureError, signed_mismatch, subject_digests, verify_envelope
+    from lid_engine.files import file_sha256
+
+    path = directory / SIGNATURE_FILE
+    try:
+        if not path.is_file():
+            raise SignatureError(f"the certificate is not signed (no {SIGNATURE_FILE} in '{directory}')")
+        signed = subject_digests(verify_envelope(json.loads(path.read_text(encoding="utf-8")), keys))
+        manifest = json.loads((directory / "lid.json").read_text(encoding="utf-8"))
+        first = manifest["members"][0]["certificates"]
+        expected = {"model": manifest["model_sha256"], "lid/lid.json": file_sha256(directory / "lid.json"),
+                    **{f"cert_data/{t}": first[t]["data_sha256"] for t in manifest["tasks"]}}
+    except SignatureError as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001 — anything unexpected is a failed check, never a pass
+        return f"the signature could not be checked: {type(exc).__name__}: {exc}"
+    return signed_mismatch(signed, expected)
 
 
 def _below_tau(directory: Path, report) -> list[str]:

@@ -5,9 +5,12 @@
     lidgate submit CONFIG --weights FILE [--data ...] a candidate trained elsewhere; certify, register, gate
     lidgate status CONFIG [--json]                    versions, statuses, reasons, champion
     lidgate audit [CONFIG] [--model NAME]             re-verify every version, HTML report
+    lidgate watch CONFIG [--interval S] [--once]      put a champion alias moved outside the gate back
+    lidgate fetch models:/NAME@champion --out DIR     hand out a version after checking every byte
+    lidgate keygen --private FILE --public FILE       key pair for signed certificates
 
-Exit codes: 0 promoted (or ok), 1 blocked or rejected, 2 bad input. Set ``LIDGATE_DEBUG=1`` to see
-the traceback of an unexpected error.
+Exit codes (flows.cli.app): 0 promoted (or ok), 1 blocked or refused, 2 bad input, 3 integrity (tampered
+or badly signed). Set ``LIDGATE_DEBUG=1`` to see the traceback of an unexpected error.
 """
 
 from __future__ import annotations
@@ -265,6 +268,59 @@ def audit(
         typer.echo(f"report: {result['report']}\nsummary: {result['summary']}")
         if not result["ok"]:
             raise Failed("a promoted version failed re-verification")
+
+
+@app.command()
+def fetch(
+    uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS (e.g. models:/digits@champion) or models:/NAME/VERSION.",
+                                       show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Directory to write the checked version to (absent or empty).",
+                                      show_default=False)],
+    config: Annotated[Optional[Path], typer.Option("--config", help="The team's configuration: its registry and "
+                                                   "signing.public_keys.")] = None,
+    public_key: Annotated[Optional[list[Path]], typer.Option(
+        "--public-key", help="Trusted Ed25519 public key (repeatable), besides the configuration's.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Hand out a registered version only after checking every byte a consumer loads: pinned digests (weights,
+    certificate, domains, MLflow model, ONNX), promoted status, its certificates and its lineage's recomputed,
+    and the signature when keys are given. Exit 0 written; 1 refused (not promoted, a certificate fails);
+    3 tampered or badly signed."""
+    with cli_errors():
+        from flows.audit import configured_keys
+        from flows.fetch import FetchRefused, fetch_version, parse_model_uri
+        from flows.settings import open_registry, settings_for
+
+        try:
+            name, alias, version = parse_model_uri(uri)
+        except ValueError as exc:
+            raise BadInput(str(exc)) from None
+        keys: list = []
+        if config is not None:
+            loaded = _prepare(config)
+            if loaded.name != name:
+                raise BadInput(f"{uri}: the configuration '{config}' registers model {loaded.name!r}, not {name!r}")
+            settings = settings_for(loaded)
+            keys += configured_keys(loaded) or []
+        else:
+            from flows.env import apply_defaults
+
+            apply_defaults()
+            settings = settings_for(model_name=name)
+        if public_key:
+            from components.signing import load_public_key
+
+            keys += [load_public_key(p, "--public-key") for p in public_key]
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise BadInput(f"--out: '{out}' exists and is not an empty directory")
+        try:
+            record = fetch_version(open_registry(settings), out, alias=alias, version=version, trusted_keys=keys or None)
+        except FetchRefused as exc:
+            raise Failed(f"refused: {exc}") from None
+        if as_json:
+            typer.echo(json.dumps(record, indent=2))
+        else:
+            typer.echo(f"version {record['version']} of {name!r} checked ({record['signature']}) and written to {out}")
 
 
 # ------------------------------------------------------------------------------------ rendering

@@ -740,7 +740,7 @@ def test_unsigned_or_foreign_signatures_are_blocked(registry, champion, base_lid
         m = shifted(registry.load(champion).model, 0.002, into=base_lid)  # another model, another certificate
         v = registry.register(m, SPEC, lid=certify(m, data, radii=(1e-3,)), cert_data=data["cert"], lineage=[champion])
         registry.log_record(v, gate.SIGNATURE_RECORD, registry.read_record(donor, gate.SIGNATURE_RECORD))
-        fragment = "does not match this version's lid/lid.json, model"
+        fragment = "does not match this certificate's lid/lid.json, model"
     d = promote(registry, v, validation_passed=True, trusted_keys=trusted)
     reasons = assert_blocked(registry, d, v, "signature_invalid", champion)
     assert d.codes == ["signature_invalid"] and fragment in reasons[0]["detail"], reasons

@@ -41,6 +41,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     np.savez(d / "bad_shape.npz", x=np.zeros((10, 7), np.float32), y=np.zeros(10, np.int64))
     np.savez(d / "bad_labels.npz", x=x[:10].numpy(), y=np.full(10, 9))
     (d / "not.npz").write_text("not a zip file")
+    (d / "random.npz").write_bytes(np.random.default_rng(0).bytes(2000))
+    np.savez(d / "huge.npz", x=np.full((10, 5), 3e38, np.float32), y=np.zeros(10, np.int64))
     state = model.state_dict()
     save_file({k: v for k, v in state.items() if k != "2.bias"}, str(d / "missing_key.safetensors"))
     save_file({**state, "extra": torch.zeros(1)}, str(d / "extra_key.safetensors"))
@@ -101,8 +103,10 @@ def test_bad_weights(files, tmp_path, weights, fragment):
 
 
 @pytest.mark.parametrize("data,fragment", [
-    ("no_y.npz", "must hold arrays 'x' and 'y'"),
-    ("not.npz", "not a readable npz file"),
+    ("no_y.npz", "no array 'y'"),
+    ("not.npz", "not an .npz archive"),
+    ("random.npz", "not an .npz archive"),  # not numpy's "pickled data" message
+    ("huge.npz", "outputs on these features are NaN or infinite (largest |feature| 3e+38)"),
     ("bad_shape.npz", "cannot take 'x' of shape (10, 7)"),
     ("bad_labels.npz", "labels must lie in 0..2"),
 ])
@@ -169,9 +173,9 @@ def test_verify_fails_on_other_model_and_tampering(files, tmp_path):
     manifest["members"][1]["certificates"]["task"]["certified"] += 1
     (d / "lid.json").write_text(json.dumps(manifest))
     result = run("verify", d, "--model", FACTORY, "--weights", files["w.safetensors"], "--data", files["cert.npz"])
-    assert result.exit_code == 1 and "VERIFICATION FAILED" in result.stdout
+    assert result.exit_code == 3 and "VERIFICATION FAILED" in result.stdout  # 3: the files were tampered with
     result = run("inspect", d)
-    assert result.exit_code == 1 and "integrity check failed" in result.stderr and "digest" in result.stderr
+    assert result.exit_code == 3 and "integrity check failed" in result.stderr and "digest" in result.stderr
     result = run("verify", files["lid"], "--model", FACTORY, "--weights", files["w.safetensors"], "--data", files["data.npz"])
     assert result.exit_code == 1 and "data 'task' fingerprint" in result.stdout
 
@@ -197,6 +201,28 @@ def test_certify_verify_inspect(files, tmp_path):
     assert result.exit_code == 0, result.output
     result = run("inspect", out)
     assert result.exit_code == 0, result.output
+
+
+def test_signed_certificate_is_checked_by_verify(files, tmp_path):
+    """--sign-key writes OUT/certificate.dsse.json; verify --public-key accepts it only when a trusted key
+    signed exactly this LID and its data: exit 3 (integrity) otherwise, 2 for an unreadable key file."""
+    run("keygen", "--private", tmp_path / "k.pem", "--public", tmp_path / "k.pub")
+    run("keygen", "--private", tmp_path / "o.pem", "--public", tmp_path / "o.pub")
+    out = tmp_path / "lid"
+    assert certify_quick(files, out, "--sign-key", tmp_path / "k.pem").exit_code == 0
+    verify = ("verify", out, "--model", FACTORY, "--weights", files["w.safetensors"])
+    assert run(*verify, "--public-key", tmp_path / "k.pub").exit_code == 0
+    result = run(*verify, "--public-key", tmp_path / "o.pub")
+    assert result.exit_code == 3 and "unknown key" in result.stdout
+    other = tmp_path / "other-data.npz"
+    with np.load(out / "cert_data.npz") as f:
+        np.savez(other, x=f["x"][:-1], y=f["y"][:-1])
+    result = run(*verify, "--public-key", tmp_path / "k.pub", "--data", other)
+    assert result.exit_code == 1 and "data 'task' fingerprint" in result.stdout  # wrong data, genuine files
+    (out / "certificate.dsse.json").unlink()
+    result = run(*verify, "--public-key", tmp_path / "k.pub")
+    assert result.exit_code == 3 and "not signed" in result.stdout
+    assert_bad_input(run(*verify, "--public-key", tmp_path / "missing.pub"), "--public-key", "missing.pub")
 
 
 def test_certify_with_cert_data_and_tau_rule(files, tmp_path):

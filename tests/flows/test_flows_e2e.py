@@ -203,11 +203,21 @@ def test_certificates_are_signed_by_the_certify_worker_and_checked_by_the_gate(c
 
     audit = audit_flow(config=str(config))
     assert audit["ok"], audit
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    fetched = CliRunner().invoke(app, ["fetch", "models:/e2e@champion", "--config", str(config), "--out",
+                                       str(tmp_path / "v1"), "--json"])
+    assert fetched.exit_code == 0 and json.loads(fetched.stdout)["signature"] == "verified", fetched.output
     settings["signing"] = {"public_keys": ["keys/other.pub"]}  # v1 was not signed by this key
     config.write_text(yaml.safe_dump(settings))
     audit = audit_flow(config=str(config))
     v1 = next(v for v in json.loads(Path(audit["summary"]).read_text())["versions"] if v["version"] == "1")
     assert not audit["ok"] and any(r["code"] == "signature_invalid" for r in v1["block_reasons"])
+    fetched = CliRunner().invoke(app, ["fetch", "models:/e2e@champion", "--config", str(config), "--out",
+                                       str(tmp_path / "v1-other-key")])
+    assert fetched.exit_code == 3 and "unknown key" in fetched.output, fetched.output
 
 
 def test_crash_between_registration_and_alias_move_leaves_champion(config, tmp_path, monkeypatch):
@@ -276,6 +286,32 @@ def test_audit_lists_every_version_with_its_status_and_accuracy(config, tmp_path
     v2 = next(v for v in summary["versions"] if v["version"] == "2")
     assert summary["ok"] is False and not v2["verified"]
     assert [r["code"] for r in v2["block_reasons"]] == ["onnx_tampered"] and "(disk)" in v2["block_reasons"][0]["detail"]
+
+    # `lidgate fetch` hands out the champion with its checked files, refuses a blocked version (exit 1)
+    # and a champion whose ONNX export in its MLflow run was swapped (exit 3), writing nothing
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    def fetch(ref: str, out: Path):
+        return CliRunner().invoke(app, ["fetch", ref, "--config", str(config), "--out", str(out), "--json"])
+
+    got = fetch("models:/e2e@champion", tmp_path / "fetched")
+    assert got.exit_code == 0, got.output
+    record = json.loads(got.stdout)
+    fetched = tmp_path / "fetched"
+    assert record["version"] == "2" and {c["version"] for c in record["certificates_checked"]} == {"1", "2"}
+    from lid_engine.files import file_sha256
+
+    assert file_sha256(fetched / "model.onnx") == record["onnx_sha256"]
+    assert (fetched / "lid" / "lid.json").is_file() and (fetched / "weights.safetensors").is_file()
+    blocked = fetch("models:/e2e/3", tmp_path / "blocked")
+    assert blocked.exit_code == 1 and "lid.status 'blocked'" in blocked.output and not (tmp_path / "blocked").exists()
+    run_id = registry_of(config).client.get_model_version("e2e", "2").run_id
+    logged = next((tmp_path / "home").rglob(f"{run_id}/artifacts/onnx/*.onnx"))
+    logged.write_bytes(logged.read_bytes()[:-8] + b"\0" * 8)
+    swapped = fetch("models:/e2e@champion", tmp_path / "swapped")
+    assert swapped.exit_code == 3 and "onnx" in swapped.output and not (tmp_path / "swapped").exists(), swapped.output
 
 
 def test_deployments_take_the_configuration_and_have_pools_and_cron_schedules(config, harness):
