@@ -17,10 +17,12 @@
 5. the candidate's own certificate verifies (``new_certificate_failed``) and meets τ on every task
    (``below_tau``); a candidate registered without a LID is blocked (``no_certificate``).
 
-Every check runs and every failure is collected. Writes happen in the order decide → move the
-alias → record the status tags. Fail closed: any exception (``gate_error``) blocks, the alias
-stays where it was; if the alias cannot be moved the version is tagged blocked; if the promotion
-cannot be recorded after the alias moved, the alias is moved back.
+Every check runs and every failure is collected. Writes happen in the order decide → intent tag →
+commit (the status tags, ``promoted`` last) → compare-and-set move of the alias → intent cleared, so
+the alias never points at a version whose promotion is not recorded. Fail closed: any exception
+(``gate_error``) blocks and the alias stays where it was; a champion that changed meanwhile blocks
+(``stale_champion``); a commit that cannot be moved is overwritten as blocked. A crash between
+two writes is settled by ``recover`` (the next run, the watch or the audit).
 
 Versions are read with ``Registry.inspect`` (every integrity problem listed, none raised) and the
 alias is moved with ``Registry.move_champion``, which nothing else may call. Tag names and status
@@ -38,6 +40,7 @@ from lid_engine import verify
 from lid_engine.files import utc_now
 
 from . import tags as tg
+from .failpoints import failpoint
 from .lineage import LineageCheck, verify_lineage
 from .owner import owner_alive
 from .registry import RUN_OWNER_TAG, LoadedVersion, Registry, RegistryError
@@ -366,6 +369,23 @@ def _record(registry: Registry, decision: GateDecision, tags: Mapping[str, str])
         return False
 
 
+class _ChampionChanged(RuntimeError):
+    """The champion is no longer the one the candidate was checked against."""
+
+
+def _cas(registry: Registry, expected: str | None) -> None:
+    now = registry.champion()
+    if now != expected:
+        raise _ChampionChanged(f"the champion changed from {expected} to {now} while the gate ran")
+
+
+def _best_effort(step) -> None:
+    try:
+        step()
+    except Exception:  # noqa: BLE001 — the status tag is the record; this only tidies
+        pass
+
+
 def promote(
     registry: Registry,
     version: str,
@@ -400,50 +420,53 @@ def promote(
     if not passed and not decision.reasons:  # a failed check without a reason must still block
         decision.reasons.append(Reason("gate_error", "a check failed without a reason"))
 
-    # move the alias ------------------------------------------------------------------------------
+    # commit, then move the alias -------------------------------------------------------------------
+    # intent → commit (status promoted, written last) → compare-and-set move → intent cleared: the alias
+    # only ever points at a version whose promotion is recorded; a crash in between leaves a committed
+    # version with its intent, which ``recover`` rolls back (alias not moved) or completes (moved).
+    decision.decided_at = utc_now()
     if passed:
         try:
-            now = registry.champion()
-            if now != decision.champion_before:
-                raise RuntimeError(f"the champion changed from {decision.champion_before} to {now} while the gate ran")
+            _cas(registry, decision.champion_before)
             registry.set_tags(version, {tg.TAG_GATE_INTENT: json.dumps(
-                {"previous_champion": decision.champion_before, "at": utc_now()})})
-            registry.move_champion(version)
-            decision.promoted = True
-            decision.champion_after = version
+                {"previous_champion": decision.champion_before, "at": decision.decided_at})})
+            failpoint("gate_intent")
+            if _record(registry, decision, {
+                tg.TAG_STATUS: tg.STATUS_PROMOTED, tg.TAG_PROMOTED_AT: decision.decided_at, tg.TAG_BLOCK_REASONS: "[]",
+                tg.TAG_PREVIOUS_CHAMPION: decision.champion_before or "", tg.TAG_VALIDATION: "passed",
+            }):
+                failpoint("committed")
+                _cas(registry, decision.champion_before)
+                registry.move_champion(version)
+                decision.promoted, decision.champion_after = True, version
+                failpoint("alias_moved")
+                registry.delete_tags(version, [tg.TAG_GATE_INTENT])
+            else:
+                decision.reasons.append(Reason("gate_error", "recording the promotion failed; the alias was not moved"))
         except Exception as exc:  # noqa: BLE001
-            decision.reasons.append(Reason("gate_error", f"moving the alias failed: {_err(exc)}"))
+            code = "stale_champion" if isinstance(exc, _ChampionChanged) else "gate_error"
             decision.checks.append({"check": "move alias", "ok": False, "detail": _err(exc)})
             try:
                 decision.champion_after = registry.champion()
             except Exception:  # noqa: BLE001
                 decision.champion_after = decision.champion_before
-            if decision.champion_after == version:  # the move happened after all
-                decision.promoted = True
-                decision.reasons.pop()
+            decision.promoted = decision.champion_after == version  # the move happened after all
+            if decision.promoted:
+                _best_effort(lambda: registry.delete_tags(version, [tg.TAG_GATE_INTENT]))
+            elif code == "stale_champion":
+                decision.reasons.append(Reason(code, f"{exc}; not promoted (retrain on the new champion)"))
+            else:
+                decision.reasons.append(Reason(code, f"moving the alias failed: {_err(exc)}"))
 
-    # record the status ---------------------------------------------------------------------------
-    decision.decided_at = utc_now()
-    if decision.promoted:
-        ok = _record(registry, decision, {
-            tg.TAG_STATUS: tg.STATUS_PROMOTED, tg.TAG_PROMOTED_AT: decision.decided_at, tg.TAG_BLOCK_REASONS: "[]",
-            tg.TAG_PREVIOUS_CHAMPION: decision.champion_before or "", tg.TAG_VALIDATION: "passed",
-        })
-        if not ok:  # champion without a recorded promotion: undo the move (fail closed)
-            try:
-                registry.move_champion(decision.champion_before)
-                decision.promoted = False
-                decision.champion_after = decision.champion_before
-                decision.reasons.append(Reason("gate_error", "recording the promotion failed; the alias was moved back"))
-            except Exception as exc:  # noqa: BLE001
-                decision.reasons.append(Reason(
-                    "gate_error", f"recording the promotion failed and the alias could not be moved back: {_err(exc)}"))
+    # record a block --------------------------------------------------------------------------------
     if not decision.promoted:
+        _best_effort(lambda: registry.delete_tags(version, [tg.TAG_PROMOTED_AT, tg.TAG_PREVIOUS_CHAMPION]))
         _record(registry, decision, {
             tg.TAG_STATUS: tg.STATUS_BLOCKED, tg.TAG_BLOCKED_AT: decision.decided_at,
             tg.TAG_BLOCK_REASONS: reasons_tag(decision.reasons),
             tg.TAG_VALIDATION: "passed" if not any(r.code == "validation_failed" for r in decision.reasons) else "failed",
         })
+        _best_effort(lambda: registry.delete_tags(version, [tg.TAG_GATE_INTENT]))
     try:  # the full decision next to the version's artifacts, for audits (best effort)
         registry.log_record(version, f"gate/decision-{decision.decided_at.replace(':', '')}.json", decision.to_dict())
     except Exception:  # noqa: BLE001
@@ -453,10 +476,6 @@ def promote(
 
 
 # ------------------------------------------------------------------------------------ recovery
-class _Moved(Exception):
-    """The alias moved while ``recover`` looked: it leaves it to the next look."""
-
-
 def _status_last(tags: Mapping[str, str]) -> dict[str, str]:
     return {**{k: v for k, v in tags.items() if k != tg.TAG_STATUS},
             **({tg.TAG_STATUS: tags[tg.TAG_STATUS]} if tg.TAG_STATUS in tags else {})}
@@ -494,98 +513,95 @@ def recover(registry: Registry, *, move_alias: bool = True) -> list[dict]:
     watch or the audit. Nothing is ever promoted here: the alias only goes back to the latest
     version the gate promoted (by version number), or is removed.
 
-    * the champion is ``pending`` with the gate's intent, and the gate's process has ended (or,
-      on another host, the intent is older than ``GRACE_S``): the gate moved the alias and died
-      before its commit; the promotion is rolled back and the version marked ``incomplete``
-      (``promotion_rolled_back``; run it again);
-    * with ``move_alias``: the champion is not the latest promoted version (a status other than
-      ``promoted``, or an older promoted version), or there is no champion while promoted versions
-      exist: the alias was moved outside the gate; it is put back on the latest promoted version
-      (``alias_incident``, tagged on the version it was found on);
-    * a ``pending`` version, not the champion, whose registering process (on this host) has ended:
-      it is marked ``incomplete`` (``promotion_interrupted`` when the gate had passed it but died
-      before moving the alias, ``run_died`` otherwise). One whose process still runs, or that was
-      registered from another host, stays pending;
+    A promotion is intent → commit (``promoted``) → alias move → intent cleared, so a gate process
+    that ended (on this host; on another, an intent older than ``GRACE_S``) leaves:
+
+    * a ``promoted`` version with its intent that is the champion: moved, not tidied; the intent is
+      cleared (``promotion_completed``);
+    * a ``promoted`` version with its intent that is not the champion: committed, never moved; the
+      promotion is rolled back and the version marked ``incomplete`` (``promotion_rolled_back``);
+    * a ``pending`` version with the intent: ``incomplete`` (``promotion_interrupted``); without it,
+      whose registering process (on this host) ended: ``incomplete`` (``run_died``). Versions whose
+      process still runs, or registered from another host, stay pending;
+    * with ``move_alias``: a champion that is not the latest promoted version (any other status, or
+      an older promoted version), or no champion while promoted versions exist: the alias was moved
+      outside the gate; it is put back on the latest promoted version (``alias_incident``, tagged on
+      the version it was found on). A promotion in flight (promoted, intent present) never counts;
     * a registration run left RUNNING by a process that ended is marked FAILED (``run_abandoned``).
 
     ``move_alias=False`` (a retrain's start) leaves a hand-moved alias where it is: the retrain then
     refuses to build on it, and the watch or the audit moves it back.
     """
     done: list[dict] = []
-    champion = registry.champion()  # before the history: a gate moving the alias meanwhile shows as pending
+    champion = registry.champion()  # before the history: a gate moving the alias meanwhile shows as in flight
     history = registry.history()
-    by_version = {h.version: h for h in history}
 
-    acted: set[str] = set()
-
-    def act(kind: str, version: str, detail: str, tags: Mapping[str, str]) -> None:
+    def act(kind: str, version: str, detail: str, tags: Mapping[str, str], drop: Sequence[str] = ()) -> None:
         at = utc_now()
-        acted.add(version)
         record = {"kind": kind, "version": version, "detail": detail, "at": at}
         registry.set_tags(version, _status_last({**tags, tg.TAG_RECOVERED: at}))
-        try:
-            registry.log_record(version, f"gate/recovery-{at.replace(':', '')}.json", record)
-        except Exception:  # noqa: BLE001 — the tags are the record; the file is for auditors
-            pass
+        registry.delete_tags(version, drop)
+        _best_effort(lambda: registry.log_record(version, f"gate/recovery-{at.replace(':', '')}.json", record))
         done.append(record)
 
-    def latest_promoted(excluding: str | None) -> str | None:
-        gated = [int(h.version) for h in history if h.status == tg.STATUS_PROMOTED and h.version != excluding]
-        return str(max(gated)) if gated else None
+    def in_flight(h) -> bool:
+        return _json_tag(h.tags, tg.TAG_GATE_INTENT) is not None
 
-    def move_back(found_on: str | None, to: str | None) -> None:
-        if registry.champion() != found_on:  # it moved meanwhile (a gate at work): leave it to the next look
-            raise _Moved()
-        registry.move_champion(to)
+    def ended(h) -> bool:
+        """The process behind ``h``'s intent or registration has ended (or, unseen, the intent is stale)."""
+        alive = owner_alive(_json_tag(h.tags, tg.TAG_OWNER))
+        if alive is not None:
+            return not alive
+        age = _age_s((_json_tag(h.tags, tg.TAG_GATE_INTENT) or {}).get("at"))
+        return in_flight(h) and (age is None or age < 0 or age > GRACE_S)
 
-    try:
-        info = by_version.get(champion) if champion is not None else None
-        state = tg.status(info.tags) if info is not None else None
-        intent = _json_tag(info.tags, tg.TAG_GATE_INTENT) if info is not None else None
-        if info is not None and state == tg.STATUS_PENDING and intent is not None:
-            alive = owner_alive(_json_tag(info.tags, tg.TAG_OWNER))
-            age = _age_s(intent.get("at"))
-            if alive is False or (alive is None and (age is None or age < 0 or age > GRACE_S)):
-                back = latest_promoted(champion)
-                act("promotion_rolled_back", champion,
-                    f"the gate moved the alias to version {champion} and stopped before recording its decision; "
-                    f"the alias goes back to {'version ' + back if back else 'no champion'} and the version is "
-                    "not promoted (run it again)",
-                    {tg.TAG_BLOCK_REASONS: json.dumps([{"code": "gate_error", "detail": "promotion interrupted "
-                                                                                        "after the alias move"}]),
-                     tg.TAG_STATUS: tg.STATUS_INCOMPLETE})
-                move_back(champion, back)
-        elif move_alias and (champion is not None or latest_promoted(None) is not None):
-            back = latest_promoted(champion if state != tg.STATUS_PROMOTED else None)
-            if champion != back:
-                what = (f"on version {champion} (status {state!r})" if champion is not None else "removed")
-                incident = {"found_on": champion, "status": state, "moved_back_to": back}
-                if champion is not None and info is not None:
-                    act("alias_incident", champion,
-                        f"the champion alias was {what}, which the gate did not decide; it was moved back to "
-                        f"{'version ' + back if back else 'no champion'}", {tg.TAG_INCIDENT: json.dumps(incident)})
-                else:
-                    done.append({"kind": "alias_incident", "version": back, "at": utc_now(),
-                                 "detail": f"the champion alias was {what} outside the gate; it was put back on "
-                                           f"version {back}"})
-                move_back(champion, back)
-    except _Moved:
-        pass
-    current = registry.champion()
+    # half-done promotions and dead pending versions -----------------------------------------------
     for h in history:
-        if h.status != tg.STATUS_PENDING or h.version in acted or h.version == current:
-            continue
-        if owner_alive(_json_tag(h.tags, tg.TAG_OWNER)) is not False:
-            continue  # still running, or registered from another host: left pending
-        if _json_tag(h.tags, tg.TAG_GATE_INTENT) is not None:
-            kind, short = "promotion_interrupted", "promotion interrupted"
-            detail = "the gate passed every check but its process ended before moving the alias"
-        else:
-            kind, short = "run_died", "the run died before the gate"
-            detail = "the run that registered it ended before the gate decided"
-        act(kind, h.version, detail + "; not promoted (run it again)",
-            {tg.TAG_BLOCK_REASONS: json.dumps([{"code": "gate_error", "detail": short}]),
-             tg.TAG_STATUS: tg.STATUS_INCOMPLETE})
+        if h.status == tg.STATUS_PROMOTED and in_flight(h) and ended(h):
+            if h.version == champion:
+                act("promotion_completed", h.version, "the gate moved the alias and stopped before tidying up; "
+                    "its recorded decision stands", {}, drop=[tg.TAG_GATE_INTENT])
+            else:
+                act("promotion_rolled_back", h.version,
+                    "the gate recorded the promotion and stopped before moving the alias; the alias stays on "
+                    f"{'version ' + champion if champion else 'no champion'} and the version is not promoted "
+                    "(run it again)",
+                    {tg.TAG_BLOCK_REASONS: json.dumps([{"code": "gate_error", "detail": "promotion interrupted "
+                                                                                        "before the alias move"}]),
+                     tg.TAG_STATUS: tg.STATUS_INCOMPLETE},
+                    drop=[tg.TAG_GATE_INTENT, tg.TAG_PROMOTED_AT, tg.TAG_PREVIOUS_CHAMPION])
+        elif h.status == tg.STATUS_PENDING and h.version != champion and ended(h):
+            if in_flight(h):
+                kind, short = "promotion_interrupted", "promotion interrupted"
+                detail = "the gate passed every check but its process ended before recording the promotion"
+            else:
+                kind, short = "run_died", "the run died before the gate"
+                detail = "the run that registered it ended before the gate decided"
+            act(kind, h.version, detail + "; not promoted (run it again)",
+                {tg.TAG_BLOCK_REASONS: json.dumps([{"code": "gate_error", "detail": short}]),
+                 tg.TAG_STATUS: tg.STATUS_INCOMPLETE}, drop=[tg.TAG_GATE_INTENT])
+
+    # a champion the gate did not put there ----------------------------------------------------------
+    if move_alias:
+        history = registry.history()
+        gated = [int(h.version) for h in history if h.status == tg.STATUS_PROMOTED
+                 and (not in_flight(h) or h.version == champion)]
+        info = next((h for h in history if h.version == champion), None) if champion is not None else None
+        state = info.status if info is not None else None
+        back = str(max(gated)) if gated else None
+        if champion != back and registry.champion() == champion:  # unchanged meanwhile (else: the next look)
+            what = f"on version {champion} (status {state!r})" if champion is not None else "removed"
+            if champion is not None and info is not None:
+                act("alias_incident", champion,
+                    f"the champion alias was {what}, which the gate did not decide; it was moved back to "
+                    f"{'version ' + back if back else 'no champion'}",
+                    {tg.TAG_INCIDENT: json.dumps({"found_on": champion, "status": state, "moved_back_to": back})})
+            else:
+                done.append({"kind": "alias_incident", "version": back, "at": utc_now(),
+                             "detail": f"the champion alias was {what} outside the gate; it was put back on "
+                                       f"version {back}"})
+            if registry.champion() == champion:
+                registry.move_champion(back)
     done += _abandoned_runs(registry)
     return done
 

@@ -481,6 +481,13 @@ class Registry:
         for k, v in tags.items():
             self.client.set_model_version_tag(self.model_name, str(version), str(k), str(v))
 
+    def delete_tags(self, version: str, keys: Sequence[str]) -> None:
+        """Remove model-version tags (those that are not set are skipped)."""
+        present = dict(self._model_version(version).tags or {})
+        for k in keys:
+            if k in present:
+                self.client.delete_model_version_tag(self.model_name, str(version), str(k))
+
     def log_record(self, version: str, relative: str, obj: Mapping) -> None:
         """Add a JSON record (e.g. a gate decision) to the version's run, as ``relative``.
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from prefect import flow
 
 from components.data import check_same_features
+from components.failpoints import failpoint
 from flows import tasks
 from flows.certify import run_certification, save_candidate
 from flows.settings import settings_for
@@ -102,7 +103,9 @@ def run_pipeline(config_path: str | Path, action: str, *, data: Sequence[str] = 
               "biasing": action != "bootstrap"}
     candidate_dir = save_candidate(settings.staging / f"{config.name}-{action}-{int(time.time() * 1000)}",
                                    candidate.model, candidate.spec, record)
+    failpoint("trained")
     certification = run_certification(candidate_dir)
+    failpoint("certified")
     outcome = tasks.register_and_gate(config, candidate, certification, data_splits, validation, champion,
                                       action=action)
     outcome.details["seconds"] = round(time.perf_counter() - start, 1)

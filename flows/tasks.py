@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from components.failpoints import failpoint
 from flows.settings import Settings, open_registry, settings_for
 
 if TYPE_CHECKING:
@@ -656,6 +657,7 @@ def register_and_gate(config: LidgateConfig, candidate: Candidate, certification
     """
     lineage = champion.lineage if champion is not None else []
     version = register_candidate(config, candidate, certification, data, validation, lineage)
+    failpoint("registered")
     decision = promote_candidate(config, version, validation)
     details: dict[str, Any] = {"task": data.task, "certification": certification.summary(),
                                "candidate": {"source": candidate.source, "projection": candidate.projection,
@@ -663,6 +665,7 @@ def register_and_gate(config: LidgateConfig, candidate: Candidate, certification
     if decision.promoted and (config.export.onnx if export is None else export):
         try:
             details["onnx"] = export_candidate(config, version, candidate.model, data.certification[0][:4])
+            failpoint("exported")
         except Exception as exc:  # noqa: BLE001 — the promotion stands; the missing export is reported
             details["onnx"] = {"error": f"{type(exc).__name__}: {exc}"}
             _log().warning("v%s was promoted but its ONNX export failed: %s", version, exc)

@@ -46,6 +46,10 @@ def _prepare(config_path: Path):
     config = load_config(config_path)
     use_code_roots(config.code)  # versions are rebuilt from the team's factories
     apply_defaults(config.registry.home)
+    if not os.environ.get("PREFECT_API_URL"):
+        from components.owner import guard_children
+
+        guard_children()  # the ephemeral Prefect server ends with this command, even when it is killed
     if not os.environ.get("LIDGATE_DEBUG"):
         # The CLI reports errors itself, in one line; Prefect would also log their tracebacks. Its logging
         # configuration is (re)loaded when the first flow runs, from these variables.

@@ -537,14 +537,19 @@ def test_crash_recording_promotion_moves_alias_back(registry, champion, base_lid
     assert_blocked(registry, d, v, "gate_error", champion)
 
 
-def test_champion_moved_concurrently(registry, champion, base_lid, data, monkeypatch):
+@pytest.mark.parametrize("seen", ["before the intent", "after the commit"])
+def test_champion_moved_concurrently(registry, champion, base_lid, data, monkeypatch, seen):
+    """Compare-and-set: a champion that changes while the gate runs, even after the promotion was
+    recorded, blocks the candidate (stale_champion) and leaves no promotion tags behind."""
     v, _ = good_candidate(registry, champion, base_lid, data)
-    answers = iter([champion, "999"])
+    answers = iter([champion, "999"] if seen == "before the intent" else [champion, champion, "999"])
     real = Registry.champion
     monkeypatch.setattr(Registry, "champion", lambda self: next(answers, None) or real(self))
     d = promote(registry, v, validation_passed=True)
     monkeypatch.undo()
-    assert_blocked(registry, d, v, "gate_error", champion)
+    assert_blocked(registry, d, v, "stale_champion", champion)
+    tags = registry.client.get_model_version(registry.model_name, v).tags
+    assert not {"lid.gate_intent", "lid.promoted_at", "lid.previous_champion"} & set(tags)
 
 
 def test_unexpected_crash_anywhere(registry, champion, base_lid, data, monkeypatch):
@@ -609,41 +614,80 @@ def dead_owner() -> dict[str, str]:
     return {"pipeline.owner": json.dumps({"host": socket.gethostname(), "pid": proc.pid, "started": 0.0})}
 
 
-@pytest.mark.parametrize("owner", ["dead", "alive"])
-def test_killed_after_alias_move_rolled_back(registry, champion, base_lid, data, monkeypatch, owner):
-    """A gate killed between the alias move and its commit: once its process is gone, recover rolls
-    the promotion back (it never promotes); while the process lives, nothing is touched. (A short
-    name: registered-model names are cut at 80 characters.)"""
-    tags = dead_owner() if owner == "dead" else {"pipeline.owner": owner_tag()}
-    v, _ = good_candidate(registry, champion, base_lid, data, extra_tags=tags)
-    monkeypatch.setattr(gate, "_record", lambda *a, **k: (_ for _ in ()).throw(Killed()))
+def _killed_in(registry, v, monkeypatch, where: str) -> None:
+    """Run the gate on ``v`` and kill it at ``where``: 'move' (the promotion is recorded, the alias
+    not moved) or 'tidy' (the alias moved, the intent not cleared)."""
+    target = (Registry, "move_champion") if where == "move" else (Registry, "delete_tags")
+    monkeypatch.setattr(*target, lambda *a, **k: (_ for _ in ()).throw(Killed()))
     with pytest.raises(Killed):
         promote(registry, v, validation_passed=True)
     monkeypatch.undo()
+
+
+@pytest.mark.parametrize("owner", ["dead", "alive"])
+def test_killed_before_alias_move_rolled_back(registry, champion, base_lid, data, monkeypatch, owner):
+    """A gate killed between its commit and the alias move: the alias never pointed at the version;
+    once the gate's process is gone, recover rolls the promotion back (it never promotes); while the
+    process lives, nothing is touched, not even by the watch. (Short names: registered-model names are
+    cut at 80 characters.)"""
+    tags = dead_owner() if owner == "dead" else {"pipeline.owner": owner_tag()}
+    v, _ = good_candidate(registry, champion, base_lid, data, extra_tags=tags)
+    _killed_in(registry, v, monkeypatch, "move")
     version_tags = registry.client.get_model_version(registry.model_name, v).tags
-    assert registry.champion() == v and version_tags["lid.status"] == "pending" and "lid.gate_intent" in version_tags
+    assert registry.champion() == champion and version_tags["lid.status"] == "promoted"
+    assert "lid.gate_intent" in version_tags
 
     done = gate.recover(registry)
-    if owner == "alive":  # the gate may still be committing: nothing is touched, not even by the watch
-        assert done == [] and registry.champion() == v
+    if owner == "alive":
+        assert done == [] and registry.champion() == champion
         return
     assert [r["kind"] for r in done] == ["promotion_rolled_back"]
-    assert registry.champion() == champion  # nothing is promoted outside the gate
-    assert registry.client.get_model_version(registry.model_name, v).tags["lid.status"] == "incomplete"
+    assert registry.champion() == champion
+    version_tags = registry.client.get_model_version(registry.model_name, v).tags
+    assert version_tags["lid.status"] == "incomplete"
+    assert not {"lid.gate_intent", "lid.promoted_at"} & set(version_tags)
     assert_history_consistent(registry)
     assert gate.recover(registry) == []  # settled
 
 
+@pytest.mark.parametrize("owner", ["dead", "alive"])
+def test_killed_after_alias_move_completed(registry, champion, base_lid, data, monkeypatch, owner):
+    """A gate killed after the alias move, before clearing its intent: the champion's promotion is
+    recorded; recover only tidies (promotion_completed) once the process is gone."""
+    tags = dead_owner() if owner == "dead" else {"pipeline.owner": owner_tag()}
+    v, _ = good_candidate(registry, champion, base_lid, data, extra_tags=tags)
+    _killed_in(registry, v, monkeypatch, "tidy")
+    assert registry.champion() == v
+    assert registry.client.get_model_version(registry.model_name, v).tags["lid.status"] == "promoted"
+    done = gate.recover(registry)
+    assert registry.champion() == v
+    if owner == "alive":
+        assert done == []
+        return
+    assert [r["kind"] for r in done] == ["promotion_completed"]
+    assert "lid.gate_intent" not in registry.client.get_model_version(registry.model_name, v).tags
+    assert_history_consistent(registry)
+
+
 def test_a_forged_intent_promotes_nothing(registry, champion, base_model, base_lid, data):
-    """A gate intent written by hand on a version the alias is moved to: recover rolls it back."""
+    """Gate tags written by hand promote nothing: a 'promoted' version with an intent that the alias
+    never reached is rolled back; a pending one the alias was moved to is an incident."""
     rogue = registry.register(shifted(base_model, 0.05), SPEC, lid=None, cert_data=data["cert"],
                               extra_tags=dead_owner())
-    registry.client.set_model_version_tag(registry.model_name, rogue, "lid.gate_intent",
-                                          json.dumps({"previous_champion": champion, "at": "2999-01-01T00:00:00"}))
-    registry.client.set_registered_model_alias(registry.model_name, "champion", rogue)
-    done = gate.recover(registry, move_alias=False)  # even a retrain's recovery does this much
+    forged = {"lid.gate_intent": json.dumps({"previous_champion": champion, "at": "2999-01-01T00:00:00"}),
+              "lid.status": "promoted"}
+    registry.set_tags(rogue, forged)
+    done = gate.recover(registry)
     assert [r["kind"] for r in done] == ["promotion_rolled_back"] and registry.champion() == champion
     assert registry.client.get_model_version(registry.model_name, rogue).tags["lid.status"] == "incomplete"
+
+    rogue2 = registry.register(shifted(base_model, 0.05), SPEC, lid=None, cert_data=data["cert"],
+                               extra_tags=dead_owner())
+    registry.set_tags(rogue2, {"lid.gate_intent": forged["lid.gate_intent"]})
+    registry.client.set_registered_model_alias(registry.model_name, "champion", rogue2)
+    assert gate.recover(registry, move_alias=False) == []  # a retrain's recovery: it refuses to build on it
+    done = gate.recover(registry)
+    assert [r["kind"] for r in done] == ["alias_incident"] and registry.champion() == champion
 
 
 def test_an_older_promoted_version_or_no_alias_is_an_incident(registry, champion, base_lid, data):
@@ -664,7 +708,7 @@ def test_versions_whose_run_died_are_marked_incomplete_and_live_ones_left_pendin
     running, _ = good_candidate(registry, champion, base_lid, data,
                                 extra_tags={"pipeline.owner": owner_tag()})  # this process: alive
     interrupted, _ = good_candidate(registry, champion, base_lid, data, extra_tags=dead_owner())
-    monkeypatch.setattr(Registry, "move_champion", lambda self, version: (_ for _ in ()).throw(Killed()))
+    monkeypatch.setattr(gate, "_record", lambda *a, **k: (_ for _ in ()).throw(Killed()))  # intent, no commit
     with pytest.raises(Killed):
         promote(registry, interrupted, validation_passed=True)
     monkeypatch.undo()
