@@ -31,8 +31,11 @@ def owner_alive(owner: Mapping | None) -> bool | None:
     if not owner or owner.get("host") != socket.gethostname():
         return None
     try:
+        proc = psutil.Process(int(owner["pid"]))
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False  # ended, not yet reaped by its parent
         # start times are boot time + ticks; a clock step moves the boot time by whole seconds
-        return abs(psutil.Process(int(owner["pid"])).create_time() - float(owner["started"])) < 2.0
+        return abs(proc.create_time() - float(owner["started"])) < 2.0
     except psutil.AccessDenied:
         return None  # cannot look: not evidence that it ended
     except (psutil.NoSuchProcess, KeyError, TypeError, ValueError):

@@ -16,6 +16,7 @@ what goes wrong before it leaves the alias where it was, with the reason recorde
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from prefect import flow
 
 from components.data import check_same_features
 from components.failpoints import failpoint
+from components.owner import owner_tag
 from flows import tasks
 from flows.certify import run_certification, save_candidate
 from flows.settings import settings_for
@@ -100,14 +102,17 @@ def run_pipeline(config_path: str | Path, action: str, *, data: Sequence[str] = 
               "data_paths": [str(Path(p).resolve()) for p in data], "task": data_splits.task,
               "dtype": str(dtype).removeprefix("torch."), "data_sha256": data_splits.fingerprint(), "champion": before,
               "lineage": champion.lineage if champion is not None else [], "action": action,
-              "biasing": action != "bootstrap"}
+              "biasing": action != "bootstrap", "owner": owner_tag()}
     candidate_dir = save_candidate(settings.staging / f"{config.name}-{action}-{int(time.time() * 1000)}",
                                    candidate.model, candidate.spec, record)
-    failpoint("trained")
-    certification = run_certification(candidate_dir)
-    failpoint("certified")
-    outcome = tasks.register_and_gate(config, candidate, certification, data_splits, validation, champion,
-                                      action=action)
+    try:
+        failpoint("trained")
+        certification = run_certification(candidate_dir)
+        failpoint("certified")
+        outcome = tasks.register_and_gate(config, candidate, certification, data_splits, validation, champion,
+                                          action=action)
+    finally:  # the candidate is registered (or refused) by now; a crash leaves it for recover_registry
+        shutil.rmtree(candidate_dir, ignore_errors=True)
     outcome.details["seconds"] = round(time.perf_counter() - start, 1)
     outcome.details["summary"] = str(tasks.write_summary(settings, outcome))
     return outcome

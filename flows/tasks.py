@@ -38,6 +38,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from components.failpoints import failpoint
+from lid_engine.files import utc_now
 from flows.settings import Settings, open_registry, settings_for
 
 if TYPE_CHECKING:
@@ -281,10 +282,56 @@ def recover_registry(config: LidgateConfig, *, move_alias: bool = False) -> list
     ``incomplete``; with ``move_alias`` a champion the gate did not promote is moved back."""
     from components.gate import recover
 
-    done = recover(registry_for(config), move_alias=move_alias)
+    registry = registry_for(config)
+    done = recover(registry, move_alias=move_alias)
+    done += _finish_export(config, registry) + _clean_staging(settings_for(config))
     for record in done:
         _log().warning("recovery: version %s: %s (%s)", record["version"], record["detail"], record["kind"])
     return done
+
+
+def _finish_export(config: LidgateConfig, registry) -> list[dict]:
+    """Export the champion to ONNX when a crash came between its promotion and its export."""
+    from components import tags as tg
+
+    champion = registry.champion() if config.export.onnx else None
+    if champion is None:
+        return []
+    info = next((h for h in registry.history() if h.version == champion), None)
+    if info is None or info.status != tg.STATUS_PROMOTED or info.tags.get(tg.TAG_ONNX_SHA):
+        return []
+    loaded = registry.load(version=champion)
+    try:
+        x = next(iter(loaded.cert_data.values()))[0][:4]
+        export = export_candidate(config, champion, loaded.model, x)
+    finally:
+        registry.release(loaded)
+    return [{"kind": "export_completed", "version": champion, "at": utc_now(),
+             "detail": f"the champion was promoted but never exported (a crash); exported to {export['path']}"}]
+
+
+def _clean_staging(settings: Settings) -> list[dict]:
+    """Remove candidate folders left in the staging area by runs that ended without cleaning up."""
+    import shutil
+
+    from components.owner import owner_alive
+    from flows.certify import CANDIDATE_FILE
+
+    removed = []
+    for folder in sorted(settings.staging.glob("*")) if settings.staging.is_dir() else []:
+        try:
+            owner = json.loads((folder / CANDIDATE_FILE).read_text(encoding="utf-8")).get("owner")
+            alive = owner_alive(json.loads(owner) if isinstance(owner, str) else None)
+        except (OSError, ValueError, AttributeError):
+            alive = None
+        age_s = time.time() - folder.stat().st_mtime
+        if alive is False or (alive is None and age_s > 86400):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+    if not removed:
+        return []
+    return [{"kind": "staging_cleaned", "version": None, "at": utc_now(),
+             "detail": f"removed {len(removed)} candidate folder(s) left by ended runs: {', '.join(removed[:5])}"}]
 
 
 @task(name="load data", **STEP)

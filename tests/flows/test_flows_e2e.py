@@ -237,14 +237,25 @@ def test_crash_between_registration_and_alias_move_leaves_champion(config, tmp_p
     assert registry.champion() == "1" and _statuses(registry) == {"1": "promoted", "2": "blocked"}
 
 
-def test_the_certify_flow_refuses_another_configuration_or_other_data(config, tmp_path):
+def test_the_certify_flow_refuses_another_configuration_or_other_data(config, tmp_path, monkeypatch):
     """The gpu worker certifies exactly what was trained: a candidate folder whose configuration or data
-    hash differently where it is certified is refused."""
-    from flows.certify import CANDIDATE_FILE, CandidateError, certify_flow
-    from flows.retrain import bootstrap_flow
+    hash differently where it is certified is refused. (The pipeline removes its candidate folder once
+    the gate has decided: a copy is kept here.)"""
+    import shutil
 
-    bootstrap_flow(config=str(config))
-    staged = sorted((tmp_path / "home" / "staging").iterdir())[-1]
+    from flows import retrain
+    from flows.certify import CANDIDATE_FILE, CandidateError, certify_flow
+
+    real = retrain.run_certification
+
+    def keep_a_copy(candidate_dir):
+        shutil.copytree(candidate_dir, tmp_path / "staged")
+        return real(candidate_dir)
+
+    monkeypatch.setattr(retrain, "run_certification", keep_a_copy)
+    retrain.bootstrap_flow(config=str(config))
+    assert list((tmp_path / "home" / "staging").iterdir()) == []  # nothing left behind
+    staged = tmp_path / "staged"
     record = json.loads((staged / CANDIDATE_FILE).read_text())
     changed = json.loads(json.dumps(record))
     changed["config_sha256"] = "0" * 64
