@@ -189,6 +189,229 @@ def faults(runs: int, points: list[str], phases: list[str], out: Path) -> None:
                                    "seconds": round(time.time() - start)}, indent=1, default=str))
 
 
+# ------------------------------------------------------------------------------------ fuzz
+def fuzz_model():
+    """The model the fuzzed LID certifies (``--model benchmarks.reliability:fuzz_model``)."""
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+
+
+FUZZ_TARGETS = ("lid.json", "members/000/domain.json", "members/000/domain.safetensors", "nominal.safetensors",
+                "cert_data.npz", "certificate.dsse.json", "lidgate.yaml")
+
+
+def _fuzz_fixture(work: Path) -> dict[str, Path]:
+    """A signed LID of ``fuzz_model`` (2 members), its weights and key, and a valid configuration."""
+    import torch
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    model = fuzz_model().eval()
+    save_file(model.state_dict(), str(work / "w.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 5, generator=g)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    np.savez(work / "data.npz", x=x.numpy(), y=y.numpy())
+    runner = CliRunner()
+    for args in (["keygen", "--private", str(work / "k.pem"), "--public", str(work / "k.pub")],
+                 ["certify", "--model", "benchmarks.reliability:fuzz_model", "--weights", str(work / "w.safetensors"),
+                  "--data", str(work / "data.npz"), "--out", str(work / "lid"), "--tau", "0.6", "--iterations", "20",
+                  "--checkpoints", "2", "--sign-key", str(work / "k.pem")]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+    config, _ = write_setup(work)
+    shutil.copy(config, work / "lid" / "lidgate.yaml")  # kept beside the LID only to be fuzzed
+    return {"lid": work / "lid", "weights": work / "w.safetensors", "key": work / "k.pub"}
+
+
+def _same_content(name: str, before: bytes, after: bytes) -> bool:
+    """Whether a mutated file still says exactly what the original says (then accepting it is right):
+    equal JSON, equal arrays, equal tensors and header metadata."""
+    import io
+
+    if before == after:
+        return True
+    try:
+        if name.endswith(".json"):
+            return json.loads(before) == json.loads(after)
+        if name.endswith(".npz"):
+            with np.load(io.BytesIO(before)) as a, np.load(io.BytesIO(after)) as b:
+                return sorted(a.files) == sorted(b.files) and all(
+                    a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a.files)
+        if name.endswith(".safetensors"):
+            from safetensors.torch import load as st_load
+
+            ta, tb = st_load(before), st_load(after)
+            header = lambda raw: json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")]).get("__metadata__")  # noqa: E731
+            return ta.keys() == tb.keys() and all(
+                ta[k].dtype == tb[k].dtype and ta[k].shape == tb[k].shape and bool((ta[k] == tb[k]).all())
+                for k in ta) and header(before) == header(after)
+    except Exception:  # noqa: BLE001 — unreadable: not the same content
+        return False
+    return False
+
+
+def _mutations():
+    """A hypothesis strategy: a function bytes -> bytes (byte flips, cuts, insertions, duplications, and for
+    JSON a changed, removed or added field)."""
+    from hypothesis import strategies as st
+
+    junk = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
+                     st.text(max_size=20), st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5),
+                                                                                                 st.integers(), max_size=2))
+
+    def flip(pos, val):
+        return lambda b: b[:pos % max(len(b), 1)] + bytes([val]) + b[pos % max(len(b), 1) + 1:] if b else bytes([val])
+
+    def cut(pos, n):
+        return lambda b: b[:pos % max(len(b), 1)] + b[pos % max(len(b), 1) + n:]
+
+    def insert(pos, extra):
+        return lambda b: b[:pos % max(len(b), 1)] + extra + b[pos % max(len(b), 1):]
+
+    def truncate(pos):
+        return lambda b: b[:pos % max(len(b), 1)]
+
+    def dup(pos, n):
+        return lambda b: b[:pos % max(len(b), 1) + n] + b[pos % max(len(b), 1):]
+
+    def json_edit(choice, value, op):
+        def edit(b):
+            try:
+                doc = json.loads(b)
+            except ValueError:
+                return b[::-1]
+            paths = []
+
+            def walk(node, path):
+                if isinstance(node, dict):
+                    for k, v in node.items():
+                        paths.append(path + [k])
+                        walk(v, path + [k])
+                elif isinstance(node, list):
+                    for i, v in enumerate(node):
+                        paths.append(path + [i])
+                        walk(v, path + [i])
+            walk(doc, [])
+            if not paths:
+                return json.dumps(value).encode()
+            path = paths[choice % len(paths)]
+            parent = doc
+            for key in path[:-1]:
+                parent = parent[key]
+            if op == "delete":
+                del parent[path[-1]]
+            elif op == "add" and isinstance(parent, dict):
+                parent[f"{path[-1]}_x"] = value
+            else:
+                parent[path[-1]] = value
+            return json.dumps(doc).encode()
+        return edit
+
+    pos, n = st.integers(0, 2**20), st.integers(1, 64)
+    return st.one_of(
+        st.builds(flip, pos, st.integers(0, 255)), st.builds(cut, pos, n),
+        st.builds(insert, pos, st.binary(min_size=1, max_size=32)), st.builds(truncate, pos), st.builds(dup, pos, n),
+        st.builds(json_edit, st.integers(0, 10**6), junk, st.sampled_from(["set", "delete", "add"])),
+    )
+
+
+def fuzz(cases: int, out: Path) -> None:
+    """Mutate one file of a signed LID (or its configuration) per case, then run what reads it:
+    ``lidgate verify --public-key`` for the LID's files, ``load_config`` under the CLI's error mapping
+    for the configuration. A case fails when the command crashes (an uncaught exception or a
+    traceback), accepts a file whose content changed, or answers with an exit code outside its class."""
+    import contextlib
+    import io
+    import traceback
+
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import strategies as st
+    from tqdm import tqdm
+    from typer.testing import CliRunner
+
+    import typer
+
+    from flows.cli import app
+    from flows.cli.app import cli_errors
+
+    work = Path(tempfile.mkdtemp(prefix="lidgate-fuzz-"))
+    fx = _fuzz_fixture(work)
+    originals = {name: (fx["lid"] / name).read_bytes() for name in FUZZ_TARGETS}
+    runner = CliRunner()
+    verify = ["verify", str(fx["lid"]), "--model", "benchmarks.reliability:fuzz_model", "--weights",
+              str(fx["weights"]), "--public-key", str(fx["key"])]
+    assert runner.invoke(app, verify).exit_code == 0, "the unmodified LID must verify"
+    rows: list[dict] = []
+    bar = tqdm(total=cases, desc="fuzz cases", unit="case")
+
+    def config_code(path: Path) -> tuple[int, str]:
+        from components.config import ConfigError, load_config
+
+        try:
+            with contextlib.redirect_stderr(io.StringIO()), cli_errors():
+                try:
+                    load_config(path)
+                except ConfigError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 — an error that does not name the file and field
+                    return -1, f"{type(exc).__name__}: {exc}"[:200]
+            return 0, ""
+        except (SystemExit, typer.Exit) as exc:
+            return int(getattr(exc, "exit_code", getattr(exc, "code", 0)) or 0), ""
+
+    @settings(max_examples=cases, database=None, deadline=None, derandomize=True, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(name=st.sampled_from(FUZZ_TARGETS), mutate=_mutations())
+    def case(name, mutate):
+        path = fx["lid"] / name
+        before = originals[name]
+        after = mutate(before)
+        path.write_bytes(after)
+        try:
+            same = _same_content(name, before, after)
+            if name == "lidgate.yaml":
+                code, detail = config_code(path)
+                crashed = code == -1
+                expected = {0, 2}
+            else:
+                result = runner.invoke(app, verify)
+                crashed = (result.exception is not None and not isinstance(result.exception, SystemExit)) \
+                    or "Traceback" in result.output
+                code = result.exit_code
+                detail = (result.stderr or "").strip()[:200] if code else ""
+                expected = {0, 3} if same else {3}  # bytes are signed: an equivalent rewrite may be refused
+                if name not in ("certificate.dsse.json", "cert_data.npz"):  # the files inspect reads too
+                    shown = runner.invoke(app, ["inspect", str(fx["lid"])])
+                    crashed = crashed or (shown.exception is not None and not isinstance(shown.exception, SystemExit))
+                    if shown.exit_code != code:
+                        detail = f"inspect exits {shown.exit_code}, verify {code}: " + (shown.stderr or "")[:200]
+                        code = -2  # inspect and verify disagree
+            accepted = code == 0 and not same and name != "lidgate.yaml"
+            if accepted:
+                detail = "accepted: " + after.decode("utf-8", "replace")[-300:]
+            rows.append({"file": name, "same": same, "code": code, "crashed": crashed, "accepted_modified": accepted,
+                         "ok": not crashed and code in expected, "detail": detail if code not in expected or accepted else ""})
+        except Exception:  # noqa: BLE001 — a harness error is recorded as a failed case, never hidden
+            rows.append({"file": name, "same": None, "code": None, "crashed": True, "accepted_modified": False,
+                         "ok": False, "detail": "harness: " + traceback.format_exc()[-600:]})
+        finally:
+            path.write_bytes(before)
+        bar.update(1)
+
+    start = time.time()
+    case()
+    bar.close()
+    shutil.rmtree(work, ignore_errors=True)
+    out.write_text(json.dumps({"part": "fuzz", "machine": machine_header(), "seconds": round(time.time() - start),
+                               "rows": rows}, indent=0, default=str))
+
+
 # ------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.reliability", description=__doc__.splitlines()[0])
@@ -198,9 +421,14 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--points", nargs="*", default=[])
     f.add_argument("--phases", nargs="*", default=["bootstrap", "retrain"])
     f.add_argument("--out", type=Path, default=RESULTS / "reliability_faults.json")
+    z = sub.add_parser("fuzz")
+    z.add_argument("--cases", type=int, default=12000)
+    z.add_argument("--out", type=Path, default=RESULTS / "reliability_fuzz.json")
     args = parser.parse_args(argv)
     if args.part == "faults":
         faults(args.runs, args.points, args.phases, args.out)
+    elif args.part == "fuzz":
+        fuzz(args.cases, args.out)
 
 
 if __name__ == "__main__":

@@ -179,6 +179,17 @@ def sign(statement: Mapping[str, Any], private_key) -> dict[str, Any]:
             "signatures": [{"keyid": key_id(private_key.public_key()), "sig": base64.b64encode(signature).decode()}]}
 
 
+def _strict_b64(value: Any, what: str) -> bytes:
+    """Decode canonical base64 only (an edited padding or trailing bit is refused, not ignored)."""
+    try:
+        raw = base64.b64decode(value if isinstance(value, str) else "\x00", validate=True)
+    except ValueError:
+        raise SignatureError(f"the envelope's {what} is not base64") from None
+    if base64.b64encode(raw).decode("ascii") != value:
+        raise SignatureError(f"the envelope's {what} is not canonical base64")
+    return raw
+
+
 def verify_envelope(envelope: Any, public_keys: Sequence) -> dict[str, Any]:
     """The statement inside ``envelope`` if one of its signatures verifies with one of
     ``public_keys`` (Ed25519 key objects).
@@ -191,36 +202,31 @@ def verify_envelope(envelope: Any, public_keys: Sequence) -> dict[str, Any]:
 
     if not isinstance(envelope, Mapping) or not isinstance(envelope.get("signatures"), list):
         raise SignatureError("the signature file is not a DSSE envelope (no 'signatures' list)")
+    # strict: exactly the fields lidgate writes, canonical base64 — any edit of the file is refused
+    if set(envelope) != {"payloadType", "payload", "signatures"} or not all(
+            isinstance(e, Mapping) and set(e) == {"keyid", "sig"} for e in envelope["signatures"]):
+        raise SignatureError("the envelope has fields other than payloadType, payload and signatures[{keyid, sig}]")
     if envelope.get("payloadType") != PAYLOAD_TYPE:
         raise SignatureError(f"payloadType is {envelope.get('payloadType')!r}, expected {PAYLOAD_TYPE!r}")
-    try:
-        body = base64.b64decode(str(envelope.get("payload", "")), validate=True)
-    except ValueError:
-        raise SignatureError("the envelope's payload is not base64") from None
+    body = _strict_b64(envelope.get("payload"), "payload")
     if not public_keys:
         raise SignatureError("no trusted public key is configured (signing.public_keys)")
     trusted = {key_id(k): k for k in public_keys}
-    seen = []
-    for entry in envelope["signatures"]:
-        if not isinstance(entry, Mapping):
-            continue
-        kid = str(entry.get("keyid", ""))
-        seen.append(kid[:12])
-        key = trusted.get(kid)
-        if key is None:
-            continue
+    kids = [str(e["keyid"]) for e in envelope["signatures"]]
+    unknown = [k[:12] for k in kids if k not in trusted]
+    if not kids or unknown:  # every signature must be by a trusted key (co-signing during a rotation)
+        raise SignatureError(f"signed by unknown key(s) {unknown or '(none)'}; trusted: {[k[:12] for k in trusted]}")
+    for entry, kid in zip(envelope["signatures"], kids):
         try:
-            key.verify(base64.b64decode(str(entry.get("sig", "")), validate=True), _pae(PAYLOAD_TYPE, body))
+            trusted[kid].verify(_strict_b64(entry["sig"], "signature"), _pae(PAYLOAD_TYPE, body))
         except (InvalidSignature, ValueError):
             raise SignatureError(f"the signature by key {kid[:12]}… does not verify: the statement or the signature "
                                  "was changed after signing") from None
-        try:
-            statement = json.loads(body)
-        except ValueError:
-            raise SignatureError("the signed payload is not JSON") from None
-        if not isinstance(statement, dict) or statement.get("_type") != STATEMENT_TYPE \
-                or statement.get("predicateType") != PREDICATE_TYPE:
-            raise SignatureError("the signed payload is not a lidgate certificate statement")
-        return statement
-    raise SignatureError(f"signed by unknown key(s) {seen or '(none)'}; trusted: "
-                         f"{[k[:12] for k in trusted]}")
+    try:
+        statement = json.loads(body)
+    except ValueError:
+        raise SignatureError("the signed payload is not JSON") from None
+    if not isinstance(statement, dict) or statement.get("_type") != STATEMENT_TYPE \
+            or statement.get("predicateType") != PREDICATE_TYPE:
+        raise SignatureError("the signed payload is not a lidgate certificate statement")
+    return statement

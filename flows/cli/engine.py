@@ -11,7 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from flows.cli.app import EXIT_INTEGRITY, EXIT_NO, BadInput, app, cli_errors as _cli_errors, console as _console
+from flows.cli.app import EXIT_INTEGRITY, EXIT_NO, BadInput, Tampered, app
+from flows.cli.app import cli_errors as _cli_errors, console as _console
 
 CERT_DATA_FILE = "cert_data.npz"
 
@@ -224,14 +225,20 @@ def verify(
             raise BadInput(f"'{directory}' is not a directory")
         net = _load_weights(_load_factory(model), weights)
         items = list(data or [])
-        if not items:
+        saved = not items  # the directory's own certification data: part of what is verified
+        if saved:
             default = directory / CERT_DATA_FILE
             if not default.is_file():
                 raise BadInput(f"--data is required (no {CERT_DATA_FILE} in '{directory}')")
             items = [str(default)]
         kwargs = {}
         if len(items) == 1 and "=" not in items[0]:
-            x, y = _load_npz(Path(items[0]), "--data")
+            try:
+                x, y = _load_npz(Path(items[0]), "--data")
+            except BadInput as exc:
+                if saved:
+                    raise Tampered(f"the saved certification data is damaged: {exc}") from None
+                raise
             _check_fits(net, x, y, "--data")
             kwargs.update(x=x, y=y)
         else:
@@ -264,8 +271,9 @@ def verify(
             _print_report(report)
             if below:
                 _console().print("[bold red]BELOW τ[/bold red]: the certificates are genuine, but " + "; ".join(below))
+        tampered = report.tampered or (saved and any(c.name.startswith("data '") for c in report.failures))
         if not report.ok or below:
-            raise typer.Exit(EXIT_INTEGRITY if report.tampered else EXIT_NO)
+            raise typer.Exit(EXIT_INTEGRITY if tampered else EXIT_NO)
 
 
 def _public_keys(paths: list[Path]) -> list:

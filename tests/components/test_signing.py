@@ -96,6 +96,14 @@ def test_any_flipped_bit_in_the_payload_or_signature_is_refused(keys, certified,
     (lambda e: {**e, "payloadType": "text/plain"}, "payloadType"),
     (lambda e: {**e, "payload": "%%%"}, "not base64"),
     (lambda e: {**e, "signatures": []}, "unknown key"),
+    # strict: a field added anywhere, a non-canonical base64 padding bit, or a second signature by an
+    # untrusted key is an edit of the file, refused even though the trusted signature still verifies
+    (lambda e: {**e, "note": "x"}, "fields other than"),
+    (lambda e: {**e, "signatures": [{**e["signatures"][0], "sig_x": True}]}, "fields other than"),
+    (lambda e: {**e, "signatures": [{**e["signatures"][0], "sig": e["signatures"][0]["sig"][:-3] + "B=="}]},
+     "not canonical|does not verify"),
+    (lambda e: {**e, "signatures": e["signatures"] + [{"keyid": "0" * 64, "sig": e["signatures"][0]["sig"]}]},
+     "unknown key"),
 ])
 def test_malformed_envelopes_are_refused_with_a_reason(keys, certified, mutate, fragment):
     envelope = sign(statement(certified), keys["a"][0])
