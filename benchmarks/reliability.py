@@ -409,7 +409,241 @@ def fuzz(cases: int, out: Path) -> None:
     bar.close()
     shutil.rmtree(work, ignore_errors=True)
     out.write_text(json.dumps({"part": "fuzz", "machine": machine_header(), "seconds": round(time.time() - start),
-                               "rows": rows}, indent=0, default=str))
+                               **_fuzz_summary(rows)}, indent=1, default=str))
+
+
+def _fuzz_summary(rows: list[dict]) -> dict:
+    """The cases counted by (file, exit code, content unchanged, crashed, modified accepted, ok), and every
+    failed case in full."""
+    keys = ("file", "code", "same", "crashed", "accepted_modified", "ok")
+    counts = Counter(tuple(r[k] for k in keys) for r in rows)
+    return {"cases": len(rows), "counts": [dict(zip(keys, k), n=n) for k, n in sorted(counts.items(), key=str)],
+            "failed": [r for r in rows if not r["ok"]]}
+
+
+# ------------------------------------------------------------------------------------ load
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _concurrent(n: int, config: Path, scans: Path, env: dict) -> list[dict]:
+    """``n`` ``lidgate retrain`` commands started together; their exit codes, outcomes and errors."""
+    procs = []
+    for i in range(n):
+        out = tempfile.TemporaryFile("w+")
+        err = tempfile.TemporaryFile("w+")
+        procs.append((subprocess.Popen([*LIDGATE, "retrain", str(config), "--data", str(scans), "--json"], cwd=REPO,
+                                       env={**ENV, **env}, stdout=out, stderr=err, text=True), out, err))
+    runs = []
+    for proc, out, err in procs:
+        rc = proc.wait(timeout=3600)
+        out.seek(0), err.seek(0)
+        text, errors = out.read(), err.read()
+        try:
+            outcome = json.loads(text[text.index("{"):])
+        except ValueError:
+            outcome = {}
+        runs.append({"rc": rc, "version": outcome.get("version"), "promoted": outcome.get("promoted"),
+                     "codes": [r.get("code") for r in outcome.get("reasons", [])],
+                     "database_locked": "database is locked" in (text + errors),
+                     "error": errors.strip().splitlines()[-1][:300] if rc not in (0, 1) and errors.strip() else ""})
+    return runs
+
+
+def _judge(config: Path, runs: list[dict], env: dict) -> dict[str, Any]:
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        state = registry_state(config)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    reported = sorted(str(r["version"]) for r in runs if r["version"] is not None)
+    versions = sorted(state["statuses"])
+    return {"state": state, "reported_versions": reported,
+            "lost_versions": sorted(set(reported) - set(versions)),
+            "unreported_versions": sorted(set(versions) - set(reported) - {"1"}),
+            "pending": sorted(v for v, s in state["statuses"].items() if s == "pending"),
+            "promoted_runs": sum(bool(r["promoted"]) for r in runs),
+            "database_locked": sum(r["database_locked"] for r in runs)}
+
+
+def load(retrains: int, sqlite_retrains: int, out: Path) -> None:
+    """``retrains`` concurrent retrains against the server stack (PostgreSQL MLflow, Prefect server, cpu
+    and gpu workers: ``deployment/local_stack.sh``), then ``sqlite_retrains`` at once on the SQLite
+    default; the registry judged after each."""
+    result: dict[str, Any] = {"part": "load", "machine": machine_header()}
+    with tempfile.TemporaryDirectory(prefix="lidgate-load-") as tmp:
+        work = Path(tmp)
+        os.chmod(work, 0o755)  # the postgres account must reach the cluster directory
+        ports = {"PG_PORT": _free_port(), "MLFLOW_PORT": _free_port(), "PREFECT_PORT": _free_port()}
+        config, scans = write_setup(work, tracking_uri=f"http://127.0.0.1:{ports['MLFLOW_PORT']}")
+        stack_env = {**ENV, "LIDGATE_HOME": str(work / "home"), "LIDGATE_CONFIG": str(config),
+                     **{k: str(v) for k, v in ports.items()}}
+        script = REPO / "deployment" / "local_stack.sh"
+        started = subprocess.run([str(script), "start"], env=stack_env, capture_output=True, text=True, timeout=600)
+        try:
+            if started.returncode != 0:
+                raise RuntimeError("local_stack.sh start failed: " + (started.stderr or started.stdout)[-1000:])
+            env = {"PREFECT_API_URL": f"http://127.0.0.1:{ports['PREFECT_PORT']}/api",
+                   "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports['MLFLOW_PORT']}", "LIDGATE_HOME": str(work / "home")}
+            first = lidgate("bootstrap", str(config), env=env)
+            if first.returncode != 0:
+                raise RuntimeError("bootstrap on the stack failed: " + (first.stderr or first.stdout)[-1000:])
+            t0 = time.time()
+            runs = _concurrent(retrains, config, scans, env)
+            result["server"] = {"retrains": retrains, "seconds": round(time.time() - t0), "runs": runs,
+                                **_judge(config, runs, env)}
+        finally:
+            subprocess.run([str(script), "stop"], env=stack_env, capture_output=True, text=True, timeout=300)
+        # the SQLite default: one machine, one writer
+        local = work / "sqlite"
+        local.mkdir()
+        config, scans = write_setup(local)
+        first = lidgate("bootstrap", str(config))
+        if first.returncode == 0:
+            t0 = time.time()
+            runs = _concurrent(sqlite_retrains, config, scans, {})
+            result["sqlite"] = {"retrains": sqlite_retrains, "seconds": round(time.time() - t0), "runs": runs,
+                                **_judge(config, runs, {})}
+        else:
+            result["sqlite"] = {"error": (first.stderr or first.stdout)[-1000:]}
+    out.write_text(json.dumps(result, indent=1, default=str))
+
+
+# ------------------------------------------------------------------------------------ report
+def _load_part(name: str) -> dict | None:
+    path = RESULTS / f"reliability_{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _yes(n: int, total: int) -> str:
+    return f"{n}/{total}" + ("" if n == total else " ✗")
+
+
+def report() -> Path:
+    """Render ``benchmarks/results/reliability.md`` from the parts' JSON files."""
+    lines = ["# Reliability: crashes, concurrent retrains, bad files", "",
+             "The promise under test: *the champion is a model whose certificates hold, and what consumers load "
+             "is that model*. Produced by `benchmarks/reliability.py` (the commands are given per part); the "
+             "raw results are the `reliability_*.json` files beside this one.", ""]
+    faults_ = _load_part("faults")
+    if faults_:
+        rows = faults_["rows"]
+        lines += ["## Faults: SIGKILL at every step boundary", "",
+                  "`python -m benchmarks.reliability faults --runs 5` — each run in a fresh registry: `lidgate "
+                  "bootstrap` (retrain phase: a first version, then `lidgate retrain --data scanner2.npz`) killed "
+                  "with SIGKILL at the named boundary (`LIDGATE_FAILPOINT`, `components/failpoints.py`; the flow "
+                  "runs in the command's process, which is the worker in the local default). Then the registry is "
+                  "judged raw (before anything recovers), `lidgate audit` runs, the registry is judged again, and a "
+                  "follow-up `lidgate bootstrap`/`retrain` must promote. *Sound* = no champion, or a champion with "
+                  "`lid.status = promoted` that loads with every digest intact and whose own and lineage "
+                  "certificates verify (checked without the gate's code). *Audit right* = the audit exits 0 exactly "
+                  "when the recovered registry is sound.", "",
+                  *[f"  {m}" for m in faults_["machine"]], "",
+                  "| phase | killed at | runs | SIGKILL | sound right after the kill | audit right | sound after "
+                  "audit | intents left | follow-up promoted | orphaned processes |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        keys = sorted({(r["phase"], r["point"]) for r in rows}, key=lambda k: (k[0] != "bootstrap",))
+        from components.failpoints import POINTS
+
+        keys.sort(key=lambda k: (k[0] != "bootstrap", POINTS.index(k[1]) if k[1] in POINTS else 99))
+        for phase, point in keys:
+            group = [r for r in rows if (r["phase"], r["point"]) == (phase, point)]
+            n = len(group)
+            ok = lambda f: sum(bool(f(r)) for r in group)  # noqa: E731
+            lines.append(
+                f"| {phase} | `{point}` | {n} | {_yes(ok(lambda r: r.get('killed')), n)} | "
+                f"{_yes(ok(lambda r: r.get('raw', {}).get('sound')), n)} | {_yes(ok(lambda r: r.get('audit_right')), n)} "
+                f"| {_yes(ok(lambda r: r.get('after_audit', {}).get('sound')), n)} | "
+                f"{sum(len(r.get('after_audit', {}).get('intents', [])) for r in group)} | "
+                f"{_yes(ok(lambda r: r.get('follow_up_rc') == 0), n)} | {sum(len(r.get('orphans', [])) for r in group)} |")
+        failed = [r for r in rows if not r.get("ok")]
+        lines += ["", f"**{len(rows) - len(failed)} of {len(rows)} runs kept every promise** "
+                      f"({faults_.get('seconds', 0) // 60} min)."]
+        for r in failed[:10]:
+            lines.append(f"- ✗ {r['phase']} at `{r['point']}`: " + json.dumps(
+                {k: r.get(k) for k in ("error", "killed_rc", "orphans", "audit_rc", "follow_up_error")}, default=str)[:400])
+        kinds = Counter()
+        for r in rows:
+            before, after = r.get("raw", {}).get("statuses", {}), r.get("after_audit", {}).get("statuses", {})
+            for v, st in after.items():
+                if before.get(v) != st:
+                    kinds[(r["point"], f"{before.get(v)} → {st}")] += 1
+        if kinds:
+            lines += ["", "What the audit's recovery changed (status before → after, over all runs):", ""]
+            lines += [f"- `{p}`: {t} ×{n}" for (p, t), n in sorted(kinds.items())]
+        lines.append("")
+    fuzz_ = _load_part("fuzz")
+    if fuzz_:
+        rows = [{k: v for k, v in c.items() if k != "n"} for c in fuzz_["counts"] for _ in range(c["n"])]
+        lines += ["## Bad files: hypothesis-mutated certificates, domains, signatures, data and configurations", "",
+                  "`python -m benchmarks.reliability fuzz --cases 12000` — a signed LID (`lidgate certify "
+                  "--sign-key`); per case one file is mutated (byte flips, cuts, insertions, duplications, "
+                  "truncation, or a JSON field changed, removed or added), then `lidgate verify --public-key` and "
+                  "`lidgate inspect` run on it (for the configuration: `load_config` under the CLI's error "
+                  "mapping). A case fails when the command crashes (an uncaught exception or a traceback), accepts "
+                  "a file whose content changed, `inspect` and `verify` disagree, or the exit code is outside its "
+                  "class (3 for a changed LID file, 2 for an unusable configuration).", "",
+                  *[f"  {m}" for m in fuzz_["machine"]], "",
+                  "| file | cases | exit 0 (content unchanged) | exit 2 | exit 3 | crashes | modified file accepted | "
+                  "other | failed |", "|---|---|---|---|---|---|---|---|---|"]
+        for name in FUZZ_TARGETS:
+            group = [r for r in rows if r["file"] == name]
+            codes = Counter(r["code"] for r in group)
+            other = sum(v for k, v in codes.items() if k not in (0, 2, 3))
+            lines.append(f"| `{name}` | {len(group)} | {codes.get(0, 0)} | {codes.get(2, 0)} | {codes.get(3, 0)} | "
+                         f"{sum(r['crashed'] for r in group)} | {sum(r['accepted_modified'] for r in group)} | {other} | "
+                         f"{sum(not r['ok'] for r in group)} |")
+        failed = fuzz_["failed"]
+        lines += ["", f"**{len(rows) - len(failed)} of {len(rows)} cases handled right** "
+                      f"({fuzz_.get('seconds', 0) // 60} min); a configuration that still parses after a mutation "
+                      "(exit 0) is a valid configuration, not an accepted tampering."]
+        lines += [f"- ✗ `{r['file']}` exit {r['code']}: {r['detail'][:300]}" for r in failed[:10]]
+        lines.append("")
+    load_ = _load_part("load")
+    if load_:
+        lines += ["## Load: concurrent retrains", "",
+                  "`python -m benchmarks.reliability load --retrains 8 --sqlite-retrains 4` — after a bootstrap, "
+                  "N `lidgate retrain` commands start at the same moment on the same champion.", "",
+                  *[f"  {m}" for m in load_["machine"]], "",
+                  "| store | retrains | wall time | exit codes | promoted | blocked as | lost versions | pending left | "
+                  "champion | sound | 'database is locked' |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for key, label in (("server", "PostgreSQL MLflow server + Prefect server + workers"), ("sqlite", "SQLite default")):
+            part = load_.get(key)
+            if not part or "runs" not in part:
+                lines.append(f"| {label} | – | – | {(part or {}).get('error', 'not run')[:200]} | | | | | | | |")
+                continue
+            runs = part["runs"]
+            codes = Counter(r["rc"] for r in runs)
+            blocked = Counter(c for r in runs for c in r["codes"])
+            st = part["state"]
+            lines.append(f"| {label} | {part['retrains']} | {part['seconds']} s | {dict(sorted(codes.items()))} | "
+                         f"{part['promoted_runs']} | {dict(blocked) or '–'} | {part['lost_versions'] or 'none'} | "
+                         f"{part['pending'] or 'none'} | v{st['champion']} | {'yes' if st['sound'] else 'NO'} | "
+                         f"{part['database_locked']} |")
+            errors = [r["error"] for r in runs if r["error"]]
+            lines += [f"  - {label}: `{e}`" for e in errors[:5]]
+        lines.append("")
+    lines += ["## Exit codes (every command)", "",
+              "| code | class |", "|---|---|",
+              "| 0 | ok: certified, verified, promoted, fetched; the registry is sound |",
+              "| 1 | the answer is no: blocked by the gate, refused by fetch, outside the LID or below τ, certification "
+              "impossible, an audit that found a problem, a watch that acted |",
+              "| 2 | bad input: a missing or malformed file, configuration field, key file or factory string, shapes "
+              "that do not fit, an unreachable server |",
+              "| 3 | integrity: saved or registered files are not what was certified (a digest, a fingerprint, a "
+              "malformed certificate, a missing, unknown or broken signature) |", ""]
+    path = RESULTS / "reliability.md"
+    path.write_text("\n".join(lines))
+    return path
 
 
 # ------------------------------------------------------------------------------------ main
@@ -424,8 +658,17 @@ def main(argv: list[str] | None = None) -> None:
     z = sub.add_parser("fuzz")
     z.add_argument("--cases", type=int, default=12000)
     z.add_argument("--out", type=Path, default=RESULTS / "reliability_fuzz.json")
+    ld = sub.add_parser("load")
+    ld.add_argument("--retrains", type=int, default=8)
+    ld.add_argument("--sqlite-retrains", type=int, default=4)
+    ld.add_argument("--out", type=Path, default=RESULTS / "reliability_load.json")
+    sub.add_parser("report")
     args = parser.parse_args(argv)
-    if args.part == "faults":
+    if args.part == "report":
+        print(report())
+    elif args.part == "load":
+        load(args.retrains, args.sqlite_retrains, args.out)
+    elif args.part == "faults":
         faults(args.runs, args.points, args.phases, args.out)
     elif args.part == "fuzz":
         fuzz(args.cases, args.out)

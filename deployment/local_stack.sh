@@ -19,6 +19,10 @@ export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT
 export PREFECT_API_URL=http://127.0.0.1:$PREFECT_PORT/api
 export LIDGATE_REPO=$REPO MLFLOW_DISABLE_TELEMETRY=true PREFECT_SERVER_ANALYTICS_ENABLED=false HF_HUB_OFFLINE=1
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false PREFECT_HOME=$STACK/prefect
+# the server may call webhook receivers on this machine (`lidgate watch --listen 127.0.0.1:PORT`)
+export MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true MLFLOW_WEBHOOK_ALLOWED_SCHEMES=https,http
+# a new webhook takes effect once the server's webhook cache expires (MLflow's default: 60 s)
+export MLFLOW_WEBHOOK_CACHE_TTL=5
 
 wait_http() { for _ in $(seq 1 60); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 1; done; echo "timeout waiting for $1" >&2; return 1; }
 

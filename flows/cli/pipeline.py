@@ -208,9 +208,16 @@ def watch(
                                                                          "registry.")] = 30.0,
     once: Annotated[bool, typer.Option("--once", help="Look once and exit: 0 when all was in order, 1 when "
                                                       "something had to be put right (for cron).")] = False,
+    listen: Annotated[Optional[str], typer.Option(
+        "--listen", metavar="HOST:PORT", help="Also receive MLflow webhooks here (alias set or removed: look at "
+        "once). Needs an MLflow server and the shared secret in $LIDGATE_WEBHOOK_SECRET.")] = None,
+    webhook_url: Annotated[Optional[str], typer.Option(
+        "--webhook-url", help="The URL the MLflow server calls (default: http://HOST:PORT/); the webhook "
+        "'lidgate-watch-NAME' is created or updated to it.")] = None,
 ) -> None:
     """Watch the champion alias: one set outside the gate is moved back to the last promoted version
-    and the incident is recorded on the version; half-done promotions and dead runs are settled."""
+    and the incident is recorded on the version; half-done promotions and dead runs are settled.
+    Polls every --interval seconds; with --listen, an MLflow webhook also wakes it at once."""
     with cli_errors():
         import time
 
@@ -218,8 +225,17 @@ def watch(
         from flows.settings import open_registry, settings_for
 
         registry = open_registry(settings_for(_prepare(config)))
+        receiver = _webhook_receiver(registry, listen, webhook_url) if listen and not once else None
         console().print(f"watching {registry.model_name!r} at {registry.tracking_uri}"
-                        + ("" if once else f" every {interval:g} s (Ctrl-C stops)"))
+                        + ("" if once else f" every {interval:g} s (Ctrl-C stops)")
+                        + (f"; webhooks on port {receiver.port}" if receiver else ""))
+
+        def pause() -> None:
+            if receiver is None:
+                time.sleep(interval)
+            elif receiver.wait(interval):
+                console().print("webhook: the champion alias changed; looking now")
+
         while True:
             try:
                 done = recover(registry, move_alias=True)
@@ -227,7 +243,7 @@ def watch(
                 if once:
                     raise
                 console().print(f"[red]could not look at the registry[/red]: {type(exc).__name__}: {exc}")
-                time.sleep(interval)
+                pause()
                 continue
             for record in done:
                 console().print(f"[yellow]{record['at']} {_subject(record)} {record['kind']}[/yellow]: "
@@ -237,7 +253,34 @@ def watch(
                     raise Failed(f"{len(done)} thing(s) put right; see above and the versions' tags")
                 console().print(f"all in order: champion {registry.champion() or '(none)'}")
                 return
-            time.sleep(interval)
+            pause()
+
+
+def _webhook_receiver(registry, listen: str, url: str | None):
+    """Start the webhook receiver on ``listen`` and register it with the MLflow server."""
+    from components.webhook import WebhookReceiver, register_webhook
+
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise BadInput(f"--listen: expected HOST:PORT (e.g. 127.0.0.1:8765), got {listen!r}")
+    secret = os.environ.get("LIDGATE_WEBHOOK_SECRET", "")
+    if len(secret) < 16:
+        raise BadInput("--listen: set $LIDGATE_WEBHOOK_SECRET to the shared webhook secret (at least 16 characters)")
+    if not registry.tracking_uri.startswith(("http://", "https://")):
+        raise BadInput(f"--listen: webhooks are sent by an MLflow server; the registry is {registry.tracking_uri}")
+    try:
+        receiver = WebhookReceiver(host, int(port), secret, registry.model_name)
+    except OSError as exc:
+        raise BadInput(f"--listen: cannot listen on {listen}: {exc}") from None
+    try:
+        register_webhook(registry.client, f"lidgate-watch-{registry.model_name}",
+                         url or f"http://{host}:{receiver.port}/", secret)
+    except Exception as exc:  # noqa: BLE001 — the server's reason, in one line
+        receiver.close()
+        raise BadInput(f"--listen: the MLflow server at {registry.tracking_uri} refused the webhook: "
+                       f"{str(exc).splitlines()[0]} (a local http receiver needs the server started with "
+                       "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true MLFLOW_WEBHOOK_ALLOWED_SCHEMES=https,http)") from None
+    return receiver
 
 
 @app.command()
@@ -263,8 +306,16 @@ def audit(
         else:
             apply_defaults()
             settings = settings_for(model_name=model)
-        if not open_registry(settings).history():
-            raise BadInput(f"no registered versions of model {settings.model_name!r} at {settings.tracking_uri}")
+        registry = open_registry(settings)
+        if not registry.history():
+            if config is None:  # a name given by hand: most likely a typo
+                raise BadInput(f"no registered versions of model {settings.model_name!r} at {settings.tracking_uri}")
+            from components.gate import recover
+
+            for record in recover(registry):  # a crashed first run may have left a run RUNNING
+                console().print(f"[yellow]recovered[/yellow] {_subject(record)} ({record['kind']}): {record['detail']}")
+            typer.echo(f"no registered versions of model {settings.model_name!r} yet: nothing is served")
+            return
         result = write_audit(settings, out, keys)
         for record in result["recovered"]:
             console().print(f"[yellow]recovered[/yellow] {_subject(record)} ({record['kind']}): {record['detail']}")

@@ -106,3 +106,67 @@ def test_prefect_server_has_pools_and_scheduled_deployments(stack):
     assert "'cpu'" in lines[0] and "'gpu'" in lines[0]
     assert lines[1] == "cpu ['0 2 * * *']"
     assert lines[2] == "gpu"
+
+
+def test_the_watch_hears_mlflow_webhooks_and_puts_a_hand_moved_alias_back(stack, tmp_path):
+    """`lidgate watch --listen`: the MLflow server (PostgreSQL backend) calls the watch's receiver with
+    an HMAC-signed alias event; the watch puts the alias back at once (its poll is an hour away) and
+    records the incident; an unsigned call is refused."""
+    import json
+    import time
+    import urllib.error
+    import urllib.request
+
+    import yaml
+    from mlflow import MlflowClient
+
+    from components.factory import ModelSpec
+    from components.gate import promote
+    from components.registry import Registry
+    from tests.helpers.models import mlp
+
+    uri = f"http://127.0.0.1:{stack['MLFLOW_PORT']}"
+    name = "watched-model"
+    registry = Registry(uri, name, artifact_location=None, cache_dir=tmp_path / "cache")
+    spec = ModelSpec("tests.helpers.models:mlp", {"sizes": [2, 4, 2]})
+    cert = {"t": (torch.randn(8, 2), torch.randint(0, 2, (8,)))}
+    first = registry.register(mlp([2, 4, 2]), spec, lid=None, cert_data=cert)
+    registry.client.set_registered_model_alias(name, "champion", first)  # a first champion, set outside
+    registry.set_tags(first, {"lid.status": "promoted"})                  # the gate, for this test only
+    rogue = registry.register(mlp([2, 4, 2]), spec, lid=None, cert_data=cert)
+    assert not promote(registry, rogue, validation_passed=True).promoted  # blocked: no certificate
+
+    config = yaml.safe_load((REPO / "examples" / "digits" / "lidgate.yaml").read_text())
+    config.update(name=name, code=[str(REPO)], registry={"home": str(tmp_path / "home"), "tracking_uri": uri})
+    (tmp_path / "lidgate.yaml").write_text(yaml.safe_dump(config))
+    port = _free_port()
+    env = {**stack["env"], "LIDGATE_WEBHOOK_SECRET": "s3cret-for-the-stack-test"}
+    watch = subprocess.Popen([str(REPO / ".venv" / "bin" / "lidgate"), "watch", str(tmp_path / "lidgate.yaml"),
+                              "--interval", "3600", "--listen", f"127.0.0.1:{port}"], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not [w for w in MlflowClient(uri).list_webhooks()
+                                               if w.name == f"lidgate-watch-{name}"]:
+            time.sleep(0.5)
+        time.sleep(7)  # the first look is done and the server's webhook cache (5 s in local_stack.sh) expired
+        with pytest.raises(urllib.error.HTTPError) as refused:  # no signature: refused
+            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/", data=b"{}", method="POST"))
+        assert refused.value.code == 401
+
+        registry.client.set_registered_model_alias(name, "champion", rogue)  # by hand
+        moved_back = None
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if registry.champion() == first:
+                moved_back = time.time()
+                break
+            time.sleep(0.5)
+        assert moved_back is not None, "the watch did not put the alias back within 30 s"
+        incident = json.loads(registry.client.get_model_version(name, rogue).tags["lid.incident"])
+        assert incident["found_on"] == rogue and incident["moved_back_to"] == first
+    finally:
+        watch.terminate()
+        output = watch.communicate(timeout=30)[0]
+        print(output)  # shown by pytest when the test fails
+    assert "webhook: the champion alias changed" in output, output
