@@ -640,13 +640,18 @@ def register_candidate(config: LidgateConfig, candidate: Candidate, certificatio
 @task(name="promote candidate", **STEP)
 def promote_candidate(config: LidgateConfig, version: str, validation: Validation) -> GateDecision:
     """The promotion gate (``components.gate.promote``): every check recomputed, the alias moved only
-    if all pass. Never raises: the decision says what happened."""
+    if all pass, one gate of this model at a time on this machine. Never raises a check's failure: the
+    decision says what happened (``components.lock.LockTimeout`` when another gate held the lock
+    for ten minutes)."""
     from components.gate import promote
+    from components.lock import promotion_lock
     from components.signing import load_public_key
 
     keys = [load_public_key(p) for p in config.signing.public_keys] or None
-    return promote(registry_for(config), version, validation_passed=validation.passed,
-                   validation_summary=validation.reports, trusted_keys=keys)
+    settings = settings_for(config)
+    with promotion_lock(settings.home, settings.model_name):  # one gate at a time (components/lock.py)
+        return promote(open_registry(settings), version, validation_passed=validation.passed,
+                       validation_summary=validation.reports, trusted_keys=keys)
 
 
 @task(name="export candidate", **STEP)

@@ -151,3 +151,50 @@ def test_bad_configuration_and_bad_arguments_exit_2_naming_the_field(tmp_path):
     assert result.returncode == 2 and "--data" in result.stderr and "does not exist" in result.stderr
     result = lidgate("retrain", str(config), "--data", str(new_data), cwd=config.parent)
     assert result.returncode == 2 and "no champion yet" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_killed_bootstrap_leaves_no_server_behind_and_the_next_run_finishes_its_export(tmp_path):
+    """SIGKILL right after the alias move (LIDGATE_FAILPOINT): the promotion was recorded before the
+    move, so v1 is a sound champion; the command's ephemeral Prefect server ends with it; the next
+    retrain exports the champion the killed run never exported, and removes its staging folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    config, new_data, team = tabular_team(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("LIDGATE_HOME", "MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
+    env.update(PREFECT_HOME=str(team / "prefect"), LIDGATE_FAILPOINT="alias_moved")
+    killed = subprocess.Popen([sys.executable, "-m", "flows.cli", "bootstrap", str(config)], cwd=team, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert killed.wait(timeout=900) == -signal.SIGKILL
+
+    def left_behind() -> list[int]:
+        found = []
+        for proc in psutil.process_iter(["pid"]):
+            try:
+                mark = proc.environ().get("LIDGATE_GUARDED_BY", "")
+            except (psutil.Error, OSError):
+                continue
+            if f'"pid": {killed.pid},' in mark:
+                found.append(proc.pid)
+        return found
+
+    deadline = time.time() + 10
+    while left_behind() and time.time() < deadline:
+        time.sleep(0.5)
+    assert left_behind() == []
+
+    status = json.loads(lidgate("status", str(config), "--json", cwd=team).stdout)
+    assert status["champion"] == "1" and status["versions"][0]["status"] == "promoted"
+    assert list((team / "state" / "staging").iterdir())  # the killed run's candidate folder
+    update = lidgate("retrain", str(config), "--data", str(new_data), "--json", cwd=team)
+    assert update.returncode == 0, update.stderr[-3000:]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{team / 'state' / 'mlflow.db'}")
+    assert client.get_model_version("team-model", "1").tags.get("pipeline.onnx_sha256")  # exported by recovery
+    assert list((team / "state" / "staging").iterdir()) == []
