@@ -43,6 +43,14 @@ for _name in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "LIDGATE_FAILPOINT", "LI
 
 
 # ------------------------------------------------------------------------------------ set-up
+def commit() -> str:
+    """The commit measured (with ``+changes`` when the tree differs from it)."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                           text=True).stdout.strip()
+    return head.strip() + ("+changes" if dirty else "")
+
+
 def write_setup(directory: Path, name: str = "rel", **registry: Any) -> tuple[Path, Path]:
     """The digits example's configuration with a short search (registry under ``directory``), and a
     second scanner's data for retrains: ``(config, new_data)``."""
@@ -185,7 +193,7 @@ def faults(runs: int, points: list[str], phases: list[str], out: Path) -> None:
             except Exception as exc:  # noqa: BLE001 — a harness failure is a result too
                 row = {"phase": phase, "point": point, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
         rows.append(row)
-        out.write_text(json.dumps({"part": "faults", "machine": machine_header(), "rows": rows,
+        out.write_text(json.dumps({"part": "faults", "machine": machine_header(), "commit": commit(), "rows": rows,
                                    "seconds": round(time.time() - start)}, indent=1, default=str))
 
 
@@ -408,7 +416,8 @@ def fuzz(cases: int, out: Path) -> None:
     case()
     bar.close()
     shutil.rmtree(work, ignore_errors=True)
-    out.write_text(json.dumps({"part": "fuzz", "machine": machine_header(), "seconds": round(time.time() - start),
+    out.write_text(json.dumps({"part": "fuzz", "machine": machine_header(), "commit": commit(),
+                               "seconds": round(time.time() - start),
                                **_fuzz_summary(rows)}, indent=1, default=str))
 
 
@@ -479,7 +488,7 @@ def load(retrains: int, sqlite_retrains: int, out: Path) -> None:
     """``retrains`` concurrent retrains against the server stack (PostgreSQL MLflow, Prefect server, cpu
     and gpu workers: ``deployment/local_stack.sh``), then ``sqlite_retrains`` at once on the SQLite
     default; the registry judged after each."""
-    result: dict[str, Any] = {"part": "load", "machine": machine_header()}
+    result: dict[str, Any] = {"part": "load", "machine": machine_header(), "commit": commit()}
     with tempfile.TemporaryDirectory(prefix="lidgate-load-") as tmp:
         work = Path(tmp)
         os.chmod(work, 0o755)  # the postgres account must reach the cluster directory
@@ -547,7 +556,7 @@ def report() -> Path:
                   "`lid.status = promoted` that loads with every digest intact and whose own and lineage "
                   "certificates verify (checked without the gate's code). *Audit right* = the audit exits 0 exactly "
                   "when the recovered registry is sound.", "",
-                  *[f"  {m}" for m in faults_["machine"]], "",
+                  *[f"  {m}" for m in faults_["machine"]], f"  - commit measured: {faults_.get('commit', '?')}", "",
                   "| phase | killed at | runs | SIGKILL | sound right after the kill | audit right | sound after "
                   "audit | intents left | follow-up promoted | orphaned processes |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
@@ -592,7 +601,7 @@ def report() -> Path:
                   "mapping). A case fails when the command crashes (an uncaught exception or a traceback), accepts "
                   "a file whose content changed, `inspect` and `verify` disagree, or the exit code is outside its "
                   "class (3 for a changed LID file, 2 for an unusable configuration).", "",
-                  *[f"  {m}" for m in fuzz_["machine"]], "",
+                  *[f"  {m}" for m in fuzz_["machine"]], f"  - commit measured: {fuzz_.get('commit', '?')}", "",
                   "| file | cases | exit 0 (content unchanged) | exit 2 | exit 3 | crashes | modified file accepted | "
                   "other | failed |", "|---|---|---|---|---|---|---|---|---|"]
         for name in FUZZ_TARGETS:
@@ -613,7 +622,7 @@ def report() -> Path:
         lines += ["## Load: concurrent retrains", "",
                   "`python -m benchmarks.reliability load --retrains 8 --sqlite-retrains 4` — after a bootstrap, "
                   "N `lidgate retrain` commands start at the same moment on the same champion.", "",
-                  *[f"  {m}" for m in load_["machine"]], "",
+                  *[f"  {m}" for m in load_["machine"]], f"  - commit measured: {load_.get('commit', '?')}", "",
                   "| store | retrains | wall time | exit codes | promoted | blocked as | lost versions | pending left | "
                   "champion | sound | 'database is locked' |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for key, label in (("server", "PostgreSQL MLflow server + Prefect server + workers"), ("sqlite", "SQLite default")):
