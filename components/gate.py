@@ -584,8 +584,8 @@ def recover(registry: Registry, *, move_alias: bool = True) -> list[dict]:
     # a champion the gate did not put there ----------------------------------------------------------
     if move_alias:
         history = registry.history()
-        gated = [int(h.version) for h in history if h.status == tg.STATUS_PROMOTED
-                 and (not in_flight(h) or h.version == champion)]
+        gated = [int(h.version) for h in history if h.status == tg.STATUS_PROMOTED and h.tags.get(tg.TAG_PROMOTED_AT)
+                 and (not in_flight(h) or h.version == champion)]  # a decision recorded, not in flight elsewhere
         info = next((h for h in history if h.version == champion), None) if champion is not None else None
         state = info.status if info is not None else None
         back = str(max(gated)) if gated else None

@@ -56,7 +56,7 @@ def build_records(registry, trusted_keys=None) -> list:
             if not earlier.tasks:  # the earlier version could not be checked at all: fail closed, visibly
                 tasks.append(TaskAudit(task=where, tau=float("nan"), certified_accuracy=float("nan"),
                                        lower_bound=float("nan"), n=0, verified=False, failures=earlier.failures))
-        findings = _onnx_problems(registry, info, loaded.directory)
+        findings = _onnx_problems(registry, info, loaded.directory) + _decision_problems(info.tags)
         if trusted_keys is not None and loaded.lid is not None:
             from components.gate import signature_problem
 
@@ -100,6 +100,17 @@ def _onnx_problems(registry, info, directory) -> list[dict]:
             found.append({"code": "onnx_tampered", "detail": f"ONNX export ({where}) {ref} hashes to {actual[:16]}…, "
                                                              f"exported as {expected[:16]}…"})
     return found
+
+
+def _decision_problems(version_tags: dict) -> list[dict]:
+    """A ``promoted`` status without the gate's decision record next to it (``lid.promoted_at``, which
+    the gate writes before the status): a status set by hand."""
+    from components import tags
+
+    if tags.status(version_tags) != tags.STATUS_PROMOTED or version_tags.get(tags.TAG_PROMOTED_AT):
+        return []
+    return [{"code": "decision_missing", "detail": "the version is tagged promoted but carries no gate decision "
+                                                   "(no lid.promoted_at): the status was set outside the gate"}]
 
 
 def _incidents(version_tags: dict) -> list[dict]:

@@ -298,14 +298,19 @@ def _finish_export(config: LidgateConfig, registry) -> list[dict]:
     if champion is None:
         return []
     info = next((h for h in registry.history() if h.version == champion), None)
-    if info is None or info.status != tg.STATUS_PROMOTED or info.tags.get(tg.TAG_ONNX_SHA):
+    if info is None or info.status != tg.STATUS_PROMOTED or info.tags.get(tg.TAG_ONNX_SHA) \
+            or not info.tags.get(tg.TAG_PROMOTED_AT) or not info.tags.get(tg.TAG_CERT_SHA):
         return []
-    loaded = registry.load(version=champion)
     try:
-        x = next(iter(loaded.cert_data.values()))[0][:4]
-        export = export_candidate(config, champion, loaded.model, x)
-    finally:
-        registry.release(loaded)
+        loaded = registry.load(version=champion)
+        try:
+            x = next(iter(loaded.cert_data.values()))[0][:4]
+            export = export_candidate(config, champion, loaded.model, x)
+        finally:
+            registry.release(loaded)
+    except Exception as exc:  # noqa: BLE001 — recovery goes on; the audit reports the version
+        return [{"kind": "export_failed", "version": champion, "at": utc_now(),
+                 "detail": f"the champion was never exported, and exporting it now failed: {type(exc).__name__}: {exc}"}]
     return [{"kind": "export_completed", "version": champion, "at": utc_now(),
              "detail": f"the champion was promoted but never exported (a crash); exported to {export['path']}"}]
 

@@ -132,7 +132,7 @@ def test_the_watch_hears_mlflow_webhooks_and_puts_a_hand_moved_alias_back(stack,
     cert = {"t": (torch.randn(8, 2), torch.randint(0, 2, (8,)))}
     first = registry.register(mlp([2, 4, 2]), spec, lid=None, cert_data=cert)
     registry.client.set_registered_model_alias(name, "champion", first)  # a first champion, set outside
-    registry.set_tags(first, {"lid.status": "promoted"})                  # the gate, for this test only
+    registry.set_tags(first, {"lid.promoted_at": "2026-01-01T00:00:00+00:00", "lid.status": "promoted"})  # by hand
     rogue = registry.register(mlp([2, 4, 2]), spec, lid=None, cert_data=cert)
     assert not promote(registry, rogue, validation_passed=True).promoted  # blocked: no certificate
 

@@ -418,3 +418,8 @@ def test_a_champion_without_a_certificate_is_not_built_on(config, tmp_path):
     with pytest.raises(ChampionError, match="has no LID certificate"):
         retrain_flow(config=str(config), data=[str(new_scans(tmp_path))])
     assert len(registry.history()) == 2, "nothing was trained or registered"
+    from flows.audit import audit_flow  # the audit sees a promoted status without a gate decision
+
+    audit = audit_flow(config=str(config))
+    v2 = next(v for v in json.loads(Path(audit["summary"]).read_text())["versions"] if v["version"] == bare)
+    assert not audit["ok"] and any(r["code"] == "decision_missing" for r in v2["block_reasons"])
