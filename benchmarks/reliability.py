@@ -76,10 +76,15 @@ def lidgate(*args: str, failpoint: str | None = None, env: dict | None = None,
         run_env["LIDGATE_FAILPOINT"] = failpoint
     # output through files, not pipes: a pipe stays open while any child that inherited it runs
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.run([*LIDGATE, *args], cwd=REPO, env=run_env, stdout=out, stderr=err, text=True,
-                              timeout=timeout)
+        proc = subprocess.Popen([*LIDGATE, *args], cwd=REPO, env=run_env, stdout=out, stderr=err, text=True)
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            proc.kill()
         out.seek(0), err.seek(0)
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
+        done = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
+        done.pid = proc.pid  # whose ephemeral Prefect server to look for after a kill
+        return done
 
 
 def registry_state(config: Path) -> dict[str, Any]:
@@ -122,15 +127,20 @@ def registry_state(config: Path) -> dict[str, Any]:
     return state
 
 
-def orphans(since: float) -> list[str]:
-    """Processes of this user started after ``since`` that still run with no parent (ppid 1): an
-    ephemeral Prefect server or guard left behind by a killed command."""
+def orphans(pid: int) -> list[str]:
+    """The ephemeral Prefect server (uvicorn ``prefect.server.api.server``) of the command ``pid`` if it
+    still runs: every process the command started carries its mark (``components.owner.GUARD_ENV``)."""
     import psutil
 
+    from components.owner import GUARD_ENV
+
     found = []
-    for p in psutil.process_iter(["pid", "ppid", "create_time", "cmdline"]):
-        if p.info["ppid"] == 1 and (p.info["create_time"] or 0) >= since and p.info["cmdline"] \
-                and any("prefect" in c or "components.owner" in c for c in p.info["cmdline"]):
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            mark = p.environ().get(GUARD_ENV, "")
+        except (psutil.Error, OSError):
+            continue
+        if f'"pid": {pid},' in mark and any("create_app" in c for c in p.info["cmdline"] or []):
             found.append(f"{p.info['pid']}: {' '.join(p.info['cmdline'])[:80]}")
     return found
 
@@ -148,12 +158,11 @@ def one_fault(phase: str, point: str, work: Path) -> dict[str, Any]:
         if first.returncode != 0:
             return {**row, "error": "set-up bootstrap failed: " + first.stderr[-500:]}
     args = ["bootstrap", str(config)] if phase == "bootstrap" else ["retrain", str(config), "--data", str(scans)]
-    started = time.time()
     killed = lidgate(*args, failpoint=point)
     row["killed_rc"] = killed.returncode
     row["killed"] = killed.returncode == -signal.SIGKILL
     time.sleep(1.5)  # the guard stops the ephemeral Prefect server within a second
-    row["orphans"] = orphans(started)
+    row["orphans"] = orphans(killed.pid)
     raw = registry_state(config)
     row["raw"] = raw
     audit = lidgate("audit", str(config))
@@ -546,6 +555,12 @@ def report() -> Path:
     faults_ = _load_part("faults")
     if faults_:
         rows = faults_["rows"]
+        for r in rows:  # an orphan is the killed command's ephemeral server (older rows listed any process)
+            r["orphans"] = [o for o in r.get("orphans", []) if "uvicorn" in o or "create_app" in o]
+            r["ok"] = bool(r.get("killed") and r.get("raw", {}).get("sound") and r.get("audit_right")
+                           and r.get("after_audit", {}).get("sound") and r.get("final", {}).get("sound")
+                           and r.get("follow_up_rc") == 0 and not r["orphans"]
+                           and not r.get("after_audit", {}).get("intents"))
         lines += ["## Faults: SIGKILL at every step boundary", "",
                   "`python -m benchmarks.reliability faults --runs 5` — each run in a fresh registry: `lidgate "
                   "bootstrap` (retrain phase: a first version, then `lidgate retrain --data scanner2.npz`) killed "
@@ -555,10 +570,11 @@ def report() -> Path:
                   "follow-up `lidgate bootstrap`/`retrain` must promote. *Sound* = no champion, or a champion with "
                   "`lid.status = promoted` that loads with every digest intact and whose own and lineage "
                   "certificates verify (checked without the gate's code). *Audit right* = the audit exits 0 exactly "
-                  "when the recovered registry is sound.", "",
+                  "when the recovered registry is sound. *Prefect servers left running* = the killed command's ephemeral "
+                  "Prefect server (uvicorn) still running 1.5 s after the kill.", "",
                   *[f"  {m}" for m in faults_["machine"]], f"  - commit measured: {faults_.get('commit', '?')}", "",
                   "| phase | killed at | runs | SIGKILL | sound right after the kill | audit right | sound after "
-                  "audit | intents left | follow-up promoted | orphaned processes |",
+                  "audit | intents left | follow-up promoted | Prefect servers left running |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         keys = sorted({(r["phase"], r["point"]) for r in rows}, key=lambda k: (k[0] != "bootstrap",))
         from components.failpoints import POINTS

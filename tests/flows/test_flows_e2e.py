@@ -380,7 +380,7 @@ def test_retrain_calls_certify_through_the_gpu_pool_deployment(config, tmp_path,
         worker.kill()
         out = worker.communicate(timeout=30)[0]
         print(out[-4000:])  # shown by pytest when the test fails
-    assert "certify" in out.lower()
+    assert "[lidgate] member 1/" in out  # the certificates were computed in the gpu worker's flow run
 
 
 def test_the_first_version_can_come_from_a_model_already_in_mlflow(config, tmp_path):
