@@ -567,7 +567,9 @@ def report() -> Path:
                   "with SIGKILL at the named boundary (`LIDGATE_FAILPOINT`, `components/failpoints.py`; the flow "
                   "runs in the command's process, which is the worker in the local default). Then the registry is "
                   "judged raw (before anything recovers), `lidgate audit` runs, the registry is judged again, and a "
-                  "follow-up `lidgate bootstrap`/`retrain` must promote. *Sound* = no champion, or a champion with "
+                  "follow-up `lidgate bootstrap`/`retrain` must promote. (Not measured: killing a separate Prefect "
+                  "worker of the server stack while it certifies; there the flow process waits for the certify "
+                  "run, which Prefect marks crashed.) *Sound* = no champion, or a champion with "
                   "`lid.status = promoted` that loads with every digest intact and whose own and lineage "
                   "certificates verify (checked without the gate's code). *Audit right* = the audit exits 0 exactly "
                   "when the recovered registry is sound. *Prefect servers left running* = the killed command's ephemeral "
@@ -637,7 +639,13 @@ def report() -> Path:
     if load_:
         lines += ["## Load: concurrent retrains", "",
                   "`python -m benchmarks.reliability load --retrains 8 --sqlite-retrains 4` — after a bootstrap, "
-                  "N `lidgate retrain` commands start at the same moment on the same champion.", "",
+                  "N `lidgate retrain` commands start at the same moment on the same champion. By design one of "
+                  "them can be promoted: the others were certified against a champion that has since been "
+                  "replaced and are blocked `stale_champion` (retrain them on the new champion). *Lost versions*: "
+                  "a version a command reported that the registry does not hold; *sound*: as above, including the "
+                  "champion's lineage. SQLite allows one writer at a time; MLflow's SQLite store retries "
+                  "writes, and at this concurrency no command saw 'database is locked'. For several machines "
+                  "or many models at once, use the PostgreSQL server stack (`deployment/local_stack.sh`).", "",
                   *[f"  {m}" for m in load_["machine"]], f"  - commit measured: {load_.get('commit', '?')}", "",
                   "| store | retrains | wall time | exit codes | promoted | blocked as | lost versions | pending left | "
                   "champion | sound | 'database is locked' |", "|---|---|---|---|---|---|---|---|---|---|---|"]
