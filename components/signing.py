@@ -34,7 +34,7 @@ from typing import Any
 
 __all__ = [
     "PAYLOAD_TYPE", "PREDICATE_TYPE", "STATEMENT_TYPE", "SignatureError", "certificate_statement", "generate_keys",
-    "KeyFileError", "SIGNATURE_FILE", "key_id", "load_private_key", "load_public_key", "sign", "sign_lid",
+    "KeyFileError", "SIGNATURE_FILE", "key_id", "load_private_key", "load_public_key", "load_public_keys", "sign", "sign_lid",
     "signed_mismatch", "verify_envelope",
 ]
 
@@ -107,6 +107,12 @@ def load_public_key(path: str | Path, field: str = "signing.public_keys"):
     if not isinstance(key, Ed25519PublicKey):
         raise KeyFileError(f"{field} '{path}': expected an Ed25519 key, got {type(key).__name__}")
     return key
+
+
+def load_public_keys(paths: Sequence[str | Path], field: str = "signing.public_keys") -> list:
+    """Every Ed25519 public key in ``paths`` (the trusted keys); the first unreadable one raises
+    KeyFileError naming ``field`` and the file."""
+    return [load_public_key(p, field) for p in paths]
 
 
 def key_id(public_key) -> str:

@@ -199,6 +199,6 @@ def audit_flow(config: str | None = None, model_name: str | None = None, out_dir
 
 def configured_keys(config) -> list | None:
     """The configuration's ``signing.public_keys``, loaded (None when it lists none)."""
-    from components.signing import load_public_key
+    from components.signing import load_public_keys
 
-    return [load_public_key(p) for p in config.signing.public_keys] or None
+    return load_public_keys(config.signing.public_keys) or None

@@ -147,7 +147,7 @@ def _preflight(config: LidgateConfig, model, data: DataSplits) -> None:
     """What would otherwise fail after minutes of training: signing keys that do not load, layers the
     bound engine cannot follow, and labels the model's outputs cannot hold."""
     from components.data import DataError, check_model_outputs
-    from components.signing import load_private_key, load_public_key
+    from components.signing import load_private_key, load_public_keys
     from flows.settings import prefect_server_configured
     from lid_engine.bounds import ibp, linear
 
@@ -155,8 +155,7 @@ def _preflight(config: LidgateConfig, model, data: DataSplits) -> None:
         # certification runs here: a key that does not load fails now, not after training (the gpu
         # worker of a deployment holds its own key)
         load_private_key(config.signing.private_key)
-    for path in config.signing.public_keys:
-        load_public_key(path)
+    load_public_keys(config.signing.public_keys)
     layers = ibp.check_supported(model)
     if config.search.bound == "linear":
         linear.check_supported(layers)

@@ -650,9 +650,9 @@ def promote_candidate(config: LidgateConfig, version: str, validation: Validatio
     for ten minutes)."""
     from components.gate import promote
     from components.lock import promotion_lock
-    from components.signing import load_public_key
+    from components.signing import load_public_keys
 
-    keys = [load_public_key(p) for p in config.signing.public_keys] or None
+    keys = load_public_keys(config.signing.public_keys) or None
     settings = settings_for(config)
     with promotion_lock(settings.home, settings.model_name):  # one gate at a time (components/lock.py)
         return promote(open_registry(settings), version, validation_passed=validation.passed,

@@ -255,7 +255,9 @@ def verify(
 
         from lid_engine.verify import verify as run_verify
 
-        keys = _public_keys(public_key or [])
+        from components.signing import load_public_keys
+
+        keys = load_public_keys(public_key or [], "--public-key")
         report = run_verify(directory, net, allow_update=allow_update, **kwargs)
         if keys:
             problem = _signature_problem(directory, keys)
@@ -274,12 +276,6 @@ def verify(
         tampered = report.tampered or (saved and any(c.name.startswith("data '") for c in report.failures))
         if not report.ok or below:
             raise typer.Exit(EXIT_INTEGRITY if tampered else EXIT_NO)
-
-
-def _public_keys(paths: list[Path]) -> list:
-    from components.signing import load_public_key
-
-    return [load_public_key(p, "--public-key") for p in paths]
 
 
 def _signature_problem(directory: Path, keys: list) -> str | None:

@@ -363,9 +363,9 @@ def fetch(
             apply_defaults()
             settings = settings_for(model_name=name)
         if public_key:
-            from components.signing import load_public_key
+            from components.signing import load_public_keys
 
-            keys += [load_public_key(p, "--public-key") for p in public_key]
+            keys += load_public_keys(public_key, "--public-key")
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise BadInput(f"--out: '{out}' exists and is not an empty directory")
         try:
