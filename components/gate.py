@@ -40,6 +40,7 @@ from lid_engine import verify
 from lid_engine.files import utc_now
 
 from . import tags as tg
+from .constraints import constraint_records, describe
 from .failpoints import failpoint
 from .lineage import LineageCheck, verify_lineage
 from .owner import owner_alive
@@ -292,13 +293,15 @@ def _check_new_certificate(ev: _Evaluation, cand: LoadedVersion) -> None:
             ev.fail("new_certificate_failed",
                     f"version {v}: " + "; ".join(f"{c.name}: {c.detail}" for c in bad))
     lid = cand.lid
+    records = constraint_records(lid.search_config)
     for t, spec in lid.tasks.items():
         acc, lb = lid.certified_accuracy(t), lid.lower_bound(t)
         ok = acc >= spec.tau and lid.meets_spec(t)
-        ev.check(f"tau '{t}'", ok, f"certified {spec.kind} {acc:.4f} vs τ = {spec.tau:g} (lower bound {lb:.4f})",
+        what = f" ({describe(records[t])})" if t in records else ""
+        ev.check(f"tau '{t}'", ok, f"certified {spec.kind} {acc:.4f} vs τ = {spec.tau:g} (lower bound {lb:.4f}){what}",
                  version=v, task=t)
         if not ok:
-            ev.fail("below_tau", f"version {v}, task '{t}': certified {spec.kind} {acc:.4f} < τ = {spec.tau:g}")
+            ev.fail("below_tau", f"version {v}, task '{t}'{what}: certified {spec.kind} {acc:.4f} < τ = {spec.tau:g}")
         # the tags shown to people must say what the certificate says
         for tag, value in ((tg.TAG_CERT_ACC + t, acc), (tg.TAG_LOWER_BOUND + t, lb), (tg.TAG_TAU + t, spec.tau)):
             recorded = cand.tags.get(tag)

@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger
 def build_records(registry, trusted_keys=None) -> list:
     from components import tags
     from components.audit import TaskAudit, VersionAudit
+    from components.constraints import constraint_records, describe
     from components.lineage import verify_lineage
     from lid_engine import verify
 
@@ -44,10 +45,12 @@ def build_records(registry, trusted_keys=None) -> list:
         if loaded.lid is not None:
             report = verify(loaded.lid_dir, loaded.model, data=loaded.cert_data)
             failures = [f"{c.name}: {c.detail}" for c in report.failures]
+            records_of = constraint_records(loaded.lid.search_config)
             for task_name, spec in loaded.lid.tasks.items():
                 tasks.append(TaskAudit(task=task_name, tau=spec.tau, certified_accuracy=loaded.lid.certified_accuracy(task_name),
                                        lower_bound=loaded.lid.lower_bound(task_name),
-                                       n=loaded.lid.certificates[0][task_name].n, verified=report.ok, failures=failures))
+                                       n=loaded.lid.certificates[0][task_name].n, verified=report.ok, failures=failures,
+                                       constraint=describe(records_of[task_name]) if task_name in records_of else ""))
         for earlier in verify_lineage(registry, loaded.model, loaded.lineage, load=load):
             where = f"LID of v{earlier.version}"
             for t in earlier.tasks:

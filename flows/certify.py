@@ -83,6 +83,7 @@ def load_candidate(candidate_dir: str | Path) -> tuple[dict[str, Any], ModelSpec
 def certify_flow(candidate_dir: str) -> dict:
     """Certify the candidate in ``candidate_dir``; writes ``lid/`` and ``certify.json`` there and returns
     the summary (``lid`` is false with ``error`` saying why when no certificate could be made)."""
+    from components.constraints import constraint_cert_data
     from components.registry import RegistryError
     from flows import tasks
 
@@ -125,7 +126,7 @@ def certify_flow(candidate_dir: str) -> dict:
         result.lid.save(directory / LID_DIR, overwrite=True)
         if config.signing.private_key is not None:
             sign_lid(directory / LID_DIR, directory / SIGNATURE_FILE, config.signing.private_key, model,
-                     result.lid, {data.task: data.certification})
+                     result.lid, constraint_cert_data(config.spec, data, result.lid.tasks))
     return _write(directory, result.summary())
 
 

@@ -143,7 +143,8 @@ def _say(console, outcome: dict) -> None:
     verdict = "[green]promoted[/green]" if outcome["promoted"] else "[red]blocked[/red]"
     line = f"  → v{outcome['version']} {verdict} in {outcome.get('seconds', 0):.0f} s"
     if cert.get("lid"):
-        line += "; certified " + ", ".join(f"{t} {v:.4f} ≥ τ {cert['tau']:.4f}" for t, v in cert["certified"].items())
+        line += "; certified " + ", ".join(f"{t} {v:.4f} ≥ τ {cert.get('taus', {}).get(t, cert['tau']):.4f}"
+                                              for t, v in cert["certified"].items())
     for check in cert.get("lineage", []):
         line += f"; v{check['version']}'s certificate " + ("holds" if check["ok"] else "FAILS")
     if outcome["reasons"]:

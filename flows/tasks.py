@@ -163,6 +163,8 @@ class Certification:
     seconds: float = 0.0
     #: the DSSE envelope signing the LID (``components.signing``), when the configuration signs
     signature: dict | None = None
+    #: configured constraints that do not apply to this task's data, and why (``components.constraints``)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def lineage_ok(self) -> bool:
@@ -174,16 +176,21 @@ class Certification:
         return cls(task=summary["task"], lineage=list(summary.get("lineage", [])), lid=lid, tau=summary.get("tau"),
                    search_metric=summary.get("search_metric"), error=summary.get("error"),
                    device=summary.get("device", "cpu"), biasing=summary.get("biasing", "none"),
-                   seconds=float(summary.get("seconds", 0.0)))
+                   seconds=float(summary.get("seconds", 0.0)), notes=list(summary.get("notes", [])))
 
     def summary(self) -> dict[str, Any]:
         """JSON-able summary (what the CLI prints and the flows return)."""
         out: dict[str, Any] = {"task": self.task, "lid": self.lid is not None, "error": self.error,
                                "tau": self.tau, "search_metric": self.search_metric, "device": self.device,
                                "biasing": self.biasing, "seconds": round(self.seconds, 1),
-                               "lineage": list(self.lineage)}
+                               "lineage": list(self.lineage), "notes": list(self.notes)}
         if self.lid is not None:
-            out.update({"members": len(self.lid), "width_sum": max(self.lid.width_sum()),
+            from components.constraints import constraint_records, describe
+
+            records = constraint_records(self.lid.search_config)
+            out.update({"taus": {t: s.tau for t, s in self.lid.tasks.items()},
+                        "constraints": {t: describe(records.get(t), t) for t in self.lid.tasks},
+                        "members": len(self.lid), "width_sum": max(self.lid.width_sum()),
                         "certified": {t: self.lid.certified_accuracy(t) for t in self.lid.tasks},
                         "lower_bound": {t: self.lid.lower_bound(t) for t in self.lid.tasks}})
         return out
@@ -525,11 +532,17 @@ def certify_candidate(config: LidgateConfig, model: nn.Module, data: DataSplits,
     if within is not None and within.member_index(model) is None:
         result.error = f"the candidate lies outside champion v{champion.version}'s LID; no nested LID exists"
         return _done(result, start)
+    from components.constraints import joint_confidence, spec_constraints, thresholds
+
     try:
-        result.tau = config.spec.threshold(result.search_metric)
-    except ValueError as exc:
+        constraints, result.notes = spec_constraints(config.spec, data)
+        taus = thresholds(config.spec, model, constraints, result.search_metric)
+    except ValueError as exc:  # a relative τ without its metric, a group too small to certify
         result.error = str(exc)
         return _done(result, start)
+    for note in result.notes:
+        log.warning("%s", note)
+    result.tau = taus[data.task]
     vacuous = _vacuous_threshold(model, data, result.tau, metric)
     if vacuous:
         result.error = vacuous
@@ -543,8 +556,10 @@ def certify_candidate(config: LidgateConfig, model: nn.Module, data: DataSplits,
         settings["competitors"] = 3  # the search bounds the 3 most dangerous classes; certificates all of them
     try:
         lid = le.compute_lid(
-            model.to(device), tasks={data.task: (*data.search, result.tau)}, cert={data.task: data.certification},
-            within=within, mask=mask, spec_kind=metric, confidence=config.spec.confidence, seed=config.training.seed,
+            model.to(device), tasks={c.task: (*c.search, taus[c.task]) for c in constraints},
+            cert={c.task: c.certification for c in constraints}, within=within, mask=mask,
+            spec_kind={c.task: c.metric for c in constraints},
+            confidence=joint_confidence(config.spec.confidence, len(constraints)), seed=config.training.seed,
             device=device, progress=True, **settings)
     except le.LidSearchError as exc:
         result.error = str(exc)
@@ -553,9 +568,13 @@ def certify_candidate(config: LidgateConfig, model: nn.Module, data: DataSplits,
     finally:
         model.to("cpu")
     lid.search_config["pipeline"] = {"config_sha256": config.sha256(), "data": data.provenance,
-                                     "data_sha256": data.fingerprint()}
+                                     "data_sha256": data.fingerprint(),
+                                     "constraints": [c.record(taus[c.task]) for c in constraints],
+                                     "confidence": config.spec.confidence, "notes": list(result.notes)}
     result.lid = lid
-    log.info("LID: %d members, certified %.4f ≥ τ %.4f", len(lid), lid.certified_accuracy(), result.tau)
+    for c in constraints:
+        log.info("LID: %d members, %s certified %.4f ≥ τ %.4f", len(lid), c.describe(),
+                 lid.certified_accuracy(c.task), taus[c.task])
     return _done(result, start)
 
 
@@ -625,8 +644,10 @@ def register_candidate(config: LidgateConfig, candidate: Candidate, certificatio
         TAG_TASK,
     )
 
+    from components.constraints import constraint_cert_data
+
     registry = registry_for(config)
-    cert_data = {data.task: data.certification}
+    cert_data = constraint_cert_data(config.spec, data, certification.lid.tasks if certification.lid else None)
     version = registry.register(
         candidate.model.cpu(), candidate.spec, lid=certification.lid, cert_data=cert_data, lineage=list(lineage),
         validation={"passed": validation.passed, "reports": validation.reports,

@@ -247,7 +247,7 @@ def compute_lid(
     cert_x: Tensor | None = None,
     cert_y: Tensor | None = None,
     cert_fraction: float = 0.3,
-    spec_kind: str = "accuracy",
+    spec_kind: str | Mapping[str, str] = "accuracy",
     mask: Mapping[str, Tensor] | None = None,
     free: Mapping[str, Tensor] | None = None,
     within: Box | None = None,
@@ -260,7 +260,9 @@ def compute_lid(
     """Search a locally invariant domain around the model's current parameters.
 
     One task: ``compute_lid(model, x, y, tau=0.85)``; several at once: ``tasks={"t1": (x1, y1,
-    τ1), ...}`` (one constraint and multiplier each). Certification data: ``cert_x``/``cert_y``
+    τ1), ...}`` (one constraint and multiplier each). ``spec_kind``: the metric of every task ("accuracy" or
+    "balanced_accuracy"), or a mapping task name → metric (several constraints of one specification,
+    such as an overall balanced accuracy and the accuracy on one class or group). Certification data: ``cert_x``/``cert_y``
     (one task), ``cert={"t1": (x, y), ...}``, or else a ``cert_fraction`` of the data is held out
     (the search never sees it). ``mask``: name → bool tensor, True where a coordinate must keep
     zero width. ``free``: name → bool tensor, True where a coordinate starts at the width cap
@@ -286,7 +288,7 @@ def compute_lid(
     model = model.to(dev).eval()
 
     search_tasks, cert_tasks, taus = _collect_tasks(model, x, y, tau, tasks, cert, cert_x, cert_y, cert_fraction, cfg.seed)
-    specs = {t: Spec(spec_kind, taus[t], cfg.temperature) for t in taus}
+    specs = {t: Spec(kind, taus[t], cfg.temperature) for t, kind in _spec_kinds(spec_kind, taus).items()}
     theta = {n: p.detach().clone() for n, p in model.named_parameters()}
     dtype = next(iter(theta.values())).dtype
     p_total = sum(t.numel() for t in theta.values())
@@ -414,6 +416,19 @@ def compute_lid(
 
 
 # ------------------------------------------------------------------------------------- helpers
+def _spec_kinds(spec_kind, taus: Mapping[str, float]) -> dict[str, str]:
+    """The metric of each task: one name for all, or a mapping naming exactly the tasks."""
+    if isinstance(spec_kind, str):
+        return {t: spec_kind for t in taus}
+    if not isinstance(spec_kind, Mapping):
+        raise InvalidInputError(f"compute_lid: 'spec_kind' must be a metric name or a mapping task -> metric, "
+                                f"got {type(spec_kind).__name__}")
+    if set(spec_kind) != set(taus):
+        raise InvalidInputError(f"compute_lid: 'spec_kind' names tasks {sorted(map(str, spec_kind))}, the tasks are "
+                                f"{sorted(taus)}; expected one metric per task")
+    return {t: spec_kind[t] for t in taus}
+
+
 def _collect_tasks(model, x, y, tau, tasks, cert, cert_x, cert_y, cert_fraction, seed):
     if tasks is None:
         if x is None or y is None or tau is None:

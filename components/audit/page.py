@@ -51,7 +51,7 @@ td.nowrap{white-space:nowrap} td.created{min-width:6em} td.reasons{min-width:18e
 .certs{display:grid;grid-template-columns:minmax(6em,max-content) max-content max-content max-content;
        column-gap:14px;row-gap:2px;font-variant-numeric:tabular-nums}
 .certs .head{color:#666;font-size:12px;border-bottom:1px solid #ddd}
-.certs .task{overflow-wrap:anywhere} .certs .n,.certs .lb{text-align:right}
+.certs .task{overflow-wrap:anywhere} .certs .what{color:#555;font-size:90%} .certs .n,.certs .lb{text-align:right}
 .ok{color:#2e7d32;font-weight:bold} .bad{color:#c62828;font-weight:bold} .none{color:#888}
 .status{padding:1px 6px;border-radius:4px;font-size:12px;color:white;background:#616161;white-space:nowrap}
 .status-promoted,.status-champion{background:#2e7d32} .status-blocked,.status-failed{background:#c62828}
@@ -213,7 +213,8 @@ def _certs(tasks: Sequence[TaskAudit]) -> str:
         mark = "ok" if t.meets_tau else "bad"
         tau = _esc(f"{t.tau:g}") if finite(t.tau) else "–"
         cells.append(
-            f'<span class="task">{_esc(t.task)}</span>'
+            f'<span class="task">{_esc(t.task)}'
+            + (f'<br><span class="what">{_esc(t.constraint)}</span>' if t.constraint else "") + '</span>'
             f'<span><span class="{mark}">{_fmt(t.certified_accuracy)}</span> {"≥" if t.meets_tau else "&lt;"} '
             f'{tau} {_check(bool(t.verified))}</span>'
             f'<span class="lb">{_fmt(t.lower_bound)}</span><span class="n">{_esc(t.n)}</span>')

@@ -39,6 +39,9 @@ class TaskAudit:
     n: int
     verified: bool
     failures: list[str] = field(default_factory=list)
+    #: what the task's constraint says in words ("recall of class 0 on 'golden'"), when it is one of a
+    #: specification's constraints (``components.constraints``); empty otherwise
+    constraint: str = ""
 
     @property
     def meets_tau(self) -> bool:
@@ -54,6 +57,7 @@ class TaskAudit:
             "verified": bool(self.verified),
             "meets_tau": self.meets_tau,
             "failures": [str(f) for f in self.failures],
+            "constraint": str(self.constraint),
         }
 
     @classmethod
@@ -62,7 +66,7 @@ class TaskAudit:
         return cls(
             task=d["task"], tau=_denum(d["tau"], nan), certified_accuracy=_denum(d["certified_accuracy"], nan),
             lower_bound=_denum(d["lower_bound"], nan), n=int(d["n"]), verified=bool(d["verified"]),
-            failures=list(d.get("failures", [])),
+            failures=list(d.get("failures", [])), constraint=str(d.get("constraint", "")),
         )
 
 

@@ -383,3 +383,8 @@ def _print_lid(lid, directory: Path, widths: bool = False) -> None:
                   "certified (balanced) accuracy on the certification set; LB = the population lower bound.")
     for t in lid.tasks:
         console.print(lid.statement(t))
+    from components.constraints import joint_statement
+
+    joint = joint_statement(lid)
+    if joint:
+        console.print(joint)

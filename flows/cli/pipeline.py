@@ -434,8 +434,10 @@ def _print_status(model_name: str, champion: str | None, rows: list[dict]) -> No
     for col in ("version", "status", "task", "certificate", "source", "lineage", "reasons"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        certs = "; ".join(f"{c['certified']:.4f} ≥ τ {c['tau']:.4f}" if c["certified"] is not None else "—"
-                          for c in r["certificates"].values()) or "—"
+        several = len(r["certificates"]) > 1  # a specification with constraints: say which is which
+        certs = "; ".join((f"{name}: " if several else "")
+                          + (f"{c['certified']:.4f} ≥ τ {c['tau']:.4f}" if c["certified"] is not None else "—")
+                          for name, c in r["certificates"].items()) or "—"
         source = (r["source"] or "?") + (" (unprojected)" if r["projection"] == "false" and r["source"] == "trained"
                                          else "")
         reasons = "\n".join(f"{code}: {clip_text(details[0], 140)}" + (f" (+{len(details) - 1})" if len(details) > 1 else "")
@@ -471,11 +473,15 @@ def _print_outcome(outcome: dict) -> None:
     if cert:
         if cert.get("lid"):
             for task, value in cert["certified"].items():
-                table.add_row("certificate", f"task '{task}': certified {value:.4f} ≥ τ {cert['tau']:.4f} on held-out "
+                tau = cert.get("taus", {}).get(task, cert["tau"])
+                what = cert.get("constraints", {}).get(task, f"task '{task}'")
+                table.add_row("certificate", f"{what}: certified {value:.4f} ≥ τ {tau:.4f} on held-out "
                                              f"data (population lower bound {cert['lower_bound'][task]:.4f}); "
                                              f"{cert['members']} domain(s), width sum {cert['width_sum']:.4g}")
         else:
             table.add_row("certificate", f"none: {cert.get('error')}")
+        for note in cert.get("notes", []):
+            table.add_row("not applied", note)
         for check in cert.get("lineage", []):
             table.add_row(f"certificate of v{check['version']}",
                           "[green]still holds[/green]" if check["ok"] else "[red]fails[/red]: " + "; ".join(check["failures"]))

@@ -333,7 +333,7 @@ def test_several_problems_are_listed_in_one_paragraph(tmp_path):
 def test_unknown_keys_list_the_allowed_ones(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(write_doc(tmp_path, _mutate(MINIMAL, "spec.taux", 0.5)))
-    assert "allowed keys: confidence, metric, tau, tau_from_accuracy" in str(info.value)
+    assert "allowed keys: confidence, metric, recall, tau, tau_from_accuracy, worst_group" in str(info.value)
     assert "did you mean 'tau'" in str(info.value)
 
 
@@ -348,7 +348,7 @@ def test_files_form_needs_all_three_files(tmp_path):
 
 def test_loader_form_refuses_tabular_columns(tmp_path):
     doc = {**MINIMAL, "data": {"loader": {"function": "m:f"}, "label": "y"}}
-    with pytest.raises(ConfigError, match=r"data\.label: applies to tabular files"):
+    with pytest.raises(ConfigError, match=r"data\.label: applies to data files"):
         load_config(write_doc(tmp_path, doc))
 
 
