@@ -5,6 +5,7 @@ Heavy imports (torch, lid_engine) happen inside the commands so that ``lidgate -
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Annotated, Optional
@@ -57,6 +58,39 @@ def _load_npz(path: Path, option: str):
     if len(x) == 0:
         raise BadInput(f"{option}: 'x' in '{path}' must be a non-empty batch (N, ...), got shape {x.shape}")
     return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def _npz_features(path: Path, option: str) -> dict | None:
+    """The ``features`` record of an npz file (how its features were computed, e.g. a frozen encoder's
+    sha256), or None when it has none."""
+    from components.data import DataError, read_npz_features
+
+    try:
+        return read_npz_features(path.read_bytes(), f"{option} '{path}'")
+    except DataError as exc:
+        raise BadInput(str(exc)) from None
+
+
+def _recorded_features(lid) -> dict | None:
+    """How the certification data's features were computed, as the LID records it (the engine CLI's
+    ``features``, or the pipeline's data provenance), or None."""
+    config = lid.search_config if isinstance(lid.search_config, dict) else {}
+    pipeline = config.get("pipeline") if isinstance(config.get("pipeline"), dict) else {}
+    data = pipeline.get("data") if isinstance(pipeline.get("data"), dict) else {}
+    found = config.get("features", data.get("features"))
+    return found if isinstance(found, dict) else None
+
+
+def _features_problem(recorded: dict, given: dict | None) -> str | None:
+    """Why data whose features are described by ``given`` are not the data the LID was certified on."""
+    if given == recorded:
+        return None
+    def name(r):
+        if r is None:
+            return "an unrecorded feature extractor"
+        return " ".join(str(r[k]) for k in ("encoder", "encoder_sha256", "recipe") if k in r) or str(r)
+    return (f"the certificates hold for features computed by {name(recorded)}; this data was computed by {name(given)}"
+            " — a certificate over embeddings says nothing about another encoder's embeddings")
 
 
 def _check_fits(model, x, y, option: str) -> int:
@@ -151,9 +185,13 @@ def certify(
         net = _load_weights(_load_factory(model), weights)
         x, y = _load_npz(data, "--data")
         _check_fits(net, x, y, "--data")
+        features = _npz_features(data, "--data")
         if cert_data is not None:
             cx, cy = _load_npz(cert_data, "--cert-data")
             _check_fits(net, cx, cy, "--cert-data")
+            if _npz_features(cert_data, "--cert-data") != features:
+                raise BadInput("--cert-data: its 'features' record (how the features were computed) differs from "
+                               "--data's; expected search and certification data from one feature extractor")
             if tuple(cx.shape[1:]) != tuple(x.shape[1:]):
                 raise BadInput(f"--cert-data: examples of shape {tuple(cx.shape[1:])}, --data has {tuple(x.shape[1:])}")
             shared = _shared_rows(x, cx)
@@ -190,9 +228,12 @@ def certify(
             cert_x=cx, cert_y=cy, confidence=confidence, spec_kind="balanced_accuracy" if balanced else "accuracy",
             method=bound,
         )
+        if features is not None:
+            lid.search_config["features"] = features  # verify refuses data from another encoder by name
         lid.save(out)
         if split:
-            np.savez(out / CERT_DATA_FILE, x=cx.numpy(), y=cy.numpy())
+            extra = {"features": np.array(json.dumps(features, sort_keys=True))} if features is not None else {}
+            np.savez(out / CERT_DATA_FILE, x=cx.numpy(), y=cy.numpy(), **extra)
         _print_lid(lid, out)
         if sign_key is not None:
             from components.signing import SIGNATURE_FILE, sign_lid
@@ -253,12 +294,24 @@ def verify(
                 _check_fits(net, *mapping[task], f"--data {task}")
             kwargs["data"] = mapping
 
+        from lid_engine.lid import LID
         from lid_engine.verify import verify as run_verify
 
         from components.signing import load_public_keys
 
         keys = load_public_keys(public_key or [], "--public-key")
         report = run_verify(directory, net, allow_update=allow_update, **kwargs)
+        try:
+            recorded = _recorded_features(LID.load(directory))
+        except Exception:  # noqa: BLE001 — a LID that does not load has failed verify's own checks already
+            recorded = None
+        if recorded is not None:
+            for item in items:
+                task, sep, path = item.partition("=")
+                path = path if sep else item
+                problem = _features_problem(recorded, _npz_features(Path(path), "--data"))
+                report.add(f"features of '{Path(path).name}'", problem is None,
+                           problem or "computed as the certified data were (same feature extractor)")
         if keys:
             problem = _signature_problem(directory, keys)
             report.add("signature", problem is None, problem or "signed by a trusted key over this LID, its nominal "
