@@ -470,3 +470,73 @@ def test_datasplits_checks_its_parts():
         _splits(torch.ones(3, 5))
     with pytest.raises(DataError, match="split 'train' must hold n ≥ 1 rows"):
         _splits(torch.ones(0, 2))
+
+
+# ------------------------------------------------------------------------------ groups and feature records
+def test_group_columns_from_csv_npz_and_loaders(tmp_path, code_dir):
+    """A group column (data.group) is read beside the features, never as one, split with the same rows,
+    and fingerprinted; a loader returns it as 'group' together with a 'features' record."""
+    df = table(60)
+    df["region"] = np.where(np.arange(60) % 3 == 0, "north", "south")
+    df.to_csv(tmp_path / "d.csv", index=False)
+    cfg = config(tmp_path, {"task": "t", "source": "d.csv", "label": "target", "group": "region"})
+    data = load_splits(cfg)
+    assert data.feature_shape == (4,)  # the group column is not a feature
+    assert data.provenance["source"]["group"] == "region"
+    for name, (x, _) in data.items():
+        rows = np.round(x[:, 0].numpy().astype(np.float64), 5)
+        full = np.round(df["f1"].to_numpy(), 5)
+        expected = [df["region"][int(np.flatnonzero(np.isclose(full, r, atol=1e-5))[0])] for r in rows]
+        assert data.groups[name].tolist() == expected
+    regrouped = load_splits(cfg)
+    regrouped.groups["certification"] = regrouped.groups["certification"][::-1].copy()
+    assert regrouped.fingerprint() != data.fingerprint()  # the groups are part of what was certified
+
+    np.savez(tmp_path / "g.npz", x=np.zeros((30, 2), np.float32), y=np.arange(30) % 2, site=np.arange(30) % 3)
+    npz = load_splits(config(tmp_path, {"task": "t", "source": "g.npz", "group": "site"}))
+    assert sorted(set(npz.groups["train"].tolist())) == ["0", "1", "2"]
+    plain = load_splits(config(tmp_path, {"task": "t", "source": "g.npz"}))
+    assert plain.groups is None
+
+    module = loader_module(code_dir, """
+        def load(n=30):
+            rng = np.random.default_rng(0)
+            return {"x": rng.normal(size=(n, 3)).astype(np.float32), "y": np.arange(n) % 2,
+                    "group": np.array(["a", "b"] * (n // 2)), "features": {"encoder": "e", "encoder_sha256": "ab"}}
+    """)
+    cfg = config(tmp_path, {"task": "t", "loader": {"function": f"{module}:load"}}, code=["code"])
+    got = load_splits(cfg)
+    assert got.provenance["features"] == {"encoder": "e", "encoder_sha256": "ab"}
+    assert set(got.groups["search"].tolist()) <= {"a", "b"}
+    module2 = loader_module(code_dir, """
+        def load(n=30):
+            rng = np.random.default_rng(0)
+            return {"x": rng.normal(size=(n, 3)).astype(np.float32), "y": np.arange(n) % 2,
+                    "group": np.array(["a", "b"] * (n // 2)), "features": {"encoder": "e", "encoder_sha256": "cd"}}
+    """)
+    other = load_splits(config(tmp_path, {"task": "t", "loader": {"function": f"{module2}:load"}}, code=["code"]))
+    assert other.fingerprints() == got.fingerprints()  # the same numbers…
+    assert other.fingerprint() != got.fingerprint()  # …but another encoder: another data fingerprint
+
+
+def test_bad_groups_and_feature_records_are_named(tmp_path, code_dir):
+    np.savez(tmp_path / "a.npz", x=np.zeros((30, 2), np.float32), y=np.arange(30) % 2, site=np.zeros((30, 2)))
+    with pytest.raises(DataError, match=r"array 'site' \(data.group\) has shape \[30, 2\]; expected one group per row"):
+        load_splits(config(tmp_path, {"task": "t", "source": "a.npz", "group": "site"}))
+    np.savez(tmp_path / "b.npz", x=np.zeros((30, 2), np.float32), y=np.arange(30) % 2, features=np.array("{not json"))
+    with pytest.raises(DataError, match=r"b.npz: array 'features' is not JSON"):
+        load_splits(config(tmp_path, {"task": "t", "source": "b.npz"}))
+    module = loader_module(code_dir, """
+        def load():
+            return {"x": np.zeros((10, 2), np.float32), "y": np.arange(10) % 2, "group": ["a"] * 9}
+    """)
+    with pytest.raises(DataError, match=r"'group' of the result has 9 rows, 'y' 10"):
+        load_splits(config(tmp_path, {"task": "t", "loader": {"function": f"{module}:load"}}, code=["code"]))
+    module = loader_module(code_dir, """
+        def load():
+            return {"x": np.zeros((10, 2), np.float32), "y": np.arange(10) % 2, "weights": 1}
+    """)
+    with pytest.raises(DataError, match=r"unknown keys 'weights'"):
+        load_splits(config(tmp_path, {"task": "t", "loader": {"function": f"{module}:load"}}, code=["code"]))
+    with pytest.raises(ValueError, match=r"data.group: applies to data files"):
+        config(tmp_path, {"task": "t", "loader": {"function": "m:f"}, "group": "g"})

@@ -288,3 +288,33 @@ def test_an_mlflow_server_that_does_not_answer_is_bad_input_in_seconds(tmp_path,
     path = tmp_path / "lidgate.yaml"
     path.write_text(yaml.safe_dump(config))
     assert_bad_input(run("status", path), "registry.tracking_uri", "http://127.0.0.1:9 does not answer")
+
+
+def test_verify_refuses_data_from_another_feature_extractor(files, tmp_path):
+    """Embeddings carry a 'features' record (which encoder computed them); a LID certified on one
+    encoder's embeddings does not verify on data that says it came from another, even with equal numbers."""
+    with np.load(files["data.npz"]) as f:
+        x, y = f["x"], f["y"]
+    record = {"encoder": "enc-a", "encoder_sha256": "a" * 64, "recipe": "mean"}
+    data = tmp_path / "embedded.npz"
+    np.savez(data, x=x, y=y, features=np.array(json.dumps(record, sort_keys=True)))
+    out = tmp_path / "lid"
+    result = run("certify", "--model", FACTORY, "--weights", files["w.safetensors"], "--data", data, "--out", out,
+                 "--tau", "0.6", "--iterations", "20", "--checkpoints", "2", "--batch-size", "200")
+    assert result.exit_code == 0, result.output
+    assert LID.load(out).search_config["features"] == record
+    assert run("verify", out, "--model", FACTORY, "--weights", files["w.safetensors"]).exit_code == 0
+    with np.load(out / "cert_data.npz") as f:
+        cx, cy = f["x"], f["y"]
+    other = tmp_path / "other-encoder.npz"
+    np.savez(other, x=cx, y=cy, features=np.array(json.dumps({**record, "encoder_sha256": "b" * 64}, sort_keys=True)))
+    result = run("verify", out, "--model", FACTORY, "--weights", files["w.safetensors"], "--data", other, "--json")
+    assert result.exit_code == 1, result.output
+    failed = {c["name"]: c["detail"] for c in json.loads(result.stdout)["checks"] if not c["ok"]}
+    assert list(failed) == ["features of 'other-encoder.npz'"]
+    assert "enc-a " + "a" * 64 in failed["features of 'other-encoder.npz'"] and "b" * 64 in failed[
+        "features of 'other-encoder.npz'"]
+    unrecorded = tmp_path / "unrecorded.npz"
+    np.savez(unrecorded, x=cx, y=cy)
+    result = run("verify", out, "--model", FACTORY, "--weights", files["w.safetensors"], "--data", unrecorded)
+    assert result.exit_code == 1 and "an unrecorded feature extractor" in result.output
