@@ -48,7 +48,7 @@ th,td{border:1px solid #ccc;padding:4px 8px;vertical-align:top;text-align:left}
 th{background:#f0f0f0;white-space:nowrap} td.num{text-align:right;font-variant-numeric:tabular-nums}
 td.nowrap{white-space:nowrap} td.created{min-width:6em} td.reasons{min-width:18em;overflow-wrap:anywhere}
 .champ{margin-top:4px;white-space:nowrap;color:#8d6e00;font-weight:bold} .meta code{font-size:1em}
-.certs{display:grid;grid-template-columns:minmax(6em,max-content) max-content max-content max-content;
+.certs{display:grid;grid-template-columns:minmax(15em,max-content) max-content max-content max-content;
        column-gap:14px;row-gap:2px;font-variant-numeric:tabular-nums}
 .certs .head{color:#666;font-size:12px;border-bottom:1px solid #ddd}
 .certs .task{overflow-wrap:anywhere} .certs .what{color:#555;font-size:90%} .certs .n,.certs .lb{text-align:right}

@@ -89,7 +89,7 @@ def plot_accuracy(records: Sequence[VersionAudit]) -> bytes | None:
         ax.legend(fontsize=8, loc="best", framealpha=0.85)
     fig.suptitle("Certified accuracy per version (solid), Clopper–Pearson lower bound (dashed), τ (dotted)",
                  fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # keep the panels' titles below it
     return _png(fig)
 
 
