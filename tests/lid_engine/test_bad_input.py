@@ -334,3 +334,18 @@ def test_every_error_class_is_a_lid_error_and_no_runtime_error():
         assert issubclass(cls, LidError) and issubclass(cls, ValueError) and not issubclass(cls, RuntimeError)
     # UnsoundBoundError is the one exception: it signals a bug in the engine, not in the input
     assert issubclass(le.UnsoundBoundError, RuntimeError)
+
+
+def test_spec_kind_per_task_must_name_every_task_once():
+    """Several constraints with different metrics: a mapping that misses or adds a task is refused by name."""
+    tasks = {"all": (X, Y, 0.1), "all.recall.0": (X[Y == 0], Y[Y == 0], 0.1)}
+    cert = {"all": (X, Y), "all.recall.0": (X[Y == 0], Y[Y == 0])}
+    raises_lid(InvalidInputError, lambda: le.compute_lid(mlp(), tasks=tasks, cert=cert, iterations=2, checkpoints=1,
+                                                         progress=False, spec_kind={"all": "balanced_accuracy"}),
+               match=r"'spec_kind' names tasks \['all'\], the tasks are \['all', 'all.recall.0'\]")
+    raises_lid(InvalidInputError, lambda: le.compute_lid(mlp(), tasks=tasks, cert=cert, iterations=2, checkpoints=1,
+                                                         progress=False, spec_kind=["accuracy"]),
+               match=r"'spec_kind' must be a metric name or a mapping")
+    lid = le.compute_lid(mlp(), tasks=tasks, cert=cert, iterations=2, checkpoints=1, progress=False, keep="all",
+                         spec_kind={"all": "balanced_accuracy", "all.recall.0": "accuracy"})
+    assert {t: s.kind for t, s in lid.tasks.items()} == {"all": "balanced_accuracy", "all.recall.0": "accuracy"}
