@@ -294,12 +294,12 @@ def embedding_cache_key(texts: Sequence[str]) -> str:
 
 
 def default_cache_dir() -> Path:
-    """``$LIDGATE_EMBED_CACHE`` if set, else ``$LIDGATE_HOME/cache/embeddings`` (home default
+    """``$LIDGATE_EMBED_CACHE`` if set, else ``$LIDGATE_HOME/embeddings`` (home default
     ``./lidgate-home``), absolute; not created."""
     explicit = os.environ.get("LIDGATE_EMBED_CACHE")
     if explicit:
         return Path(explicit).resolve()
-    return (Path(os.environ.get("LIDGATE_HOME") or "lidgate-home") / "cache" / "embeddings").resolve()
+    return (Path(os.environ.get("LIDGATE_HOME") or "lidgate-home") / "embeddings").resolve()
 
 
 def embedding_cache_path(texts: Sequence[str], cache_dir: str | Path | None = None) -> Path:
@@ -716,7 +716,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``write-target NAME --out F.npz [--limit N] [--seed S]`` or ``embed-all``; see the module docstring."""
     parser = argparse.ArgumentParser(prog="python -m examples.text.data", description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", default=None, help="embedding cache (default: $LIDGATE_EMBED_CACHE or "
-                        "$LIDGATE_HOME/cache/embeddings)")
+                        "$LIDGATE_HOME/embeddings)")
     sub = parser.add_subparsers(dest="command", required=True)
     write = sub.add_parser("write-target", help="write a tweet target's embeddings to an .npz (x, y)")
     write.add_argument("name", choices=TARGETS)

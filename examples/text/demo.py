@@ -14,7 +14,7 @@ lidgate knows about text. The story (the paper's foundation-model scenario, METH
 4. **Audit**: every version re-verified; the HTML report shows each constraint per version.
 
 Embeddings are computed once and cached (``$LIDGATE_EMBED_CACHE``, default
-``lidgate-home/cache/embeddings``); the registry of this demo lives in ``lidgate-home/text-demo``
+``lidgate-home/embeddings``); the registry of this demo lives in ``lidgate-home/text-demo``
 and is started afresh on each run.
 """
 
@@ -53,7 +53,7 @@ def _lidgate(*args: str, env: dict[str, str], as_json: bool = True) -> dict:
 def main() -> int:
     start = time.perf_counter()
     home = Path(os.environ.get("LIDGATE_TEXT_HOME", REPO / "lidgate-home" / "text-demo"))
-    cache = os.environ.get("LIDGATE_EMBED_CACHE", str(REPO / "lidgate-home" / "cache" / "embeddings"))
+    cache = os.environ.get("LIDGATE_EMBED_CACHE", str(REPO / "lidgate-home" / "embeddings"))
     if home.exists():
         shutil.rmtree(home)
     home.mkdir(parents=True)

@@ -149,7 +149,7 @@ def test_default_cache_dir_from_the_environment(monkeypatch: pytest.MonkeyPatch,
     assert td.default_cache_dir() == tmp_path / "emb"
     monkeypatch.delenv("LIDGATE_EMBED_CACHE")
     monkeypatch.setenv("LIDGATE_HOME", str(tmp_path / "home"))
-    assert td.default_cache_dir() == tmp_path / "home" / "cache" / "embeddings"
+    assert td.default_cache_dir() == tmp_path / "home" / "embeddings"
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong_metadata", "wrong_shape", "not_unit"])
