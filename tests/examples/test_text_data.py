@@ -4,6 +4,8 @@ tmp_path cache; the model is loaded once per process (a few seconds)."""
 
 from __future__ import annotations
 
+import json
+
 import logging
 import os
 import shutil
@@ -274,7 +276,8 @@ def test_golden_and_target_loaders(tmp_path: Path) -> None:
 def test_write_target_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = td.write_target("apple", tmp_path / "apple.npz", limit=6, cache_dir=tmp_path)
     with np.load(out, allow_pickle=False) as f:
-        assert sorted(f.files) == ["x", "y"]
+        assert sorted(f.files) == ["features", "x", "y"]  # features: the encoder's record, a 0-d string
+        assert json.loads(str(f["features"]))["encoder_sha256"] == td.encoder_fingerprint()
         assert f["x"].shape == (6, 384) and f["x"].dtype == np.float32 and f["y"].dtype == np.int64
         x = f["x"].copy()
     assert np.array_equal(x, td.target("apple", limit=6, cache_dir=str(tmp_path))["x"])
