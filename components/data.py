@@ -40,6 +40,7 @@ __all__ = [
     "SPLIT_NAMES",
     "DataError",
     "DataSplits",
+    "check_same_extractor",
     "check_same_features",
     "feature_columns",
     "file_provenance",
@@ -149,6 +150,28 @@ def feature_columns(provenance: Mapping[str, Any] | None) -> list[str] | None:
         records = [provenance.get("source", {})]
     columns = [(r.get("columns") or {}).get("features") for r in records if isinstance(r, Mapping)]
     return list(columns[0]) if columns and columns[0] is not None else None
+
+
+def check_same_extractor(expected: Mapping[str, Any] | None, data: DataSplits, what: str) -> None:
+    """Refuse new data whose features were computed otherwise than the champion's (its ``features``
+    record: a frozen encoder's name and sha256, say). A head certified on one encoder's embeddings
+    promises nothing about another's, so mixing them in one lineage is an error, not a warning.
+
+    Raises:
+        DataError: naming both records.
+    """
+    got = data.provenance.get("features")
+    if expected is None or got == expected:
+        return
+
+    def name(r: Mapping[str, Any] | None) -> str:
+        if r is None:
+            return "no record (data without a 'features' record)"
+        return " ".join(str(r[k]) for k in ("encoder", "encoder_sha256", "recipe") if k in r) or json.dumps(r)
+
+    raise DataError(f"{what}: features computed by {name(got)}, but the champion was certified on features computed by "
+                    f"{name(expected)}; expected data from the same feature extractor (re-embed it with the champion's "
+                    "encoder)")
 
 
 def check_same_features(expected: Sequence[str] | None, data: DataSplits, what: str) -> None:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from prefect import flow
 
-from components.data import check_same_features
+from components.data import check_same_extractor, check_same_features
 from components.failpoints import failpoint
 from components.owner import owner_tag
 from flows import tasks
@@ -82,6 +82,8 @@ def run_pipeline(config_path: str | Path, action: str, *, data: Sequence[str] = 
     data_splits = tasks.load_data(config, list(data), task, dtype=dtype)
     if champion is not None and config.data.features is None:
         check_same_features(champion.feature_columns, data_splits, "--data" if data else "data")
+    if champion is not None:
+        check_same_extractor(champion.features_record, data_splits, "--data" if data else "data")
     _preflight(config, model, data_splits)
     lookahead = settings.lookahead_dir if action != "bootstrap" else None
     validation = tasks.validate_data(config, data_splits, lookahead)

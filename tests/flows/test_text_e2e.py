@@ -64,6 +64,13 @@ def test_text_head_constraints_through_the_pipeline(text_team):
     for t in tasks:  # each constraint certified at or above its own τ
         assert cert["certified"][t] >= cert["taus"][t]
 
+    other = team / "other-encoder.npz"  # the same tweets, said to come from another encoder: refused up front
+    with np.load(tweets) as f:
+        np.savez(other, x=f["x"], y=f["y"], features=np.array(json.dumps({**record, "encoder_sha256": "0" * 64})))
+    refused = lidgate("retrain", str(config), "--data", str(other), "--task", "airlines", cwd=team)
+    assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
+    assert "the champion was certified on features computed by" in refused.stderr and "0" * 64 in refused.stderr
+
     v2 = _json(lidgate("retrain", str(config), "--data", str(tweets), "--task", "airlines", "--json", cwd=team))
     assert v2["status"] == "promoted", v2["reasons"]
     assert [c["ok"] for c in v2["certification"]["lineage"]] == [True]  # task 1's five certificates still hold
