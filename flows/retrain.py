@@ -84,7 +84,7 @@ def run_pipeline(config_path: str | Path, action: str, *, data: Sequence[str] = 
         check_same_features(champion.feature_columns, data_splits, "--data" if data else "data")
     if champion is not None:
         check_same_extractor(champion.features_record, data_splits, "--data" if data else "data")
-    _preflight(config, model, data_splits)
+    _preflight(config, model, data_splits, first=action == "bootstrap")
     lookahead = settings.lookahead_dir if action != "bootstrap" else None
     validation = tasks.validate_data(config, data_splits, lookahead)
     before = champion.version if champion is not None else None
@@ -145,9 +145,12 @@ def _float_dtype(model):
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def _preflight(config: LidgateConfig, model, data: DataSplits) -> None:
+def _preflight(config: LidgateConfig, model, data: DataSplits, first: bool = False) -> None:
     """What would otherwise fail after minutes of training: signing keys that do not load, layers the
-    bound engine cannot follow, and labels the model's outputs cannot hold."""
+    bound engine cannot follow, labels the model's outputs cannot hold, and constraints of the
+    specification that cannot be certified on this data (a group too small; on the first task, a
+    worst-group constraint without a group column)."""
+    from components.constraints import ConstraintError, spec_constraints
     from components.data import DataError, check_model_outputs
     from components.signing import load_private_key, load_public_keys
     from flows.settings import prefect_server_configured
@@ -161,6 +164,13 @@ def _preflight(config: LidgateConfig, model, data: DataSplits) -> None:
     layers = ibp.check_supported(model)
     if config.search.bound == "linear":
         linear.check_supported(layers)
+    try:
+        spec_constraints(config.spec, data)
+    except ConstraintError as exc:
+        raise DataError(str(exc)) from None
+    if first and config.spec.worst_group is not None and data.groups is None:
+        raise DataError(f"spec.worst_group: the first task '{data.task}' has no group column; expected data.group (the "
+                        "column or .npz array of each row's group) or a loader returning 'group'")
     for name, (x, y) in data.items():
         outputs = check_model_outputs(model, x, f"task '{data.task}', split '{name}'")
         if int(y.max()) >= outputs or int(y.min()) < 0:

@@ -215,3 +215,19 @@ def test_each_constraint_blocks_on_its_own(store, model, data, failing):
     assert len(below) == 1 and f"'{failing}'" in below[0]["detail"]
     assert reg.champion() == champion
     assert constraint_records(strict.search_config)[failing]["task"] == failing
+
+
+def test_constraints_that_cannot_be_certified_fail_before_training(data, model):
+    """Bad input, before any training: a group too small for its certificate, and a first task whose
+    specification asks for the worst group's accuracy without a group column."""
+    from components.data import DataError
+    from flows.retrain import _preflight
+
+    small = config_with({**SPEC_DOC, "worst_group": {"tau": 0.5, "min_examples": 10_000}})
+    with pytest.raises(DataError, match=r"group 'east' of task 't1' has \d+ search example"):
+        _preflight(small, model, data)
+    plain = config_with(SPEC_DOC)
+    _preflight(plain, model, data, first=True)  # groups present: fine
+    with pytest.raises(DataError, match=r"spec.worst_group: the first task 't1' has no group column"):
+        _preflight(plain, model, splits(groups=False), first=True)
+    _preflight(plain, model, splits(groups=False))  # a later task without groups: the constraint does not apply
