@@ -66,7 +66,9 @@ import lid_engine as le
 from benchmarks._common import RESULTS, log, machine_header
 from benchmarks.cl.methods import EWC, LwF, Method, Settings
 from benchmarks.cl.protocol import Task, TaskSequence
+from benchmarks.cl.segment_method import head_names, right_intervals, segment_length, train_head
 from benchmarks.cl.training import Recipe, train_task
+from lid_engine.search import search_target
 
 ROOT = Path(__file__).resolve().parent.parent
 JSON_PATH = RESULTS / "text.json"
@@ -79,8 +81,10 @@ GOLDEN_SPLIT = {"train": 0.50, "search": 0.15, "certification": 0.15, "test": 0.
 TARGET_SPLIT = {"test": 0.30, "lookahead": 0.05}  # lookahead: this fraction of the non-test part; train: the rest
 BASELINES = ("none", "plain", "ewc", "lwf")
 LID_METHODS = ("lid", "lid_lookahead")
+SEGMENT = "segment"  # a benchmark method: zonotope (segment) LIDs are not in lidgate's registry pipeline
 METHOD_NAMES = {"none": "no fine-tune", "plain": "plain fine-tune (Adam)", "ewc": "EWC", "lwf": "LwF",
-                "lid": "PGD w/ LID", "lid_lookahead": "PGD w/ LID + Fisher lookahead"}
+                "lid": "PGD w/ LID", "lid_lookahead": "PGD w/ LID + Fisher lookahead",
+                SEGMENT: "PGD w/ segment LID oriented by lookahead"}
 T1 = "golden"
 
 # The paper's numbers (METHOD.md §5.2, Jigsaw toxicity → hate-speech targets); cells T1 bal / T2 bal [cert].
@@ -127,6 +131,7 @@ class BenchSettings:
     confidence: float = 0.95
     strategy: str = "sample_largest_closest"
     frozen_fraction: float = 0.8
+    segment_samples: int = 300  # points along each segment LID at which its certificate is re-checked
     ewc_lambda: float = 1e6
     ewc_examples: int = 640
     lwf_lambda: float = 0.1
@@ -284,16 +289,151 @@ def projected_finetune(base: nn.Module, lid: le.LID, task2: Task, s: BenchSettin
     return rec
 
 
-def run_unit(head_name: str, seed: int, s: BenchSettings, golden: dict, targets: dict[str, dict]) -> dict:
+# --------------------------------------------------------------------------------------------------
+# PGD w/ segment LID oriented by lookahead (a benchmark method: benchmarks/cl/segment_method.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def segment_end(base: nn.Module, g: GoldenSplits, t: dict, s: BenchSettings, seed: int) -> tuple[nn.Module, dict]:
+    """θ_L: the task-1 head with its last Linear layer (the whole head, for the linear one) trained on
+    task 1's search split together with the target's lookahead sample — never the target's train or
+    test data, never task 1's certification split. Each source is class-balanced and the lookahead
+    sample is repeated up to the search split's size, so the two weigh the same; same recipe as the
+    fine-tunes."""
+    xs, ys = class_balanced(*g.search, seed + 2)
+    xl, yl = class_balanced(*t["lookahead"], seed + 3)
+    rep = np.resize(np.random.default_rng(seed + 4).permutation(len(xl)), len(xs))
+    x, y = torch.cat([xs, xl[rep]]), torch.cat([ys, yl[rep]])
+    end = train_head(base, x, y, s.recipe(s.t2_epochs), seed=seed * 1000 + 2)
+    return end, {"end_search_bal": bal(end, g.search), "end_lookahead_bal": bal(end, t["lookahead"]),
+                 "end_cert_split_bal": bal(end, g.cert), "end_test_bal": bal(end, g.test),
+                 "end_t2_bal": bal(end, t["test"])}
+
+
+def balanced_prefix(a: torch.Tensor, b: torch.Tensor, y: torch.Tensor, target: float) -> float:
+    """The largest ``u`` ∈ [0, 1] such that the examples right on all of the coefficient range
+    [0, u] (``a_i ≤ 0`` and ``b_i ≥ u``, from ``right_intervals``) have balanced accuracy ≥ ``target``.
+    The candidates are 1 and every example's right end (a hair inside it, where its margin is still
+    positive); 0 when none qualifies."""
+    right0 = (a <= 0) & (b >= 0)
+    ends = b[right0 & (b > 0) & (b < 1)] * (1 - 1e-9)
+    cands = torch.cat([torch.tensor([0.0, 1.0], dtype=torch.float64), ends]).sort(descending=True).values
+    right = right0[None, :] & (b[None, :] >= cands[:, None])  # (candidates, N)
+    per_class = torch.stack([right[:, y == c].double().mean(1) for c in torch.unique(y)], 1)
+    ok = per_class.mean(1) >= target
+    return float(cands[int(ok.nonzero()[0])]) if bool(ok.any()) else 0.0
+
+
+def segment_finetune(base: nn.Module, end: nn.Module, end_info: dict, task2: Task, s: BenchSettings, seed: int,
+                     g: GoldenSplits, t: dict, tau: float, search_bal: float) -> dict:
+    """PGD w/ segment LID oriented by lookahead, at one τ: the segment θ₁ → θ_L (``le.Zonotope.segment``,
+    only the last layer moves), shrunk to the longest [θ₁, θ₁ + u(θ_L − θ₁)] whose task-1 search balanced
+    accuracy stays ≥ the box search's target (τ + min(margin, slack / 2), ``search_target``) at every
+    point (margins are linear along it: ``right_intervals``), certified on the certification split with
+    the linear bound (exact along a last-layer segment up to the rounding residual), then Adam on the
+    segment's coefficient (``le.CoefficientOptimizer``) on the target's train split. Soundness: the final
+    model lies in the zonotope, and the certificate is ≤ the actual balanced accuracy on the
+    certification split at the final model and at ``segment_samples`` points along the segment."""
+    t0 = time.perf_counter()
+    full = le.Zonotope.segment(base, {n: p.detach() for n, p in end.named_parameters() if n in head_names(base)})
+    a, b = right_intervals(base, full, *g.search)
+    target = search_target(tau, search_bal, le.SearchConfig().tau_margin)
+    u = balanced_prefix(a, b, g.search[1], target)
+    z = le.Zonotope(full.centre, full.generators, torch.zeros(1, dtype=torch.float64),
+                    torch.tensor([u], dtype=torch.float64), full.residual)
+    cert = le.certify_box(base, z, *g.cert, le.Spec("balanced_accuracy", tau), task=T1, confidence=s.confidence,
+                          method="linear")
+    domain_seconds = time.perf_counter() - t0
+    model = copy.deepcopy(base)
+    start = flat(base)
+    opt = le.CoefficientOptimizer(model, z, lr=s.lr)
+    t0 = time.perf_counter()
+    train_task(model, *task2.train, s.recipe(s.t2_epochs), seed=seed * 1000 + 1, optimizer=opt)
+    seconds = time.perf_counter() - t0
+    rec = evaluate(model, g, t, start)
+    c = cert.certified_accuracy
+    inside = z.contains(model)
+    assert inside, "the segment fine-tune left its zonotope"
+    # the certificate must hold at every point of the segment: check it at the ends and along it
+    grid = torch.linspace(0.0, u, s.segment_samples, dtype=torch.float64)
+    along = []
+    for e in grid:
+        m = copy.deepcopy(base)
+        le.load_parameters_(m, z.point(e.reshape(1)))
+        along.append(bal(m, g.cert))
+    violations = sum(v < c - 1e-12 for v in along)
+    assert c <= rec["t1_cert_split_bal"] + 1e-12, ("segment certificate above the final model's balanced accuracy",
+                                                    c, rec["t1_cert_split_bal"])
+    assert violations == 0, (f"segment certificate {c} above the actual balanced accuracy at {violations} of "
+                             f"{len(along)} points along the segment (min {min(along)})")
+    full_len = segment_length(full)
+    rec.update({**end_info, "seconds": seconds, "domain_seconds": domain_seconds, "certified": c,
+                "lower_bound": cert.lower_bound, "n_cert": cert.n, "tau": tau, "meets_tau": c >= tau,
+                "search_target": target, "segment_u": u, "segment_length": segment_length(z),
+                "full_segment_length": full_len, "coefficient": float(z.nearest_coefficients(model)[0]),
+                "inside": inside, "members_containing": [0] if inside else [],
+                "along_samples": len(along), "along_violations": violations, "along_min_bal": min(along),
+                "along_max_bal": max(along)})
+    return rec
+
+
+def add_segment(unit: dict, model: nn.Module, g: GoldenSplits, targets_data: dict, s: BenchSettings) -> None:
+    """Run the segment method for every target and Δ of one unit, in place (``unit`` holds the other methods)."""
+    seed = unit["seed"]
+    for name in s.targets:
+        tt = time.perf_counter()
+        t = target_splits(targets_data[name], s, seed)
+        task2 = Task(1, (0, 1), class_balanced(*t["train"], seed + 1), (t["test"][0][:0], t["test"][1][:0]), t["test"])
+        assert len(task2.train[0]) == unit["targets"][name]["sizes"]["train_balanced"], "target split differs"
+        end, info = segment_end(model, g, t, s, seed)
+        methods = unit["targets"][name]["methods"]
+        for delta in s.deltas:
+            tau = unit["t1"]["lid"][f"{delta:g}"]["tau"]
+            methods[f"{SEGMENT}@{delta:g}"] = segment_finetune(model, end, info, task2, s, seed, g, t, tau,
+                                                                unit["t1"]["search_bal"])
+        d0 = f"{s.deltas[0]:g}"
+        r = methods[f"{SEGMENT}@{d0}"]
+        log(f"    {name:<11} segment Δ {d0}: T1/T2 bal {r['t1_bal']:.3f}/{r['t2_bal']:.3f} [{r['certified']:.3f}] "
+            f"τ {r['tau']:.3f}, u {r['segment_u']:.3f}, ε {r['coefficient']:.3f}; "
+            f"θ_L T1 test {r['end_test_bal']:.3f} T2 {r['end_t2_bal']:.3f}  ({time.perf_counter() - tt:.1f} s)")
+        unit["targets"][name]["seconds_segment"] = time.perf_counter() - tt
+
+
+def task1_head(head_name: str, seed: int, s: BenchSettings, g: GoldenSplits, dim: int) -> nn.Module:
+    """The task-1 head of a unit (deterministic in the seed on one torch thread)."""
     from examples.text.model import head
 
-    t_unit = time.perf_counter()
-    g = golden_splits(golden, s, seed)
     torch.manual_seed(seed)
-    model = head(dim=golden["x"].shape[1], classes=2, hidden=HEADS[head_name])
-    t0 = time.perf_counter()
+    model = head(dim=dim, classes=2, hidden=HEADS[head_name])
     train_task(model, *class_balanced(*g.train, seed), s.recipe(s.t1_epochs), seed=seed)
     model.eval()
+    return model
+
+
+def extend_unit(unit: dict, s: BenchSettings, golden: dict, targets: dict[str, dict]) -> None:
+    """Add the segment method to a unit stored before it existed: the task-1 head is retrained from its seed
+    and must reproduce the stored balanced accuracies exactly, or the unit is refused."""
+    g = golden_splits(golden, s, unit["seed"])
+    model = task1_head(unit["head"], unit["seed"], s, g, golden["x"].shape[1])
+    for key, got in (("before_bal", bal(model, g.test)), ("search_bal", bal(model, g.search)),
+                     ("cert_split_bal", bal(model, g.cert))):
+        if got != unit["t1"][key]:
+            raise RuntimeError(f"the retrained task-1 head does not reproduce the stored {key}: {got} vs "
+                               f"{unit['t1'][key]}")
+    t0 = time.perf_counter()
+    add_segment(unit, model, g, targets, s)
+    unit["segment_seconds"] = time.perf_counter() - t0
+
+
+def has_segment(unit: dict, s: BenchSettings) -> bool:
+    return all(f"{SEGMENT}@{d:g}" in unit["targets"][t]["methods"] for t in s.targets for d in s.deltas)
+
+
+def run_unit(head_name: str, seed: int, s: BenchSettings, golden: dict, targets: dict[str, dict]) -> dict:
+    t_unit = time.perf_counter()
+    g = golden_splits(golden, s, seed)
+    t0 = time.perf_counter()
+    model = task1_head(head_name, seed, s, g, golden["x"].shape[1])
     unit: dict = {"head": head_name, "seed": seed, "params": sum(p.numel() for p in model.parameters()),
                   "sizes": {"train": len(g.train[0]), "search": len(g.search[0]), "certification": len(g.cert[0]),
                             "test": len(g.test[0])},
@@ -348,6 +488,9 @@ def run_unit(head_name: str, seed: int, s: BenchSettings, golden: dict, targets:
             for k in ("none", "plain", "ewc", "lwf", f"lid@{d0}", f"lid_lookahead@{d0}"))
             + f"  ({time.perf_counter() - tt:.1f} s)")
     unit["seconds"] = time.perf_counter() - t_unit
+    t0 = time.perf_counter()
+    add_segment(unit, model, g, targets, s)
+    unit["segment_seconds"] = time.perf_counter() - t0
     return unit
 
 
@@ -385,14 +528,17 @@ def run(s: BenchSettings, path: Path, fresh: bool, argv: list[str]) -> dict:
                              f"stored: {stored}\nnow:    {s.comparable()}")
         doc["settings"]["seeds"] = sorted(set(doc["settings"]["seeds"]) | set(s.seeds))
         doc["settings"]["heads"] = [h for h in HEADS if h in set(doc["settings"]["heads"]) | set(s.heads)]
+        for k, v in asdict(s).items():  # settings added since (their defaults are what `comparable` checked)
+            doc["settings"].setdefault(k, v)
     if doc is None:
         doc = {"format": FORMAT, "settings": asdict(s), "invocations": [], "units": {}, "failed": {}}
     invocation = {"command": "python -m benchmarks.text " + " ".join(argv), "started": datetime.now(timezone.utc)
                   .strftime("%Y-%m-%d %H:%M:%S UTC"), **git_state(), "machine": machine_header(),
                   "torch_threads": torch.get_num_threads(), "units_run": []}
     t_run = time.perf_counter()
-    todo = [(h, seed) for h in s.heads for seed in s.seeds if f"{h}/seed{seed}" not in doc["units"]]
-    log(f"benchmarks.text: {len(todo)} unit(s) to run, {len(doc['units'])} already in {path}")
+    todo = [(h, seed) for h in s.heads for seed in s.seeds
+            if f"{h}/seed{seed}" not in doc["units"] or not has_segment(doc["units"][f"{h}/seed{seed}"], s)]
+    log(f"benchmarks.text: {len(todo)} unit(s) to run or extend, {len(doc['units'])} already in {path}")
     if not todo:
         return doc  # nothing recorded: an invocation entry is what ran units
     doc["invocations"].append(invocation)
@@ -403,7 +549,11 @@ def run(s: BenchSettings, path: Path, fresh: bool, argv: list[str]) -> dict:
         log(f"[{k}/{len(todo)}] {key}")
         t0 = time.perf_counter()
         try:
-            doc["units"][key] = run_unit(h, seed, s, golden, targets)
+            if key in doc["units"]:  # stored before the segment method existed: add it, keep the rest
+                extend_unit(doc["units"][key], s, golden, targets)
+                invocation.setdefault("units_extended", []).append(key)
+            else:
+                doc["units"][key] = run_unit(h, seed, s, golden, targets)
             doc["failed"].pop(key, None)
         except Exception:  # noqa: BLE001 — recorded, reported, retried by the next run
             doc["failed"][key] = traceback.format_exc()
@@ -440,8 +590,14 @@ def _short(xs) -> str:
     return f"{m:.3f} ({lo:.2f}–{hi:.2f})"
 
 
-def method_keys(s: BenchSettings) -> list[str]:
-    return list(BASELINES) + [f"{m}@{d:g}" for d in s.deltas for m in LID_METHODS]
+def method_keys(s: BenchSettings, doc: dict | None = None) -> list[str]:
+    return list(BASELINES) + [f"{m}@{d:g}" for d in s.deltas for m in LID_METHODS + segment_on(doc, s)]
+
+
+def segment_on(doc: dict | None, s: BenchSettings) -> tuple[str, ...]:
+    """``(SEGMENT,)`` when every unit of ``doc`` holds the segment method, else ``()``."""
+    ok = doc is not None and doc["units"] and all(has_segment(u, s) for u in doc["units"].values())
+    return (SEGMENT,) if ok else ()
 
 
 def method_label(key: str, s: BenchSettings) -> str:
@@ -495,7 +651,8 @@ def _header(doc: dict, s: BenchSettings, heads: list[str]) -> list[str]:
         "",
         "A classification head on frozen all-MiniLM-L6-v2 sentence embeddings (384-d, `examples/text`) is trained on "
         "task 1 (Rotten Tomatoes snippets, negative vs non-negative), a task-1 LID is certified around it, and the "
-        "head is then fine-tuned on each of four tweet targets (same labels) by six methods. The paper does the same "
+        "head is then fine-tuned on each of four tweet targets (same labels) by six methods, "
+        "plus a seventh benchmark-only method (the segment LID, below). The paper does the same "
         "with 768–3,072-d API/large encoders and toxicity data (Jigsaw → hate-speech targets): the protocol is the "
         "same, the encoder and the data are not, so the numbers are compared for their pattern, not their values.",
         "",
@@ -507,7 +664,11 @@ def _header(doc: dict, s: BenchSettings, heads: list[str]) -> list[str]:
         + (" — **the working tree had uncommitted changes** when the units ran" if dirty
            else " (clean working tree)"),
         f"- wall time of the runs: {wall / 60:.1f} min over {len(inv)} invocation(s) "
-        f"({len(doc['units'])} units; torch threads: {last['torch_threads']})",
+        f"({len(doc['units'])} units"
+        + (f"; {sum(len(i.get('units_extended', [])) for i in inv)} stored units were later extended with the "
+           f"segment method, the task-1 head retrained from its seed and checked to reproduce its stored balanced "
+           f"accuracies exactly" if any(i.get("units_extended") for i in inv) else "")
+        + f"; torch threads: {last['torch_threads']})",
         f"- heads: " + ", ".join(f"{h} ({units_of(doc, h)[0]['params']:,} parameters, {len(units_of(doc, h))} seeds)"
                                  for h in heads) + f"; seeds {seeds}",
         f"- task 1 split (stratified, per seed): " + ", ".join(f"{k} {v:g}" for k, v in s.golden_split.items())
@@ -532,6 +693,22 @@ def _header(doc: dict, s: BenchSettings, heads: list[str]) -> list[str]:
         f"- EWC: `benchmarks.cl.methods.EWC`, λ = {s.ewc_lambda:g} (METHOD.md §5.1's convention), Fisher from "
         f"{s.ewc_examples} task-1 training examples; LwF: `benchmarks.cl.methods.LwF`, λ = {s.lwf_lambda:g}, "
         f"T = {s.lwf_temperature:g} (the paper's CIFAR λ), distilling the task-1 head's outputs on the target inputs",
+        *([f"- {METHOD_NAMES[SEGMENT]} (a *benchmark* method, `benchmarks/cl/segment_method.py`'s functions: "
+           f"zonotope LIDs are not yet in lidgate's registry pipeline, which registers box LIDs): per seed and "
+           f"target, θ_L = the task-1 head with its last Linear layer (the whole linear head) trained ({s.t2_epochs} "
+           f"epochs, the same recipe) on task 1's search split together with the target's lookahead sample "
+           f"(each class-balanced, the lookahead repeated up to the search split's size; never the target's train "
+           f"or test split, never task 1's certification split); the LID is the segment θ₁ → θ_L "
+           f"(`le.Zonotope.segment`), shrunk to the longest [θ₁, θ₁ + u(θ_L − θ₁)] on which every point keeps the "
+           f"search split's balanced accuracy ≥ `search_target(τ, search bal, {le.SearchConfig().tau_margin:g})` "
+           f"(the box search's target; margins are linear along a last-layer segment: `right_intervals`), certified "
+           f"with `le.certify_box(..., Spec('balanced_accuracy', τ), method='linear')` on the certification split "
+           f"(exact along the segment up to the float rounding residual), and the fine-tune is Adam on the segment's "
+           f"coefficient (`le.CoefficientOptimizer`, same epochs / lr / batch / minibatch order). Same τ as the "
+           f"box LIDs; every Δ reuses one θ_L per seed and target. Checked on every run: the final model lies in "
+           f"the zonotope, and the certificate is ≤ the actual balanced accuracy on the certification split at the "
+           f"final model and at {s.segment_samples} evenly spaced points along the segment"]
+          if segment_on(doc, s) else []),
         f"- cells: mean (10th–90th percentile) over seeds, the paper's error bars; note that in the paper's own "
         f"cells the parentheses hold plain accuracy instead (ours are in the JSON as `t1_acc`, `t2_acc`)",
         "",
@@ -557,7 +734,7 @@ def _main_table(doc: dict, s: BenchSettings, heads: list[str], d0: str) -> list[
         certs = [c for u in us for c in u["t1"]["lid"][d0]["certified"]]
         cell = f"{_short(before)} / τ {_short(taus)} [{_short(certs)}]"
         lines.append(f"| {h} | before | " + " | ".join([cell] * len(s.targets)) + " |")
-        for key in method_keys(s):
+        for key in method_keys(s, doc):
             if "@" in key and key.split("@")[1] != d0:
                 continue
             cells = []
@@ -568,6 +745,12 @@ def _main_table(doc: dict, s: BenchSettings, heads: list[str], d0: str) -> list[
                     c += f" [{_short(r['certified'] for r in rs)}]"
                 cells.append(c)
             lines.append(f"| {h} | {method_label(key, s)} | " + " | ".join(cells) + " |")
+    if segment_on(doc, s):
+        lines += ["", f"*{METHOD_NAMES[SEGMENT]}* is a benchmark method: its LID is a zonotope (a segment of the "
+                  "last layer), which lidgate's registry pipeline does not register yet (it registers box LIDs). "
+                  "Its trade-off: the domain has one direction, chosen with the target's lookahead sample in view; "
+                  "a later task can move only along it, whereas a box lets every coordinate move a little in any "
+                  "direction."]
     return lines
 
 
@@ -577,7 +760,8 @@ def _check(ok: bool) -> str:
 
 def _targets(doc: dict, s: BenchSettings, heads: list[str], d0: str) -> list[str]:
     lines = ["", "## Targets", "",
-             f"Checked per head on the headline Δ = {d0}, for both LID methods together (and each alone in brackets): "
+             f"Checked per head on the headline Δ = {d0}, for both box-LID methods together (and each alone in brackets; "
+             f"the segment-LID benchmark method is checked separately below them): "
              f"(a) T1 balanced accuracy within {T1_KEEP} of before (mean over seeds and targets of after − before, "
              f"and the worst table cell); (b) certificates within {CERT_NEAR_TAU} of τ (certified − τ over every "
              f"run); "
@@ -627,7 +811,70 @@ def _targets(doc: dict, s: BenchSettings, heads: list[str], d0: str) -> list[str
                   + (f"{gap_c:+.4f} above the threshold" if ok_c else f"missed by {-gap_c:.4f}")
                   + " [" + each(lambda kd, kg, kt: f"T2 {np.mean(kt):.4f}") + "]", ""]
         lines += _why(doc, s, h, d0, ok_a, ok_b, ok_c)
+        if segment_on(doc, s):
+            lines += _segment_checks(doc, s, h, d0)
     return lines
+
+
+def _segment_checks(doc: dict, s: BenchSettings, h: str, d0: str) -> list[str]:
+    """(a)/(b)/(c) for the segment method alone, and what its domain is."""
+    us = units_of(doc, h)
+    key = f"{SEGMENT}@{d0}"
+    drops = [u["targets"][t]["methods"][key]["t1_bal"] - u["t1"]["before_bal"] for u in us for t in s.targets]
+    cells = [(float(np.mean([u["targets"][t]["methods"][key]["t1_bal"] - u["t1"]["before_bal"] for u in us])), t)
+             for t in s.targets]
+    rs = [u["targets"][t]["methods"][key] for u in us for t in s.targets]
+    gaps = [r["certified"] - r["tau"] for r in rs]
+    t2 = float(np.mean([r["t2_bal"] for r in rs]))
+    plain = float(np.mean([u["targets"][t]["methods"]["plain"]["t2_bal"] for u in us for t in s.targets]))
+    box_t2 = float(np.mean([u["targets"][t]["methods"][f"{m}@{d0}"]["t2_bal"] for u in us for t in s.targets
+                            for m in LID_METHODS]))
+    mean_drop, worst = float(np.mean(drops)), min(cells)
+    ok_a = mean_drop >= -T1_KEEP and worst[0] >= -T1_KEEP
+    worst_b = max(abs(g) for g in gaps)
+    ok_b = worst_b <= CERT_NEAR_TAU
+    gap_c = t2 - (plain - T2_SLACK)
+    per_t = ", ".join(f"{t} {np.mean([u['targets'][t]['methods'][key]['t2_bal'] for u in us]):.3f} vs plain "
+                      f"{np.mean([u['targets'][t]['methods']['plain']['t2_bal'] for u in us]):.3f}" for t in s.targets)
+    at_end = sum(abs(r["coefficient"] - r["segment_u"]) <= 1e-3 * max(r["segment_u"], 1e-9) for r in rs)
+    shrunk = sum(r["segment_u"] < 1 for r in rs)
+    p_all = us[0]["params"]
+    p_moved = 2 * (HEADS[h] or 384) + 2  # the last Linear layer: weights and biases of 2 outputs
+    box_l2 = float(np.mean([u["targets"][t]["methods"][f"lid@{d0}"]["move_l2"] for u in us for t in s.targets]))
+    box_mv = float(np.mean([u["targets"][t]["methods"][f"lid@{d0}"]["move_mean_abs"] for u in us for t in s.targets]))
+    seg_l2 = float(np.mean([r["move_l2"] for r in rs]))
+    seg_mv = float(np.mean([r["move_mean_abs"] for r in rs])) * p_all / p_moved
+    end_t2 = float(np.mean([r["end_t2_bal"] for r in rs]))
+    hw = "a linear bound's worst case over all corners of the box" if HEADS.get(h, 0) == 0 else "IBP over the box"
+    return [
+        f"**{METHOD_NAMES[SEGMENT]}** ({h} head, Δ = {d0}; a benchmark method — see the note under Results):", "",
+        f"- (a) T1 kept within {T1_KEEP}: {_check(ok_a)} — mean change {mean_drop:+.4f}, worst cell {worst[0]:+.4f} "
+        f"({worst[1]})" + ("" if ok_a else f", missed by {-min(mean_drop, worst[0]) - T1_KEEP:.4f}")
+        + f", worst single run {min(drops):+.4f}",
+        f"- (b) certificates within {CERT_NEAR_TAU} of τ: {_check(ok_b)} — certified − τ from {min(gaps):+.4f} to "
+        f"{max(gaps):+.4f}, mean {np.mean(gaps):+.4f}"
+        + ("" if ok_b else f"; the worst run is {worst_b - CERT_NEAR_TAU:.4f} outside the band")
+        + f"; {sum(abs(g) > CERT_NEAR_TAU for g in gaps)} of {len(gaps)} runs outside, {sum(g < 0 for g in gaps)} "
+        f"below τ",
+        f"- (c) T2 ≥ plain T2 − {T2_SLACK}: {_check(gap_c >= 0)} — mean T2 {t2:.4f} vs plain {plain:.4f} "
+        f"(threshold {plain - T2_SLACK:.4f}), " + (f"{gap_c:+.4f} above the threshold" if gap_c >= 0
+                                                   else f"missed by {-gap_c:.4f}")
+        + f" (the box-LID methods: {box_t2:.4f}); per target: {per_t}", "",
+        f"The segment θ₁ → θ_L (θ_L: the task-1 head's last layer trained on task 1's search split and the target's "
+        f"lookahead sample; its T2 is {end_t2:.4f} on average) is shrunk to u = "
+        f"{_fmt([r['segment_u'] for r in rs], 3)} of its length so that every point keeps the search split at the box "
+        f"search's target τ + min(margin, slack / 2) (shrunk, u < 1, in {shrunk} of {len(rs)} runs); the fine-tune "
+        f"ends at the far end of that sub-segment in {at_end} of {len(rs)} runs, so T2 is capped by how far the "
+        f"segment reaches and by how good θ_L is on the target. The fine-tune moves only the last layer "
+        f"({p_moved} of {p_all:,} parameters): L2 of Δθ {seg_l2:.4f} against the box LID's {box_l2:.4f}, mean "
+        f"abs(Δθ) {seg_mv:.5f} per moved coordinate against the box LID's {box_mv:.5f} per coordinate"
+        + ("" if HEADS.get(h, 0) == 0 else
+           "; with the hidden layer fixed at its task-1 features, θ_L itself reaches little on the targets, and "
+           "that, not the segment's length, is what limits T2 here")
+        + f". A segment can be long where a box is narrow because it has two ends, not 2^p corners: along a last-layer segment every margin is linear, so an "
+        f"example right at both ends is right throughout, where the box pays {hw}. The price is that the domain "
+        f"has one direction, chosen with this target's lookahead sample in view: a later, different task can move "
+        f"only along it.", ""]
 
 
 def _why(doc: dict, s: BenchSettings, h: str, d0: str, ok_a: bool, ok_b: bool, ok_c: bool) -> list[str]:
@@ -636,7 +883,7 @@ def _why(doc: dict, s: BenchSettings, h: str, d0: str, ok_a: bool, ok_b: bool, o
     p = us[0]["params"]
     rows = ["| method | T2 gain over no fine-tune | T1 change | mean abs(Δθ) per coordinate | L2 of Δθ | "
             "member mean half-width |", "|---|---|---|---|---|---|"]
-    for key in ["plain", "ewc", "lwf"] + [f"{m}@{d:g}" for d in s.deltas for m in LID_METHODS]:
+    for key in ["plain", "ewc", "lwf"] + [f"{m}@{d:g}" for d in s.deltas for m in LID_METHODS + segment_on(doc, s)]:
         gain, drop, mv, l2, hw = [], [], [], [], []
         for u in us:
             for t in s.targets:
@@ -734,7 +981,7 @@ def _paper(doc: dict, s: BenchSettings, heads: list[str], d0: str) -> list[str]:
                      f"{rng([c[2] for c in cells])} |")
     for h in heads:
         us = units_of(doc, h)
-        for key in [f"{m}@{d0}" for m in LID_METHODS]:
+        for key in [f"{m}@{d0}" for m in LID_METHODS + segment_on(doc, s)]:
             t1 = [np.mean([r["t1_bal"] for r in runs_of(doc, h, t, key)]) for t in s.targets]
             t2 = [np.mean([r["t2_bal"] for r in runs_of(doc, h, t, key)]) for t in s.targets]
             nf = [np.mean([r["t2_bal"] for r in runs_of(doc, h, t, "none")]) for t in s.targets]
@@ -810,22 +1057,36 @@ def _deltas(doc: dict, s: BenchSettings, heads: list[str]) -> list[str]:
              "| head | method | Δ | τ | T1 bal | T2 bal | certified T1 bal | member width sum |",
              "|---|---|---|---|---|---|---|---|"]
     for h in heads:
-        for m in LID_METHODS:
+        for m in LID_METHODS + segment_on(doc, s):
             for d in s.deltas:
                 key = f"{m}@{d:g}"
                 rs = [r for t in s.targets for r in runs_of(doc, h, t, key)]
                 lines.append(f"| {h} | {METHOD_NAMES[m]} | {d:g} | {_short(r['tau'] for r in rs)} | "
                              f"{_short(r['t1_bal'] for r in rs)} | {_short(r['t2_bal'] for r in rs)} | "
-                             f"{_short(r['certified'] for r in rs)} | {_fmt([r['member_width_sum'] for r in rs], 2)} |")
+                             f"{_short(r['certified'] for r in rs)} | "
+                             f"{_fmt([r.get('member_width_sum', r.get('segment_length')) for r in rs], 2)}"
+                             + (" (segment L1 length)" if m == SEGMENT else "") + " |")
     return lines
 
 
 def _soundness(doc: dict, s: BenchSettings, heads: list[str]) -> list[str]:
     n = inside = sound = below_test = 0
+    seg = {"runs": 0, "inside": 0, "sound": 0, "samples": 0, "violations": 0, "below_test": 0, "meets": 0,
+           "min_gap": float("inf")}
     for u in doc["units"].values():
         for t in s.targets:
             for key, r in u["targets"][t]["methods"].items():
                 if "certified" not in r:
+                    continue
+                if key.startswith(SEGMENT + "@"):
+                    seg["runs"] += 1
+                    seg["inside"] += bool(r["inside"])
+                    seg["sound"] += r["certified"] <= r["t1_cert_split_bal"] + 1e-12
+                    seg["samples"] += r["along_samples"]
+                    seg["violations"] += r["along_violations"]
+                    seg["below_test"] += r["t1_bal"] < r["certified"]
+                    seg["meets"] += bool(r["meets_tau"])
+                    seg["min_gap"] = min(seg["min_gap"], r["along_min_bal"] - r["certified"])
                     continue
                 n += 1
                 inside += bool(r["members_containing"])
@@ -848,25 +1109,37 @@ def _soundness(doc: dict, s: BenchSettings, heads: list[str]) -> list[str]:
              "- searches where no checkpoint's certificate reached τ on the certification split (the best one is "
              "used, "
              "its certificate below τ — the pipeline would refuse such an update): " + "; ".join(short),
-             f"- LID-method runs: {n}; final model inside a member of its LID: {inside}/{n}; certificate ≤ the final "
+             f"- box-LID-method runs: {n}; final model inside a member of its LID: {inside}/{n}; certificate ≤ the final "
              f"model's actual balanced accuracy on the certification split: {sound}/{n} (both asserted during the run)",
              f"- runs whose T1 balanced accuracy on the golden *test* split (never used by the search or the "
              f"certificate) fell below the certificate: {below_test}/{n} — the certificate is a statement about the "
              "certification sample; the population bound is the Clopper–Pearson `lower_bound` in the JSON",
+             *([f"- {METHOD_NAMES[SEGMENT]} runs (every Δ): {seg['runs']}; final model inside its zonotope: "
+                f"{seg['inside']}/{seg['runs']}; certificate ≤ the final model's actual balanced accuracy on the "
+                f"certification split: {seg['sound']}/{seg['runs']}; along the segments, {seg['samples']:,} sampled "
+                f"points, **{seg['violations']} violations** (a point whose actual certification-split balanced "
+                f"accuracy is below the certificate; smallest actual − certified: {seg['min_gap']:+.4f}); all three "
+                f"asserted during the run; T1 test below the certificate: {seg['below_test']}/{seg['runs']}; "
+                f"certificate ≥ τ: {seg['meets']}/{seg['runs']} (the rest are sound but below τ, as for the boxes)"]
+               if seg["runs"] else []),
              f"- failed units: {len(failed)}"
              + (f" ({', '.join(sorted(failed))}; tracebacks in the JSON)" if failed else "")]
     return lines
 
 
 def _timing(doc: dict, s: BenchSettings, heads: list[str]) -> list[str]:
+    seg = bool(segment_on(doc, s))
     lines = ["", "## Timing", "", "| head | unit (s) | task-1 train (s) | task-1 LID search (s, per Δ) | "
-             "per target: all methods (s) |", "|---|---|---|---|---|"]
+             "per target: all methods (s) |" + (" per target: segment method, every Δ (s) |" if seg else ""),
+             "|---|---|---|---|---|" + ("---|" if seg else "")]
     for h in heads:
         us = units_of(doc, h)
         lines.append(f"| {h} | {_fmt([u['seconds'] for u in us], 1)} | "
                      f"{_fmt([u['t1']['train_seconds'] for u in us], 2)} | "
                      f"{_fmt([r['seconds'] for u in us for r in u['t1']['lid'].values()], 1)} | "
-                     f"{_fmt([u['targets'][t]['seconds'] for u in us for t in s.targets], 1)} |")
+                     f"{_fmt([u['targets'][t]['seconds'] for u in us for t in s.targets], 1)} |"
+                     + (f" {_fmt([u['targets'][t]['seconds_segment'] for u in us for t in s.targets], 1)} |"
+                        if seg else ""))
     return lines
 
 
@@ -875,7 +1148,7 @@ def _timing(doc: dict, s: BenchSettings, heads: list[str]) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 PLOT_STYLE = {"none": ("*", "black"), "plain": ("o", "tab:red"), "ewc": ("s", "tab:orange"), "lwf": ("D", "tab:purple"),
-              "lid": ("^", "tab:blue"), "lid_lookahead": ("v", "tab:green")}
+              "lid": ("^", "tab:blue"), "lid_lookahead": ("v", "tab:green"), SEGMENT: ("P", "tab:cyan")}
 
 
 def plot(doc: dict, png: Path) -> Path:
@@ -888,7 +1161,7 @@ def plot(doc: dict, png: Path) -> Path:
     s = BenchSettings(**doc["settings"])
     heads = [h for h in s.heads if units_of(doc, h)]
     d0 = f"{s.deltas[0]:g}"
-    keys = list(BASELINES) + [f"{m}@{d0}" for m in LID_METHODS]
+    keys = list(BASELINES) + [f"{m}@{d0}" for m in LID_METHODS + segment_on(doc, s)]
     cols = 2 if len(s.targets) > 1 else 1
     rows = -(-len(s.targets) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(7.0 * cols, 5.4 * rows + 1.2), squeeze=False)
@@ -928,7 +1201,7 @@ def plot(doc: dict, png: Path) -> Path:
         handles += [Line2D([], [], marker="o", color="black", mfc="white", ls="none",
                            label=f"{heads[1]} head (hollow)")]
     handles += [Line2D([], [], marker="|", ms=12, mew=2, color="black", ls="--", lw=1,
-                       label="certified T1 bal of the LID member (-- to actual T1)")]
+                       label="certified T1 bal of the LID member / segment (-- to actual T1)")]
     handles += [Line2D([], [], color="grey", ls=tau_style[h], label=f"τ ({h} head, mean)") for h in heads]
     fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=9.5, frameon=False)
     n_seeds = len({u["seed"] for u in doc["units"].values()})
