@@ -169,9 +169,10 @@ def check_same_extractor(expected: Mapping[str, Any] | None, data: DataSplits, w
             return "no record (data without a 'features' record)"
         return " ".join(str(r[k]) for k in ("encoder", "encoder_sha256", "recipe") if k in r) or json.dumps(r)
 
+    keys = sorted(k for k in set(got or {}) | set(expected) if (got or {}).get(k) != expected.get(k))
     raise DataError(f"{what}: features computed by {name(got)}, but the champion was certified on features computed by "
-                    f"{name(expected)}; expected data from the same feature extractor (re-embed it with the champion's "
-                    "encoder)")
+                    f"{name(expected)} (the records differ in {_listing(keys)}); expected data from the same feature "
+                    "extractor (re-embed it with the champion's encoder)")
 
 
 def check_same_features(expected: Sequence[str] | None, data: DataSplits, what: str) -> None:
