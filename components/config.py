@@ -695,6 +695,11 @@ class LidgateConfig(_Section):
     def _known_version(self) -> LidgateConfig:
         if self.version != FORMAT_VERSION:
             raise _Invalid(f"{FORMAT_VERSION} (the only configuration format version)", self.version, at=("version",))
+        if self.data.classes is not None:
+            for i, r in enumerate(self.spec.recall):
+                if r.cls not in self.data.classes:
+                    raise _Invalid("", at=("spec", "recall", i, "class"),
+                                   message=f"class {r.cls} is not one of data.classes {sorted(self.data.classes)}")
         return self
 
     def model_post_init(self, context: Any, /) -> None:

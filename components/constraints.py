@@ -96,9 +96,9 @@ def spec_constraints(spec: SpecSection, data: DataSplits) -> tuple[list[Constrai
         search, cert = _rows(data.search, data.search[1] == r.cls), _rows(data.certification,
                                                                            data.certification[1] == r.cls)
         if len(search[1]) == 0 or len(cert[1]) == 0:
-            notes.append(f"spec.recall: class {r.cls} has no example in task '{task}''s "
-                         f"{'search' if len(search[1]) == 0 else 'certification'} split; its recall constraint does "
-                         "not apply to this task")
+            notes.append(f"spec.recall: class {r.cls} has no example in the "
+                         f"{'search' if len(search[1]) == 0 else 'certification'} split of task '{task}'; its recall "
+                         "constraint does not apply to this task")
             continue
         out.append(Constraint(f"{task}.recall.{r.cls}", "recall", task, str(r.cls), "accuracy", search, cert))
     if spec.worst_group is not None:

@@ -222,14 +222,14 @@ def load_splits(config: LidgateConfig) -> DataSplits:
         read = {}
         for name in SPLIT_NAMES:
             path = getattr(d, name)
-            x, y, records[name], read[name] = _read_file(path, d)
+            x, y, records[name], read[name] = _read_file(path, d, need_group=True)
             splits[name] = (x, y)
         _refuse_shared_files(records)
         provenance: dict[str, Any] = {"form": "files", "files": records}
         groups = _all_or_none(read, "data (train/search/certification files)")
     elif d.form == "source":
         assert d.source is not None and d.split is not None  # DataSection guarantees the form's keys
-        x, y, record, group = _read_file(d.source, d)
+        x, y, record, group = _read_file(d.source, d, need_group=True)
         splits, split_record, groups = _split_arrays(x, y, d.split, where=str(d.source), group=group)
         provenance = {"form": "source", "source": record, "split": split_record}
     else:
@@ -425,11 +425,13 @@ def _record(path: Path, fmt: str, raw: bytes) -> dict[str, Any]:
     return {"path": str(path.resolve()), "format": fmt, "sha256": hashlib.sha256(raw).hexdigest()}
 
 
-def _read_file(path: Path, d: DataSection) -> tuple[np.ndarray, np.ndarray, dict[str, Any], np.ndarray | None]:
+def _read_file(path: Path, d: DataSection, need_group: bool = False
+               ) -> tuple[np.ndarray, np.ndarray, dict[str, Any], np.ndarray | None]:
     """(x, y, provenance record, groups or None) of one file; the bytes hashed are the bytes parsed.
 
-    Groups (``data.group``) are read where the file has them: a file without the column or array
-    has none (the pipeline then applies no group constraint to its task, and says so)."""
+    Groups (``data.group``) are read where the file has them: new data without the column or array
+    has none (the pipeline then applies no group constraint to its task, and says so); the
+    configuration's own data (``need_group``) must have it."""
     fmt = _format(path)
     raw = _read_bytes(path)
     where = str(path)
@@ -440,11 +442,19 @@ def _read_file(path: Path, d: DataSection) -> tuple[np.ndarray, np.ndarray, dict
                                 "holds arrays 'x' and 'y'")
         x, y = read_npz(raw, where)
         group = read_npz_group(raw, d.group, where) if d.group is not None else None
+        if need_group and d.group is not None and group is None:
+            with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
+                found = list(archive.files)
+            raise DataError(f"{where}: no array {d.group!r} (data.group); expected each row's group there "
+                            f"({_listing(found)} found)")
         features = read_npz_features(raw, where)
         columns = None
     else:
         table = _read_table(raw, fmt, where)
         group = None
+        if need_group and d.group is not None and d.group not in [str(c) for c in table.columns]:
+            raise DataError(f"{where}: no column {d.group!r} (data.group); expected each row's group there "
+                            f"(columns: {_listing([str(c) for c in table.columns])})")
         if d.group is not None and d.group in [str(c) for c in table.columns]:
             group = _group_values(table[d.group].to_numpy(), where, f"group column {d.group!r}")
             table = table.drop(columns=[c for c in table.columns if str(c) == d.group])

@@ -53,9 +53,14 @@ def build_records(registry, trusted_keys=None) -> list:
                                        constraint=describe(records_of[task_name]) if task_name in records_of else ""))
         for earlier in verify_lineage(registry, loaded.model, loaded.lineage, load=load):
             where = f"LID of v{earlier.version}"
+            try:
+                described = constraint_records(load(earlier.version).lid.search_config) if earlier.tasks else {}
+            except Exception:  # noqa: BLE001 — the lineage check above already reports a version that does not load
+                described = {}
             for t in earlier.tasks:
                 tasks.append(TaskAudit(task=f"{t.task} ({where})", tau=t.tau, certified_accuracy=t.certified_accuracy,
-                                       lower_bound=t.lower_bound, n=t.n, verified=t.ok, failures=list(t.problems)))
+                                       lower_bound=t.lower_bound, n=t.n, verified=t.ok, failures=list(t.problems),
+                                       constraint=describe(described[t.task]) if t.task in described else ""))
             if not earlier.tasks:  # the earlier version could not be checked at all: fail closed, visibly
                 tasks.append(TaskAudit(task=where, tau=float("nan"), certified_accuracy=float("nan"),
                                        lower_bound=float("nan"), n=0, verified=False, failures=earlier.failures))

@@ -99,7 +99,7 @@ def run_pipeline(config_path: str | Path, action: str, *, data: Sequence[str] = 
     if source == "train":
         candidate = tasks.train_candidate(config, model, champion, data_splits, projection=projection)
     else:
-        candidate = tasks.given_candidate(model, spec, source, data_splits, champion)
+        candidate = tasks.given_candidate(model, spec, source, data_splits, champion, config.spec.metric)
     record = {"config": str(Path(config_path).resolve()), "config_sha256": config.sha256(),
               "data_paths": [str(Path(p).resolve()) for p in data], "task": data_splits.task,
               "dtype": str(dtype).removeprefix("torch."), "data_sha256": data_splits.fingerprint(), "champion": before,
@@ -168,6 +168,14 @@ def _preflight(config: LidgateConfig, model, data: DataSplits, first: bool = Fal
         spec_constraints(config.spec, data)
     except ConstraintError as exc:
         raise DataError(str(exc)) from None
+    outputs = check_model_outputs(model, data.search[0], f"task '{data.task}', split 'search'")
+    for r in config.spec.recall:
+        if r.cls >= outputs:
+            raise DataError(f"spec.recall: class {r.cls} does not exist: the model has {outputs} outputs (classes "
+                            f"0..{outputs - 1})")
+        if first and not all(bool((y == r.cls).any()) for _, (_, y) in data.items()):
+            raise DataError(f"spec.recall: class {r.cls} has no example in some split of the first task '{data.task}'; "
+                            "expected examples of every class whose recall is certified")
     if first and config.spec.worst_group is not None and data.groups is None:
         raise DataError(f"spec.worst_group: the first task '{data.task}' has no group column; expected data.group (the "
                         "column or .npz array of each row's group) or a loader returning 'group'")

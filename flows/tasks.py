@@ -459,23 +459,28 @@ def train_candidate(config: LidgateConfig, model: nn.Module, champion: Champion 
                         ", ".join(changed[:3]))
     spec = champion.spec if champion is not None else ModelSpec(config.model.factory, dict(config.model.kwargs))
     return Candidate(model=model.eval(), spec=spec, source="trained", projection=projected,
-                     metrics=_candidate_metrics(model, data, champion))
+                     metrics=_candidate_metrics(model, data, champion, config.spec.metric))
 
 
 def given_candidate(model: nn.Module, spec: ModelSpec, source: str, data: DataSplits,
-                    champion: Champion | None = None) -> Candidate:
+                    champion: Champion | None = None, metric: str = "accuracy") -> Candidate:
     """A candidate certified as it is: the first version's given weights, or one trained elsewhere."""
     return Candidate(model=model.eval(), spec=spec, source=source, projection=False,
-                     metrics=_candidate_metrics(model, data, champion))
+                     metrics=_candidate_metrics(model, data, champion, metric))
 
 
-def _candidate_metrics(model: nn.Module, data: DataSplits, champion: Champion | None) -> dict[str, float]:
-    """The candidate's accuracy on the train and search splits, and the champion's on the search split."""
+def _candidate_metrics(model: nn.Module, data: DataSplits, champion: Champion | None,
+                       metric: str = "accuracy") -> dict[str, float]:
+    """The candidate's accuracy on the train and search splits, and the champion's on the search split,
+    in the specification's metric (``metric``, recorded as ``metric``)."""
     import lid_engine as le
 
-    metrics = {"train_accuracy": le.accuracy(model, *data.train), "search_accuracy": le.accuracy(model, *data.search)}
+    balanced = metric == "balanced_accuracy"
+    metrics: dict[str, Any] = {
+        "metric": metric, "train_accuracy": le.accuracy(model, *data.train, balanced=balanced),
+        "search_accuracy": le.accuracy(model, *data.search, balanced=balanced)}
     if champion is not None:
-        metrics["champion_search_accuracy"] = le.accuracy(champion.model, *data.search)
+        metrics["champion_search_accuracy"] = le.accuracy(champion.model, *data.search, balanced=balanced)
     return metrics
 
 

@@ -340,8 +340,9 @@ class LID:
                 if progress:
                     c = certs[t]
                     print(
-                        f"[lidgate] member {i + 1}/{len(members)} task '{t}': certified {c.certified}/{c.n} "
-                        f"= {c.certified_accuracy:.4f}, lower bound {c.lower_bound:.4f}",
+                        f"[lidgate] member {i + 1}/{len(members)} task '{t}': {c.certified}/{c.n} examples certified, "
+                        f"{c.kind.replace('_', ' ')} {c.certified_accuracy:.4f} vs τ {c.tau:g}, lower bound "
+                        f"{c.lower_bound:.4f}",
                         file=sys.stderr,
                     )
             certificates.append(certs)
@@ -468,7 +469,9 @@ class LID:
             f"from the deployment distribution that the search never saw, with probability ≥ {c0.confidence:g} "
             f"over their draw every such parameter vector has population {metric} ≥ {self.lower_bound(t):.4f} "
             f"(one-sided Clopper–Pearson, union bound over {c0.n_domains} certified domain(s)"
-            + (" and the classes" if c0.kind == "balanced_accuracy" else "") + ")."
+            + (" and the classes" if c0.kind == "balanced_accuracy" else "") + ")"
+            + (f"; {c0.n_domains - len(self)} of the {c0.n_domains} domains certified on this data were not kept "
+               "(below τ on some task) and still count in the union bound" if c0.n_domains > len(self) else "") + "."
         )
 
     def __len__(self) -> int:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
@@ -734,6 +735,11 @@ def _certify_snapshots(model, snapshots, cert_tasks, specs, confidence, cfg, kee
                "(lower τ, raise tau_margin, or pass keep='all' to keep certificates below τ)")
         raise LidSearchError(f"compute_lid: no checkpoint reaches τ on the held-out certification data (best: {short}); "
                              f"{why}.")
+    if progress and len(good) < len(lid):
+        dropped = [i for i in range(len(lid)) if i not in good]
+        print(f"[lidgate] kept {len(good)} of {len(lid)} members; dropped member(s) "
+              f"{', '.join(str(i + 1) for i in dropped)}: below τ on some task (they still count in the union bound)",
+              file=sys.stderr)
     return lid.subset(good)
 
 

@@ -85,8 +85,10 @@ def _features_problem(recorded: dict, given: dict | None) -> str | None:
     """Why data whose features are described by ``given`` are not the data the LID was certified on."""
     if given == recorded:
         return None
+    keys = sorted(k for k in set(given or {}) | set(recorded) if (given or {}).get(k) != recorded.get(k))
     return (f"the certificates hold for features computed by {_features_name(recorded)}; this data was computed by "
-            f"{_features_name(given)} — a certificate over embeddings says nothing about another encoder's embeddings")
+            f"{_features_name(given)} (the records differ in {', '.join(map(repr, keys))}) — a certificate over one "
+            "feature extractor's outputs says nothing about another's")
 
 
 def _features_name(record: dict | None) -> str:

@@ -466,7 +466,8 @@ def _print_outcome(outcome: dict) -> None:
                                        else " WITHOUT projection onto the champion's LID"),
                "submitted": "submitted (trained elsewhere)", "given": "given weights"}.get(cand.get("source"),
                                                                                           cand.get("source"))
-        line = f"{how}; accuracy on the search split {cand.get('search_accuracy', float('nan')):.4f}"
+        metric = str(cand.get("metric") or "accuracy").replace("_", " ")
+        line = f"{how}; {metric} on the search split {cand.get('search_accuracy', float('nan')):.4f}"
         if cand.get("champion_search_accuracy") is not None:
             line += f" (the champion: {cand['champion_search_accuracy']:.4f})"
         table.add_row("candidate", line)
