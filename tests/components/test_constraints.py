@@ -231,3 +231,15 @@ def test_constraints_that_cannot_be_certified_fail_before_training(data, model):
     with pytest.raises(DataError, match=r"spec.worst_group: the first task 't1' has no group column"):
         _preflight(plain, model, splits(groups=False), first=True)
     _preflight(plain, model, splits(groups=False))  # a later task without groups: the constraint does not apply
+
+
+def test_recall_of_a_class_that_cannot_exist_is_refused(data, model):
+    from components.data import DataError
+    from flows.retrain import _preflight
+
+    with pytest.raises(ValueError, match=r"spec.recall\[0\].class: class 5 is not one of data.classes \[0, 1, 2, 3\]"):
+        parse_config({"version": 1, "name": "m", "model": {"factory": "tests.helpers.models:mlp"},
+                      "data": {"source": "x.npz", "classes": [0, 1, 2, 3]},
+                      "spec": {"tau": 0.5, "recall": [{"class": 5, "tau": 0.5}]}})
+    with pytest.raises(DataError, match=r"spec.recall: class 7 does not exist: the model has 4 outputs"):
+        _preflight(config_with({"tau": 0.5, "recall": [{"class": 7, "tau": 0.5}]}), model, data)

@@ -540,3 +540,21 @@ def test_bad_groups_and_feature_records_are_named(tmp_path, code_dir):
         load_splits(config(tmp_path, {"task": "t", "loader": {"function": f"{module}:load"}}, code=["code"]))
     with pytest.raises(ValueError, match=r"data.group: applies to data files"):
         config(tmp_path, {"task": "t", "loader": {"function": "m:f"}, "group": "g"})
+
+
+def test_the_configured_data_must_hold_its_group_column(tmp_path):
+    """A typo in data.group is named with the file's columns (not mistaken for a feature, not ignored);
+    new data may lack the column (its task then gets no group constraint)."""
+    df = table(40)
+    df["region"] = ["north", "south"] * 20
+    df.to_csv(tmp_path / "d.csv", index=False)
+    with pytest.raises(DataError, match=r"d.csv: no column 'regoin' \(data.group\).*'region'"):
+        load_splits(config(tmp_path, {"task": "t", "source": "d.csv", "label": "target", "group": "regoin"}))
+    np.savez(tmp_path / "g.npz", x=np.zeros((30, 2), np.float32), y=np.arange(30) % 2)
+    with pytest.raises(DataError, match=r"g.npz: no array 'site' \(data.group\); .*'x', 'y'"):
+        load_splits(config(tmp_path, {"task": "t", "source": "g.npz", "group": "site"}))
+    from components.data import load_update
+
+    cfg = config(tmp_path, {"task": "t", "source": "d.csv", "label": "target", "group": "region"})
+    df.drop(columns=["region"]).to_csv(tmp_path / "new.csv", index=False)
+    assert load_update(cfg, [tmp_path / "new.csv"]).groups is None
