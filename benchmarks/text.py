@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import os
 import subprocess
@@ -669,10 +668,10 @@ def _header(doc: dict, s: BenchSettings, heads: list[str]) -> list[str]:
            f"segment method, the task-1 head retrained from its seed and checked to reproduce its stored balanced "
            f"accuracies exactly" if any(i.get("units_extended") for i in inv) else "")
         + f"; torch threads: {last['torch_threads']})",
-        f"- heads: " + ", ".join(f"{h} ({units_of(doc, h)[0]['params']:,} parameters, {len(units_of(doc, h))} seeds)"
+        "- heads: " + ", ".join(f"{h} ({units_of(doc, h)[0]['params']:,} parameters, {len(units_of(doc, h))} seeds)"
                                  for h in heads) + f"; seeds {seeds}",
-        f"- task 1 split (stratified, per seed): " + ", ".join(f"{k} {v:g}" for k, v in s.golden_split.items())
-        + f" → " + ", ".join(f"{k} {v:,}" for k, v in u0["sizes"].items()),
+        "- task 1 split (stratified, per seed): " + ", ".join(f"{k} {v:g}" for k, v in s.golden_split.items())
+        + " → " + ", ".join(f"{k} {v:,}" for k, v in u0["sizes"].items()),
         f"- target splits (stratified, per seed): test {s.target_split['test']:g}, lookahead "
         f"{s.target_split['lookahead']:g} of the rest, train the remainder → "
         + "; ".join(f"{n} {z['train']:,} / {z['lookahead']:,} / {z['test']:,} (train balanced: {z['train_balanced']:,})"
@@ -709,7 +708,7 @@ def _header(doc: dict, s: BenchSettings, heads: list[str]) -> list[str]:
            f"the zonotope, and the certificate is ≤ the actual balanced accuracy on the certification split at the "
            f"final model and at {s.segment_samples} evenly spaced points along the segment"]
           if segment_on(doc, s) else []),
-        f"- cells: mean (10th–90th percentile) over seeds, the paper's error bars; note that in the paper's own "
+        "- cells: mean (10th–90th percentile) over seeds, the paper's error bars; note that in the paper's own "
         f"cells the parentheses hold plain accuracy instead (ours are in the JSON as `t1_acc`, `t2_acc`)",
         "",
         "Machine (last invocation):",
