@@ -709,7 +709,7 @@ def _header(doc: dict, s: BenchSettings, heads: list[str]) -> list[str]:
            f"final model and at {s.segment_samples} evenly spaced points along the segment"]
           if segment_on(doc, s) else []),
         "- cells: mean (10th–90th percentile) over seeds, the paper's error bars; note that in the paper's own "
-        f"cells the parentheses hold plain accuracy instead (ours are in the JSON as `t1_acc`, `t2_acc`)",
+        "cells the parentheses hold plain accuracy instead (ours are in the JSON as `t1_acc`, `t2_acc`)",
         "",
         "Machine (last invocation):",
         "",
