@@ -41,6 +41,9 @@ __all__ = [
     "DataError",
     "DataSplits",
     "check_same_extractor",
+    "describe_features",
+    "features_mismatch",
+    "features_record",
     "check_same_features",
     "feature_columns",
     "file_provenance",
@@ -152,6 +155,31 @@ def feature_columns(provenance: Mapping[str, Any] | None) -> list[str] | None:
     return list(columns[0]) if columns and columns[0] is not None else None
 
 
+def features_record(search_config: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """How the certification data of a LID were computed, from its ``search_config``: the ``features``
+    record ``lidgate certify`` stores, or the one in the pipeline's data provenance; None without one."""
+    config = search_config if isinstance(search_config, Mapping) else {}
+    pipeline = config.get("pipeline") if isinstance(config.get("pipeline"), Mapping) else {}
+    data = pipeline.get("data") if isinstance(pipeline.get("data"), Mapping) else {}
+    found = config.get("features", data.get("features"))
+    return found if isinstance(found, dict) else None
+
+
+def describe_features(record: Mapping[str, Any] | None) -> str:
+    """A ``features`` record in words: its encoder, digest and recipe (or the whole record)."""
+    if record is None:
+        return "an unrecorded feature extractor (no 'features' record)"
+    return (" ".join(str(record[k]) for k in ("encoder", "encoder_sha256", "recipe") if k in record)
+            or json.dumps(record, sort_keys=True))
+
+
+def features_mismatch(expected: Mapping[str, Any], got: Mapping[str, Any] | None) -> str | None:
+    """None when ``got`` is the ``expected`` features record, else which of their keys differ (in words)."""
+    if got == expected:
+        return None
+    return _listing(sorted(k for k in set(got or {}) | set(expected) if (got or {}).get(k) != expected.get(k)))
+
+
 def check_same_extractor(expected: Mapping[str, Any] | None, data: DataSplits, what: str) -> None:
     """Refuse new data whose features were computed otherwise than the champion's (its ``features``
     record: a frozen encoder's name and sha256, say). A head certified on one encoder's embeddings
@@ -161,18 +189,11 @@ def check_same_extractor(expected: Mapping[str, Any] | None, data: DataSplits, w
         DataError: naming both records.
     """
     got = data.provenance.get("features")
-    if expected is None or got == expected:
-        return
-
-    def name(r: Mapping[str, Any] | None) -> str:
-        if r is None:
-            return "no record (data without a 'features' record)"
-        return " ".join(str(r[k]) for k in ("encoder", "encoder_sha256", "recipe") if k in r) or json.dumps(r)
-
-    keys = sorted(k for k in set(got or {}) | set(expected) if (got or {}).get(k) != expected.get(k))
-    raise DataError(f"{what}: features computed by {name(got)}, but the champion was certified on features computed by "
-                    f"{name(expected)} (the records differ in {_listing(keys)}); expected data from the same feature "
-                    "extractor (re-embed it with the champion's encoder)")
+    differ = None if expected is None else features_mismatch(expected, got)
+    if differ is not None:
+        raise DataError(f"{what}: features computed by {describe_features(got)}, but the champion was certified on "
+                        f"features computed by {describe_features(expected)} (the records differ in {differ}); "
+                        "expected data from the same feature extractor (re-embed it with the champion's encoder)")
 
 
 def check_same_features(expected: Sequence[str] | None, data: DataSplits, what: str) -> None:
@@ -452,10 +473,11 @@ def _read_file(path: Path, d: DataSection, need_group: bool = False
     else:
         table = _read_table(raw, fmt, where)
         group = None
-        if need_group and d.group is not None and d.group not in [str(c) for c in table.columns]:
+        present = [str(c) for c in table.columns]
+        if need_group and d.group is not None and d.group not in present:
             raise DataError(f"{where}: no column {d.group!r} (data.group); expected each row's group there "
-                            f"(columns: {_listing([str(c) for c in table.columns])})")
-        if d.group is not None and d.group in [str(c) for c in table.columns]:
+                            f"(columns: {_listing(present)})")
+        if d.group is not None and d.group in present:
             group = _group_values(table[d.group].to_numpy(), where, f"group column {d.group!r}")
             table = table.drop(columns=[c for c in table.columns if str(c) == d.group])
         x, y, names = _table_xy(table, d, where, keep_float64=fmt == "parquet")
@@ -549,17 +571,23 @@ def _first_non_number(s: pd.Series) -> int | None:
     return int(bad[0]) if len(bad) else None
 
 
+def _npz_member(raw: bytes, name: str, where: str, expected: str) -> np.ndarray | None:
+    """The optional array ``name`` of an .npz archive, or None when it has none; never through pickle."""
+    with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
+        if name not in archive.files:
+            return None
+        try:
+            return archive[name]
+        except ValueError:
+            raise DataError(f"{where}: array {name!r} holds Python objects; expected {expected}") from None
+
+
 def read_npz_features(raw: bytes, where: str) -> dict[str, Any] | None:
     """The optional ``features`` member of an .npz archive: a 0-d string array holding a JSON object that
     says how the features were computed (a frozen encoder's digest, say); it enters the data's fingerprint."""
-    with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
-        if "features" not in archive.files:
-            return None
-        try:
-            value = archive["features"]
-        except ValueError:
-            raise DataError(f"{where}: array 'features' holds Python objects; expected a 0-d string array with a "
-                            "JSON object") from None
+    value = _npz_member(raw, "features", where, "a 0-d string array with a JSON object")
+    if value is None:
+        return None
     if value.dtype.kind != "U" or value.ndim != 0:
         raise DataError(f"{where}: array 'features' has dtype {value.dtype} and shape {list(value.shape)}; expected a "
                         "0-d string array holding a JSON object (how the features were computed)")
@@ -574,15 +602,9 @@ def read_npz_features(raw: bytes, where: str) -> dict[str, Any] | None:
 
 def read_npz_group(raw: bytes, name: str, where: str) -> np.ndarray | None:
     """The group array ``name`` of an .npz archive (strings or integers), or None when it has none."""
-    with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
-        if name not in archive.files:
-            return None
-        try:
-            values = archive[name]
-        except ValueError:
-            raise DataError(f"{where}: array {name!r} (data.group) holds Python objects; expected strings or "
-                            "integers (numpy 'U' or integer dtype)") from None
-    return _group_values(values, where, f"array {name!r} (data.group)")
+    values = _npz_member(raw, name, where, "group names, strings or integers (numpy 'U' or integer dtype; "
+                                           "data.group)")
+    return None if values is None else _group_values(values, where, f"array {name!r} (data.group)")
 
 
 def _group_values(values: Any, where: str, what: str) -> np.ndarray:

@@ -168,7 +168,11 @@ def _preflight(config: LidgateConfig, model, data: DataSplits, first: bool = Fal
         spec_constraints(config.spec, data)
     except ConstraintError as exc:
         raise DataError(str(exc)) from None
-    outputs = check_model_outputs(model, data.search[0], f"task '{data.task}', split 'search'")
+    for name, (x, y) in data.items():
+        outputs = check_model_outputs(model, x, f"task '{data.task}', split '{name}'")
+        if int(y.max()) >= outputs or int(y.min()) < 0:
+            raise DataError(f"task '{data.task}', split '{name}': labels go from {int(y.min())} to {int(y.max())}, "
+                            f"but the model has {outputs} outputs; expected class ids 0..{outputs - 1}")
     for r in config.spec.recall:
         if r.cls >= outputs:
             raise DataError(f"spec.recall: class {r.cls} does not exist: the model has {outputs} outputs (classes "
@@ -179,11 +183,6 @@ def _preflight(config: LidgateConfig, model, data: DataSplits, first: bool = Fal
     if first and config.spec.worst_group is not None and data.groups is None:
         raise DataError(f"spec.worst_group: the first task '{data.task}' has no group column; expected data.group (the "
                         "column or .npz array of each row's group) or a loader returning 'group'")
-    for name, (x, y) in data.items():
-        outputs = check_model_outputs(model, x, f"task '{data.task}', split '{name}'")
-        if int(y.max()) >= outputs or int(y.min()) < 0:
-            raise DataError(f"task '{data.task}', split '{name}': labels go from {int(y.min())} to {int(y.max())}, "
-                            f"but the model has {outputs} outputs; expected class ids 0..{outputs - 1}")
 
 
 def _first_model(config: LidgateConfig):

@@ -111,8 +111,9 @@ class Champion:
     def features_record(self) -> dict | None:
         """How the champion's certification data's features were computed (a loader's or an npz's
         ``features`` record, e.g. a frozen encoder's sha256), or None."""
-        record = ((self.lid.search_config.get("pipeline") or {}).get("data") or {}).get("features")
-        return record if isinstance(record, dict) else None
+        from components.data import features_record
+
+        return features_record(self.lid.search_config)
 
     def fresh_model(self) -> nn.Module:
         """A copy of the champion's model to train (the champion object stays as registered)."""

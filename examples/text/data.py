@@ -73,7 +73,6 @@ import logging
 import os
 import sys
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -351,18 +350,16 @@ def _read_cache(path: Path, metadata: dict[str, str], n: int) -> np.ndarray | No
 
 
 def _write_cache(path: Path, arr: np.ndarray, metadata: dict[str, str]) -> None:
-    """Write atomically: a temporary file in the same folder, then ``os.replace``."""
-    from safetensors.numpy import save_file
+    """Write atomically (``lid_engine.files.atomic_write``: a temporary file, then ``os.replace``)."""
+    from safetensors.numpy import save
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    from lid_engine.files import atomic_write  # lazy: only a cache miss writes (and has torch loaded)
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({_CACHE_TENSOR: np.ascontiguousarray(arr)}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        atomic_write(path, save({_CACHE_TENSOR: np.ascontiguousarray(arr)}, metadata=metadata))
     except OSError as exc:  # a cache that cannot be written only costs time
         log.warning("could not write the embedding cache %s (%s); the embeddings are returned uncached", path, exc)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @functools.lru_cache(maxsize=2)
@@ -683,17 +680,14 @@ def write_target(name: str, out: str | Path, *, limit: int | None = None, seed: 
         The path written.
     """
     data = target(name, limit=limit, seed=seed, cache_dir=None if cache_dir is None else str(cache_dir))
+    from lid_engine.files import atomic_write
+
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:  # a file object: np.savez appends no suffix
-            np.savez(f, x=np.asarray(data["x"], dtype=np.float32), y=np.asarray(data["y"], dtype=np.int64),
-                     features=np.array(json.dumps(data["features"], sort_keys=True)))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    buffer = io.BytesIO()  # a file object: np.savez appends no suffix
+    np.savez(buffer, x=np.asarray(data["x"], dtype=np.float32), y=np.asarray(data["y"], dtype=np.int64),
+             features=np.array(json.dumps(data["features"], sort_keys=True)))
+    return atomic_write(path, buffer.getvalue())
 
 
 # --------------------------------------------------------------------------------------------------

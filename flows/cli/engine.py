@@ -71,30 +71,16 @@ def _npz_features(path: Path, option: str) -> dict | None:
         raise BadInput(str(exc)) from None
 
 
-def _recorded_features(lid) -> dict | None:
-    """How the certification data's features were computed, as the LID records it (the engine CLI's
-    ``features``, or the pipeline's data provenance), or None."""
-    config = lid.search_config if isinstance(lid.search_config, dict) else {}
-    pipeline = config.get("pipeline") if isinstance(config.get("pipeline"), dict) else {}
-    data = pipeline.get("data") if isinstance(pipeline.get("data"), dict) else {}
-    found = config.get("features", data.get("features"))
-    return found if isinstance(found, dict) else None
-
-
 def _features_problem(recorded: dict, given: dict | None) -> str | None:
     """Why data whose features are described by ``given`` are not the data the LID was certified on."""
-    if given == recorded:
+    from components.data import describe_features, features_mismatch
+
+    differ = features_mismatch(recorded, given)
+    if differ is None:
         return None
-    keys = sorted(k for k in set(given or {}) | set(recorded) if (given or {}).get(k) != recorded.get(k))
-    return (f"the certificates hold for features computed by {_features_name(recorded)}; this data was computed by "
-            f"{_features_name(given)} (the records differ in {', '.join(map(repr, keys))}) — a certificate over one "
-            "feature extractor's outputs says nothing about another's")
-
-
-def _features_name(record: dict | None) -> str:
-    if record is None:
-        return "an unrecorded feature extractor"
-    return " ".join(str(record[k]) for k in ("encoder", "encoder_sha256", "recipe") if k in record) or str(record)
+    return (f"the certificates hold for features computed by {describe_features(recorded)}; this data was computed "
+            f"by {describe_features(given)} (the records differ in {differ}) — a certificate over one feature "
+            "extractor's outputs says nothing about another's")
 
 
 def _check_fits(model, x, y, option: str) -> int:
@@ -301,12 +287,13 @@ def verify(
         from lid_engine.lid import LID
         from lid_engine.verify import verify as run_verify
 
+        from components.data import features_record
         from components.signing import load_public_keys
 
         keys = load_public_keys(public_key or [], "--public-key")
         report = run_verify(directory, net, allow_update=allow_update, **kwargs)
         try:
-            recorded = _recorded_features(LID.load(directory))
+            recorded = features_record(LID.load(directory).search_config)
         except Exception:  # noqa: BLE001 — a LID that does not load has failed verify's own checks already
             recorded = None
         if recorded is not None:
@@ -445,7 +432,9 @@ def _print_lid(lid, directory: Path, widths: bool = False) -> None:
     joint = joint_statement(lid)
     if joint:
         console.print(joint)
-    features = _recorded_features(lid)
+    from components.data import describe_features, features_record
+
+    features = features_record(lid.search_config)
     if features is not None:
-        console.print(f"The certification data's features were computed by {_features_name(features)}: the certificates "
+        console.print(f"The certification data's features were computed by {describe_features(features)}: the certificates "
                       "hold for the model on those features (`lidgate verify` refuses data from another extractor).")
