@@ -924,7 +924,8 @@ def _why(doc: dict, s: BenchSettings, h: str, d0: str, ok_a: bool, ok_b: bool, o
                 f"against the faces of the box (the LID fine-tune's mean abs(Δθ) is {lid_mv:.5f}, "
                 f"{lid_mv / max(lid_hw, 1e-12):.0%} of the mean half-width), and that little movement changes T2 "
                 f"little (the 'T2 gain' column). The paper reports the same pattern: its LID T2 is close to the "
-                f"no-fine-tune T2 (see the comparison below).", ""]
+                f"no-fine-tune T2 (see the comparison below). What a larger lookahead buffer, a tuned orientation "
+                f"and a hindsight oracle achieve instead: `text_gap.md`.", ""]
     if not ok_a:
         allowed = np.mean([u["t1"]["before_bal"] - u["targets"][t]["methods"][f"{m}@{d0}"]["certified"]
                            for u in us for t in s.targets for m in LID_METHODS])
