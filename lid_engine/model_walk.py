@@ -46,8 +46,7 @@ def _walk(model: nn.Module, prefix: str, seen: dict[int, str], canonical: dict[i
         raise UnsupportedLayerError(
             f"module '{where}' ({type(model).__name__}) is a container with a custom forward(); "
             "lid_engine bounds models built from (nested) nn.Sequential containers, whose execution "
-            "order is known. Rewrite it as nn.Sequential(...) of supported layers. "
-            f"Supported: {_supported_layers()}."
+            "order is known without tracing"
         )
     path = seen.setdefault(id(model), prefix[:-1])
     for attr, p in model.named_parameters(recurse=False):
@@ -60,10 +59,12 @@ def _walk(model: nn.Module, prefix: str, seen: dict[int, str], canonical: dict[i
     yield path, model
 
 
-def _supported_layers() -> str:
-    from .bounds.ibp import SUPPORTED_LAYERS  # lazy: bounds.ibp imports this module
-
-    return SUPPORTED_LAYERS
+def is_chain(model: nn.Module, leaf_types: tuple[type, ...]) -> bool:
+    """Whether ``model`` is a (nested) plain ``nn.Sequential`` whose leaves all have a type in
+    ``leaf_types`` (or is such a leaf itself): then its execution order is its module order."""
+    if isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward and "forward" not in vars(model):
+        return all(is_chain(c, leaf_types) for c in model._modules.values() if c is not None)
+    return type(model) in leaf_types and not any(True for _ in model.children())
 
 
 def param_name(path: str, attr: str) -> str:

@@ -34,8 +34,10 @@ from torch import Tensor, nn
 from ..domains import Box
 from ..errors import UnsoundBoundError, UnsupportedLayerError
 from ..layers import TaskMask
-from ..model_walk import iter_layers, param_name
-from . import rounding
+from ..model_graph import ModelGraph
+from ..model_walk import is_chain, iter_layers, param_name
+from . import registry, rounding
+from .graph import propagate_graph, trace_supported
 
 SUPPORTED_LAYERS = (
     "Linear, Conv2d, ReLU, Flatten, BatchNorm1d/BatchNorm2d (eval mode), AvgPool2d, MaxPool2d, "
@@ -317,16 +319,36 @@ _HANDLERS: dict[type, Callable[[_Ctx, str, nn.Module, Interval], Interval]] = {
 }
 
 
-def check_supported(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model's layers in execution order; raises naming the first unsupported one."""
-    layers = list(iter_layers(model))
-    for path, m in layers:
-        if type(m) not in _HANDLERS:
-            raise UnsupportedLayerError(
-                f"layer '{path or '<model>'}' ({type(m).__name__}) is not supported by the IBP bound "
-                f"engine. Supported: {SUPPORTED_LAYERS}."
-            )
-    return layers
+def _adapt(handler: Callable[[_Ctx, str, nn.Module, Interval], Interval]):
+    """A chain layer handler as a graph op handler: Bounds in, Bounds out. Linear layers take inputs
+    of any rank (…, in_features), as ``nn.Linear`` does."""
+    def run(ctx: registry.BoundContext, path: str, m: nn.Module, x) -> registry.Bounds:
+        from .ops import as_bounds
+
+        x = as_bounds(ctx, x)
+        lead = None
+        if isinstance(m, nn.Linear) and x.lo.dim() > 2:
+            lead = x.shape[:-1]
+            x = x.map(lambda t: t.reshape(-1, t.shape[-1]))
+        state = _point(x.lo, x.nonneg) if x.point else _stacked(x.lo, x.hi, x.nonneg)
+        out = handler(ctx, path, m, state)
+        value = registry.Bounds.exact(out.z, out.nonneg) if out.point else registry.Bounds(out.lo, out.hi, nonneg=out.nonneg)
+        return value.map(lambda t: t.reshape(*lead, t.shape[-1])) if lead is not None else value
+    return run
+
+
+for _cls, _h in _HANDLERS.items():
+    registry.register_module(_cls, _adapt(_h))
+
+
+def check_supported(model: nn.Module) -> list[tuple[str, nn.Module]] | ModelGraph:
+    """How the engine will walk ``model``: its layers in execution order when it is a (nested)
+    ``nn.Sequential`` of supported layers (the fast chain engine), else its traced graph
+    (``model_graph.trace``) with a handler for every op. Raises naming the first unsupported layer
+    or op."""
+    if is_chain(model, tuple(_HANDLERS)):
+        return list(iter_layers(model))
+    return trace_supported(model)
 
 
 def propagate(
@@ -335,9 +357,14 @@ def propagate(
 ) -> tuple[Tensor, Tensor]:
     """Push the point input ``x`` through ``model`` for every parameter vector in ``box``.
 
-    ``record``, if given, receives the interval entering each layer (the linear bound needs them).
+    ``record``, if given, receives the interval entering each layer (the linear bound needs them;
+    chains only).
     """
     layers = check_supported(model) if layers is None else layers
+    if isinstance(layers, ModelGraph):
+        if record is not None:
+            raise UnsupportedLayerError("the per-layer record (method='linear') is available for nn.Sequential chains only")
+        return propagate_graph(model, layers, box, x, certify=certify)
     ctx = _Ctx(box, certify, x.dtype, x.device)
     state = _point(x, nonneg=bool(x.min() >= 0))
     flags = []

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from ..domains import Box
 from ..errors import UnsupportedLayerError
 from ..layers import TaskMask
+from ..model_graph import ModelGraph
 from ..model_walk import param_name
 from . import ibp, rounding
 
@@ -63,8 +64,13 @@ UNDERFLOW_ALLOWANCE = 2.0**-1000  # ≥ 10²⁰ · 2⁻¹⁰⁷⁴: every produc
 _PASS_THROUGH = (nn.Flatten, nn.Dropout, nn.Identity)
 
 
-def check_supported(layers: list[tuple[str, nn.Module]]) -> None:
+def check_supported(layers: list[tuple[str, nn.Module]] | ModelGraph) -> None:
     """Raise naming the first layer the linear bound cannot handle."""
+    if isinstance(layers, ModelGraph):
+        first = next(op for op in layers.ops if op.kind not in ("input", "attribute", "output"))
+        raise UnsupportedLayerError(
+            f"method='linear' bounds nn.Sequential chains of {SUPPORTED_LAYERS}; this model is traced as a graph "
+            f"(first op: {first.describe()}). Use method='ibp' (search.bound: ibp) for it")
     for i, (path, m) in enumerate(layers):
         where = f"layer '{path or '<model>'}' ({type(m).__name__})"
         if isinstance(m, TaskMask) and i != len(layers) - 1:

@@ -76,17 +76,22 @@ class Scale(nn.Module):
         return x * self.s
 
 
-UNSUPPORTED = {
-    "tanh": (lambda: nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Tanh(), nn.Linear(5, 3)), (4,), "2", "Tanh"),
+class Exp(nn.Module):
+    """A function the engine has no bound for."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return torch.exp(self.a(x))
+
+
+UNSUPPORTED = {  # model, input shape, what the message must name (path or op), the type or function
     "lstm-nested": (lambda: nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.LSTM(4, 3))), (4,), "1.0", "LSTM"),
     "conv1d": (lambda: nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3)), (1, 6), "0", "Conv1d"),
-    "custom-container": (lambda: nn.Sequential(nn.Linear(4, 5), Block(), nn.Linear(5, 3)), (4,), "1", "Block"),
-    "sequential-subclass": (lambda: nn.Sequential(nn.Linear(4, 5), Residual(nn.Linear(5, 5), nn.ReLU()), nn.Linear(5, 3)),
-                            (4,), "1", "Residual"),
-    "custom-leaf": (lambda: nn.Sequential(nn.Linear(4, 3), Scale()), (4,), "1", "Scale"),
-    "gelu-deep": (lambda: nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.ReLU(), nn.GELU())), nn.Linear(4, 3)),
-                  (4,), "0.1.1", "GELU"),
-    "top-level-custom": (lambda: Block(), (5,), "<model>", "Block"),
+    "gru-in-custom-forward": (lambda: nn.Sequential(nn.Linear(4, 5), nn.GRUCell(5, 3)), (4,), "1", "GRUCell"),
+    "function": (lambda: Exp(), (4,), "exp", "torch.exp"),
 }
 
 
@@ -104,6 +109,59 @@ def test_unsupported_module_is_named_by_path_and_supported_layers_listed(case):
         msg = str(err)
         assert f"'{path}'" in msg and cls in msg, msg
         assert "Supported:" in msg and "Linear" in msg and "Conv2d" in msg and "ReLU" in msg, msg
+        assert "LayerNorm" in msg and "operator.add" in msg, msg  # the graph engine's ops are listed too
+
+
+class Block(nn.Module):
+    """A container with its own forward (traced: a residual-style sum of two branches)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 5), nn.Linear(5, 5)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+class Residual(nn.Sequential):
+    """Looks like a Sequential, but its forward is not the plain composition."""
+
+    def forward(self, x):
+        return x + super().forward(x)
+
+
+class Scale(nn.Module):
+    """A custom leaf with a parameter, used through a traced product."""
+
+    def __init__(self):
+        super().__init__()
+        self.s = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return x * self.s
+
+
+ONCE_UNSUPPORTED = {  # refused by the chain engine before models were traced; bounded soundly now
+    "tanh": (lambda: nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Tanh(), nn.Linear(5, 3)), (4,)),
+    "custom-container": (lambda: nn.Sequential(nn.Linear(4, 5), Block(), nn.Linear(5, 3)), (4,)),
+    "sequential-subclass": (lambda: nn.Sequential(nn.Linear(4, 5), Residual(nn.Linear(5, 5), nn.ReLU()), nn.Linear(5, 3)),
+                            (4,)),
+    "custom-leaf": (lambda: nn.Sequential(nn.Linear(4, 3), Scale()), (4,)),
+    "gelu-deep": (lambda: nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.ReLU(), nn.GELU())), nn.Linear(4, 3)),
+                  (4,)),
+    "top-level-custom": (lambda: nn.Sequential(Block(), nn.Linear(5, 3)), (5,)),
+}
+
+
+@pytest.mark.parametrize("case", list(ONCE_UNSUPPORTED))
+def test_models_beyond_sequential_chains_are_traced_and_bounded_soundly(case):
+    from lid_engine.testing import check_soundness
+
+    make, in_shape = ONCE_UNSUPPORTED[case]
+    torch.manual_seed(0)
+    model = make().eval()
+    report = check_soundness(model, Box.around(model, 0.01), torch.randn(8, *in_shape), samples=200)
+    assert report.violations == 0 and report.nominal_enclosed, report
 
 
 def test_module_used_twice_is_bounded_at_every_use():

@@ -1,0 +1,145 @@
+"""The operation registry: how each operation of a traced model is bounded.
+
+A model that is not a plain ``nn.Sequential`` chain is traced (``lid_engine.model_graph``) and
+bounded op by op. Each op is looked up here: a module by its exact type, a function by identity
+(``torch.add``, ``F.gelu``, ``operator.add``), a tensor method by name (``"view"``). A handler
+receives a :class:`BoundContext` and the op's arguments, where every tensor that may depend on the
+parameters is a :class:`Bounds` (``lo ≤ value ≤ hi`` for every parameter vector in the domain), and
+returns the :class:`Bounds` of the op's result (or a plain value, e.g. for ``x.size(0)``).
+
+Extending the engine for a custom layer::
+
+    from lid_engine.bounds import registry
+
+    @registry.register_module(MyScale)
+    def _my_scale(ctx, path, module, x):
+        s_lo, s_hi = ctx.parameter(path, "scale")          # the parameter's bounds in the domain
+        lo, hi = registry.interval_mul(x.lo, x.hi, s_lo, s_hi)
+        if ctx.certify:                                       # one rounded product per element
+            lo, hi = registry.outward(lo, hi)
+        return registry.Bounds(lo, hi)
+
+A handler must be **sound**: for every parameter vector in the domain, the real-number result and
+any floating-point evaluation of it lie in ``[lo, hi]`` when ``ctx.certify`` is true (round
+outward: ``outward``, ``widen_relative``, ``rounding.widen``). Check it with
+``lid_engine.testing.check_soundness(model, domain, x)``, which samples parameter vectors inside the
+domain and at its vertices, in float32 and float64, and fails on any output outside the bounds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..domains import Box
+from ..model_walk import param_name
+from . import rounding
+
+
+@dataclass
+class Bounds:
+    """Element-wise ``lo ≤ value ≤ hi`` of one tensor for every parameter vector in the domain.
+
+    ``point``: the value is the same for all of them and exactly ``lo`` (``lo is hi``);
+    ``nonneg``: ``lo ≥ 0`` holds exactly.
+    """
+
+    lo: Tensor
+    hi: Tensor
+    point: bool = False
+    nonneg: bool = False
+
+    @classmethod
+    def exact(cls, value: Tensor, nonneg: bool = False) -> Bounds:
+        return cls(value, value, point=True, nonneg=nonneg)
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> Bounds:
+        """Apply an exact, order-preserving, element-rearranging ``fn`` (view, slicing, transpose …)."""
+        if self.point:
+            return Bounds.exact(fn(self.lo), self.nonneg)
+        return Bounds(fn(self.lo), fn(self.hi), nonneg=self.nonneg)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.lo.shape
+
+
+@dataclass
+class BoundContext:
+    """What a handler knows besides its arguments: the domain, the mode, dtype and device."""
+
+    box: Box
+    certify: bool
+    dtype: torch.dtype
+    device: torch.device
+
+    def parameter(self, path: str, attr: str = "") -> tuple[Tensor, Tensor]:
+        """(lower, upper) of parameter ``attr`` of the module at ``path`` (or of the parameter named
+        ``path`` when ``attr`` is empty), in the bound's dtype and device."""
+        name = param_name(path, attr) if attr else path
+        return self.box.lower[name].to(self.device, self.dtype), self.box.upper[name].to(self.device, self.dtype)
+
+    def bounds(self, path: str, attr: str) -> tuple[Tensor, Tensor]:  # the chain handlers' spelling
+        return self.parameter(path, attr)
+
+
+ModuleHandler = Callable[..., Any]
+FunctionHandler = Callable[..., Any]
+MODULES: dict[type, ModuleHandler] = {}
+FUNCTIONS: dict[Any, FunctionHandler] = {}  # callables by identity; tensor methods by name (str)
+
+
+def register_module(cls: type, handler: ModuleHandler | None = None):
+    """Register ``handler(ctx, path, module, *args, **kwargs) -> Bounds`` for modules of exactly type
+    ``cls`` (usable as a decorator). Registering a type again replaces its handler; a registered
+    type is kept whole when models are traced."""
+    def deco(fn: ModuleHandler) -> ModuleHandler:
+        MODULES[cls] = fn
+        return fn
+    return deco(handler) if handler is not None else deco
+
+
+def register_function(*targets: Any):
+    """Decorator: register ``handler(ctx, *args, **kwargs)`` for functions (by identity, e.g.
+    ``torch.tanh``) and tensor methods (by name, e.g. ``"tanh"``)."""
+    def deco(fn: FunctionHandler) -> FunctionHandler:
+        for t in targets:
+            FUNCTIONS[t] = fn
+        return fn
+    return deco
+
+
+def supported() -> str:
+    """The registered modules, functions and tensor methods, for error messages."""
+    from ..model_graph import target_name
+
+    mods = sorted(c.__name__ for c in MODULES)
+    fns = sorted({target_name(t) for t in FUNCTIONS if not isinstance(t, str)})
+    meths = sorted(f".{t}()" for t in FUNCTIONS if isinstance(t, str))
+    return f"modules {', '.join(mods)}; functions {', '.join(fns)}; tensor methods {', '.join(meths)}"
+
+
+# ----------------------------------------------------------------------------------- helpers
+def outward(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """One ulp outward: encloses the exact result of one correctly rounded operation (+, −, ×, ÷, √)
+    whose float result is ``lo``/``hi`` (IEEE 754 §4.3: at most half an ulp away)."""
+    return rounding.round_down(lo), rounding.round_up(hi)
+
+
+def widen_relative(lo: Tensor, hi: Tensor, ulps: float) -> tuple[Tensor, Tensor]:
+    """Widen by ``ulps`` units of roundoff relative to each bound's magnitude, plus a few subnormals
+    (for results near zero), then one ulp outward."""
+    u, eta = rounding.unit_roundoff(lo.dtype), rounding.eta(lo.dtype)
+    lo = rounding.round_down(lo - rounding.round_up(lo.abs() * (ulps * u) + 4 * eta))
+    hi = rounding.round_up(hi + rounding.round_up(hi.abs() * (ulps * u) + 4 * eta))
+    return lo, hi
+
+
+def interval_mul(al: Tensor, ah: Tensor, bl: Tensor, bh: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact interval product (min/max of the four corner products), broadcasting."""
+    p = torch.stack(torch.broadcast_tensors(al * bl, al * bh, ah * bl, ah * bh))
+    return p.min(dim=0).values, p.max(dim=0).values
