@@ -49,7 +49,7 @@ def check_soundness(model: nn.Module, domain: Box, x: Tensor, *, samples: int = 
     for dtype in dtypes:
         m = copy.deepcopy(model).to(dtype).eval()
         box = domain.to(dtype=dtype)
-        xd = x.to(dtype)
+        xd = x.to(dtype) if x.is_floating_point() else x  # token ids stay integers for the forward pass
         lo, hi = bound_logits(m, box, xd, dtype=dtype)
         gen = torch.Generator().manual_seed(seed)
         bad = 0

@@ -59,7 +59,7 @@ def propagate_graph(model: nn.Module, graph: ModelGraph, box: Box, x: Tensor, *,
             value = map_refs(op.args[0], lambda r: env[r.index])
         else:
             value = _run(ctx, graph, op, env)
-        if certify and isinstance(value, Bounds) and not value.point:
+        if certify and isinstance(value, Bounds) and not value.point and not _rearranges(graph, op):
             flags.append(_invalid(value))
             flagged.append(op)
         env.append(value)
@@ -130,6 +130,12 @@ def _attribute(ctx: BoundContext, model: nn.Module, op: Op) -> Bounds:
         t = value.detach().to(ctx.device, ctx.dtype if value.is_floating_point() else value.dtype)
         return Bounds.exact(t, nonneg=bool((t >= 0).all()))
     raise UnsupportedLayerError(f"{op.describe()} is a {type(value).__name__}, not a tensor")
+
+
+def _rearranges(graph: ModelGraph, op: Op) -> bool:
+    """Whether the op only moves elements of its checked input (a view, slice, transpose …): no new
+    values to check for overflow."""
+    return op.kind in ("function", "method") and getattr(_handler(graph, op), "rearranges", False)
 
 
 def _invalid(b: Bounds) -> Tensor:

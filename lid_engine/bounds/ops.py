@@ -12,8 +12,9 @@ float evaluation of the model at any parameter vector of the domain — with an 
   expf/erff/tanhf ("Known Maximum Errors in Math Functions", glibc manual §19.7), CUDA ≤ 2 ulp for
   expf/erff/tanhf (CUDA C++ Programming Guide, "Mathematical Functions", Table 13). A sigmoid
   computed as 1/(1 + e^−x) adds two roundings. We allow :data:`FUNCTION_ULPS` ulps for one
-  evaluation (ours) plus as many for the forward pass, relative to the result, plus a few
-  subnormals; GELU's error is bounded absolutely (its docstring).
+  evaluation (ours) plus as many for the forward pass, relative to the result (GELU's error is
+  bounded absolutely: its docstring), plus twice the smallest normal number — not a subnormal:
+  vectorised kernels may flush tiny results to zero (found by the sampling test of softmax).
 
 Non-monotone activations (GELU, SiLU) are quasi-convex: decreasing then increasing, so the maximum
 over an interval is at an end and the minimum is at an end or at the known minimiser.
@@ -183,6 +184,7 @@ def _exact_shape(fn):
     def handler(ctx: BoundContext, x, *args, **kwargs):
         x = as_bounds(ctx, x)
         return x.map(lambda t: fn(t, *args, **kwargs))
+    handler.rearranges = True  # graph.py skips its overflow check: the input was checked
     return handler
 
 
@@ -291,8 +293,8 @@ def _quasiconvex(ctx: BoundContext, x, fn, argmin: float, minimum: float, abs_ul
     if not ctx.certify:
         return Bounds(lo, hi)
     if abs_ulps:  # error bounded by c·u·|x| (GELU: _gelu docstring)
-        u, eta = rounding.unit_roundoff(lo.dtype), rounding.eta(lo.dtype)
-        slack = rounding.round_up(torch.maximum(x.lo.abs(), x.hi.abs()) * (4 * FUNCTION_ULPS * u) + 4 * eta)
+        u, floor = rounding.unit_roundoff(lo.dtype), 2 * rounding.smallest_normal(lo.dtype)
+        slack = rounding.round_up(torch.maximum(x.lo.abs(), x.hi.abs()) * (4 * FUNCTION_ULPS * u) + floor)
         return Bounds(rounding.round_down(lo - slack), rounding.round_up(hi + slack))
     return Bounds(*widen_relative(lo, hi, 2 * FUNCTION_ULPS + 4))
 
@@ -302,7 +304,7 @@ def _gelu(ctx: BoundContext, x, approximate: str = "none") -> Bounds:
     """GELU(x) = x·Φ(x) = ½x(1 + erf(x/√2)). Float error: x/√2 (u), erf (≤ 2 ulp, and its input's
     error moves it by at most erf′(t)·|t|·u ≤ 0.49u), 1 + erf (u), the product with x (u): in total at
     most ½|x|·(1 + erf)(3u) + ½|x|(2·2u + 0.49u) ≤ 6u·|x| per evaluation; we allow 4·FUNCTION_ULPS·u·|x|
-    (32u·|x|) for ours and the forward's together, plus a few subnormals."""
+    (32u·|x|) for ours and the forward's together, plus twice the smallest normal number."""
     if approximate != "none":
         raise OpError(f"GELU(approximate={approximate!r}) is not supported; use approximate='none'")
     return _quasiconvex(ctx, x, F.gelu, GELU_ARGMIN, GELU_MIN, abs_ulps=True)
@@ -387,3 +389,111 @@ register_module(nn.Tanh, lambda ctx, path, m, x: _tanh(ctx, x))
 register_module(nn.Sigmoid, lambda ctx, path, m, x: _sigmoid(ctx, x))
 register_module(nn.SiLU, lambda ctx, path, m, x: _silu(ctx, x))
 register_module(nn.GELU, lambda ctx, path, m, x: _gelu(ctx, x, m.approximate))
+
+
+# ------------------------------------------------------------------------ softmax and attention
+def _lse_others(v: Tensor, dim: int) -> Tensor:
+    """log Σ_{j≠i} exp(v_j) along ``dim``, for every i (−inf where there is no other j). Exact up to
+    rounding and stable: the row is expanded to (…, n, n) with the diagonal masked out."""
+    v = v.movedim(dim, -1)
+    n = v.shape[-1]
+    grid = v.unsqueeze(-2).expand(*v.shape[:-1], n, n)
+    eye = torch.eye(n, dtype=torch.bool, device=v.device)
+    out = torch.logsumexp(grid.masked_fill(eye, -torch.inf), dim=-1)
+    return out.movedim(-1, dim)
+
+
+def softmax_bounds(ctx: BoundContext, x: Bounds, dim: int) -> Bounds:
+    """softmax_i(z) = σ(z_i − log Σ_{j≠i} e^{z_j}) rises with z_i and falls with every other z_j, so
+    lo_i = σ(lo_i − LSE_{j≠i}(hi)) and hi_i = σ(hi_i − LSE_{j≠i}(lo)).
+
+    Certify mode: the computed LSE is off by at most (n + 16)u + 8u·|LSE| (n exps of ≤ FUNCTION_ULPS
+    each, their sum, the log and the final addition), the difference by u·|t|; σ's relative
+    sensitivity to its argument is 1 − σ ≤ 1, and σ itself adds FUNCTION_ULPS. A float forward pass
+    (exp(z − max)/Σ, or a blockwise online softmax) is within (n + 2·FUNCTION_ULPS + 4)u of the
+    result, relatively. Both are added as a relative widening per element; the results are then
+    clamped to [0, 1], where every softmax value lies."""
+    dim = dim % x.lo.dim()
+    n = x.shape[dim]
+    lse_hi, lse_lo = _lse_others(x.hi, dim), _lse_others(x.lo, dim)
+    t_lo, t_hi = x.lo - lse_hi, x.hi - lse_lo
+    lo, hi = torch.sigmoid(t_lo), torch.sigmoid(t_hi)
+    if ctx.certify:
+        u, floor = rounding.unit_roundoff(lo.dtype), 2 * rounding.smallest_normal(lo.dtype)
+
+        def rel(t: Tensor, lse: Tensor) -> Tensor:
+            # ±inf (a masked key, or no other key) gives σ exactly 0 or 1, in the forward pass too
+            e_t = (n + 16) * u + 8 * u * lse.abs().nan_to_num(posinf=0.0) + u * t.abs().nan_to_num(posinf=0.0)
+            return (e_t + (n + 3 * FUNCTION_ULPS + 4) * u) * 1.01
+        lo = rounding.round_down(lo - rounding.round_up(lo * rel(t_lo, lse_hi) + floor))
+        hi = rounding.round_up(hi + rounding.round_up(hi * rel(t_hi, lse_lo) + floor))
+        if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+            raise OpError("softmax: the rounding bound overflowed (inputs of magnitude beyond the float range)")
+    return Bounds(lo.clamp(min=0, max=1), hi.clamp(min=0, max=1), nonneg=True)
+
+
+@register_function(F.softmax, torch.softmax, "softmax")
+def _softmax(ctx: BoundContext, x, dim=None, _stacklevel: int = 3, dtype=None) -> Bounds:
+    if dim is None:
+        raise OpError("softmax needs an explicit dim")
+    if dtype is not None:
+        raise OpError("softmax(dtype=...) is not supported; cast the model instead")
+    return softmax_bounds(ctx, as_bounds(ctx, x), dim)
+
+
+register_module(nn.Softmax, lambda ctx, path, m, x: softmax_bounds(ctx, as_bounds(ctx, x), m.dim if m.dim is not None else -1))
+
+
+@register_function(F.scaled_dot_product_attention)
+def _sdpa(ctx: BoundContext, q, k, v, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
+          scale=None, enable_gqa: bool = False) -> Bounds:
+    """softmax(q·kᵀ·scale + mask)·v, each step bounded as above (the products of two interval
+    matrices: ``matmul_bounds``). A boolean mask removes keys (−inf scores, which every softmax bound
+    handles exactly); a float mask is added."""
+    if dropout_p:
+        raise OpError("scaled_dot_product_attention with dropout_p > 0 is random; call model.eval() and pass 0")
+    if enable_gqa:
+        raise OpError("scaled_dot_product_attention(enable_gqa=True) is not supported")
+    q, k, v = as_bounds(ctx, q), as_bounds(ctx, k), as_bounds(ctx, v)
+    s = (1.0 / math.sqrt(q.shape[-1])) if scale is None else float(scale)
+    scores = matmul_bounds(ctx, q, k.map(lambda t: t.transpose(-2, -1)))
+    scores = _mul(ctx, scores, s)
+    L, S = q.shape[-2], k.shape[-2]
+    if is_causal:
+        attn_mask = torch.ones(L, S, dtype=torch.bool, device=ctx.device).tril()
+    if attn_mask is not None:
+        m = attn_mask.lo if isinstance(attn_mask, Bounds) else torch.as_tensor(attn_mask, device=ctx.device)
+        if m.dtype == torch.bool:
+            scores = Bounds(scores.lo.masked_fill(~m, -torch.inf), scores.hi.masked_fill(~m, -torch.inf))
+        else:
+            scores = _add(ctx, scores, attn_mask)
+    return matmul_bounds(ctx, softmax_bounds(ctx, scores, -1), v)
+
+
+# ------------------------------------------------------------------------ embeddings
+def embedding_bounds(ctx: BoundContext, ids: Bounds, weight: tuple[Tensor, Tensor]) -> Bounds:
+    """Rows of the weight's bounds at fixed token ids: exact. The ids arrive as floats (the bound
+    engine's input dtype), exact for integers below 2²⁴ in float32."""
+    if not ids.point:
+        raise OpError("embedding ids must be fixed (the model's input), not values that depend on parameters")
+    t = ids.lo
+    if not bool((t == t.round()).all()) or bool((t < 0).any()) or bool((t >= weight[0].shape[0]).any()):
+        raise OpError(f"embedding ids must be integers in 0..{weight[0].shape[0] - 1}, got {float(t.min())}..{float(t.max())}")
+    idx = t.long()
+    return Bounds(weight[0][idx], weight[1][idx])
+
+
+@register_module(nn.Embedding)
+def _embedding(ctx: BoundContext, path: str, m: nn.Embedding, ids) -> Bounds:
+    if m.max_norm is not None:
+        raise OpError("nn.Embedding(max_norm=...) renormalises rows in place; it is not supported")
+    return embedding_bounds(ctx, as_bounds(ctx, ids), ctx.parameter(path, "weight"))
+
+
+@register_function(F.embedding)
+def _f_embedding(ctx: BoundContext, ids, weight, padding_idx=None, max_norm=None, norm_type=2.0,
+                 scale_grad_by_freq=False, sparse=False) -> Bounds:
+    if max_norm is not None:
+        raise OpError("F.embedding(max_norm=...) is not supported")
+    w = as_bounds(ctx, weight)
+    return embedding_bounds(ctx, as_bounds(ctx, ids), (w.lo, w.hi))

@@ -131,11 +131,12 @@ def outward(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def widen_relative(lo: Tensor, hi: Tensor, ulps: float) -> tuple[Tensor, Tensor]:
-    """Widen by ``ulps`` units of roundoff relative to each bound's magnitude, plus a few subnormals
-    (for results near zero), then one ulp outward."""
-    u, eta = rounding.unit_roundoff(lo.dtype), rounding.eta(lo.dtype)
-    lo = rounding.round_down(lo - rounding.round_up(lo.abs() * (ulps * u) + 4 * eta))
-    hi = rounding.round_up(hi + rounding.round_up(hi.abs() * (ulps * u) + 4 * eta))
+    """Widen by ``ulps`` units of roundoff relative to each bound's magnitude, plus twice the smallest
+    normal number (vectorised exp/tanh kernels may flush results below it to zero), then one ulp
+    outward. For transcendental functions (``ops.FUNCTION_ULPS``)."""
+    u, floor = rounding.unit_roundoff(lo.dtype), 2 * rounding.smallest_normal(lo.dtype)
+    lo = rounding.round_down(lo - rounding.round_up(lo.abs() * (ulps * u) + floor))
+    hi = rounding.round_up(hi + rounding.round_up(hi.abs() * (ulps * u) + floor))
     return lo, hi
 
 

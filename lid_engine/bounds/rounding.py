@@ -80,6 +80,11 @@ def eta(dtype: torch.dtype) -> float:
     return _SMALLEST_SUBNORMAL[dtype]
 
 
+def smallest_normal(dtype: torch.dtype) -> float:
+    """2⁻¹²⁶ (float32) or 2⁻¹⁰²² (float64): below it, vectorised math kernels may flush to zero."""
+    return torch.finfo(dtype).tiny
+
+
 def round_down(t: Tensor) -> Tensor:
     """One ulp towards −∞: turns a round-to-nearest result into a guaranteed lower bound."""
     return torch.nextafter(t, t.new_full((), -math.inf))

@@ -65,6 +65,8 @@ UNARY = {
     "div-const": (lambda t: t / 3.0, lambda c, b: registry.FUNCTIONS[operator.truediv](c, b, 3.0)),
     "mul-const": (lambda t: t * -0.7, lambda c, b: registry.FUNCTIONS[operator.mul](c, b, -0.7)),
     "neg": (lambda t: -t, lambda c, b: registry.FUNCTIONS[operator.neg](c, b)),
+    "softmax": (lambda t: torch.softmax(t, -1), lambda c, b: registry.FUNCTIONS[F.softmax](c, b, -1)),
+    "softmax-dim0": (lambda t: torch.softmax(t, 0), lambda c, b: registry.FUNCTIONS["softmax"](c, b, 0)),
 }
 
 
@@ -195,8 +197,43 @@ class TokenMixer(nn.Module):
         return self.head(t.mean(1))
 
 
+class TinyEncoder(nn.Module):
+    """A transformer encoder block on token ids: embedding + positions, multi-head self-attention (q, k, v
+    projections, scores as a product of two interval matrices, softmax), residuals, LayerNorm, a GELU
+    feed-forward, masked mean pooling, a head. ``sdpa`` uses F.scaled_dot_product_attention instead."""
+
+    def __init__(self, vocab=20, tokens=5, d=8, heads=2, classes=3, sdpa=False):
+        super().__init__()
+        self.tokens, self.d, self.heads, self.sdpa = tokens, d, heads, sdpa
+        self.emb = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.randn(tokens, d) * 0.1)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.ff1, self.ff2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.head = nn.Linear(d, classes)
+        self.register_buffer("keep", torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0]))  # the last token is padding
+
+    def split(self, t):
+        return t.view(t.shape[0], self.tokens, self.heads, self.d // self.heads).transpose(1, 2)
+
+    def forward(self, ids):
+        h = self.emb(ids) + self.pos
+        q, k, v = self.split(self.q(h)), self.split(self.k(h)), self.split(self.v(h))
+        if self.sdpa:
+            a = F.scaled_dot_product_attention(q, k, v)
+        else:
+            a = torch.softmax(q @ k.transpose(-2, -1) / (self.d // self.heads) ** 0.5, dim=-1) @ v
+        a = a.transpose(1, 2).reshape(ids.shape[0], self.tokens, self.d)
+        h = self.ln1(h + self.o(a))
+        h = self.ln2(h + self.ff2(F.gelu(self.ff1(h))))
+        pooled = (h * self.keep[:, None]).sum(1) / self.keep.sum()
+        return self.head(pooled)
+
+
 MODELS = {
     "residual-mlp": (ResidualMLP, (6,)),
+    "encoder": (TinyEncoder, "ids"),
+    "encoder-sdpa": (lambda: TinyEncoder(sdpa=True), "ids"),
     "residual-cnn": (ResidualCNN, (1, 8, 8)),
     "token-mixer": (TokenMixer, (24,)),
 }
@@ -217,7 +254,7 @@ def test_graph_models_are_sound_inside_the_domain_and_at_its_vertices(name):
     torch.manual_seed(0)
     model = trained_like(cls())
     assert isinstance(ibp.check_supported(model), ModelGraph)
-    x = torch.randn(16, *shape)
+    x = torch.randint(0, 20, (16, 5)) if shape == "ids" else torch.randn(16, *shape)
     report = check_soundness(model, le.Box.around(model, 0.02), x, samples=1000)
     assert report.violations == 0 and report.nominal_enclosed, report
 
@@ -227,16 +264,17 @@ def test_graph_bounds_shrink_with_the_domain_and_collapse_on_a_point(name):
     cls, shape = MODELS[name]
     torch.manual_seed(1)
     model = trained_like(cls())
-    x = torch.randn(8, *shape)
+    x = torch.randint(0, 20, (8, 5)) if shape == "ids" else torch.randn(8, *shape)
     widths = []
     for r in (0.02, 0.01, 0.0):
         lo, hi = le.bound_logits(model, le.Box.around(model, r), x, dtype=torch.float64)
         widths.append(hi - lo)
     assert bool((widths[1] <= widths[0]).all()) and bool((widths[2] <= widths[1]).all())
     assert float(widths[2].max()) < 1e-9  # float64 rounding slack only
+    xin = x if shape == "ids" else x.double()
     with torch.no_grad():
-        nominal = model.double()(x.double())
-    lo, hi = le.bound_logits(model, le.Box.point(model), x.double(), dtype=torch.float64)
+        nominal = model.double()(xin)
+    lo, hi = le.bound_logits(model, le.Box.point(model), xin, dtype=torch.float64)
     assert bool(((lo <= nominal) & (nominal <= hi)).all())
 
 
