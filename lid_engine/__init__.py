@@ -27,6 +27,7 @@ from .metrics import accuracy
 from .zonotope import Zonotope
 
 from .verify import verify  # noqa: E402
+from . import testing  # noqa: E402 — le.testing.check_soundness, for custom bound handlers
 
 __version__ = "0.1.0"
 

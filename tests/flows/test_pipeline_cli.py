@@ -2,7 +2,8 @@
 module and training function written there (not in the repository), driven through the ``lidgate``
 CLI against a fresh registry: bootstrap → retrain on new data → a rogue candidate submitted → status.
 
-Two teams: one with tabular data in CSV/Parquet files, one with images in ``.npz`` files. Each CLI
+Three teams: one with tabular data in CSV/Parquet files, one with images in ``.npz`` files, and one with
+the same images and its own residual network (LayerNorm, GELU, a custom forward). Each CLI
 call is a separate process, as a user (or a scheduler) would run it.
 """
 
@@ -43,7 +44,7 @@ def tabular_team(tmp_path: Path) -> tuple[Path, Path, Path]:
     return config, team / "data" / "drifted.parquet", team
 
 
-def image_team(tmp_path: Path) -> tuple[Path, Path, Path]:
+def image_team(tmp_path: Path, model: str = "stroke_cnn") -> tuple[Path, Path, Path]:
     """Synthetic 12×12 stroke images in .npz files (flat rows, reshaped by the configuration); new data
     from a noisier camera."""
     from benchmarks.search_robustness import images
@@ -60,10 +61,15 @@ def image_team(tmp_path: Path) -> tuple[Path, Path, Path]:
     train = images(n=2400, side=12, seed=3)
     np.savez(team / "data" / "train.npz", x=train.search[0].numpy().reshape(-1, 144), y=train.search[1].numpy())
     np.savez(team / "data" / "cert.npz", x=train.cert[0].numpy().reshape(-1, 144), y=train.cert[1].numpy())
-    config = write_config(team, "stroke_cnn", {"side": 12}, {
+    config = write_config(team, model, {"side": 12}, {
         "task": "strokes", "train": "data/train.npz", "search": "data/strokes.npz",
         "certification": "data/cert.npz", "shape": [1, 12, 12]})
     return config, team / "data" / "noisy-camera.npz", team
+
+
+def residual_team(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """The image team with a residual network of its own (traced, not an nn.Sequential)."""
+    return image_team(tmp_path, model="stroke_resnet")
 
 
 def rogue_weights(team: Path, config: Path, new_data: Path) -> Path:
@@ -92,7 +98,7 @@ def rogue_weights(team: Path, config: Path, new_data: Path) -> Path:
 
 
 @pytest.mark.timeout(1500)
-@pytest.mark.parametrize("make_team", [tabular_team, image_team], ids=["tabular", "images"])
+@pytest.mark.parametrize("make_team", [tabular_team, image_team, residual_team], ids=["tabular", "images", "residual"])
 def test_a_team_bootstraps_retrains_and_is_stopped_by_the_gate(tmp_path, make_team):
     config, new_data, team = make_team(tmp_path)
 

@@ -11,6 +11,8 @@ from pathlib import Path
 __all__ = ["TEAM_MODELS", "TEAM_TRAINING", "lidgate", "team_dir", "write_config"]
 
 TEAM_MODELS = '''
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -21,6 +23,31 @@ def tabular_mlp(n_features: int, hidden: int = 32, n_classes: int = 2):
 def stroke_cnn(side: int = 12, n_classes: int = 4):
     return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, stride=2, padding=1), nn.ReLU(),
                          nn.Flatten(), nn.Linear(6 * (side // 2) ** 2, n_classes))
+
+
+class StrokeResNet(nn.Module):
+    """Not a chain: a residual block, functional activations, LayerNorm and GELU in a custom forward."""
+
+    def __init__(self, side: int = 12, n_classes: int = 4, channels: int = 6):
+        super().__init__()
+        self.stem = nn.Conv2d(1, channels, 3, padding=1)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.pool = nn.AvgPool2d(2)
+        features = channels * (side // 2) ** 2
+        self.norm = nn.LayerNorm(features)
+        self.fc = nn.Linear(features, 32)
+        self.out = nn.Linear(32, n_classes)
+
+    def forward(self, x):
+        h = F.relu(self.stem(x))
+        h = F.relu(h + self.conv2(F.relu(self.conv1(h))))
+        h = self.norm(torch.flatten(self.pool(h), 1))
+        return self.out(F.gelu(self.fc(h)))
+
+
+def stroke_resnet(side: int = 12, n_classes: int = 4):
+    return StrokeResNet(side, n_classes)
 '''
 
 TEAM_TRAINING = '''
