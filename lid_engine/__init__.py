@@ -6,6 +6,7 @@ used as a library on its own.
 
 from __future__ import annotations
 
+from .adapters import LoRALinear, add_lora, lora_mask, width_mask
 from .bounds import bound_logits, bound_margins
 from .domains import Box, load_parameters_
 from .errors import (
@@ -32,6 +33,10 @@ from . import testing  # noqa: E402 — le.testing.check_soundness, for custom b
 __version__ = "0.1.0"
 
 __all__ = [
+    "LoRALinear",
+    "add_lora",
+    "lora_mask",
+    "width_mask",
     "LID",
     "Certificate",
     "certify_box",
