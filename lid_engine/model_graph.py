@@ -150,17 +150,7 @@ def trace(model: nn.Module, leaf_types: Iterable[type] = ()) -> ModelGraph:
 
 def _refs(value: Any, index: dict[fx.Node, int]) -> Any:
     """``value`` with every fx node replaced by a :class:`Ref` to its op."""
-    if isinstance(value, fx.Node):
-        return Ref(index[value])
-    if isinstance(value, tuple):
-        return tuple(_refs(v, index) for v in value)
-    if isinstance(value, list):
-        return [_refs(v, index) for v in value]
-    if isinstance(value, dict):
-        return {k: _refs(v, index) for k, v in value.items()}
-    if isinstance(value, slice):
-        return slice(_refs(value.start, index), _refs(value.stop, index), _refs(value.step, index))
-    return value
+    return _map(value, fx.Node, lambda node: Ref(index[node]))
 
 
 def _check_modules(model: nn.Module, used: dict[str, nn.Module], ops: list[Op]) -> None:
@@ -210,14 +200,18 @@ def _user_frame(exc: BaseException) -> str:
 
 def map_refs(value: Any, fn: Callable[[Ref], Any]) -> Any:
     """``value`` with every :class:`Ref` replaced by ``fn(ref)`` (nested tuples, lists, dicts, slices)."""
-    if isinstance(value, Ref):
+    return _map(value, Ref, fn)
+
+
+def _map(value: Any, leaf: type, fn: Callable[[Any], Any]) -> Any:
+    if isinstance(value, leaf):
         return fn(value)
     if isinstance(value, tuple):
-        return tuple(map_refs(v, fn) for v in value)
+        return tuple(_map(v, leaf, fn) for v in value)
     if isinstance(value, list):
-        return [map_refs(v, fn) for v in value]
+        return [_map(v, leaf, fn) for v in value]
     if isinstance(value, dict):
-        return {k: map_refs(v, fn) for k, v in value.items()}
+        return {k: _map(v, leaf, fn) for k, v in value.items()}
     if isinstance(value, slice):
-        return slice(map_refs(value.start, fn), map_refs(value.stop, fn), map_refs(value.step, fn))
+        return slice(_map(value.start, leaf, fn), _map(value.stop, leaf, fn), _map(value.step, leaf, fn))
     return value

@@ -48,7 +48,7 @@ def raises_lid(exc_type: type[LidError], fn, match: str | None = None) -> LidErr
 
 # ------------------------------------------------------------------------------ unsupported layers
 class Block(nn.Module):
-    """A container with its own forward: the engine cannot know its execution order."""
+    """A container with its own forward (traced: the sum of two branches)."""
 
     def __init__(self):
         super().__init__()
@@ -66,7 +66,7 @@ class Residual(nn.Sequential):
 
 
 class Scale(nn.Module):
-    """A custom leaf with a parameter."""
+    """A custom leaf with a parameter, used through a traced product."""
 
     def __init__(self):
         super().__init__()
@@ -110,35 +110,6 @@ def test_unsupported_module_is_named_by_path_and_supported_layers_listed(case):
         assert f"'{path}'" in msg and cls in msg, msg
         assert "Supported:" in msg and "Linear" in msg and "Conv2d" in msg and "ReLU" in msg, msg
         assert "LayerNorm" in msg and "operator.add" in msg, msg  # the graph engine's ops are listed too
-
-
-class Block(nn.Module):
-    """A container with its own forward (traced: a residual-style sum of two branches)."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(5, 5), nn.Linear(5, 5)
-
-    def forward(self, x):
-        return self.a(x) + self.b(x)
-
-
-class Residual(nn.Sequential):
-    """Looks like a Sequential, but its forward is not the plain composition."""
-
-    def forward(self, x):
-        return x + super().forward(x)
-
-
-class Scale(nn.Module):
-    """A custom leaf with a parameter, used through a traced product."""
-
-    def __init__(self):
-        super().__init__()
-        self.s = nn.Parameter(torch.ones(3))
-
-    def forward(self, x):
-        return x * self.s
 
 
 ONCE_UNSUPPORTED = {  # refused by the chain engine before models were traced; bounded soundly now
