@@ -45,7 +45,7 @@ def bound_logits(
     by default; the model is evaluated at that precision). ``batch_size`` bounds memory by chunking
     ``x``. In ``mode="search"`` gradients flow to ``domain.lower``/``domain.upper``.
     """
-    domain, x = _prepare(model, domain, x, method, METHODS, mode, dtype, batch_size, "bound_logits")
+    domain, x, nonneg = _prepare(model, domain, x, method, METHODS, mode, dtype, batch_size, "bound_logits")
     if _is_zonotope(domain):
         if method != "ibp":
             raise LidError(f"bound_logits: a Zonotope is bounded with method='ibp' (over its bounding box), got {method!r}")
@@ -62,7 +62,7 @@ def bound_logits(
         ctx = rounding.certification_backend() if mode == "certify" else rounding.native_kernels()
         with ctx, (torch.no_grad() if mode == "certify" else _null_ctx()):
             for chunk in chunks:
-                lo, hi = ibp.propagate(model, domain, chunk, certify=mode == "certify", layers=layers)
+                lo, hi = ibp.propagate(model, domain, chunk, certify=mode == "certify", layers=layers, nonneg=nonneg)
                 los.append(lo), his.append(hi)
     else:
         from .lirpa import bound_logits_lirpa
@@ -94,7 +94,7 @@ def margin_bounds(
     """IBP's logit bounds ``(lo, hi)`` and, for ``method="linear"``, the linear margin bounds
     (N, C; ``-inf`` where not computed). The building block of ``bound_margins`` and of the
     certified counts, which compare ``lo_y > hi_j`` exactly instead of subtracting."""
-    domain, x = _prepare(model, domain, x, method, MARGIN_METHODS, mode, dtype, batch_size, where)
+    domain, x, nonneg = _prepare(model, domain, x, method, MARGIN_METHODS, mode, dtype, batch_size, where)
     if competitors is not None and (isinstance(competitors, bool) or not isinstance(competitors, int) or competitors < 1):
         raise LidError(f"{where}: 'competitors' must be a positive int or None, got {competitors!r}")
     if competitors is not None and mode == "certify":
@@ -122,7 +122,8 @@ def margin_bounds(
                 parts.append(linear.linear_margins(model, box, x[s], y[s], certify=mode == "certify", layers=layers,
                                                    competitors=competitors, zonotope=zonotope))
             else:
-                parts.append((*ibp.propagate(model, box, x[s], certify=mode == "certify", layers=layers), None))
+                parts.append((*ibp.propagate(model, box, x[s], certify=mode == "certify", layers=layers, nonneg=nonneg),
+                              None))
     lo, hi = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     _check_label_range(y, lo.shape, where)
     lin = torch.cat([p[2] for p in parts]) if method == "linear" else None
@@ -175,7 +176,8 @@ def combine_margins(lo: Tensor, hi: Tensor, y: Tensor, linear: Tensor | None = N
 
 
 def _prepare(model, domain, x, method: str, methods: tuple[str, ...], mode: str, dtype, batch_size, where: str):
-    """The checks every entry point shares; returns the domain in ``x``'s device and dtype, and ``x``."""
+    """The checks every entry point shares; returns the domain in ``x``'s device and dtype, ``x``, and
+    whether ``x`` ≥ 0 everywhere (which the first affine layer's product uses)."""
     if method not in methods:
         raise LidError(f"{where}: 'method' must be one of {methods}, got {method!r}")
     if mode not in MODES:
@@ -185,14 +187,14 @@ def _prepare(model, domain, x, method: str, methods: tuple[str, ...], mode: str,
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise LidError(f"{where}: 'batch_size' must be a positive int or None, got {batch_size!r}")
     domain.check_matches(model, where)
-    x = _check_input(x, dtype, where)
+    x, nonneg = _check_input(x, dtype, where)
     if _is_zonotope(domain):
         if mode != "certify":
             raise LidError(f"{where}: a Zonotope is bounded in mode='certify' only (the LID search optimises boxes)")
-        return domain, x
+        return domain, x, nonneg
     if domain.device != x.device or domain.dtype != x.dtype:
         domain = domain.to(x.device, x.dtype) if mode == "certify" else _cast_keep_grad(domain, x)
-    return domain, x
+    return domain, x, nonneg
 
 
 def _is_zonotope(domain) -> bool:
@@ -210,7 +212,7 @@ def _chunks(n: int, batch_size: int | None) -> list[slice]:
     return [slice(i, i + batch_size) for i in range(0, n, batch_size)]
 
 
-def _check_input(x: Tensor, dtype: torch.dtype | None, where: str = "bound_logits") -> Tensor:
+def _check_input(x: Tensor, dtype: torch.dtype | None, where: str = "bound_logits") -> tuple[Tensor, bool]:
     if not isinstance(x, Tensor):
         raise InvalidInputError(f"{where}: 'x' must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 2 or len(x) == 0:
@@ -222,10 +224,11 @@ def _check_input(x: Tensor, dtype: torch.dtype | None, where: str = "bound_logit
     if dtype not in rounding.SUPPORTED_DTYPES:
         raise InvalidInputError(f"{where}: 'dtype' must be torch.float32 or torch.float64, got {dtype}")
     x = x.to(dtype)
-    if not bool(torch.isfinite(x).all()):
+    lo, hi = torch.aminmax(x)  # one pass: a NaN or inf anywhere shows in the extremes
+    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
         bad = int((~torch.isfinite(x)).flatten(1).any(1).nonzero()[0])
         raise InvalidInputError(f"{where}: 'x' holds NaN or inf (first at example {bad})")
-    return x
+    return x, bool(lo >= 0)
 
 
 def _cast_keep_grad(domain: Box, x: Tensor) -> Box:

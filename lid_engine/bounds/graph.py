@@ -45,14 +45,15 @@ def _handler(graph: ModelGraph, op: Op):
     return FUNCTIONS.get(op.target)
 
 
-def propagate_graph(model: nn.Module, graph: ModelGraph, box: Box, x: Tensor, *, certify: bool) -> tuple[Tensor, Tensor]:
+def propagate_graph(model: nn.Module, graph: ModelGraph, box: Box, x: Tensor, *, certify: bool,
+                    nonneg: bool | None = None) -> tuple[Tensor, Tensor]:
     """(lo, hi) of the model's output for every parameter vector in ``box``, the input ``x`` fixed."""
     ctx = BoundContext(box, certify, x.dtype, x.device)
     env: list = []
     flags, flagged = [], []
     for op in graph.ops:
         if op.kind == "input":
-            value = Bounds.exact(x, nonneg=bool(x.min() >= 0))
+            value = Bounds.exact(x, nonneg=bool(x.min() >= 0) if nonneg is None else nonneg)
         elif op.kind == "attribute":
             value = _attribute(ctx, model, op)
         elif op.kind == "output":

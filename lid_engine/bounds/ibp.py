@@ -353,20 +353,20 @@ def check_supported(model: nn.Module) -> list[tuple[str, nn.Module]] | ModelGrap
 
 def propagate(
     model: nn.Module, box: Box, x: Tensor, *, certify: bool, layers: list[tuple[str, nn.Module]] | None = None,
-    record: list[Interval] | None = None,
+    record: list[Interval] | None = None, nonneg: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Push the point input ``x`` through ``model`` for every parameter vector in ``box``.
 
     ``record``, if given, receives the interval entering each layer (the linear bound needs them;
-    chains only).
+    chains only). ``nonneg``: whether ``x`` ≥ 0 everywhere, if the caller knows (else one pass finds out).
     """
     layers = check_supported(model) if layers is None else layers
     if isinstance(layers, ModelGraph):
         if record is not None:
             raise UnsupportedLayerError("the per-layer record (method='linear') is available for nn.Sequential chains only")
-        return propagate_graph(model, layers, box, x, certify=certify)
+        return propagate_graph(model, layers, box, x, certify=certify, nonneg=nonneg)
     ctx = _Ctx(box, certify, x.dtype, x.device)
-    state = _point(x, nonneg=bool(x.min() >= 0))
+    state = _point(x, nonneg=bool(x.min() >= 0) if nonneg is None else nonneg)
     flags = []
     for path, m in layers:
         if record is not None:

@@ -393,13 +393,22 @@ register_module(nn.GELU, lambda ctx, path, m, x: _gelu(ctx, x, m.approximate))
 
 # ------------------------------------------------------------------------ softmax and attention
 def _lse_others(v: Tensor, dim: int) -> Tensor:
-    """log Σ_{j≠i} exp(v_j) along ``dim``, for every i (−inf where there is no other j). Exact up to
-    rounding and stable: the row is expanded to (…, n, n) with the diagonal masked out."""
+    """log Σ_{j≠i} exp(v_j) along ``dim``, for every i (−inf where there is no other j), in O(n) memory.
+
+    With m the row's maximum and S = Σ_j e^{v_j − m} (≥ 1): for i other than the arg-max,
+    Σ_{j≠i} = S − e^{v_i − m} ≥ 1 (the maximum's term stays), so the subtraction loses at most
+    n·(n + FUNCTION_ULPS)·u relatively; for the arg-max the sum is formed without it, around the second
+    largest value."""
     v = v.movedim(dim, -1)
-    n = v.shape[-1]
-    grid = v.unsqueeze(-2).expand(*v.shape[:-1], n, n)
-    eye = torch.eye(n, dtype=torch.bool, device=v.device)
-    out = torch.logsumexp(grid.masked_fill(eye, -torch.inf), dim=-1)
+    m = v.amax(-1, keepdim=True)
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(v - m_safe)
+    total = e.sum(-1, keepdim=True)
+    others = torch.log((total - e).clamp(min=0)) + m_safe
+    top = v.argmax(-1, keepdim=True)
+    rest = v.scatter(-1, top, -torch.inf)
+    without_top = torch.logsumexp(rest, -1, keepdim=True)
+    out = others.scatter(-1, top, without_top)
     return out.movedim(-1, dim)
 
 
@@ -407,8 +416,9 @@ def softmax_bounds(ctx: BoundContext, x: Bounds, dim: int) -> Bounds:
     """softmax_i(z) = σ(z_i − log Σ_{j≠i} e^{z_j}) rises with z_i and falls with every other z_j, so
     lo_i = σ(lo_i − LSE_{j≠i}(hi)) and hi_i = σ(hi_i − LSE_{j≠i}(lo)).
 
-    Certify mode: the computed LSE is off by at most (n + 16)u + 8u·|LSE| (n exps of ≤ FUNCTION_ULPS
-    each, their sum, the log and the final addition), the difference by u·|t|; σ's relative
+    Certify mode: the computed LSE is off by at most (n + 1)(n + 16)u + 8u·|LSE| (n exps of ≤
+    FUNCTION_ULPS each, their sum, the subtraction of one term from a sum ≥ 1 that is ≤ n, the log and the
+    final addition: ``_lse_others``), the difference by u·|t|; σ's relative
     sensitivity to its argument is 1 − σ ≤ 1, and σ itself adds FUNCTION_ULPS. A float forward pass
     (exp(z − max)/Σ, or a blockwise online softmax) is within (n + 2·FUNCTION_ULPS + 4)u of the
     result, relatively. Both are added as a relative widening per element; the results are then
@@ -423,7 +433,7 @@ def softmax_bounds(ctx: BoundContext, x: Bounds, dim: int) -> Bounds:
 
         def rel(t: Tensor, lse: Tensor) -> Tensor:
             # ±inf (a masked key, or no other key) gives σ exactly 0 or 1, in the forward pass too
-            e_t = (n + 16) * u + 8 * u * lse.abs().nan_to_num(posinf=0.0) + u * t.abs().nan_to_num(posinf=0.0)
+            e_t = (n + 1) * (n + 16) * u + 8 * u * lse.abs().nan_to_num(posinf=0.0) + u * t.abs().nan_to_num(posinf=0.0)
             return (e_t + (n + 3 * FUNCTION_ULPS + 4) * u) * 1.01
         lo = rounding.round_down(lo - rounding.round_up(lo * rel(t_lo, lse_hi) + floor))
         hi = rounding.round_up(hi + rounding.round_up(hi * rel(t_hi, lse_lo) + floor))
@@ -497,3 +507,27 @@ def _f_embedding(ctx: BoundContext, ids, weight, padding_idx=None, max_norm=None
         raise OpError("F.embedding(max_norm=...) is not supported")
     w = as_bounds(ctx, weight)
     return embedding_bounds(ctx, as_bounds(ctx, ids), (w.lo, w.hi))
+
+
+# ------------------------------------------------------------------------ L2 normalisation
+@register_function(F.normalize)
+def _normalize(ctx: BoundContext, x, p: float = 2.0, dim: int = 1, eps: float = 1e-12, out=None) -> Bounds:
+    """x / max(‖x‖₂, eps) along ``dim``. ‖x‖² lies between the sums of the squares' minima and maxima
+    over each element's interval; then interval division by a positive denominator. Certify mode rounds
+    each step outward and adds the float forward's deviation: its norm is within (n/2 + 2)u relatively
+    (a sum of n squares, a square root) and the division adds u, so the result is widened by
+    (n + 8) units of roundoff relative to itself."""
+    if p != 2:
+        raise OpError(f"F.normalize(p={p}) is not supported; only p=2")
+    x = as_bounds(ctx, x)
+    dn, up = (rounding.round_down, rounding.round_up) if ctx.certify else (lambda t: t, lambda t: t)
+    sq_lo = torch.where(x.lo > 0, dn(x.lo * x.lo), torch.where(x.hi < 0, dn(x.hi * x.hi), torch.zeros_like(x.lo)))
+    sq_hi = up(torch.maximum(x.lo * x.lo, x.hi * x.hi))
+    total = _reduce(ctx, Bounds(sq_lo, sq_hi, nonneg=True), dim, True, mean=False)
+    d_lo = torch.clamp(dn(torch.sqrt(total.lo.clamp(min=0))), min=eps)
+    d_hi = torch.clamp(up(torch.sqrt(total.hi)), min=eps)
+    q = torch.stack([x.lo / d_lo, x.lo / d_hi, x.hi / d_lo, x.hi / d_hi])
+    lo, hi = dn(q.min(0).values), up(q.max(0).values)
+    if ctx.certify:
+        lo, hi = widen_relative(lo, hi, x.shape[dim] + 8)
+    return Bounds(lo, hi)

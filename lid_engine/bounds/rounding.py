@@ -105,7 +105,11 @@ def widen(lo: Tensor, hi: Tensor, mag: Tensor, n_terms: int) -> tuple[Tensor, Te
 def midpoint_radius(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
     """Floating-point (mid, rad) with [mid − rad, mid + rad] ⊇ [lower, upper] guaranteed."""
     mid = (lower + upper) / 2
-    rad = round_up(torch.maximum(upper - mid, mid - lower))
+    gap = torch.maximum(upper - mid, mid - lower)
+    # A float difference is 0 only when the operands are equal (gradual underflow, which
+    # certification_backend() ensures), so a zero gap is exact and stays 0 rather than becoming the
+    # smallest subnormal: subnormal operands make every later GEMM ~30× slower on x86.
+    rad = torch.where(gap > 0, round_up(gap), gap)
     return mid, rad
 
 
