@@ -67,6 +67,7 @@ UNARY = {
     "neg": (lambda t: -t, lambda c, b: registry.FUNCTIONS[operator.neg](c, b)),
     "softmax": (lambda t: torch.softmax(t, -1), lambda c, b: registry.FUNCTIONS[F.softmax](c, b, -1)),
     "softmax-dim0": (lambda t: torch.softmax(t, 0), lambda c, b: registry.FUNCTIONS["softmax"](c, b, 0)),
+    "normalize": (lambda t: F.normalize(t, dim=1), lambda c, b: registry.FUNCTIONS[F.normalize](c, b, dim=1)),
 }
 
 
