@@ -41,7 +41,8 @@ from benchmarks._common import (
 )
 from examples.digits.model import mlp
 from examples.mnist.model import cnn
-from lid_engine.bounds import bound_logits, ibp, rounding
+from lid_engine import numerics as rounding
+from lid_engine.bounds import bound_logits, ibp
 from lid_engine.bounds import lirpa as lirpa_backend
 from lid_engine.domains import Box
 
@@ -506,7 +507,7 @@ def main() -> None:
         nnpack_note = (
             "`certification_backend()` does not switch NNPACK off, so certify-mode convolutions run on "
             "`_nnpack_spatial_convolution` (Winograd/FFT/implicit GEMM), not on the im2col + GEMM path whose "
-            "dot-product error model `rounding.py` assumes; on a real LID checkpoint NNPACK's float32 error reached "
+            "dot-product error model `lid_engine/numerics.py` assumes; on a real LID checkpoint NNPACK's float32 error reached "
             "5.3× the a-priori γ_n·|W|·|x| bound (lower > upper, `UnsoundBoundError`). Fix: NNPACK off while certifying.")
     elif nnpack_in_search:
         nnpack_note = (

@@ -45,7 +45,8 @@ from benchmarks.cl.data import split_tasks
 from benchmarks.training import train_classifier
 from examples.mnist.data import load_mnist
 from examples.mnist.model import cnn
-from lid_engine.bounds import bound_logits, rounding
+from lid_engine import numerics as rounding
+from lid_engine.bounds import bound_logits
 from lid_engine.domains import Box
 from lid_engine.metrics import accuracy
 from lid_engine.projection import ProjectedOptimizer

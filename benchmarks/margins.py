@@ -36,7 +36,8 @@ from benchmarks.cl.protocol import SHORT, split_mnist
 from benchmarks.cl.runner import build_model
 from benchmarks.cl.training import accuracy, set_task, train_task
 from lid_engine import Box, ProjectedOptimizer, SearchConfig, Spec, certified_accuracy, compute_lid, tau_from_accuracy
-from lid_engine.bounds import ibp, linear, rounding
+from lid_engine import numerics as rounding
+from lid_engine.bounds import ibp, linear
 from lid_engine.certificate import certified_counts
 
 GROUPS = {"conv1": ["0.weight"], "conv2": ["2.weight"], "head": ["5.weight"], "all": None}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .adapters import LoRALinear, add_lora, lora_mask, width_mask
 from .bounds import bound_logits, bound_margins
-from .domains import Box, load_parameters_
+from .domains import Box, Domain, load_parameters_
 from .errors import (
     DomainMismatchError,
     InvalidDomainError,
@@ -55,6 +55,7 @@ __all__ = [
     "tau_from_accuracy",
     "verify",
     "Box",
+    "Domain",
     "DomainMismatchError",
     "InvalidDomainError",
     "InvalidInputError",

@@ -11,6 +11,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -34,6 +35,21 @@ def _as_tensor_dict(arg: str, value: Mapping[str, Tensor]) -> dict[str, Tensor]:
             raise InvalidDomainError(f"Box: {arg}['{name}'] must be floating point, got {t.dtype}")
         out[name] = t
     return out
+
+
+@runtime_checkable
+class Domain(Protocol):
+    """What the engine asks of a parameter-space domain; ``Box`` and ``lid_engine.Zonotope`` both
+    provide it. Bounds propagate through ``bounding_box()`` (a zonotope's linear bound also uses its
+    generators); projection, sampling and saving go through the domain itself."""
+
+    def check_matches(self, model: nn.Module, where: str = "domain") -> None: ...
+    def contains(self, model_or_params: nn.Module | Mapping[str, Tensor]) -> bool: ...
+    def project_(self, model: nn.Module) -> nn.Module: ...
+    def sample(self, generator: torch.Generator | None = None) -> dict[str, Tensor]: ...
+    def vertex(self, generator: torch.Generator | None = None) -> dict[str, Tensor]: ...
+    def bounding_box(self) -> Box: ...
+    def save(self, directory: str | Path) -> Path: ...
 
 
 class Box:
@@ -280,6 +296,10 @@ class Box:
                 lo, hi = lo_c, hi_c
             lower[n], upper[n] = lo, hi
         return Box(lower, upper)
+
+    def bounding_box(self) -> Box:
+        """The box itself (the ``Domain`` protocol: a zonotope returns its enclosing box)."""
+        return self
 
     def detach(self) -> Box:
         return Box({n: t.detach().clone() for n, t in self.lower.items()},

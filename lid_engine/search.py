@@ -583,7 +583,8 @@ def _step_sizes(model, tasks: Mapping[str, TaskData], theta: Mapping[str, Tensor
 
 
 def _ibp_search(model, box: Box, x: Tensor, layers) -> tuple[Tensor, Tensor]:
-    from .bounds import ibp, rounding
+    from . import numerics as rounding
+    from .bounds import ibp
 
     with rounding.native_kernels():
         return ibp.propagate(model, box, x.to(box.dtype), certify=False, layers=layers)
@@ -666,7 +667,7 @@ def _search_metric(model, box: Box, x: Tensor, y: Tensor, spec: Spec, layers, cf
 def _search_bounds(model, box, x, y, layers, cfg: SearchConfig):
     """Differentiable (lo, hi, linear margins or None) of one minibatch (no input checks: done once)."""
     if cfg.method == "linear":
-        from .bounds import rounding
+        from . import numerics as rounding
 
         with rounding.native_kernels():
             return linear.linear_margins(model, box, x.to(box.dtype), y, certify=False, layers=layers,

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .bounds import rounding
+from . import numerics as rounding
 from .domains import _META_FILE, _TENSORS_FILE, Box, read_domain_files
 from .errors import DomainMismatchError, InvalidDomainError, InvalidInputError
 

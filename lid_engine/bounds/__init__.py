@@ -9,17 +9,14 @@ optimises through.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor, nn
 
+from .. import numerics as rounding
 from ..domains import Box
 from ..errors import DomainMismatchError, InvalidInputError, LidError
-from . import ibp, linear, rounding
-
-if TYPE_CHECKING:  # a runtime import would be circular (the zonotope uses bounds.rounding)
-    from ..zonotope import Zonotope
+from ..zonotope import Zonotope
+from . import ibp, linear
 
 METHODS = ("ibp", "crown", "crown+ibp")
 MARGIN_METHODS = ("ibp", "linear")  # the sound ones: both usable in mode="certify"
@@ -182,7 +179,7 @@ def _prepare(model, domain, x, method: str, methods: tuple[str, ...], mode: str,
         raise LidError(f"{where}: 'method' must be one of {methods}, got {method!r}")
     if mode not in MODES:
         raise LidError(f"{where}: 'mode' must be one of {MODES}, got {mode!r}")
-    if not isinstance(domain, Box) and not _is_zonotope(domain):
+    if not isinstance(domain, (Box, Zonotope)):
         raise DomainMismatchError(f"{where}: 'domain' must be a lid_engine Box or Zonotope, got {type(domain).__name__}")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise LidError(f"{where}: 'batch_size' must be a positive int or None, got {batch_size!r}")
@@ -198,7 +195,7 @@ def _prepare(model, domain, x, method: str, methods: tuple[str, ...], mode: str,
 
 
 def _is_zonotope(domain) -> bool:
-    return getattr(domain, "kind", None) == "zonotope"
+    return isinstance(domain, Zonotope)
 
 
 def _ibp_box(zonotope, x: Tensor) -> Box:

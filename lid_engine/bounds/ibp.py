@@ -17,7 +17,7 @@ weight ``[[W_l⁺, W_l⁻], [W_u⁻, W_u⁺]]``, and ReLU/pooling run once on bo
 keeps a bound pass within a small multiple of the nominal forward pass.
 
 ``certify=True`` additionally widens every affine layer by an a-priori rounding bound
-(``rounding.py``; the magnitude it needs is one more block row of the same product) and rounds
+(``lid_engine/numerics.py``; the magnitude it needs is one more block row of the same product) and rounds
 outward, so the result encloses the real-number outputs and those of any float evaluation;
 ``certify=False`` (search mode) skips that and stays differentiable for the LID search.
 """
@@ -36,7 +36,8 @@ from ..errors import UnsoundBoundError, UnsupportedLayerError
 from ..layers import TaskMask
 from ..model_graph import ModelGraph
 from ..model_walk import is_chain, iter_layers, param_name
-from . import registry, rounding
+from .. import numerics as rounding
+from . import registry
 from .graph import propagate_graph, trace_supported
 
 SUPPORTED_LAYERS = (

@@ -32,7 +32,7 @@ zonotope's reach. The intermediate intervals come from IBP over its bounding box
 
 **Floating point (certify mode).** The IBP intervals come from certification mode in the
 evaluation dtype, so they enclose the real-number activations and those of a float forward pass
-in that dtype; ``e_k`` is the a-priori error of such a pass (``rounding.py``). The bound itself is
+in that dtype; ``e_k`` is the a-priori error of such a pass (``lid_engine/numerics.py``). The bound itself is
 evaluated in float64 next to a magnitude ``M`` (the same expression with every operand replaced by
 its absolute value), and lowered by ``c_D·M + 2⁻¹⁰⁰⁰``, ``c_D`` the γ-bound of the longest chain of
 operations ``D`` (Higham, Lemma 3.3; ``2⁻¹⁰⁰⁰`` covers underflow of up to 10²⁰ products). Inexact
@@ -53,8 +53,10 @@ from ..domains import Box
 from ..errors import UnsupportedLayerError
 from ..layers import TaskMask
 from ..model_graph import ModelGraph
+from ..zonotope import Zonotope
 from ..model_walk import param_name
-from . import ibp, rounding
+from .. import numerics as rounding
+from . import ibp
 
 SUPPORTED_LAYERS = (
     "Linear, Conv2d (groups=1, zero padding), ReLU, Flatten, Dropout (eval mode), Identity, "
@@ -286,7 +288,7 @@ class _Coordinates:
 
     def __init__(self, domain, name: str, certify: bool, dtype: torch.dtype, device: torch.device):
         self.gens = self.coeff_lo = self.coeff_hi = None
-        if getattr(domain, "kind", None) == "zonotope":
+        if isinstance(domain, Zonotope):
             to = dict(device=device, dtype=dtype)
             self.mid = domain.centre[name].to(**to)
             self.first = domain.certified_residual(name).to(**to)

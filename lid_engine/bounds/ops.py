@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UnsupportedLayerError
-from . import rounding
+from .. import numerics as rounding
 from .registry import (
     BoundContext,
     Bounds,

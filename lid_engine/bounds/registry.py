@@ -37,7 +37,7 @@ from torch import Tensor
 
 from ..domains import Box
 from ..model_walk import param_name
-from . import rounding
+from .. import numerics as rounding
 
 
 @dataclass

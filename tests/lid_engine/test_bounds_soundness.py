@@ -272,7 +272,7 @@ def test_certification_kernels_obey_the_dot_product_error_model(shape, out_chann
     """
     import torch.nn.functional as F
 
-    from lid_engine.bounds import rounding
+    from lid_engine import numerics as rounding
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(shape, generator=g)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import lid_engine as le
-from lid_engine.bounds import rounding
+from lid_engine import numerics as rounding
 from lid_engine.certificate import certified_counts, certify_box
 from lid_engine.errors import LidError
 

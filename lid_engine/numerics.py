@@ -38,7 +38,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from ..errors import UnsoundBoundError
+from .errors import UnsoundBoundError
 
 _UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
 _SMALLEST_SUBNORMAL = {torch.float32: 2.0**-149, torch.float64: 2.0**-1074}
