@@ -1,6 +1,10 @@
 """LIDs inside the encoder: all-MiniLM-L6-v2's last block on the text scenario.
 
-    python -m benchmarks.minilm_block          # → benchmarks/results/minilm_block.{md,json}
+    python -m benchmarks.minilm_block run [VARIANT ...]   # baselines and LIDs → results/minilm_block/*.json
+    python -m benchmarks.minilm_block report              # → benchmarks/results/minilm_block.md
+
+Each LID variant (:data:`PARTS`; all by default) and the baselines are written to their own JSON file
+when they finish, so variants can run in separate processes and a rerun replaces only what it ran.
 
 The text benchmark (``benchmarks.text``) certifies a head on frozen sentence embeddings. Here the
 last encoder block is part of the certified model (``examples/text/block.py``: block 6 + mean pooling
@@ -40,7 +44,8 @@ from benchmarks.cl.training import train_task
 
 SEED, TARGET, DELTA, TOKENS = 0, "airlines", 0.05, 48
 TARGET_TRAIN, TARGET_TEST = 1000, 800  # class-stratified subsets of the target's splits
-SEARCH = {"iterations": 40, "checkpoints": 3, "batch_size": 64}
+SEARCH = {"iterations": 40, "checkpoints": 3, "batch_size": 64, "finalize_steps": 20}
+OUT = RESULTS / "minilm_block"
 FINETUNE = {"epochs": 2, "batch_size": 32, "lr": 1e-3}
 PARTS = {
     "head only": ["head"],
@@ -99,7 +104,16 @@ def finetune(model, d, optimizer_for) -> tuple[torch.nn.Module, float]:
     return model.eval(), time.perf_counter() - t0
 
 
-def run() -> dict:
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+def save(name: str, doc: dict) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"{slug(name)}.json").write_text(json.dumps(doc, indent=1))
+
+
+def run(variants: list[str]) -> None:
     from examples.text import data as td
     from examples.text.block import from_encoder
 
@@ -112,13 +126,16 @@ def run() -> dict:
     base = from_encoder(encoder, head[0] if isinstance(head, torch.nn.Sequential) else head).double()
     search_bal = bal(base, d["search"])
     tau = le.tau_from_accuracy(search_bal, DELTA)
+    unknown = [v for v in variants if v not in PARTS and v != "baselines"]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {['baselines', *PARTS]}")
     out = {"git": bt.git_state(), "settings": {"seed": SEED, "target": TARGET, "delta": DELTA, "tokens": TOKENS,
            "search": SEARCH, "finetune": FINETUNE, "sizes": {k: len(v[1]) for k, v in d.items()}},
            "before": {"t1_test": bal(base, d["t1_test"]), "t2_test": bal(base, d["t2_test"]), "search": search_bal,
                       "cert": bal(base, d["cert"])}, "tau": tau, "rows": []}
     log(f"before: T1 {out['before']['t1_test']:.3f}, T2 {out['before']['t2_test']:.3f}, τ {tau:.3f}")
-    for name, parts in {"plain fine-tune, head": ["head"], "plain fine-tune, feed-forward + head": PARTS[
-            "feed-forward + head"]}.items():
+    for name, parts in ({} if "baselines" not in variants else {"plain fine-tune, head": ["head"], "plain fine-tune, feed-forward + head": PARTS[
+            "feed-forward + head"]}).items():
         frozen = le.width_mask(base, parts)
 
         def adam(m, frozen=frozen):
@@ -129,7 +146,11 @@ def run() -> dict:
         out["rows"].append({"method": name, "t1": bal(model, d["t1_test"]), "t2": bal(model, d["t2_test"]),
                             "seconds": secs})
         log(f"{name}: T1 {out['rows'][-1]['t1']:.3f}, T2 {out['rows'][-1]['t2']:.3f}")
+    if "baselines" in variants:
+        save("baselines", out)
     for name, parts in PARTS.items():
+        if name not in variants:
+            continue
         model = copy.deepcopy(base)
         if parts is None:
             le.add_lora(model, ["ffn_in", "ffn_out"], rank=4, seed=SEED)
@@ -157,20 +178,23 @@ def run() -> dict:
                "width_sum": lid.members[k].width_sum(), "mean_half_width": lid.members[k].width_sum() / 2 / max(free, 1),
                "lid_seconds": lid_s, "seconds": secs, "t1": bal(tuned, d["t1_test"]), "t2": bal(tuned, d["t2_test"]),
                "t1_cert_split": actual}
-        out["rows"].append(row)
+        row["nonfinite_steps"] = lid.history[-1].get("nonfinite_steps", 0) if lid.history else 0
         log(f"{row['method']}: {free} free params, cert {cert:.3f} (τ {tau:.3f}), width {row['width_sum']:.3g}, "
             f"T1 {row['t1']:.3f}, T2 {row['t2']:.3f}, LID {lid_s:.0f} s")
-        (RESULTS / "minilm_block.json").write_text(json.dumps(out, indent=1))
-    return out
+        save(name, {**out, "rows": [row]})
 
 
-def report(out: dict) -> None:
+def report() -> None:
+    docs = [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
+    base = next(d for d in docs if any("certified" not in r for r in d["rows"]))
+    out = {**base, "rows": [r for d in docs for r in d["rows"]]}
+    commits = sorted({d["git"]["commit"][:10] + (" (dirty)" if d["git"]["dirty"] else "") for d in docs})
     st = out["settings"]
     lines = ["# LIDs inside the encoder: all-MiniLM-L6-v2's last block", "",
              "Generated by `python -m benchmarks.minilm_block` (the module docstring has the protocol). Seed "
              f"{st['seed']}, target {st['target']}, Δ = {st['delta']}, texts cut at {st['tokens']} tokens, float64 "
              f"arithmetic; sizes {st['sizes']}; search {st['search']}; fine-tune {st['finetune']}.", "",
-             f"Code at {out['git']['commit'][:10]}{' (dirty)' if out['git']['dirty'] else ''}.", *machine_header(), "",
+             f"Code at {', '.join(commits)} (per variant in `results/minilm_block/*.json`).", *machine_header(), "",
              f"Before fine-tuning: task-1 balanced accuracy {out['before']['t1_test']:.3f} (test), "
              f"{out['before']['search']:.3f} (search) → τ = {out['tau']:.3f}; task-2 {out['before']['t2_test']:.3f}.", "",
              "| method | parameters with width | certified T1 [τ] | width sum | T1 | T2 | T2 gain over head-only LID | LID search |",
@@ -188,5 +212,12 @@ def report(out: dict) -> None:
 
 
 if __name__ == "__main__":
-    report(run())
-    log(f"wrote {RESULTS / 'minilm_block.md'}")
+    import sys
+
+    if sys.argv[1:2] == ["run"]:
+        run(sys.argv[2:] or ["baselines", *PARTS])
+    elif sys.argv[1:2] == ["report"]:
+        report()
+        log(f"wrote {RESULTS / 'minilm_block.md'}")
+    else:
+        raise SystemExit(__doc__)

@@ -319,6 +319,10 @@ def compute_lid(
         for n, m in frozen.items():  # frozen coordinates never receive a gradient
             lower[n].register_hook(lambda g, m=m: g.masked_fill(m, 0.0))
             upper[n].register_hook(lambda g, m=m: g.masked_fill(m, 0.0))
+    for t in list(lower.values()) + list(upper.values()):
+        # a bound whose derivative overflows somewhere (a saturated softmax, a LayerNorm at zero variance)
+        # gives no direction there: no step, rather than NaN in Adam's moments for the rest of the search
+        t.register_hook(lambda g: torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0))
 
     names = list(search_tasks)
     cmp = _BoxCMP(names, cfg.penalty_init, dev, dtype)
@@ -342,6 +346,7 @@ def compute_lid(
     multiplier = 1.0
     targets_t = torch.tensor([targets[t] for t in names], dtype=dtype, device=dev)
     feasible = _copy_bounds(lower, upper)  # the last box that met every target on its minibatch
+    nonfinite_steps = 0
     bar = _progress(cfg.iterations, progress)
     for it in range(1, cfg.iterations + 1):
         box = Box(lower, upper, check=False)
@@ -375,6 +380,14 @@ def compute_lid(
             group["lr"] = cfg.dual_lr / multiplier
 
         _project_box_(lower, upper, theta, cfg.max_width, frozen, outer)
+        if not all(bool(torch.isfinite(lower[n]).all() and torch.isfinite(upper[n]).all()) for n in lower):
+            # a bound's derivative overflowed somewhere in the model: undo the step (back to the last box
+            # that met every target) rather than carry NaN into the domain
+            with torch.no_grad():
+                for n in lower:
+                    lower[n].copy_(feasible[0][n])
+                    upper[n].copy_(feasible[1][n])
+            nonfinite_steps += 1
         worst = float(hard_violation.max())
         restored = False
         if cfg.restore:
@@ -394,6 +407,7 @@ def compute_lid(
             "lambda": cmp.constraint.multiplier.weight.detach().cpu().tolist(),
             "penalty": coeff.value.detach().cpu().tolist(),
             "restored": restored,
+            "nonfinite_steps": nonfinite_steps,
         }
         cfg.history.append(record)
         _advance(bar, record)

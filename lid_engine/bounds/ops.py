@@ -404,7 +404,9 @@ def _lse_others(v: Tensor, dim: int) -> Tensor:
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(v - m_safe)
     total = e.sum(-1, keepdim=True)
-    others = torch.log((total - e).clamp(min=0)) + m_safe
+    # ≥ 1 except at the arg-max, which is replaced below; the floor keeps log and its gradient finite
+    # there (a log(0) under the replaced entry would turn the search's gradient into NaN)
+    others = torch.log((total - e).clamp(min=torch.finfo(v.dtype).tiny)) + m_safe
     top = v.argmax(-1, keepdim=True)
     rest = v.scatter(-1, top, -torch.inf)
     without_top = torch.logsumexp(rest, -1, keepdim=True)
@@ -524,7 +526,8 @@ def _normalize(ctx: BoundContext, x, p: float = 2.0, dim: int = 1, eps: float = 
     sq_lo = torch.where(x.lo > 0, dn(x.lo * x.lo), torch.where(x.hi < 0, dn(x.hi * x.hi), torch.zeros_like(x.lo)))
     sq_hi = up(torch.maximum(x.lo * x.lo, x.hi * x.hi))
     total = _reduce(ctx, Bounds(sq_lo, sq_hi, nonneg=True), dim, True, mean=False)
-    d_lo = torch.clamp(dn(torch.sqrt(total.lo.clamp(min=0))), min=eps)
+    # max(√t, eps) = √max(t, eps²): the floor keeps the square root's gradient finite at t = 0
+    d_lo = torch.clamp(dn(torch.sqrt(total.lo.clamp(min=eps * eps))), min=eps)
     d_hi = torch.clamp(up(torch.sqrt(total.hi)), min=eps)
     q = torch.stack([x.lo / d_lo, x.lo / d_hi, x.hi / d_lo, x.hi / d_hi])
     lo, hi = dn(q.min(0).values), up(q.max(0).values)
