@@ -458,3 +458,43 @@ def test_lid_search_certificate_projection_and_verify_on_a_residual_model(tmp_pa
     lid.save(tmp_path / "lid")
     report = le.verify(tmp_path / "lid", model, x[300:], y[300:])
     assert report.ok, report
+
+
+class Passthrough(nn.Module):
+    """Identity in the forward pass; its registered bound is exact but has an infinite derivative."""
+
+    def forward(self, x):
+        return x
+
+
+def _passthrough_bound(ctx, path, m, x):
+    width = x.hi - x.lo
+    kink = torch.sqrt(width - width.detach())  # value 0, derivative +inf: NaN/inf in the search's gradient
+    return registry.Bounds(x.lo - kink, x.hi + kink)
+
+
+@pytest.fixture
+def passthrough_registered():
+    registry.register_module(Passthrough, _passthrough_bound)
+    yield
+    registry.MODULES.pop(Passthrough, None)
+
+
+def test_a_bound_with_a_non_finite_gradient_does_not_break_the_search(passthrough_registered):
+    torch.manual_seed(0)
+    x = torch.randn(300, 4)
+    y = (x[:, 0] > 0).long()
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), Passthrough(), nn.Linear(8, 2))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(100):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    tau = le.accuracy(model, x[:200], y[:200]) - 0.1
+    lid = le.compute_lid(model, x[:200], y[:200], tau=tau, cert_x=x[200:], cert_y=y[200:], iterations=30,
+                         checkpoints=2, progress=False)
+    for member in lid.members:
+        assert all(bool(torch.isfinite(member.lower[n]).all() and torch.isfinite(member.upper[n]).all())
+                   for n in member.names)
+    assert lid.certificate(0).certified_accuracy >= tau
