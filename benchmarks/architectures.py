@@ -1,4 +1,7 @@
-"""Certifying models that are not chains: ``python -m benchmarks.architectures``.
+"""Certifying models that are not chains.
+
+    python -m benchmarks.architectures run       # trains, searches, times → results/architectures.{json,md}
+    python -m benchmarks.architectures report    # results/architectures.md from the JSON
 
 Per dataset (MNIST; the generated shapes of ``examples/resnet/data.py``) the paper's plain CNN
 (``examples.mnist.model.cnn``, an ``nn.Sequential`` on the chain engine) and a residual CNN
@@ -49,7 +52,7 @@ def models() -> dict:
 
 def run() -> dict:
     torch.set_num_threads(1)
-    out = {"git": git_state(), "delta": DELTA, "search": SEARCH, "rows": []}
+    out = {"git": git_state(), "delta": DELTA, "search": SEARCH, "machine": machine_header(), "rows": []}
     for ds in DATASETS:
         data = load(ds)
         tau = None
@@ -103,7 +106,10 @@ def report(out: dict) -> None:
              f"{N_SEARCH} search and {N_CERT} held-out certification examples); the member shown is the widest whose "
              "certificate reaches τ. Bound pass ÷ forward: one float32 pass over a batch of "
              f"{BATCH} inputs, medians of interleaved rounds on one thread.", "",
-             f"Code at {out['git']['commit'][:10]}{' (dirty)' if out['git']['dirty'] else ''}.", *machine_header(), "",
+             f"Code at {out['git']['commit'][:10]}{' (dirty)' if out['git']['dirty'] else ''}"
+             f"{': ' + out['git']['note'] if out['git'].get('note') else ''}.", *out.get("machine", machine_header()), "",
+             "Timings are medians of interleaved rounds; when the load average above exceeds the CPUs visible, other "
+             "work shared the machine and absolute times are inflated — compare the ratios within a row.", "",
              "| data | model | params | accuracy | τ | certified [lower bound] | width sum | mean half-width | "
              "LID search | search pass ÷ forward | certify pass ÷ forward |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -118,14 +124,17 @@ def report(out: dict) -> None:
               "residual CNN with BatchNorm loses its certificate at widths the plain CNN tolerates; without BatchNorm the "
               "same residual network keeps a wide LID. A LID over a BatchNorm network is best taken over the layers after "
               "the last normalisation (`le.width_mask`).", "",
-              "Not measured yet (issue 22): all-MiniLM-L6-v2's last encoder block (feed-forward, attention, LoRA "
-              "adapters) on the text scenario — the engine now bounds the operations such a block uses (LayerNorm, GELU, "
-              "softmax attention as products of two interval matrices, embeddings at fixed ids; "
-              "`tests/lid_engine/test_graph.py`), but tracing the transformers implementation and caching the frozen "
-              "prefix are still to do.", ""]
+              "Transformer blocks (LayerNorm, GELU, attention, LoRA) on the text scenario: `minilm_block.md`.", ""]
     (RESULTS / "architectures.md").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":
-    report(run())
+    import sys
+
+    if sys.argv[1:2] == ["run"]:
+        report(run())
+    elif sys.argv[1:2] == ["report"]:
+        report(json.loads((RESULTS / "architectures.json").read_text()))
+    else:
+        raise SystemExit(__doc__)
     log(f"wrote {RESULTS / 'architectures.md'}")
