@@ -40,9 +40,7 @@ def trace_supported(model: nn.Module) -> ModelGraph:
 def _handler(graph: ModelGraph, op: Op):
     if op.kind == "module":
         return MODULES.get(type(graph.modules[op.target]))
-    if op.kind == "method":
-        return FUNCTIONS.get(op.target)
-    return FUNCTIONS.get(op.target)
+    return FUNCTIONS.get(op.target)  # functions by identity, tensor methods by name
 
 
 def propagate_graph(model: nn.Module, graph: ModelGraph, box: Box, x: Tensor, *, certify: bool,

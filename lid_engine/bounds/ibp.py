@@ -210,12 +210,6 @@ def _conv2d(ctx: _Ctx, path: str, m: nn.Conv2d, x: Interval) -> Interval:
 
 
 # --------------------------------------------------------------------------------------- elementwise
-def _interval_mul(al: Tensor, ah: Tensor, bl: Tensor, bh: Tensor) -> tuple[Tensor, Tensor]:
-    """Exact interval product (min/max of the four corner products)."""
-    p = torch.stack(torch.broadcast_tensors(al * bl, al * bh, ah * bl, ah * bh))
-    return p.min(dim=0).values, p.max(dim=0).values
-
-
 def _batchnorm(ctx: _Ctx, path: str, m: nn.modules.batchnorm._BatchNorm, x: Interval) -> Interval:
     if m.training:
         raise UnsupportedLayerError(
@@ -240,7 +234,7 @@ def _batchnorm(ctx: _Ctx, path: str, m: nn.modules.batchnorm._BatchNorm, x: Inte
         gl = gu = torch.ones_like(mean)
         bl = bu = torch.zeros_like(mean)
     if not ctx.certify:
-        yl, yh = _interval_mul((xl - mean) * inv_std, (xh - mean) * inv_std, gl, gu)
+        yl, yh = registry.interval_mul((xl - mean) * inv_std, (xh - mean) * inv_std, gl, gu)
         return _stacked(yl + bl, yh + bu)
     # Certification: interval arithmetic rounded outward op by op. 1/sqrt gets a generous 16-ulp
     # enclosure so that any reasonable float implementation of the forward pass is covered.
@@ -250,7 +244,7 @@ def _batchnorm(ctx: _Ctx, path: str, m: nn.modules.batchnorm._BatchNorm, x: Inte
     al, ah = dn(xl - mean), up(xh - mean)
     zl = dn(torch.minimum(al * s_lo, al * s_hi))
     zh = up(torch.maximum(ah * s_lo, ah * s_hi))
-    yl, yh = _interval_mul(zl, zh, gl, gu)
+    yl, yh = registry.interval_mul(zl, zh, gl, gu)
     yl, yh = dn(dn(yl) + bl), up(up(yh) + bu)
     # A float forward may associate differently ((x·γs) + (β − μγs)); cover that deviation too.
     mag = (torch.maximum(xl.abs(), xh.abs()) + mean.abs()) * s_hi * torch.maximum(gl.abs(), gu.abs())

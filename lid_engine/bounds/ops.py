@@ -317,6 +317,12 @@ def _silu(ctx: BoundContext, x, inplace: bool = False) -> Bounds:
 
 
 # ------------------------------------------------------------------------ layer normalisation
+def _square(lo: Tensor, hi: Tensor, dn, up) -> tuple[Tensor, Tensor]:
+    """Bounds of t² for t ∈ [lo, hi] (0 below when the interval holds 0); ``dn``/``up`` round them."""
+    sq_lo = torch.where(lo > 0, dn(lo * lo), torch.where(hi < 0, dn(hi * hi), torch.zeros_like(lo)))
+    return sq_lo, up(torch.maximum(lo * lo, hi * hi))
+
+
 def layer_norm_bounds(ctx: BoundContext, x: Bounds, shape: Sequence[int], weight: tuple[Tensor, Tensor] | None,
                       bias: tuple[Tensor, Tensor] | None, eps: float) -> Bounds:
     """LayerNorm over the last ``len(shape)`` dims: y = (x − μ)/√(σ² + ε)·γ + β.
@@ -335,8 +341,7 @@ def layer_norm_bounds(ctx: BoundContext, x: Bounds, shape: Sequence[int], weight
     dn, up = (rounding.round_down, rounding.round_up) if cert else (lambda t: t, lambda t: t)
     mu = _reduce(ctx, x, dims, True, mean=True)
     d_lo, d_hi = dn(x.lo - mu.hi), up(x.hi - mu.lo)
-    sq_lo = torch.where(d_lo > 0, dn(d_lo * d_lo), torch.where(d_hi < 0, dn(d_hi * d_hi), torch.zeros_like(d_lo)))
-    sq_hi = up(torch.maximum(d_lo * d_lo, d_hi * d_hi))
+    sq_lo, sq_hi = _square(d_lo, d_hi, dn, up)
     var = _reduce(ctx, Bounds(sq_lo, sq_hi, nonneg=True), dims, True, mean=True)
     var_lo = var.lo.clamp(min=0)  # σ² ≥ 0: a sound tightening of a rounded-down mean of non-negatives
     s_lo = dn(1 / up(torch.sqrt(up(var.hi + eps))))
@@ -523,8 +528,7 @@ def _normalize(ctx: BoundContext, x, p: float = 2.0, dim: int = 1, eps: float = 
         raise OpError(f"F.normalize(p={p}) is not supported; only p=2")
     x = as_bounds(ctx, x)
     dn, up = (rounding.round_down, rounding.round_up) if ctx.certify else (lambda t: t, lambda t: t)
-    sq_lo = torch.where(x.lo > 0, dn(x.lo * x.lo), torch.where(x.hi < 0, dn(x.hi * x.hi), torch.zeros_like(x.lo)))
-    sq_hi = up(torch.maximum(x.lo * x.lo, x.hi * x.hi))
+    sq_lo, sq_hi = _square(x.lo, x.hi, dn, up)
     total = _reduce(ctx, Bounds(sq_lo, sq_hi, nonneg=True), dim, True, mean=False)
     # max(√t, eps) = √max(t, eps²): the floor keeps the square root's gradient finite at t = 0
     d_lo = torch.clamp(dn(torch.sqrt(total.lo.clamp(min=eps * eps))), min=eps)

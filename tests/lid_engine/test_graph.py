@@ -421,17 +421,21 @@ def test_a_registered_custom_layer_is_kept_whole_and_checked_by_the_soundness_he
 
 
 # ------------------------------------------------------------------------------------ the public API
-def test_lid_search_certificate_projection_and_verify_on_a_residual_model(tmp_path):
-    torch.manual_seed(0)
-    model = ResidualMLP(d=6, classes=2)
-    x = torch.randn(400, 6)
-    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+def fitted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> nn.Module:
+    """``model`` trained full-batch with Adam for ``steps`` steps, in eval mode."""
     opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(150):
+    for _ in range(steps):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
-    model.eval()
+    return model.eval()
+
+
+def test_lid_search_certificate_projection_and_verify_on_a_residual_model(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(400, 6)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    model = fitted(ResidualMLP(d=6, classes=2), x, y, steps=150)
     acc = le.accuracy(model, x, y)
     assert acc > 0.9
     tau = acc - 0.1
@@ -484,13 +488,7 @@ def test_a_bound_with_a_non_finite_gradient_does_not_break_the_search(passthroug
     torch.manual_seed(0)
     x = torch.randn(300, 4)
     y = (x[:, 0] > 0).long()
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), Passthrough(), nn.Linear(8, 2))
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(100):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    model.eval()
+    model = fitted(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), Passthrough(), nn.Linear(8, 2)), x, y, steps=100)
     tau = le.accuracy(model, x[:200], y[:200]) - 0.1
     lid = le.compute_lid(model, x[:200], y[:200], tau=tau, cert_x=x[200:], cert_y=y[200:], iterations=30,
                          checkpoints=2, progress=False)
