@@ -13,6 +13,7 @@ from torch import nn
 import lid_engine as le
 from lid_engine.errors import InvalidInputError
 from lid_engine.testing import check_soundness
+from tests.helpers.models import fitted
 
 
 def mlp() -> nn.Sequential:
@@ -24,15 +25,6 @@ def data(n=600, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 6, generator=g)
     return x, (x[:, 0] - x[:, 1] > 0).long() + (x[:, 2] > 1).long()
-
-
-def trained(model, x, y, steps=200):
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model.eval()
 
 
 def masked_box(model, mask, radius):
@@ -84,7 +76,7 @@ def test_width_mask_covers_modules_and_single_parameters():
 
 def test_lid_over_adapters_trains_only_adapters_and_verifies(tmp_path):
     x, y = data(900)
-    model = trained(mlp(), x[:600], y[:600])
+    model = fitted(mlp(), x[:600], y[:600], steps=200)
     le.add_lora(model, ["2", "4"], rank=2)
     tau = le.accuracy(model, x[600:750], y[600:750]) - 0.08
     lid = le.compute_lid(model, x[600:750], y[600:750], tau=tau, cert_x=x[750:], cert_y=y[750:],

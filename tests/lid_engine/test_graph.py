@@ -24,6 +24,7 @@ from lid_engine.bounds.ops import GELU_ARGMIN, GELU_MIN, SILU_ARGMIN, SILU_MIN
 from lid_engine.errors import UnsupportedLayerError
 from lid_engine.model_graph import ModelGraph
 from lid_engine.testing import check_soundness
+from tests.helpers.models import fitted
 
 DTYPES = (torch.float32, torch.float64)
 POINTS = 10_000
@@ -421,16 +422,6 @@ def test_a_registered_custom_layer_is_kept_whole_and_checked_by_the_soundness_he
 
 
 # ------------------------------------------------------------------------------------ the public API
-def fitted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> nn.Module:
-    """``model`` trained full-batch with Adam for ``steps`` steps, in eval mode."""
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model.eval()
-
-
 def test_lid_search_certificate_projection_and_verify_on_a_residual_model(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(400, 6)
