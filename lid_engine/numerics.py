@@ -18,11 +18,14 @@ itself (which can only be under-estimated by a factor (1 − u)(1 − γ_n)), an
 a float forward pass of any parameter vector in the box (so sampled float forwards are enclosed
 too). Every final subtraction/addition is then rounded outward by one ulp with ``nextafter``.
 
-The bound requires a plain dot-product kernel (BLAS gemm, im2col convolution): no Winograd/FFT
-convolutions, no TF32 or bf16 reduced precision. ``certification_backend()`` switches off TF32,
-oneDNN, cuDNN and NNPACK, which leaves torch's im2col + gemm convolution (slow_conv2d) and BLAS
-matmuls. NNPACK (torch's CPU fallback when oneDNN is off) was measured at 1.9e-4·Σ|x||w| on the
-stacked MNIST CNN pass — 4× beyond the bound — hence the explicit switch.
+The bound requires a plain dot-product kernel (BLAS gemm, im2col or direct convolution): no
+Winograd/FFT convolutions, no TF32 or bf16 reduced precision. ``certification_backend()`` switches
+off TF32, bf16 math, oneDNN's automatic dispatch, cuDNN and NNPACK, which leaves torch's im2col +
+gemm convolution (slow_conv2d) and BLAS matmuls. NNPACK (torch's CPU fallback when oneDNN is off)
+was measured at 1.9e-4·Σ|x||w| on the stacked MNIST CNN pass — 4× beyond the bound — hence the
+explicit switch. Float32 convolutions on the CPU are instead called explicitly on oneDNN's *direct*
+convolution (``direct_conv2d``), 5–14× faster than im2col + gemm on the bound pass's few-channel
+shapes and still a plain dot product per output.
 What is covered: the real-number model and any float evaluation whose matmuls/convolutions are
 plain dot products (any summation order, FMA or not). Winograd/FFT convolution kernels at
 deployment time are not covered by the bound.
@@ -96,10 +99,74 @@ def round_up(t: Tensor) -> Tensor:
 
 
 def widen(lo: Tensor, hi: Tensor, mag: Tensor, n_terms: int) -> tuple[Tensor, Tensor]:
-    """Widen a computed interval by the a-priori rounding slack of an ``n_terms`` dot product."""
+    """Widen a computed interval by the a-priori rounding slack of an ``n_terms`` dot product:
+    ``[round_down(lo − slack), round_up(hi + slack)]`` with ``slack ≥ c·Mag + k·η``.
+
+    ``slack = max(next_up(s), C)`` with ``s = round_up(Mag·c)``, instead of ``round_up(s + k·η)``:
+    adding the subnormal ``k·η`` to every element runs ~15× slower than a normal add on x86 (a
+    microcode assist per element; 14.6 ms against 0.9 ms on a 2.7M-element tensor here). It is
+    still ≥ s + k·η: with ``t`` the power of two ≥ k·η / (2u) (a normal number), an ``s ≥ t`` has
+    ulp(s) ≥ 2u·t ≥ k·η, so ``next_up(s) = s + ulp(s) ≥ s + k·η``; an ``s < t`` gets
+    ``C = round_up(t + k·η) > s + k·η``. It is never wider than the old form where ``s ≥ t``
+    (``round_up(s + kη)`` is s + 1 or 2 ulps there), and at most ``C`` ≈ 2⁻¹¹⁹·k (float32) where
+    ``s < t``, i.e. where ``Mag`` is itself below ~1e-31. Buffers are reused in place: a full-size
+    temporary costs a pass of page faults on the CPU, about as much as the arithmetic.
+    """
+    slack = _slack(lo, mag, n_terms)
+    up, down = lo.new_full((), math.inf), lo.new_full((), -math.inf)
+    out_lo = torch.sub(lo, slack)
+    torch.nextafter(out_lo, down, out=out_lo)
+    out_hi = slack.add_(hi) if slack.shape == hi.shape else torch.add(hi, slack)  # slack is not needed any more
+    torch.nextafter(out_hi, up, out=out_hi)
+    return out_lo, out_hi
+
+
+def widen_stacked(lo: Tensor, hi: Tensor, mag: Tensor, n_terms: int) -> Tensor:
+    """``widen``'s result written straight into one tensor stacked along dim 1 (lower bounds, then
+    upper bounds: the bound engine's layout), saving the ``cat`` pass; the same numbers."""
+    if lo.dim() < 2 or lo.shape != hi.shape or mag.shape != lo.shape:
+        return torch.cat(widen(lo, hi, mag, n_terms), dim=1)
+    slack = _slack(lo, mag, n_terms)
+    ch = lo.shape[1]
+    out = lo.new_empty((lo.shape[0], 2 * ch, *lo.shape[2:]))
+    out_lo, out_hi = out[:, :ch], out[:, ch:]
+    torch.sub(lo, slack, out=out_lo)
+    torch.add(hi, slack, out=out_hi)
+    torch.nextafter(out_lo, out.new_full((), -math.inf), out=out_lo)
+    torch.nextafter(out_hi, out.new_full((), math.inf), out=out_hi)
+    return out
+
+
+def _slack(lo: Tensor, mag: Tensor, n_terms: int) -> Tensor:
     c, k = slack_coefficients(n_terms, lo.dtype)
-    slack = round_up(round_up(mag * c) + k * eta(lo.dtype))
-    return round_down(lo - slack), round_up(hi + slack)
+    up = lo.new_full((), math.inf)
+    slack = torch.mul(mag, c)
+    torch.nextafter(slack, up, out=slack)  # s = round_up(Mag·c)
+    torch.nextafter(slack, up, out=slack)  # next_up(s)
+    return torch.maximum(slack, _slack_floor(k, lo.dtype, lo.device), out=slack)
+
+
+def _slack_floor(k: float, dtype: torch.dtype, device) -> Tensor:
+    """``C = round_up(t + k·η)`` of ``widen``, with ``t = 2^ceil(log2(k·η / 2u))`` (a normal number)."""
+    u, e = unit_roundoff(dtype), eta(dtype)
+    t = 2.0 ** math.ceil(math.log2(k * e / (2 * u)))
+    return round_up(torch.tensor(t + k * e, dtype=dtype, device=device))
+
+
+def invalid_bounds(lo: Tensor, hi: Tensor | None = None) -> Tensor:
+    """0-dim bool tensor: ``[lo, hi]`` holds a NaN or an infinity somewhere, or has lo > hi (for a
+    point, ``hi=None``: ``lo`` holds a NaN or an infinity).
+
+    Four reductions (``hi − lo``, its minimum, ``lo``'s minimum, ``hi``'s maximum; min/max propagate
+    NaN) instead of ``isfinite`` (three passes over both bounds) + ``all`` + ``>`` + ``any``: the
+    minimum of ``hi − lo`` is negative or NaN iff lo > hi or a bound is NaN or both are the same
+    infinity; otherwise an infinity shows as ``lo = −inf`` or ``hi = +inf``."""
+    if lo.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=lo.device)
+    if hi is None:
+        mn, mx = torch.aminmax(lo)
+        return ~(torch.isfinite(mn) & torch.isfinite(mx))
+    return ~((hi - lo).amin() >= 0) | (lo.amin() == -math.inf) | (hi.amax() == math.inf)
 
 
 def midpoint_radius(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
@@ -119,20 +186,29 @@ def native_kernels(nnpack: bool = True) -> Iterator[None]:
 
     The native path is 2–4× faster than oneDNN for the few-channel convolutions of the stacked
     bound pass (measured on the paper's MNIST CNN). Its rounding is NOT bounded by the dot-product
-    model, which is fine for the search (it certifies nothing); certification uses im2col + gemm.
+    model, which is fine for the search (it certifies nothing); certification uses im2col + gemm or
+    oneDNN's direct convolution called explicitly (``direct_conv2d``).
+
+    Sets the three backend switches directly (``torch._C._set_*_enabled``, what
+    ``torch.backends.*.flags`` set) and only where they differ: the ``flags`` context managers cost
+    ~50 µs a call, a quarter of a small head's whole bound pass, and reset oneDNN's TF32/precision
+    settings as a side effect.
     """
-    with warnings.catch_warnings():
-        # torch warns about oneDNN TF32 on Intel GPUs whenever the mkldnn flags are touched.
-        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
-        mkldnn_off = torch.backends.mkldnn.flags(enabled=False)
-        mkldnn_off.__enter__()
+    C = torch._C
+    wanted = ((C._get_mkldnn_enabled, C._set_mkldnn_enabled, False),
+              (C._get_cudnn_enabled, C._set_cudnn_enabled, False),
+              (C._get_nnpack_enabled, C._set_nnpack_enabled, nnpack))
+    changed = []
     try:
-        with torch.backends.cudnn.flags(enabled=False), torch.backends.nnpack.flags(enabled=nnpack):
-            yield
+        for get, set_, value in wanted:
+            old = get()
+            if old != value:
+                set_(value)
+                changed.append((set_, old))
+        yield
     finally:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
-            mkldnn_off.__exit__(None, None, None)
+        for set_, old in reversed(changed):
+            set_(old)
 
 
 @contextlib.contextmanager
@@ -162,6 +238,10 @@ def certification_backend() -> Iterator[None]:
     old_tf32_matmul = torch.backends.cuda.matmul.allow_tf32
     old_tf32_cudnn = torch.backends.cudnn.allow_tf32
     old_flush = flushes_denormals()
+    conv_precision = getattr(torch.backends.mkldnn, "conv", None)
+    old_conv_precision = getattr(conv_precision, "fp32_precision", None)
+    if old_conv_precision not in (None, "ieee"):  # no bf16/TF32 inside oneDNN's direct convolution
+        conv_precision.fp32_precision = "ieee"
     torch.set_float32_matmul_precision("highest")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -174,8 +254,46 @@ def certification_backend() -> Iterator[None]:
         torch.set_float32_matmul_precision(old_precision)
         torch.backends.cuda.matmul.allow_tf32 = old_tf32_matmul
         torch.backends.cudnn.allow_tf32 = old_tf32_cudnn
+        if old_conv_precision not in (None, "ieee"):
+            conv_precision.fp32_precision = old_conv_precision
         if old_flush:
             torch.set_flush_denormal(True)
+
+
+def direct_conv_available(x: Tensor) -> bool:
+    """Whether ``direct_conv2d`` runs on ``x`` (float32 on a CPU with oneDNN)."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and torch.backends.mkldnn.is_available()
+
+
+def direct_conv2d(x: Tensor, w: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int) -> Tensor:
+    """A float32 CPU convolution whose rounding obeys the dot-product model: oneDNN's direct
+    convolution, called explicitly (``aten::mkldnn_convolution``), never Winograd/FFT.
+
+    Why the γ_K bound of this module holds for it:
+
+    * torch creates the oneDNN primitive with ``algorithm::convolution_direct`` (ideep's default in
+      ``aten/src/ATen/native/mkldnn/Conv.cpp``); ONEDNN_VERBOSE on this CPU reports
+      ``alg:convolution_direct`` with implementation ``jit:avx512_core`` for every shape of the bound
+      pass (``tests/lid_engine/test_numerics_kernels.py`` checks the verbose line). Winograd is a
+      separate algorithm (``convolution_winograd``) oneDNN never picks unless asked; FFT does not
+      exist in oneDNN.
+    * A direct convolution computes each output as ``bias + Σ x·w`` over the C_in/groups·k_h·k_w
+      terms with float32 FMAs, the reduction split over blocks and threads in some order:
+      Higham's bound holds for any summation order, FMA or not.
+    * No reduced precision: ``certification_backend()`` pins ``torch.backends.mkldnn.conv.fp32_precision``
+      to ``"ieee"`` (a ``"bf16"``/``"tf32"`` setting would let oneDNN round the operands) and the
+      matmul precision to ``"highest"``; the verbose line shows plain ``f32`` for src/wei/dst.
+    * Gradual underflow: oneDNN leaves the FPU's MXCSR as it is (subnormal products are kept, checked
+      in the same test); ``certification_backend()`` turns flush-to-zero off.
+
+    Measured error on the MNIST CNN's stacked pass: 4.6e-5 max absolute against a float64 reference,
+    well inside γ_K·Σ|x||w| (same test). 5–14× faster than the im2col + gemm kernel (slow_conv2d) on
+    the bound pass's few-channel convolutions (``benchmarks/results/bounds.md``).
+    """
+    pad = list(padding) if isinstance(padding, (tuple, list)) else [padding, padding]
+    st = list(stride) if isinstance(stride, (tuple, list)) else [stride, stride]
+    dil = list(dilation) if isinstance(dilation, (tuple, list)) else [dilation, dilation]
+    return torch.ops.aten.mkldnn_convolution(x.contiguous(), w.contiguous(), bias, pad, st, dil, groups)
 
 
 def flushes_denormals() -> bool:

@@ -72,6 +72,8 @@ def bound_logits(
                 ilo, ihi = ibp.propagate(model, domain.detach(), chunk, certify=False)
                 lo, hi = torch.maximum(lo, ilo), torch.minimum(hi, ihi)
             los.append(lo), his.append(hi)
+    if mode == "search":
+        _check_search_input(x, los + his, "bound_logits")
     return torch.cat(los), torch.cat(his)
 
 
@@ -121,6 +123,8 @@ def margin_bounds(
             else:
                 parts.append((*ibp.propagate(model, box, x[s], certify=mode == "certify", layers=layers, nonneg=nonneg),
                               None))
+    if mode == "search":
+        _check_search_input(x, [t for p in parts for t in p[:2]], where)  # IBP's: the linear one has -inf
     lo, hi = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     _check_label_range(y, lo.shape, where)
     lin = torch.cat([p[2] for p in parts]) if method == "linear" else None
@@ -184,7 +188,7 @@ def _prepare(model, domain, x, method: str, methods: tuple[str, ...], mode: str,
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise LidError(f"{where}: 'batch_size' must be a positive int or None, got {batch_size!r}")
     domain.check_matches(model, where)
-    x, nonneg = _check_input(x, dtype, where)
+    x, nonneg = _check_input(x, dtype, where, scan=mode == "certify")
     if _is_zonotope(domain):
         if mode != "certify":
             raise LidError(f"{where}: a Zonotope is bounded in mode='certify' only (the LID search optimises boxes)")
@@ -209,7 +213,18 @@ def _chunks(n: int, batch_size: int | None) -> list[slice]:
     return [slice(i, i + batch_size) for i in range(0, n, batch_size)]
 
 
-def _check_input(x: Tensor, dtype: torch.dtype | None, where: str = "bound_logits") -> tuple[Tensor, bool]:
+def _check_input(x: Tensor, dtype: torch.dtype | None, where: str = "bound_logits", *,
+                 scan: bool = True) -> tuple[Tensor, bool]:
+    """``x`` in the bound's dtype and whether ``x ≥ 0`` everywhere.
+
+    ``scan=True`` (certification) reads ``x`` once (``aminmax``): a NaN or inf anywhere is refused,
+    and the sign lets the first affine layer use the one-product form for a non-negative input.
+    ``scan=False`` (search) skips the finiteness scan — on a small head it costs as much as the
+    forward — and reads the whole of ``x`` for its sign only when its first example has no negative
+    entry: a mixed-sign input (embeddings, standardised features) is settled by one row and takes
+    the midpoint–radius product, which for a point input is the same exact set in real arithmetic.
+    A non-finite ``x`` is then found by ``_check_search_input`` from the bounds it produced.
+    """
     if not isinstance(x, Tensor):
         raise InvalidInputError(f"{where}: 'x' must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 2 or len(x) == 0:
@@ -221,11 +236,29 @@ def _check_input(x: Tensor, dtype: torch.dtype | None, where: str = "bound_logit
     if dtype not in rounding.SUPPORTED_DTYPES:
         raise InvalidInputError(f"{where}: 'dtype' must be torch.float32 or torch.float64, got {dtype}")
     x = x.to(dtype)
+    if not scan:  # one negative entry in the first example settles the sign without reading the rest
+        return x, not bool(x[:1].amin() < 0) and bool(x.amin() >= 0)
     lo, hi = torch.aminmax(x)  # one pass: a NaN or inf anywhere shows in the extremes
     if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
-        bad = int((~torch.isfinite(x)).flatten(1).any(1).nonzero()[0])
-        raise InvalidInputError(f"{where}: 'x' holds NaN or inf (first at example {bad})")
+        _raise_non_finite(x, where)
     return x, bool(lo >= 0)
+
+
+def _raise_non_finite(x: Tensor, where: str) -> None:
+    bad = int((~torch.isfinite(x)).flatten(1).any(1).nonzero()[0])
+    raise InvalidInputError(f"{where}: 'x' holds NaN or inf (first at example {bad})")
+
+
+def _check_search_input(x: Tensor, outputs: list[Tensor], where: str) -> None:
+    """Search mode: refuse a non-finite ``x`` once its bounds show it. A NaN or inf in ``x`` reaches
+    the bounds (products with it are NaN or inf), so ``x`` is scanned only when some bound is
+    non-finite — reading the small output instead of the whole input on every call. (A non-finite
+    entry that no output depends on leaves finite, correct bounds and is not reported.)"""
+    with torch.no_grad():
+        if bool(torch.isfinite(torch.stack([t.sum() for t in outputs]).sum())):
+            return  # a finite sum: every entry is finite
+        if not bool(torch.isfinite(x).all()):  # else the bounds overflowed, which search mode reports as inf
+            _raise_non_finite(x, where)
 
 
 def _cast_keep_grad(domain: Box, x: Tensor) -> Box:

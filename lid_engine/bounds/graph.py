@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..domains import Box
 from ..errors import UnsoundBoundError, UnsupportedLayerError
 from ..model_graph import ModelGraph, Op, map_refs, target_name, trace
+from .. import numerics as rounding
 from . import ops  # noqa: F401 — registers the built-in op handlers
 from .registry import FUNCTIONS, MODULES, BoundContext, Bounds, supported
 
@@ -138,7 +139,7 @@ def _rearranges(graph: ModelGraph, op: Op) -> bool:
 
 
 def _invalid(b: Bounds) -> Tensor:
-    return ~torch.isfinite(b.lo).all() | ~torch.isfinite(b.hi).all() | (b.lo > b.hi).any()
+    return rounding.invalid_bounds(b.lo, b.hi)
 
 
 __all__ = ["propagate_graph", "trace_supported", "target_name"]
