@@ -163,7 +163,7 @@ def _preflight(config: LidgateConfig, model, data: DataSplits, first: bool = Fal
     load_public_keys(config.signing.public_keys)
     layers = ibp.check_supported(model)
     if config.search.bound == "linear":
-        linear.check_supported(layers)
+        linear.walk(model, layers)  # a chain the chain walk cannot relax is traced: tracing errors surface now
     try:
         spec_constraints(config.spec, data)
     except ConstraintError as exc:

@@ -4,7 +4,8 @@ A ``Certificate`` records a *deterministic* claim and a *statistical* one:
 
 * **On the certification set** (deterministic): ``certified`` of the ``n`` examples are classified
   correctly by *every* parameter vector in the domain (sound IBP or linear margin bounds, as
-  ``bound_method`` says; floating-point rounding included). So every θ' in the domain has accuracy ≥ ``certified_accuracy`` on that set
+  ``bound_method`` says — a traced graph's linear bound lists the ops it crossed with IBP intervals
+  in ``linear_fallbacks``; floating-point rounding included). So every θ' in the domain has accuracy ≥ ``certified_accuracy`` on that set
   (balanced accuracy for ``kind == "balanced_accuracy"``).
 * **On the population** (finite-sample, one-sided Clopper–Pearson): if the ``n`` certification
   examples are i.i.d. draws from the deployment distribution and were not used to choose the
@@ -53,7 +54,10 @@ from datetime import datetime
 import torch
 from torch import Tensor, nn
 
-from .bounds import MARGIN_METHODS
+from .bounds import MARGIN_METHODS, ibp, linear
+from .bounds.linear_graph import graph_linear_margins
+from . import numerics as rounding
+from .model_graph import ModelGraph
 from .domains import Box
 from .zonotope import Zonotope
 from .errors import CertificateError, InvalidInputError
@@ -70,6 +74,8 @@ BUFFER_PREFIX = "buffer:"
 CP_SAFETY = 1e-12
 
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+# fields added after certificates of this format were first written: absent in those, defaulted
+OPTIONAL_FIELDS = frozenset({"linear_fallbacks"})
 
 
 # ----------------------------------------------------------------------------------- fingerprints
@@ -267,6 +273,9 @@ class Certificate:
     created_at: str = field(default_factory=utc_now)
     member: int = 0
     format: str = CERTIFICATE_FORMAT
+    # bound_method "linear" on a traced graph: the ops the linear bound crossed with their IBP interval
+    # (no linear relaxation known for them; lid_engine.bounds.linear_graph), by node name
+    linear_fallbacks: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("tau", "certified_accuracy", "confidence", "lower_bound"):
@@ -304,6 +313,12 @@ class Certificate:
                 f"with 'dtype' ({self.dtype!r}), got {ev!r}"
             )
         object.__setattr__(self, "evaluation_dtypes", list(ev))
+        fb = self.linear_fallbacks
+        if not isinstance(fb, list) or not all(isinstance(o, str) and o for o in fb):
+            raise CertificateError(f"Certificate: 'linear_fallbacks' must be a list of op names, got {fb!r}")
+        if fb and self.bound_method != "linear":
+            raise CertificateError("Certificate: 'linear_fallbacks' is only meaningful with bound_method 'linear'")
+        object.__setattr__(self, "linear_fallbacks", list(fb))
         for name in ("model_sha256", "architecture_sha256", "domain_sha256", "data_sha256"):
             if not _SHA_RE.match(getattr(self, name)):
                 raise CertificateError(f"Certificate: '{name}' must be 64 lowercase hex digits, got {getattr(self, name)!r}")
@@ -372,7 +387,8 @@ class Certificate:
         return (
             f"Every parameter vector in domain {self.member} has {metric} ≥ {self.certified_accuracy:.4f} on the "
             f"{self.n} certification examples of task '{self.task}' ({self.certified} certified; sound "
-            f"{BOUND_NAMES[self.bound_method]}, "
+            f"{BOUND_NAMES[self.bound_method]}"
+            f"{'; IBP intervals at ' + ', '.join(self.linear_fallbacks) if self.linear_fallbacks else ''}, "
             f"covering exact arithmetic and IEEE evaluation in {' and '.join(self.evaluation_dtypes)} with dot-product "
             f"kernels and gradual underflow). If those examples are i.i.d. from the deployment distribution and unseen by the "
             f"search, then with probability ≥ {self.confidence:g} every such parameter vector has population "
@@ -389,11 +405,11 @@ class Certificate:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Certificate:
-        """Strict: every field present, no unknown field, every type checked."""
+        """Strict: every field present (but ``OPTIONAL_FIELDS``, added later), no unknown field, every type checked."""
         if not isinstance(d, Mapping):
             raise CertificateError(f"Certificate.from_dict: expected a JSON object, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        missing, unknown = sorted(names - set(d)), sorted(set(d) - names)
+        missing, unknown = sorted(names - set(d) - OPTIONAL_FIELDS), sorted(set(d) - names)
         if missing or unknown:
             raise CertificateError(f"Certificate.from_dict: missing fields {missing}, unknown fields {unknown}")
         return cls(**dict(d))
@@ -512,10 +528,28 @@ def certify_box(
         domain_sha256=fingerprint_tensors(box.tensors()),
         data_sha256=fingerprint_data(x, y),
         bound_method=method,
+        linear_fallbacks=linear_fallbacks(model, box, x, y) if method == "linear" else [],
         dtype=dtype_name,
         evaluation_dtypes=evaluated,
         member=int(member),
     )
+
+
+def linear_fallbacks(model: nn.Module, domain: Box | Zonotope, x: Tensor, y: Tensor) -> list[str]:
+    """The ops the linear bound crossed with their IBP interval when bounding ``model`` over ``domain``
+    (empty for a chain): the walk's record on a few of the examples — its path does not depend on their
+    values, only on the model, the domain's widths and the shapes."""
+    layers = linear.walk(model, ibp.check_supported(model))
+    if not isinstance(layers, ModelGraph):
+        return []
+    box = domain.bounding_box() if isinstance(domain, Zonotope) else domain
+    xs, ys = x[:8], y[:8]
+    found: list[str] = []
+    with torch.no_grad(), rounding.certification_backend():
+        box = box.to(xs.device, torch.float64)
+        graph_linear_margins(model, layers, box, xs.to(torch.float64), ys.to(xs.device, torch.long), certify=True,
+                             fallbacks=found)
+    return found
 
 
 __all__ = [
@@ -532,6 +566,7 @@ __all__ = [
     "fingerprint_model",
     "fingerprint_tensors",
     "hard_metric",
+    "linear_fallbacks",
     "model_state",
     "population_lower_bound",
 ]

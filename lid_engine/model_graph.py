@@ -68,6 +68,7 @@ class ModelGraph:
 
     ops: list[Op]
     modules: dict[str, nn.Module]  # path -> module, for the ops of kind "module"
+    fx_graph: fx.Graph | None = field(default=None, repr=False)  # the traced graph, node i = ops[i]
 
     @property
     def output(self) -> Op:
@@ -145,7 +146,7 @@ def trace(model: nn.Module, leaf_types: Iterable[type] = ()) -> ModelGraph:
         raise UnsupportedLayerError(f"model {type(model).__name__}: forward() takes no input")
     used = {p: modules[p] for p in {o.target for o in ops if o.kind == "module"}}
     _check_modules(model, used, ops)
-    return ModelGraph(ops, used)
+    return ModelGraph(ops, used, graph)
 
 
 def _refs(value: Any, index: dict[fx.Node, int]) -> Any:

@@ -52,6 +52,7 @@ from .bounds import linear
 from .bounds.ibp import check_supported
 from .domains import Box
 from .errors import InvalidDomainError, InvalidInputError, LidError
+from .prefix import split_frozen
 from .spec import Spec, certified_accuracy, check_labels
 
 TaskData = tuple[Tensor, Tensor]
@@ -123,6 +124,10 @@ class SearchConfig:
     # With method="linear": bound only the k classes IBP finds most dangerous per example during the
     # search (certificates always bound every class). None = all.
     competitors: int | None = None
+    # With a mask that fixes a leading part of the model (a partial domain over the last block and the head,
+    # say), run that part once per search example instead of on every pass (lid_engine/prefix.py). The
+    # certificates always bound the whole model.
+    prefix_cache: bool = True
     history: list[dict] = field(default_factory=list, repr=False)
 
     @classmethod
@@ -282,7 +287,7 @@ def compute_lid(
         raise InvalidInputError(f"compute_lid: 'keep' must be 'meeting_tau' or 'all', got {keep!r}")
     layers = check_supported(model)
     if cfg.method == "linear":
-        linear.check_supported(layers)
+        layers = linear.walk(model, layers)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InvalidInputError("compute_lid: device='cuda' requested but CUDA is not available")
@@ -300,12 +305,23 @@ def compute_lid(
             raise InvalidInputError(f"compute_lid: '{n}' has coordinates that are both frozen (mask) and free")
     outer = _check_within(within, theta, dev)
 
+    full_model, full_theta, cut = model, theta, (split_frozen(model, layers, frozen) if cfg.prefix_cache and frozen else None)
+    if cut is not None:  # the search runs on the suffix over the prefix's outputs, computed once
+        model, layers = cut.suffix, check_supported(cut.suffix)
+        if cfg.method == "linear":
+            layers = linear.walk(model, layers)
+        search_tasks = {t: (cut.features(xs), ys) for t, (xs, ys) in search_tasks.items()}
+        theta, frozen, start_free = ({s: d[n] for s, n in cut.names.items() if n in d} for d in (theta, frozen, start_free))
+        if outer is not None:
+            outer = Box({s: outer.lower[n] for s, n in cut.names.items()},
+                        {s: outer.upper[n] for s, n in cut.names.items()}, check=False)
+
     nominal = _nominal(model, search_tasks, specs)
     if keep == "meeting_tau":  # no domain certifies more than the model at its centre gets right
         _check_reachable(nominal, specs, "search data")
-        _check_reachable(_nominal(model, cert_tasks, specs), specs, "held-out certification data")
+        _check_reachable(_nominal(full_model, cert_tasks, specs), specs, "held-out certification data")
     targets = {t: search_target(specs[t].tau, nominal[t].metric, cfg.tau_margin) for t in specs}
-    steps, logit_scale = _step_sizes(model, search_tasks, theta, nominal, layers, cfg, p_total)
+    steps, logit_scale = _step_sizes(model, search_tasks, theta, nominal, layers, cfg, p_total, frozen)
 
     lower = {n: t.clone() for n, t in theta.items()}
     upper = {n: t.clone() for n, t in theta.items()}
@@ -426,11 +442,24 @@ def compute_lid(
         snapshots = [(it, b) for (it, _), (b, _) in zip(snapshots, finalized)]
         scales = [s for _, s in finalized]
     extra = {"search_targets": targets, "logit_scale": logit_scale, "finalize_scales": scales,
-             "nominal_search_metric": {t: nominal[t].metric for t in specs}}
+             "nominal_search_metric": {t: nominal[t].metric for t in specs},
+             "prefix_cache": None if cut is None else cut.record()}
+    if cut is not None:  # back to the whole model: the prefix's parameters at zero width
+        model = full_model
+        snapshots = [(it, _whole(b, full_theta, cut.names)) for it, b in snapshots]
     return _certify_snapshots(model, snapshots, cert_tasks, specs, confidence, cfg, keep, LID, extra, progress)
 
 
 # ------------------------------------------------------------------------------------- helpers
+def _whole(box: Box, theta: Mapping[str, Tensor], names: Mapping[str, str]) -> Box:
+    """A box over the suffix's parameters as a box over the whole model: everything else at θ."""
+    lower = {n: t.clone() for n, t in theta.items()}
+    upper = {n: t.clone() for n, t in theta.items()}
+    for s, n in names.items():
+        lower[n], upper[n] = box.lower[s], box.upper[s]
+    return Box(lower, upper, check=True)
+
+
 def _spec_kinds(spec_kind, taus: Mapping[str, float]) -> dict[str, str]:
     """The metric of each task: one name for all, or a mapping naming exactly the tasks."""
     if isinstance(spec_kind, str):
@@ -565,13 +594,13 @@ def _check_reachable(nominal: Mapping[str, _Nominal], specs: Mapping[str, Spec],
 
 
 def _step_sizes(model, tasks: Mapping[str, TaskData], theta: Mapping[str, Tensor], nominal: Mapping[str, _Nominal],
-                layers, cfg: SearchConfig, p_total: int) -> tuple[dict[str, float], float]:
+                layers, cfg: SearchConfig, p_total: int, frozen: Mapping[str, Tensor]) -> tuple[dict[str, float], float]:
     """Per parameter tensor, Adam's base learning rate on its bounds, and the logit scale of the surrogate.
 
     ``scaling="absolute"``: the paper's ``primal_lr / p`` for every tensor and raw logits. ``"sensitivity"``:
-    G_T = ∂(mean logit radius)/∂r summed over tensor T's coordinates at zero width (first order: the
+    G_T = ∂(mean logit radius)/∂r summed over tensor T's coordinates at (nearly) zero width (first order: the
     radius every logit gets when each coordinate of T has radius 1), M = the smallest typical margin over
-    the tasks, K = the tensors that move the bounds at all. A radius of σ_T = M / (K·G_T) on all of T uses
+    the tasks, K = the tensors that move the bounds at all (a tensor the mask fixes entirely does not). A radius of σ_T = M / (K·G_T) on all of T uses
     1/K of the margin, so σ_T is the natural unit of T's steps: lr_T = primal_lr · σ_T (at most
     max_width). A tensor the logits do not depend on at first order steps by max_width · primal_lr.
     """
@@ -579,7 +608,16 @@ def _step_sizes(model, tasks: Mapping[str, TaskData], theta: Mapping[str, Tensor
     if cfg.scaling == "absolute":
         return {n: lr / p_total for n in theta}, 1.0
     scale = min(n.margin for n in nominal.values())
-    radius = {n: torch.zeros_like(t, requires_grad=True) for n, t in theta.items()}
+    # The derivative is taken at a radius of 10⁻⁴ of each tensor's typical size, not at exactly zero: at zero
+    # width the bound of a non-monotone op (GELU, LayerNorm's products) is a max of two equal values, where
+    # autograd splits the gradient and the two halves cancel, so a layer behind one would look insensitive.
+    radius = {}
+    for n, t in theta.items():
+        rho = 1e-4 * float(t.detach().abs().mean()) if t.numel() else 0.0
+        r = torch.full_like(t, rho if rho > 0 else 1e-4)
+        if n in frozen:
+            r = r.masked_fill(frozen[n], 0.0)
+        radius[n] = r.requires_grad_(True)
     box = Box({n: theta[n] - radius[n] for n in theta}, {n: theta[n] + radius[n] for n in theta}, check=False)
     total = 0.0
     for x, _ in tasks.values():
@@ -588,7 +626,7 @@ def _step_sizes(model, tasks: Mapping[str, TaskData], theta: Mapping[str, Tensor
         total = total + ((hi - lo) / 2).mean()
     grads = torch.autograd.grad(total / len(tasks), list(radius.values()), allow_unused=True)
     sensitivity = {n: (0.0 if g is None else float(g.detach().double().sum())) for n, g in zip(radius, grads)}
-    live = [n for n, s in sensitivity.items() if s > 0 and math.isfinite(s)]
+    live = [n for n, s in sensitivity.items() if s > 0 and math.isfinite(s) and not (n in frozen and bool(frozen[n].all()))]
     steps = {}
     for n, s in sensitivity.items():
         unit = scale / (len(live) * s) if n in live else cfg.max_width

@@ -9,6 +9,8 @@ encloses the nominal forward pass. Use it when registering a handler
 
     report = le.testing.check_soundness(model, le.Box.around(model, 0.01), x, samples=10_000)
     assert report.violations == 0, report
+
+With ``method="linear"`` and labels ``y`` it checks the linear margin bounds the same way.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .bounds import bound_logits
+from .bounds import bound_logits, bound_margins
 from .domains import Box
 
 
@@ -42,15 +44,23 @@ class SoundnessReport:
 
 def check_soundness(model: nn.Module, domain: Box, x: Tensor, *, samples: int = 1000,
                     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64), seed: int = 0,
-                    batch: int = 64) -> SoundnessReport:
+                    batch: int = 64, y: Tensor | None = None, method: str = "ibp") -> SoundnessReport:
     """Sample ``samples`` parameter vectors of ``domain`` (uniform and vertices, alternately) and
-    count forward-pass outputs on ``x`` outside ``bound_logits(model, domain, x)`` in each dtype."""
+    count forward-pass outputs on ``x`` outside ``bound_logits(model, domain, x)`` in each dtype.
+
+    ``method="linear"`` (with labels ``y``) checks the margin bounds instead: every sampled margin
+    ``z_y − z_j`` must be at least ``bound_margins(model, domain, x, y, method="linear")``."""
+    if method == "linear" and y is None:
+        raise ValueError("check_soundness: method='linear' checks margins and needs the labels 'y'")
     report = SoundnessReport(samples)
     for dtype in dtypes:
         m = copy.deepcopy(model).to(dtype).eval()
         box = domain.to(dtype=dtype)
         xd = x.to(dtype) if x.is_floating_point() else x  # token ids stay integers for the forward pass
-        lo, hi = bound_logits(m, box, xd, dtype=dtype)
+        if method == "linear":
+            lo, hi = bound_margins(m, box, xd, y, method="linear", dtype=dtype), None
+        else:
+            lo, hi = bound_logits(m, box, xd, dtype=dtype)
         gen = torch.Generator().manual_seed(seed)
         bad = 0
         for start in range(0, samples, batch):
@@ -58,15 +68,24 @@ def check_soundness(model: nn.Module, domain: Box, x: Tensor, *, samples: int = 
             with torch.no_grad():
                 for params in draws:
                     out = functional_call(m, params, (xd,))
-                    outside = (out < lo) | (out > hi)
+                    if hi is None:  # margins z_y − z_j against their lower bounds
+                        out = out.gather(1, y[:, None]) - out
+                        outside = (out < lo) & (lo < torch.inf)  # +inf at j = y: no claim there
+                        excess = lo - out
+                    else:
+                        outside, excess = (out < lo) | (out > hi), torch.maximum(lo - out, out - hi)
                     if bool(outside.any()):
                         bad += int(outside.sum())
-                        excess = torch.maximum(lo - out, out - hi).max()
-                        report.worst_excess = max(report.worst_excess, float(excess))
+                        report.worst_excess = max(report.worst_excess, float(excess[outside].max()))
         report.by_dtype[str(dtype).replace("torch.", "")] = bad
         report.violations += bad
-        zlo, zhi = bound_logits(m, Box.point(m), xd, dtype=dtype)
         with torch.no_grad():
             nominal = m(xd)
-        report.nominal_enclosed &= bool(((zlo <= nominal) & (nominal <= zhi)).all())
+        if hi is None:
+            zlo = bound_margins(m, Box.point(m), xd, y, method="linear", dtype=dtype)
+            margin = nominal.gather(1, y[:, None]) - nominal
+            report.nominal_enclosed &= bool(((zlo <= margin) | (zlo == torch.inf)).all())
+        else:
+            zlo, zhi = bound_logits(m, Box.point(m), xd, dtype=dtype)
+            report.nominal_enclosed &= bool(((zlo <= nominal) & (nominal <= zhi)).all())
     return report

@@ -107,7 +107,7 @@ def margin_bounds(
     zonotope = domain if _is_zonotope(domain) else None
     box = _ibp_box(domain, x) if zonotope is not None else domain  # what IBP propagates
     if method == "linear":
-        linear.check_supported(layers)
+        layers = linear.walk(model, layers)
         with torch.no_grad():  # one example through IBP: a wrong input shape is named by layer, labels checked early
             _check_label_range(y, ibp.propagate(model, box.detach(), x[:1], certify=False, layers=layers)[0].shape,
                                where)

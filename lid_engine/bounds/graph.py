@@ -45,8 +45,11 @@ def _handler(graph: ModelGraph, op: Op):
 
 
 def propagate_graph(model: nn.Module, graph: ModelGraph, box: Box, x: Tensor, *, certify: bool,
-                    nonneg: bool | None = None) -> tuple[Tensor, Tensor]:
-    """(lo, hi) of the model's output for every parameter vector in ``box``, the input ``x`` fixed."""
+                    nonneg: bool | None = None, record: list | None = None) -> tuple[Tensor, Tensor]:
+    """(lo, hi) of the model's output for every parameter vector in ``box``, the input ``x`` fixed.
+
+    ``record``, if given, receives every op's value (``Bounds``, or a plain value for size arithmetic)
+    in the order of ``graph.ops`` (the linear bound needs them)."""
     ctx = BoundContext(box, certify, x.dtype, x.device)
     env: list = []
     flags, flagged = [], []
@@ -68,6 +71,8 @@ def propagate_graph(model: nn.Module, graph: ModelGraph, box: Box, x: Tensor, *,
         if bool(bad.any()):  # never repaired: name the first op where it happened
             raise UnsoundBoundError(f"{flagged[int(bad.nonzero()[0])].describe()}: bounds overflowed to inf/NaN or "
                                     "lower > upper")
+    if record is not None:
+        record.extend(env)
     out = env[-1]
     if not isinstance(out, Bounds):
         raise UnsupportedLayerError(

@@ -66,13 +66,26 @@ UNDERFLOW_ALLOWANCE = 2.0**-1000  # ≥ 10²⁰ · 2⁻¹⁰⁷⁴: every produc
 _PASS_THROUGH = (nn.Flatten, nn.Dropout, nn.Identity)
 
 
-def check_supported(layers: list[tuple[str, nn.Module]] | ModelGraph) -> None:
-    """Raise naming the first layer the linear bound cannot handle."""
+def walk(model: nn.Module, layers: list[tuple[str, nn.Module]] | ModelGraph) -> list[tuple[str, nn.Module]] | ModelGraph:
+    """What the linear bound walks for ``model`` (``layers`` = ``ibp.check_supported(model)``): the chain
+    itself when every layer has a relaxation here, else the traced graph (``linear_graph.py``), where
+    layers without one (BatchNorm, LayerNorm, GELU …) are crossed with their IBP interval."""
     if isinstance(layers, ModelGraph):
-        first = next(op for op in layers.ops if op.kind not in ("input", "attribute", "output"))
-        raise UnsupportedLayerError(
-            f"method='linear' bounds nn.Sequential chains of {SUPPORTED_LAYERS}; this model is traced as a graph "
-            f"(first op: {first.describe()}). Use method='ibp' (search.bound: ibp) for it")
+        return layers
+    try:
+        check_supported(layers)
+    except UnsupportedLayerError:
+        from .graph import trace_supported
+
+        return trace_supported(model)
+    return layers
+
+
+def check_supported(layers: list[tuple[str, nn.Module]] | ModelGraph) -> None:
+    """Raise naming the first layer of a chain that the chain walk cannot relax (``walk`` then traces
+    the model instead). A traced graph is always accepted."""
+    if isinstance(layers, ModelGraph):
+        return
     for i, (path, m) in enumerate(layers):
         where = f"layer '{path or '<model>'}' ({type(m).__name__})"
         if isinstance(m, TaskMask) and i != len(layers) - 1:
@@ -176,7 +189,11 @@ def linear_margins(
     hides, for examples whose label it hides, and (search mode, ``competitors=k``) beyond the ``k``
     classes with the smallest IBP margins.
     """
-    check_supported(layers)
+    layers = walk(model, layers)
+    if isinstance(layers, ModelGraph):  # zonotopes: their bounding box (``box``) there
+        from .linear_graph import graph_linear_margins
+
+        return graph_linear_margins(model, layers, box, x, y, certify=certify, competitors=competitors)
     states: list[ibp.Interval] = []
     lo, hi = ibp.propagate(model, box, x, certify=certify, layers=layers, record=states)
     linear = lo.new_full(lo.shape, -math.inf)

@@ -132,13 +132,17 @@ def test_bad_options(files, tmp_path):
                      "--bound must be 'ibp' or 'linear'")
 
 
-def test_linear_bound_on_an_unsupported_layer_is_bad_input(files, tmp_path):
+def test_linear_bound_crosses_a_layer_without_relaxation_with_ibp_and_records_it(files, tmp_path):
     from tests.helpers.cli_models import bn_mlp
 
     save_file(bn_mlp().state_dict(), str(tmp_path / "bn.safetensors"))
     result = run("certify", "--model", "tests.helpers.cli_models:bn_mlp", "--weights", tmp_path / "bn.safetensors",
-                 "--data", files["data.npz"], "--out", tmp_path / "o", "--tau", "0.5", "--bound", "linear")
-    assert_bad_input(result, "layer '1' (BatchNorm1d)", "method='ibp'")
+                 "--data", files["data.npz"], "--out", tmp_path / "o", "--tau", "0.3", "--bound", "linear",
+                 "--iterations", "5", "--checkpoints", "1")
+    assert result.exit_code == 0, result.output
+    cert = LID.load(tmp_path / "o").certificate(0)
+    assert cert.bound_method == "linear" and cert.linear_fallbacks == ["1 (BatchNorm1d)"]
+    assert "IBP intervals at 1 (BatchNorm1d)" in cert.statement()
 
 
 # ------------------------------------------------------------------------------- inspect / verify

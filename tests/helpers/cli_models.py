@@ -20,6 +20,6 @@ def not_a_model():
 
 
 def bn_mlp() -> nn.Module:
-    """A BatchNorm model: IBP bounds it, the linear bound does not (``--bound linear`` must say so)."""
+    """A BatchNorm model: the linear bound crosses the BatchNorm with its IBP interval (and records it)."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)).eval()

@@ -365,13 +365,6 @@ def test_untraceable_and_unsupported_models_are_named_with_the_users_line():
             assert n in str(info.value), str(info.value)
 
 
-def test_linear_bound_on_a_graph_model_is_refused_with_the_alternative():
-    model = ResidualMLP().eval()
-    with pytest.raises(UnsupportedLayerError, match="method='ibp'"):
-        le.bound_margins(model, le.Box.around(model, 0.01), torch.randn(3, 6), torch.zeros(3, dtype=torch.long),
-                         method="linear")
-
-
 # ------------------------------------------------------------------------------------ the registry
 class Affine(nn.Module):
     """A user's custom layer: y = x·s + t with its own parameters."""

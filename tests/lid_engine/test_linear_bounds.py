@@ -257,20 +257,29 @@ def test_a_linear_bound_that_overflows_leaves_ibp_bound_instead_of_nan() -> None
 
 
 # ------------------------------------------------------------------------------------ bad input
-def test_unsupported_layer_names_the_layer_and_the_alternative() -> None:
-    model = nn.Sequential(nn.Linear(4, 6), seeded_bn(nn.BatchNorm1d(6), 0), nn.ReLU(), nn.Linear(6, 3)).eval()
-    with pytest.raises(UnsupportedLayerError, match=r"layer '1' \(BatchNorm1d\).*method='linear'.*method='ibp'"):
-        bound_margins(model, le.Box.around(model, 0.01), torch.randn(3, 4), torch.zeros(3, dtype=torch.long), "linear")
-    with pytest.raises(UnsupportedLayerError, match=r"method='linear'"):
-        le.compute_lid(model, torch.randn(20, 4), torch.zeros(20, dtype=torch.long), tau=0.5, method="linear",
-                       progress=False)
+@pytest.mark.parametrize("build,shape,crossed", [
+    (lambda: nn.Sequential(nn.Linear(4, 6), seeded_bn(nn.BatchNorm1d(6), 0), nn.ReLU(), nn.Linear(6, 3)), (4,),
+     ["1 (BatchNorm1d)"]),
+    (lambda: nn.Sequential(nn.Conv2d(1, 2, 2, padding="same"), nn.ReLU(), nn.Flatten(), nn.Linear(32, 3)), (1, 4, 4),
+     ["0 (Conv2d)"]),  # uneven 'same' padding: no relaxation here
+])
+def test_a_chain_layer_without_relaxation_is_crossed_with_its_ibp_interval(build, shape, crossed) -> None:
+    from lid_engine.bounds import ibp, linear
+    from lid_engine.bounds.linear_graph import graph_linear_margins
+    from lid_engine.testing import check_soundness
 
-
-def test_uneven_same_padding_is_refused_by_name() -> None:
-    model = nn.Sequential(nn.Conv2d(1, 2, 2, padding="same"), nn.ReLU(), nn.Flatten(), nn.Linear(32, 3))
-    with pytest.raises(UnsupportedLayerError, match=r"layer '0' \(Conv2d\): padding='same'.*pads unevenly.*method='ibp'"):
-        bound_margins(model, le.Box.around(model, 0.01), torch.randn(3, 1, 4, 4), torch.zeros(3, dtype=torch.long),
-                      "linear")
+    torch.manual_seed(0)
+    model = build().eval()
+    x, y = torch.randn(8, *shape), torch.randint(0, 3, (8,))
+    box = le.Box.around(model, 0.01)
+    walked = linear.walk(model, ibp.check_supported(model))  # the chain walk cannot: the traced graph instead
+    found: list[str] = []
+    graph_linear_margins(model, walked, box, x, y, certify=True, fallbacks=found)
+    assert found == crossed
+    ibp_only = bound_margins(model, box, x, y, "ibp")
+    assert bool((bound_margins(model, box, x, y, "linear") >= ibp_only).all())  # intersected with IBP
+    report = check_soundness(model, box, x, y=y, method="linear", samples=200)
+    assert report.violations == 0 and report.nominal_enclosed, report
 
 
 @pytest.mark.parametrize("kwargs,match", [
