@@ -179,6 +179,7 @@ def run(variants: list[str]) -> None:
                "lid_seconds": lid_s, "seconds": secs, "t1": bal(tuned, d["t1_test"]), "t2": bal(tuned, d["t2_test"]),
                "t1_cert_split": actual}
         row["nonfinite_steps"] = lid.history[-1].get("nonfinite_steps", 0) if lid.history else 0
+        row["prefix_cache"] = lid.search_config.get("prefix_cache")  # where the search cut the fixed prefix off
         log(f"{row['method']}: {free} free params, cert {cert:.3f} (τ {tau:.3f}), width {row['width_sum']:.3g}, "
             f"T1 {row['t1']:.3f}, T2 {row['t2']:.3f}, LID {lid_s:.0f} s")
         save(name, {**out, "rows": [row]})
