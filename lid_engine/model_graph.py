@@ -15,11 +15,13 @@ traced through. Untraceable models (data-dependent Python control flow, for exam
 
 from __future__ import annotations
 
+import operator
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -69,6 +71,7 @@ class ModelGraph:
     ops: list[Op]
     modules: dict[str, nn.Module]  # path -> module, for the ops of kind "module"
     fx_graph: fx.Graph | None = field(default=None, repr=False)  # the traced graph, node i = ops[i]
+    faithful: bool = field(default=False, repr=False)  # checked against forward() (check_faithful)
 
     @property
     def output(self) -> Op:
@@ -146,7 +149,107 @@ def trace(model: nn.Module, leaf_types: Iterable[type] = ()) -> ModelGraph:
         raise UnsupportedLayerError(f"model {type(model).__name__}: forward() takes no input")
     used = {p: modules[p] for p in {o.target for o in ops if o.kind == "module"}}
     _check_modules(model, used, ops)
+    _check_in_place(ops, used)
     return ModelGraph(ops, used, graph)
+
+
+def check_faithful(model: nn.Module, graph: ModelGraph, x: torch.Tensor, rows: int = 2) -> None:
+    """Check once that the traced graph computes what ``model.forward`` computes, on the first ``rows`` of
+    ``x``. The tracer records ``h += 1`` as ``h = h + 1``; when another name still refers to the old ``h``,
+    eager PyTorch changes both and the graph does not — no trace-time check can see that."""
+    if graph.faithful or graph.fx_graph is None:
+        return
+    param = next(model.parameters(), None)
+    xs = x[:rows].detach()
+    if param is not None and xs.is_floating_point():
+        xs = xs.to(param.device, param.dtype)
+    if xs.is_floating_point() and bool((xs == xs.round()).all()) and any(
+            isinstance(m, nn.Embedding) for m in graph.modules.values()):
+        xs = xs.long()  # token ids: the bound engine carries them as floats, the model takes integers
+    try:
+        with torch.no_grad():
+            traced = fx.GraphModule(model, graph.fx_graph)(xs)
+            eager = model(xs)
+    except (RuntimeError, TypeError, ValueError, IndexError):
+        return  # the bound engine's own pass names what is wrong with this input
+    if not isinstance(eager, torch.Tensor) or not isinstance(traced, torch.Tensor):
+        return  # the output check of the bound engine names this case
+    same = eager.shape == traced.shape and bool(torch.equal(eager, traced) or torch.allclose(
+        eager, traced, rtol=1e-5, atol=1e-6 * float(eager.abs().max().clamp(min=1.0))))
+    if not same:
+        gap = float((eager - traced).abs().max()) if eager.shape == traced.shape else float("nan")
+        raise UnsupportedLayerError(
+            f"model {type(model).__name__}: the traced graph computes other outputs than forward() on the first "
+            f"examples (largest difference {gap:.3g}). forward() probably updates a tensor in place that another "
+            "name still refers to (h += ... after r = h, or an in-place op on a view); write the update out of "
+            "place (h = h + ...)")
+    graph.faithful = True
+
+
+_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                       operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor}
+# ops whose result may share storage with their input: mutating it in place changes the input too
+_ALIASING_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "transpose", "permute", "t",
+                     "squeeze", "unsqueeze", "expand", "expand_as", "contiguous", "narrow", "select", "unfold",
+                     "split", "chunk", "unbind", "as_strided", "detach", "movedim", "swapaxes", "to", "type_as",
+                     "float", "double"}
+_ALIASING_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout)
+
+
+def _in_place(op: Op, used: dict[str, nn.Module]) -> bool:
+    if op.kind == "module":
+        return bool(getattr(used[op.target], "inplace", False))
+    if op.kind == "method":
+        return isinstance(op.target, str) and op.target.endswith("_") and not op.target.startswith("_")
+    if op.kind == "function":
+        name = getattr(op.target, "__name__", "")
+        return (op.target in _IN_PLACE_OPERATORS or bool(op.kwargs.get("inplace", False))
+                or (name.endswith("_") and not name.startswith("_")))
+    return False
+
+
+def _aliases(op: Op, used: dict[str, nn.Module]) -> bool:
+    """Whether ``op``'s value may share storage with another value of the graph (or be the model's input, a
+    parameter or a buffer)."""
+    if op.kind in ("input", "attribute"):
+        return True
+    if op.kind == "module":
+        return isinstance(used[op.target], _ALIASING_MODULES)
+    if op.kind == "method":
+        return op.target in _ALIASING_METHODS
+    if op.kind == "function":
+        return op.target in (operator.getitem, torch.flatten, torch.reshape, torch.transpose, torch.permute,
+                             torch.squeeze, torch.unsqueeze, torch.narrow, torch.split, torch.chunk, torch.t,
+                             torch.movedim, torch.swapaxes, torch.unbind, torch.detach)
+    return False
+
+
+def _check_in_place(ops: list[Op], used: dict[str, nn.Module]) -> None:
+    """An in-place op (``nn.ReLU(inplace=True)``, ``F.relu(h, inplace=True)``, ``h += 1``, ``h.relu_()``) is
+    bounded as the pure op it computes. That is right only when nothing else sees the tensor it overwrites:
+    refuse it when its first argument has another use, or may share storage with another value."""
+    users: dict[int, list[int]] = {}
+    for i, op in enumerate(ops):
+        for r in _collect_refs((op.args, op.kwargs)):
+            users.setdefault(r, []).append(i)
+    for i, op in enumerate(ops):
+        if not _in_place(op, used) or not op.args or not isinstance(op.args[0], Ref):
+            continue
+        target = op.args[0].index
+        others = [ops[u] for u in users.get(target, []) if u != i]
+        if others or _aliases(ops[target], used):
+            why = (f"{others[0].describe()} also uses the value it overwrites" if others else
+                   f"the value it overwrites ({ops[target].describe()}) may share memory with another tensor")
+            raise UnsupportedLayerError(
+                f"{op.describe()} works in place, and {why}; lid_engine bounds each op as a pure function, which "
+                "that in-place update is not. Write it out of place (h = F.relu(h), h = h + x, "
+                "nn.ReLU(inplace=False))")
+
+
+def _collect_refs(value: Any) -> list[int]:
+    found: list[int] = []
+    _map(value, Ref, lambda r: found.append(r.index))
+    return found
 
 
 def _refs(value: Any, index: dict[fx.Node, int]) -> Any:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import warnings
 from collections.abc import Iterator
 
@@ -260,9 +261,17 @@ def certification_backend() -> Iterator[None]:
             torch.set_flush_denormal(True)
 
 
+FPMATH_VARIABLES = ("ONEDNN_DEFAULT_FPMATH_MODE", "DNNL_DEFAULT_FPMATH_MODE")
+
+
 def direct_conv_available(x: Tensor) -> bool:
-    """Whether ``direct_conv2d`` runs on ``x`` (float32 on a CPU with oneDNN)."""
-    return x.dtype == torch.float32 and x.device.type == "cpu" and torch.backends.mkldnn.is_available()
+    """Whether ``direct_conv2d`` runs on ``x``: float32 on a CPU with oneDNN, and oneDNN's default math
+    mode left strict. ``ONEDNN_DEFAULT_FPMATH_MODE=BF16`` (or ``TF32``/``ANY``; ``DNNL_…`` before oneDNN 2.7)
+    lets the "direct" kernel round its operands to bf16 whatever torch's precision switches say — up to
+    10× past the γ_K allowance on an AMX CPU — so then certification takes the im2col + gemm path, which
+    the variable does not reach."""
+    strict = all(os.environ.get(v, "").strip().upper() in ("", "STRICT") for v in FPMATH_VARIABLES)
+    return strict and x.dtype == torch.float32 and x.device.type == "cpu" and torch.backends.mkldnn.is_available()
 
 
 def direct_conv2d(x: Tensor, w: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int) -> Tensor:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..domains import Box
 from ..errors import UnsoundBoundError, UnsupportedLayerError
-from ..model_graph import ModelGraph, Op, map_refs, target_name, trace
+from ..model_graph import ModelGraph, Op, check_faithful, map_refs, target_name, trace
 from .. import numerics as rounding
 from . import ops  # noqa: F401 — registers the built-in op handlers
 from .registry import FUNCTIONS, MODULES, BoundContext, Bounds, supported
@@ -50,6 +50,7 @@ def propagate_graph(model: nn.Module, graph: ModelGraph, box: Box, x: Tensor, *,
 
     ``record``, if given, receives every op's value (``Bounds``, or a plain value for size arithmetic)
     in the order of ``graph.ops`` (the linear bound needs them)."""
+    check_faithful(model, graph, x)
     ctx = BoundContext(box, certify, x.dtype, x.device)
     env: list = []
     flags, flagged = [], []

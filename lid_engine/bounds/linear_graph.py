@@ -28,6 +28,11 @@ Rules (:func:`rule`):
 
 An operand that is not a per-example activation (a parameter or buffer used directly, a constant)
 is bounded where it is used, by its own interval — exact for a box, since the op is linear in it.
+
+**Rounding.** A relaxation step holds for whatever multiplier rounding produced. The steps that *compute*
+a multiplier as a sum — pulling Λ back through a move, mean or pooling, summing it over broadcast
+dimensions, adding the multipliers of a value's several consumers — are exact only in real arithmetic:
+each charges γ·(the same sum of magnitudes)·max|a| to the accumulator, as the chain charges ν = W_mᵀΛ.
 Zonotope domains use their bounding box here (sound; the chain keeps the generator terms).
 """
 
@@ -196,7 +201,20 @@ class _Walk:
 
     def _pass(self, ref, lam: Tensor) -> None:
         i = ref.index
-        self.lam[i] = lam if i not in self.lam else self.lam[i] + lam
+        if i in self.lam:  # a value with several consumers: their multipliers add up (rounded: charged)
+            self._charge(ref, self.lam[i].abs() + lam.abs(), 2)
+            lam = self.lam[i] + lam
+        self.lam[i] = lam
+
+    def _charge(self, ref, lam_mag: Tensor, terms: int) -> None:
+        """A multiplier for ``ref`` computed as a float sum of ``terms`` products whose magnitudes add up to
+        ``lam_mag`` is off by at most γ·lam_mag per entry; its term Λ·a then by γ·lam_mag·|a|: charged through
+        the accumulator's magnitude (as the chain walk charges ν = W_mᵀΛ)."""
+        if not self.certify:
+            return
+        lo, hi = self._bounds(self.env[ref.index])
+        amag = torch.maximum(lo.abs(), hi.abs())
+        self.acc.add(torch.zeros_like(lam_mag), lam_mag * amag[:, None], terms)
 
     def _interval(self, lam: Tensor, value: Bounds) -> None:
         """``Λ·z ≥ Σ Λ⁺·lo − Λ⁻·hi`` over z's interval (broadcast to Λ's shape)."""
@@ -247,14 +265,22 @@ class _Walk:
 
     def _pullback(self, op: Op, lam: Tensor, refs: list) -> list[Tensor]:
         """Per argument in ``refs``, ``Λ`` pulled back through ``op`` (its vector–Jacobian product) for
-        every competitor; differentiable in ``Λ`` (the search back-propagates through it)."""
+        every competitor; differentiable in ``Λ`` (the search back-propagates through it). The ops with this
+        rule (moves, means, pooling) have non-negative Jacobians, so pulling back |Λ| gives the magnitudes
+        of the sums that formed each multiplier: their rounding is charged (certify mode)."""
         primals = [torch.zeros_like(self.env[r.index].lo, dtype=self.dtype).requires_grad_(True) for r in refs]
+        cotangents = [lam, lam.abs()] if self.certify else [lam]
         with torch.enable_grad():
             out = self._call(op, {r.index: p for r, p in zip(refs, primals)})
-            per_j = [torch.autograd.grad(out, primals, lam[:, j], retain_graph=True, create_graph=lam.requires_grad,
-                                         allow_unused=True) for j in range(lam.shape[1])]
-        return [torch.stack([torch.zeros_like(primals[k]) if g[k] is None else g[k] for g in per_j], dim=1)
-                for k in range(len(refs))]
+            pulled = [[torch.autograd.grad(out, primals, c[:, j], retain_graph=True, create_graph=c.requires_grad,
+                                           allow_unused=True) for j in range(c.shape[1])] for c in cotangents]
+        stacked = [[torch.stack([torch.zeros_like(primals[k]) if g[k] is None else g[k] for g in per_j], dim=1)
+                    for k in range(len(refs))] for per_j in pulled]
+        if self.certify:  # every multiplier entry sums at most (output elements per example) terms, then a division
+            terms = lam[0, 0].numel() + 1
+            for r, mag in zip(refs, stacked[1]):
+                self._charge(r, mag, terms)
+        return stacked[0]
 
     # ------------------------------------------------------------------ rules (False: use the interval)
     def _affine(self, i: int, op: Op, lam: Tensor) -> bool:
@@ -309,6 +335,8 @@ class _Walk:
             if isinstance(m, nn.AvgPool2d):  # every output averages at most one window
                 k = m.kernel_size
                 terms = k[0] * k[1] if isinstance(k, tuple) else k * k
+            elif op.kind == "function" and op.target is F.avg_pool2d:  # window size unknown here: every input
+                terms = lo[0].numel()
             else:  # a mean: the input elements per output element
                 terms = max(1, lo[0].numel() // max(1, self.env[i].lo[0].numel()))
             self._rounding(lam, mag, terms)
@@ -326,7 +354,11 @@ class _Walk:
         mags = []
         for sign, arg, passed in zip(signs, op.args, passes):
             if passed:  # same rank and N rows: row r of the sum is row r of this summand
-                self._pass(arg, _sum_to(sign * lam, self.env[arg.index].lo.shape))
+                shape = self.env[arg.index].lo.shape
+                summed = _sum_to(sign * lam, shape)
+                if summed.numel() != lam.numel():  # broadcast: the multiplier is a float sum, charged
+                    self._charge(arg, _sum_to(lam.abs(), shape), lam.numel() // summed.numel() + 1)
+                self._pass(arg, summed)
                 value = self.env[arg.index]
             elif hasattr(arg, "index"):  # a parameter, a constant, or an activation not row-aligned (a batch
                 value = self.env[arg.index]  # statistic): bounded by its interval here

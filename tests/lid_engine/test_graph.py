@@ -480,3 +480,80 @@ def test_a_bound_with_a_non_finite_gradient_does_not_break_the_search(passthroug
         assert all(bool(torch.isfinite(member.lower[n]).all() and torch.isfinite(member.upper[n]).all())
                    for n in member.names)
     assert lid.certificate(0).certified_accuracy >= tau
+
+
+# ------------------------------------------------------------------------------------ in-place ops
+class InPlaceShared(nn.Module):
+    """``nn.ReLU(inplace=True)`` on a value used again: eager PyTorch sees relu(h) + relu(h)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.r, self.o = nn.Linear(2, 2), nn.ReLU(inplace=True), nn.Linear(2, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.o(self.r(h) + h)
+
+
+class InPlaceAlias(nn.Module):
+    """``h += 3`` where ``r`` is the same tensor: eager PyTorch sees r − h = 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.o = nn.Linear(2, 2), nn.Linear(2, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        r = h
+        h += 3.0
+        return self.o(r - h)
+
+
+class InPlaceView(nn.Module):
+    """An in-place ReLU on a view: it overwrites the viewed tensor, which the skip connection reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.o = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        v = h.view(-1, 2, 2)
+        g = F.relu(v, inplace=True).flatten(1)
+        return self.o(g)
+
+
+class TorchvisionBlock(nn.Module):
+    """torchvision's BasicBlock style: in-place ReLU and ``out += identity`` on values nothing else reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Linear(2 * 6 * 6, 3)
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.c1(x))
+        out = self.c2(out)
+        out += identity
+        out = self.relu(out)
+        return self.head(torch.flatten(out, 1))
+
+
+@pytest.mark.parametrize("model,needle", [(InPlaceShared(), "also uses the value it overwrites"),
+                                          (InPlaceAlias(), "updates a tensor in place"),
+                                          (InPlaceView(), "may share memory")])
+def test_in_place_ops_on_values_seen_elsewhere_are_refused(model, needle):
+    with pytest.raises(UnsupportedLayerError) as info:
+        le.bound_logits(model.eval(), le.Box.around(model, 0.01), torch.randn(3, model.a.in_features))
+    assert needle in str(info.value) and "out of place" in str(info.value), str(info.value)
+
+
+def test_in_place_ops_nothing_else_sees_are_bounded_soundly():
+    torch.manual_seed(0)
+    model = TorchvisionBlock().eval()
+    x, y = torch.rand(6, 2, 6, 6), torch.randint(0, 3, (6,))
+    box = le.Box.around(model, 0.01)
+    assert check_soundness(model, box, x, samples=200).violations == 0
+    assert check_soundness(model, box, x, y=y, method="linear", samples=200).violations == 0

@@ -70,6 +70,29 @@ def test_direct_conv_is_onednn_direct_algorithm():
         assert "bf16" not in ln and "tf32" not in ln, ln
 
 
+@needs_onednn
+@pytest.mark.parametrize("variable", ["ONEDNN_DEFAULT_FPMATH_MODE", "DNNL_DEFAULT_FPMATH_MODE"])
+def test_a_bf16_math_mode_in_the_environment_keeps_certificates_sound(variable):
+    """oneDNN reads its default math mode from the environment, past torch's precision switches; on a CPU
+    with bf16 units (AMX, AVX512-BF16) the "direct" kernel then rounds operands to bf16 (1360 of 2048
+    outputs outside the bounds before the guard). Certification must take another kernel."""
+    code = ("import torch, lid_engine as le\n"
+            "from lid_engine import numerics as r\n"
+            "torch.manual_seed(0)\n"
+            "assert not r.direct_conv_available(torch.zeros(1))\n"
+            "m = torch.nn.Sequential(torch.nn.Conv2d(64, 8, 3, padding=1), torch.nn.Flatten()).eval()\n"
+            "x = torch.rand(4, 64, 8, 8)\n"
+            "lo, hi = le.bound_logits(m, le.Box.point(m), x)\n"  # float32 certify mode
+            "with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):\n"  # IEEE forwards: what is certified
+            "    refs = [m(x), m.double()(x.double()).float()]\n"
+            "for ref in refs:\n"
+            "    assert bool(((lo <= ref) & (ref <= hi)).all()), float(torch.maximum(lo - ref, ref - hi).max())\n")
+    env = dict(os.environ, **{variable: "BF16"})
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n_terms", [1, 26, 401, 100_000])
 def test_widen_slack_covers_c_mag_plus_k_eta(dtype, n_terms):
