@@ -70,10 +70,12 @@ def check_soundness(model: nn.Module, domain: Box, x: Tensor, *, samples: int = 
                     out = functional_call(m, params, (xd,))
                     if hi is None:  # margins z_y − z_j against their lower bounds
                         out = out.gather(1, y[:, None]) - out
-                        outside = (out < lo) & (lo < torch.inf)  # +inf at j = y: no claim there
-                        excess = lo - out
+                        # +inf at j = y: no claim there; a NaN output escapes every finite bound
+                        outside = ((out < lo) | out.isnan()) & (lo < torch.inf)
+                        excess = (lo - out).nan_to_num(nan=torch.inf)
                     else:
-                        outside, excess = (out < lo) | (out > hi), torch.maximum(lo - out, out - hi)
+                        outside = (out < lo) | (out > hi) | out.isnan()
+                        excess = torch.maximum(lo - out, out - hi).nan_to_num(nan=torch.inf)
                     if bool(outside.any()):
                         bad += int(outside.sum())
                         report.worst_excess = max(report.worst_excess, float(excess[outside].max()))
