@@ -55,13 +55,13 @@ class Op:
     source: str = ""  # "file:line: code" of the user's line that created it, when recorded
     module_type: str = ""  # for kind "module": the module's class name
 
-    def describe(self) -> str:
-        """How error messages name the op: its node name, what it runs and where it comes from."""
+    def describe(self, source: bool = True) -> str:
+        """How error messages name the op: its node name, what it runs and (``source``) where it comes from."""
         what = {"module": f"module '{self.target}' ({self.module_type})", "method": f"tensor method '.{self.target}()'",
                 "attribute": f"attribute '{self.target}'", "input": "input", "output": "output"}.get(self.kind)
         if what is None:
             what = f"function '{target_name(self.target)}'"
-        return f"node '{self.name}' ({what})" + (f" at {self.source}" if self.source else "")
+        return f"node '{self.name}' ({what})" + (f" at {self.source}" if self.source and source else "")
 
 
 @dataclass

@@ -176,5 +176,5 @@ def _build(model: nn.Module, graph: ModelGraph, d: int, names: dict[int, str]) -
         return None  # the suffix would need the raw input too: no single cut
     prefix, suffix = fx.GraphModule(model, prefix_graph), fx.GraphModule(model, suffix_graph)
     op = graph.ops[d]
-    return FrozenPrefix(prefix.eval(), suffix.eval(), _rename(suffix, names), f"at {op.describe()}",
+    return FrozenPrefix(prefix.eval(), suffix.eval(), _rename(suffix, names), f"at {op.describe(source=False)}",
                         _count(list(prefix.parameters())))
