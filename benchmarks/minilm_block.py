@@ -204,7 +204,9 @@ def report() -> None:
              "eda1217, which they do not use). Every run shared the 2-CPU machine with test suites or other "
              "benchmarks: the search times are inflated. Rows from code after 23a1e57 search with the frozen prefix "
              "cached (`lid_engine/prefix.py`: the block's part before the first parameter with width runs once per "
-             "text; column `cut`).", "",
+             "text; column `cut`). The head-only LID's cut is at the pooled embedding (search 150 s, was 366 s); for "
+             "adapters inside the block there is no single cut, because the pooling reads the attention mask from the "
+             "model's raw input, so that search still bounds the whole block on every pass.", "",
              f"Before fine-tuning: task-1 balanced accuracy {base['before']['t1_test']:.3f} (test), "
              f"{base['before']['search']:.3f} (search) → τ = {base['tau']:.3f}; task-2 {base['before']['t2_test']:.3f}.", "",
              "| method | parameters with width | certified T1 [τ] | width sum | T1 | T2 | T2 gain over head-only LID | LID search "
@@ -225,7 +227,9 @@ def report() -> None:
               "(by 0.056 over the head's plain fine-tune, at 0.047 of task 1). Inside a certified domain nothing moves: interval bounds over parameter boxes "
               "lose the dependencies that LayerNorm and attention rely on (at a radius of 10⁻⁵ per attention weight "
               "the logit bounds are ~10²¹ wide), so the search's boxes must shrink to widths (sum 0.2–0.5 over up to "
-              "1.2M parameters, or zero for attention) at which the projected fine-tune cannot change task 2. A LID "
+              "1.2M parameters, or zero for attention) at which the projected fine-tune cannot change task 2. Rank-4 "
+              "adapters on the feed-forward layers (16k parameters) get a wide box over their factors (width sum 266), "
+              "but with B starting at zero the product B·A the box allows stays small, and task 2 does not move either. A LID "
               "inside a transformer block needs tighter bounds than IBP: the linear bound on graphs "
               "(`bounds/linear_graph.py`) has no relaxation for LayerNorm, GELU or softmax yet and crosses them "
               "with their IBP intervals, so it does not change this."]
