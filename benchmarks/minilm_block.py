@@ -229,7 +229,8 @@ def report() -> None:
               "the logit bounds are ~10²¹ wide), so the search's boxes must shrink to widths (sum 0.2–0.5 over up to "
               "1.2M parameters, or zero for attention) at which the projected fine-tune cannot change task 2. Rank-4 "
               "adapters on the feed-forward layers (16k parameters) get a wide box over their factors (width sum 266), "
-              "but with B starting at zero the product B·A the box allows stays small, and task 2 does not move either. A LID "
+              "and task 2 does not move either (B starts at zero, so width on A alone changes nothing; this run does "
+              "not break the width down by factor). A LID "
               "inside a transformer block needs tighter bounds than IBP: the linear bound on graphs "
               "(`bounds/linear_graph.py`) has no relaxation for LayerNorm, GELU or softmax yet and crosses them "
               "with their IBP intervals, so it does not change this."]
