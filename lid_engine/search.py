@@ -48,7 +48,7 @@ import cooper
 import torch
 from torch import Tensor, nn
 
-from .bounds import linear
+from .bounds import linear, linear_graph
 from .bounds.ibp import check_supported
 from .domains import Box
 from .errors import InvalidDomainError, InvalidInputError, LidError
@@ -722,7 +722,7 @@ def _search_bounds(model, box, x, y, layers, cfg: SearchConfig):
         from . import numerics as rounding
 
         with rounding.native_kernels():
-            return linear.linear_margins(model, box, x.to(box.dtype), y, certify=False, layers=layers,
+            return linear_graph.margins(model, box, x.to(box.dtype), y, certify=False, layers=layers,
                                          competitors=cfg.competitors)
     return (*_ibp_search(model, box, x, layers), None)
 

@@ -16,7 +16,7 @@ from .. import numerics as rounding
 from ..domains import Box
 from ..errors import DomainMismatchError, InvalidInputError, LidError
 from ..zonotope import Zonotope
-from . import ibp, linear
+from . import ibp, linear, linear_graph
 
 METHODS = ("ibp", "crown", "crown+ibp")
 MARGIN_METHODS = ("ibp", "linear")  # the sound ones: both usable in mode="certify"
@@ -118,7 +118,7 @@ def margin_bounds(
     with ctx, (torch.no_grad() if mode == "certify" else _null_ctx()):
         for s in _chunks(len(x), batch_size):
             if method == "linear":
-                parts.append(linear.linear_margins(model, box, x[s], y[s], certify=mode == "certify", layers=layers,
+                parts.append(linear_graph.margins(model, box, x[s], y[s], certify=mode == "certify", layers=layers,
                                                    competitors=competitors, zonotope=zonotope))
             else:
                 parts.append((*ibp.propagate(model, box, x[s], certify=mode == "certify", layers=layers, nonneg=nonneg),

@@ -83,9 +83,10 @@ def walk(model: nn.Module, layers: list[tuple[str, nn.Module]] | ModelGraph) -> 
 
 def check_supported(layers: list[tuple[str, nn.Module]] | ModelGraph) -> None:
     """Raise naming the first layer of a chain that the chain walk cannot relax (``walk`` then traces
-    the model instead). A traced graph is always accepted."""
+    the model instead; ``linear_graph.margins`` bounds either)."""
     if isinstance(layers, ModelGraph):
-        return
+        raise UnsupportedLayerError("the chain walk bounds nn.Sequential chains; a traced graph goes through "
+                                    "lid_engine.bounds.linear_graph.margins")
     for i, (path, m) in enumerate(layers):
         where = f"layer '{path or '<model>'}' ({type(m).__name__})"
         if isinstance(m, TaskMask) and i != len(layers) - 1:
@@ -189,11 +190,7 @@ def linear_margins(
     hides, for examples whose label it hides, and (search mode, ``competitors=k``) beyond the ``k``
     classes with the smallest IBP margins.
     """
-    layers = walk(model, layers)
-    if isinstance(layers, ModelGraph):  # zonotopes: their bounding box (``box``) there
-        from .linear_graph import graph_linear_margins
-
-        return graph_linear_margins(model, layers, box, x, y, certify=certify, competitors=competitors)
+    check_supported(layers)
     states: list[ibp.Interval] = []
     lo, hi = ibp.propagate(model, box, x, certify=certify, layers=layers, record=states)
     linear = lo.new_full(lo.shape, -math.inf)

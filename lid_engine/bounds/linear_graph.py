@@ -118,6 +118,17 @@ def describe(op: Op) -> str:
     return f"{op.name} ({'.' + op.target + '()' if op.kind == 'method' else target_name(op.target)})"
 
 
+def margins(model: nn.Module, box: Box, x: Tensor, y: Tensor, *, certify: bool,
+            layers: list[tuple[str, nn.Module]] | ModelGraph, competitors: int | None = None,
+            zonotope=None) -> tuple[Tensor, Tensor, Tensor]:
+    """The linear bound over what ``linear.walk`` chose: the chain walk (``linear.linear_margins``; a
+    ``zonotope``'s generator terms minimised exactly) or the graph walk (its bounding ``box``)."""
+    if isinstance(layers, ModelGraph):
+        return graph_linear_margins(model, layers, box, x, y, certify=certify, competitors=competitors)
+    return linear.linear_margins(model, box, x, y, certify=certify, layers=layers, competitors=competitors,
+                                 zonotope=zonotope)
+
+
 def graph_linear_margins(model: nn.Module, graph: ModelGraph, box: Box, x: Tensor, y: Tensor, *, certify: bool,
                          competitors: int | None = None, fallbacks: list[str] | None = None,
                          ) -> tuple[Tensor, Tensor, Tensor]:
