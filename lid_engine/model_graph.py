@@ -55,6 +55,12 @@ class Op:
     source: str = ""  # "file:line: code" of the user's line that created it, when recorded
     module_type: str = ""  # for kind "module": the module's class name
 
+    def refs(self) -> list[int]:
+        """The positions of the earlier ops whose values this op reads (in argument order)."""
+        found: list[int] = []
+        _map((self.args, self.kwargs), Ref, lambda r: found.append(r.index))
+        return found
+
     def describe(self, source: bool = True) -> str:
         """How error messages name the op: its node name, what it runs and (``source``) where it comes from."""
         what = {"module": f"module '{self.target}' ({self.module_type})", "method": f"tensor method '.{self.target}()'",
@@ -76,6 +82,13 @@ class ModelGraph:
     @property
     def output(self) -> Op:
         return self.ops[-1]
+
+    def depends_on_input(self) -> list[bool]:
+        """Per op, whether its value depends on the model's input (parameters, buffers and constants do not)."""
+        flags: list[bool] = []
+        for op in self.ops:
+            flags.append(op.kind == "input" or any(flags[i] for i in op.refs()))
+        return flags
 
 
 def target_name(target: Any) -> str:
@@ -230,7 +243,7 @@ def _check_in_place(ops: list[Op], used: dict[str, nn.Module]) -> None:
     refuse it when its first argument has another use, or may share storage with another value."""
     users: dict[int, list[int]] = {}
     for i, op in enumerate(ops):
-        for r in _collect_refs((op.args, op.kwargs)):
+        for r in op.refs():
             users.setdefault(r, []).append(i)
     for i, op in enumerate(ops):
         if not _in_place(op, used) or not op.args or not isinstance(op.args[0], Ref):
@@ -244,12 +257,6 @@ def _check_in_place(ops: list[Op], used: dict[str, nn.Module]) -> None:
                 f"{op.describe()} works in place, and {why}; lid_engine bounds each op as a pure function, which "
                 "that in-place update is not. Write it out of place (h = F.relu(h), h = h + x, "
                 "nn.ReLU(inplace=False))")
-
-
-def _collect_refs(value: Any) -> list[int]:
-    found: list[int] = []
-    _map(value, Ref, lambda r: found.append(r.index))
-    return found
 
 
 def _refs(value: Any, index: dict[fx.Node, int]) -> Any:

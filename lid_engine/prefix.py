@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from .model_graph import ModelGraph, map_refs
+from .model_graph import ModelGraph
 
 
 @dataclass
@@ -100,17 +100,17 @@ def _split_graph(model: nn.Module, graph: ModelGraph, fixed: set[str], names: di
     ops = graph.ops
     if graph.fx_graph is None:
         return None
-    deps = [_refs(op) for op in ops]
+    deps = [op.refs() for op in ops]
     users: list[list[int]] = [[] for _ in ops]
     for i, ds in enumerate(deps):
         for d in ds:
             users[d].append(i)
-    on_input, wide = [False] * len(ops), [False] * len(ops)
+    params = set(names.values())
+    on_input, wide = graph.depends_on_input(), [False] * len(ops)
     for i, op in enumerate(ops):
         own = (op.kind == "module" and not _fixed_module(graph.modules[op.target], fixed, names)) or (
-            op.kind == "attribute" and op.target in _param_names(model) and op.target not in fixed)
+            op.kind == "attribute" and op.target in params and op.target not in fixed)
         wide[i] = own or any(wide[d] for d in deps[i])
-        on_input[i] = op.kind == "input" or any(on_input[d] for d in deps[i])
     start = next(i for i, op in enumerate(ops) if op.kind == "input")
     targets = {i for i in range(len(ops)) if wide[i] and on_input[i]}
     if not targets:
@@ -120,16 +120,6 @@ def _split_graph(model: nn.Module, graph: ModelGraph, fixed: set[str], names: di
             continue
         return _build(model, graph, d, names)
     return None
-
-
-def _param_names(model: nn.Module) -> set[str]:
-    return {n for n, _ in model.named_parameters()}
-
-
-def _refs(op) -> list[int]:
-    found: list[int] = []
-    map_refs((op.args, op.kwargs), lambda r: found.append(r.index))
-    return found
 
 
 def _dominates(d: int, start: int, users: list[list[int]], targets: set[int]) -> bool:

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from .. import numerics as rounding
 from ..domains import Box
-from ..model_graph import ModelGraph, Op, map_refs, target_name
+from ..model_graph import ModelGraph, Op, Ref, map_refs, target_name
 from . import ibp, linear
 from .graph import propagate_graph
 from .registry import Bounds
@@ -171,7 +171,7 @@ class _Walk:
         self.model, self.graph, self.env, self.box = model, graph, env, box
         self.certify, self.dtype, self.eval_dtype = certify, dtype, x.dtype
         self.n = len(x)
-        self.on_input = _depends_on_input(graph)
+        self.on_input = graph.depends_on_input()
         self.crossed: set[int] = set()  # ops whose interval ended the walk (not constants, inputs, parameters)
 
     def run(self, logits: int, y: Tensor, others: Tensor) -> Tensor:
@@ -251,10 +251,9 @@ class _Walk:
             return getattr(args[0], op.target)(*args[1:], **kwargs)
         return op.target(*args, **kwargs)
 
-    def _tensor_refs(self, op: Op) -> list:
-        found: list = []
-        map_refs((op.args, op.kwargs), lambda r: found.append(r) if isinstance(self.env[r.index], Bounds) else None)
-        return list(dict.fromkeys(found))
+    def _tensor_refs(self, op: Op) -> list[Ref]:
+        """The distinct arguments of ``op`` that hold intervals (not sizes or other plain values)."""
+        return [Ref(i) for i in dict.fromkeys(op.refs()) if isinstance(self.env[i], Bounds)]
 
     def _rows_kept(self, op: Op, refs: list) -> bool:
         """Whether row r of ``op``'s output is computed from row r of each argument in ``refs`` only: run
@@ -406,12 +405,3 @@ def _per_row(t: Tensor, n: int, shape: torch.Size) -> Tensor:
     if t.dim() == len(shape) + 1:
         return t.expand(n, *shape)[:, None]
     return t.expand(shape)[None, None].expand(n, 1, *shape)
-
-
-def _depends_on_input(graph: ModelGraph) -> list[bool]:
-    flags: list[bool] = []
-    for op in graph.ops:
-        found: list[int] = []
-        map_refs((op.args, op.kwargs), lambda r: found.append(r.index))
-        flags.append(op.kind == "input" or any(flags[i] for i in found))
-    return flags
