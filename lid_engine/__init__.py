@@ -17,12 +17,22 @@ from .errors import (
     UnsoundBoundError,
     UnsupportedLayerError,
 )
-from .certificate import Certificate, certify_box, clopper_pearson_lower, fingerprint_data, fingerprint_model
+from .certificate import (
+    Certificate,
+    Counts,
+    certify_box,
+    clopper_pearson_lower,
+    count_certified,
+    fingerprint_data,
+    fingerprint_model,
+    fingerprint_stream,
+)
 from .importance import fisher_importance, importance_mask, si_importance
 from .layers import TaskMask
 from .lid import LID
 from .projection import CoefficientOptimizer, ProjectedOptimizer, ProjectionHandle, Projector, attach_projection, project_
 from .search import LidSearchError, SearchConfig, compute_lid, tau_from_accuracy
+from .stream import CertificationStream, TensorStream, shard_ranges
 from .spec import Spec, certified_accuracy, certified_examples, certified_mask, worst_case_logits
 from .metrics import accuracy
 from .zonotope import Zonotope
@@ -39,7 +49,13 @@ __all__ = [
     "width_mask",
     "LID",
     "Certificate",
+    "CertificationStream",
+    "Counts",
+    "TensorStream",
     "certify_box",
+    "count_certified",
+    "fingerprint_stream",
+    "shard_ranges",
     "LidSearchError",
     "CoefficientOptimizer",
     "ProjectedOptimizer",

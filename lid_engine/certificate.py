@@ -47,7 +47,7 @@ import math
 import numbers
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -62,7 +62,8 @@ from .domains import Box
 from .zonotope import Zonotope
 from .errors import CertificateError, InvalidInputError
 from .files import utc_now
-from .spec import SPEC_KINDS, Spec, certified_in_every_dtype
+from .spec import SPEC_KINDS, Spec, certified_in_every_dtype, evaluation_dtypes
+from .stream import CertificationStream, piece_rows, rebatch
 
 CERTIFICATE_FORMAT = "lidgate.certificate/1"
 BOUND_METHODS = MARGIN_METHODS  # "ibp", "linear": both sound under floating point
@@ -72,6 +73,8 @@ BUFFER_PREFIX = "buffer:"
 # The quantile routine is accurate to a few ulps; the bound is lowered by this relative amount so
 # that its floating-point error can only make the reported bound more conservative.
 CP_SAFETY = 1e-12
+# certification data: tensors in memory, or a stream read a chunk at a time (lid_engine.stream)
+CertData = tuple[Tensor, Tensor] | CertificationStream
 
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 # fields added after certificates of this format were first written: absent in those, defaulted
@@ -171,6 +174,40 @@ def fingerprint_data(x: Tensor, y: Tensor) -> str:
     if not isinstance(x, Tensor):
         raise InvalidInputError(f"fingerprint_data: 'x' must be a torch.Tensor, got {type(x).__name__}")
     return fingerprint_tensors({"x": x, "y": canonical_labels(y)})
+
+
+def fingerprint_stream(data: CertificationStream) -> str:
+    """``fingerprint_data`` of a stream's rows, read a chunk at a time: sha256 receives exactly the bytes
+    ``fingerprint_tensors({"x": X, "y": Y})`` gives it for the concatenated ``X`` and ``Y`` (the byte
+    lengths are known from the header, so the length prefixes come first as there)."""
+    if not isinstance(data, CertificationStream):
+        raise InvalidInputError(f"fingerprint_stream: expected a CertificationStream, got {type(data).__name__}")
+    h = hashlib.sha256()
+    _put(h, b"lidgate.tensors/1")
+    h.update(struct.pack("<Q", 2))
+    x_bytes = data.n * math.prod(data.feature_shape) * data.dtype.itemsize
+    for name, dtype, shape, nbytes, pieces in (
+            ("x", data.dtype, (data.n, *data.feature_shape), x_bytes, (x for x, _ in data.chunks())),
+            ("y", torch.int64, (data.n,), data.n * 8, data.labels())):
+        _put(h, name.encode("utf-8"))
+        _put(h, str(dtype).removeprefix("torch.").encode("ascii"))
+        h.update(struct.pack("<Q", len(shape)))
+        for s in shape:
+            h.update(struct.pack("<Q", int(s)))
+        h.update(struct.pack("<Q", nbytes))
+        seen = 0
+        for t in pieces:
+            b = _tensor_bytes(canonical_labels(t, data.name) if name == "y" else t)
+            seen += len(b)
+            h.update(b)
+        if seen != nbytes:
+            raise InvalidInputError(f"{data.name}: the stream gave {seen} bytes of '{name}', its header says {nbytes}")
+    return h.hexdigest()
+
+
+def data_fingerprint(data: CertData) -> str:
+    """``fingerprint_data`` of a pair ``(x, y)`` or ``fingerprint_stream`` of a stream."""
+    return fingerprint_stream(data) if isinstance(data, CertificationStream) else fingerprint_data(*data)
 
 
 # ----------------------------------------------------------------------------------- statistics
@@ -439,37 +476,103 @@ def _check_dtype(dtype, where: str) -> str:
     raise InvalidInputError(f"{where}: 'dtype' must be torch.float32 or torch.float64, got {dtype!r}")
 
 
-def certified_counts(
-    model: nn.Module, box: Box | Zonotope, x: Tensor, y: Tensor, *, dtype: torch.dtype = torch.float64,
-    batch_size: int | None = 2048, where: str = "certify_box", method: str = "ibp",
-) -> tuple[int, int, dict[str, dict[str, int]], list[str]]:
-    """(n, certified, per_class, evaluation dtypes) of the sound certificate of ``box`` on ``(x, y)``
-    with bound ``method`` (``BOUND_METHODS``).
+@dataclass(frozen=True)
+class Counts:
+    """Certified counts of a set of examples; ``a + b`` is exactly the counts of both sets together, so
+    shards and chunks add up to what one pass gives (per class in ascending class order, as one pass
+    lists them)."""
+
+    n: int
+    certified: int
+    per_class: dict[str, dict[str, int]]
+    evaluation_dtypes: tuple[str, ...]
+
+    def __add__(self, other: Counts) -> Counts:
+        if not isinstance(other, Counts):
+            return NotImplemented
+        if self.evaluation_dtypes != other.evaluation_dtypes:
+            raise InvalidInputError(f"Counts: cannot add counts evaluated in {list(self.evaluation_dtypes)} and "
+                                    f"{list(other.evaluation_dtypes)}")
+        zero = {"n": 0, "certified": 0}
+        per_class = {c: {k: self.per_class.get(c, zero)[k] + other.per_class.get(c, zero)[k] for k in ("n", "certified")}
+                     for c in sorted(self.per_class.keys() | other.per_class.keys(), key=int)}
+        return Counts(self.n + other.n, self.certified + other.certified, per_class, self.evaluation_dtypes)
+
+    @classmethod
+    def total(cls, parts: Iterable[Counts]) -> Counts:
+        """The sum of ``parts`` (at least one)."""
+        parts = list(parts)
+        if not parts:
+            raise InvalidInputError("Counts.total: no counts to add (an empty certification set?)")
+        out = parts[0]
+        for p in parts[1:]:
+            out = out + p
+        return out
+
+
+# what certify_box, LID.certify and compute_lid call to count (``counter=``): ``count_certified`` by default, or
+# one that spreads the rows over workers (lidgate's flows shard them on Dask) and adds the parts
+Counter = Callable[..., Counts]
+
+
+def count_certified(
+    model: nn.Module, box: Box | Zonotope, data: CertData, *, dtype: torch.dtype = torch.float64,
+    batch_size: int | None = 2048, method: str = "ibp", rows: tuple[int, int] | None = None,
+    where: str = "certify_box",
+) -> Counts:
+    """The certified ``Counts`` of ``box`` on ``data`` (rows ``[start, stop)`` with ``rows``): tensors
+    ``(x, y)``, or a ``CertificationStream`` counted a piece at a time in bounded memory.
 
     An example is certified when it is certified in ``dtype`` and in every other precision the model
     is stored in (see the module docstring), so the count also holds for the model's own arithmetic.
+    Pieces are bounded in the batches one pass over all rows uses (``lid_engine.stream``), so rows
+    split at ``stream.shard_ranges`` add up to the one-pass counts exactly.
     """
     if not isinstance(box, (Box, Zonotope)):
         raise InvalidInputError(f"{where}: 'box' must be a lid_engine Box or Zonotope, got {type(box).__name__}")
     if method not in BOUND_METHODS:  # no silent fallback to IBP for a name this engine does not know
         raise InvalidInputError(f"{where}: 'method' must be one of {BOUND_METHODS}, got {method!r}")
+    if isinstance(data, CertificationStream):
+        start, stop = (0, data.n) if rows is None else rows
+        pieces = rebatch(data.chunks(start, stop), piece_rows(method, batch_size))
+        return Counts.total(_counts(model, box, x, y, dtype, batch_size, where, method) for x, y in pieces)
+    if not isinstance(data, (tuple, list)) or len(data) != 2 or not all(isinstance(v, Tensor) for v in data):
+        raise InvalidInputError(f"{where}: the certification data must be a pair of tensors (x, y) or a "
+                                f"CertificationStream, got {type(data).__name__}")
+    x, y = data
+    if rows is not None:
+        x, y = x[rows[0]:rows[1]], y[rows[0]:rows[1]]
+    return _counts(model, box, x, y, dtype, batch_size, where, method)
+
+
+def _counts(model, box, x: Tensor, y: Tensor, dtype, batch_size, where: str, method: str) -> Counts:
     mask, yy, _, dtypes = certified_in_every_dtype(model, box, x, canonical_labels(y, where), method, dtype,
                                                    batch_size, where)
-    names = [_check_dtype(d, where) for d in dtypes]
+    names = tuple(_check_dtype(d, where) for d in dtypes)
     mask = mask.cpu()
     yy = yy.cpu()
     per_class = {}
     for c in torch.unique(yy).tolist():
         sel = yy == c
         per_class[str(int(c))] = {"n": int(sel.sum()), "certified": int(mask[sel].sum())}
-    return len(yy), int(mask.sum()), per_class, names
+    return Counts(len(yy), int(mask.sum()), per_class, names)
+
+
+def certified_counts(
+    model: nn.Module, box: Box | Zonotope, x: Tensor, y: Tensor, *, dtype: torch.dtype = torch.float64,
+    batch_size: int | None = 2048, where: str = "certify_box", method: str = "ibp",
+) -> tuple[int, int, dict[str, dict[str, int]], list[str]]:
+    """(n, certified, per_class, evaluation dtypes) of the sound certificate of ``box`` on ``(x, y)``
+    with bound ``method`` (``BOUND_METHODS``): ``count_certified`` as a tuple."""
+    c = count_certified(model, box, (x, y), dtype=dtype, batch_size=batch_size, method=method, where=where)
+    return c.n, c.certified, c.per_class, list(c.evaluation_dtypes)
 
 
 def certify_box(
     model: nn.Module,
     box: Box | Zonotope,
-    x: Tensor,
-    y: Tensor,
+    x: Tensor | CertificationStream,
+    y: Tensor | None,
     spec: Spec,
     *,
     task: str = "task",
@@ -480,6 +583,7 @@ def certify_box(
     batch_size: int | None = 2048,
     model_sha256: str | None = None,
     method: str = "ibp",
+    counter: Counter | None = None,
 ) -> Certificate:
     """Certify ``box`` for ``spec`` on the held-out ``(x, y)``: sound counts, fingerprints, CP bound.
 
@@ -488,6 +592,10 @@ def certify_box(
 
     ``model`` supplies the architecture and buffers (and, unless ``model_sha256`` is given, the
     nominal fingerprint). ``n_domains`` is the size of the union bound (see the module docstring).
+
+    ``x`` may be a ``CertificationStream`` (``y`` None): data larger than memory, counted and
+    fingerprinted a chunk at a time. ``counter``: what counts (``count_certified``'s signature; default
+    ``count_certified``), e.g. one that shards the rows over workers; its counts must cover every row.
     """
     where = "certify_box"
     if not isinstance(spec, Spec):
@@ -501,16 +609,26 @@ def certify_box(
     if not _is_finite_real(confidence) or not 0.0 < float(confidence) < 1.0:
         raise InvalidInputError(f"{where}: 'confidence' must lie strictly between 0 and 1, got {confidence!r}")
     dtype_name = _check_dtype(dtype, where)
-    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
-        raise InvalidInputError(f"{where}: 'x' and 'y' must be torch tensors")
+    if isinstance(x, CertificationStream):
+        if y is not None:
+            raise InvalidInputError(f"{where}: with a CertificationStream as 'x', 'y' must be None (the stream holds the labels)")
+        data: CertData = x
+    elif not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        raise InvalidInputError(f"{where}: 'x' and 'y' must be torch tensors (or 'x' a CertificationStream)")
+    else:
+        data = (x, y)
     if len(x) < 1:
         raise InvalidInputError(f"{where}: the certification set is empty (n must be ≥ 1)")
     if model_sha256 is None:
         model_sha256 = fingerprint_model(model)
     if method not in BOUND_METHODS:
         raise InvalidInputError(f"{where}: 'method' must be one of {BOUND_METHODS}, got {method!r}")
-    n, certified, per_class, evaluated = certified_counts(model, box, x, y, dtype=dtype, batch_size=batch_size,
-                                                          where=where, method=method)
+    counts = (counter or count_certified)(model, box, data, dtype=dtype, batch_size=batch_size, method=method,
+                                          where=where)
+    if not isinstance(counts, Counts) or counts.n != len(x) or sum(c["n"] for c in counts.per_class.values()) != len(x):
+        raise InvalidInputError(f"{where}: the counter returned {counts!r} for {len(x)} rows; its counts must cover "
+                                "every row exactly once")
+    n, certified, per_class, evaluated = counts.n, counts.certified, counts.per_class, list(counts.evaluation_dtypes)
     confidence = float(confidence)
     return Certificate(
         task=task,
@@ -526,13 +644,17 @@ def certify_box(
         model_sha256=model_sha256,
         architecture_sha256=fingerprint_architecture(model),
         domain_sha256=fingerprint_tensors(box.tensors()),
-        data_sha256=fingerprint_data(x, y),
+        data_sha256=data_fingerprint(data),
         bound_method=method,
-        linear_fallbacks=linear_fallbacks(model, box, x, y) if method == "linear" else [],
+        linear_fallbacks=linear_fallbacks(model, box, *_head(data, 8)) if method == "linear" else [],
         dtype=dtype_name,
         evaluation_dtypes=evaluated,
         member=int(member),
     )
+
+
+def _head(data: CertData, k: int) -> tuple[Tensor, Tensor]:
+    return data.head(k) if isinstance(data, CertificationStream) else (data[0][:k], data[1][:k])
 
 
 def linear_fallbacks(model: nn.Module, domain: Box | Zonotope, x: Tensor, y: Tensor) -> list[str]:
@@ -557,13 +679,19 @@ __all__ = [
     "BOUND_NAMES",
     "CERTIFICATE_FORMAT",
     "Certificate",
+    "CertData",
+    "Counter",
+    "Counts",
     "certified_counts",
+    "count_certified",
+    "data_fingerprint",
     "certify_box",
     "clopper_pearson_lower",
     "evaluation_dtypes",
     "fingerprint_architecture",
     "fingerprint_data",
     "fingerprint_model",
+    "fingerprint_stream",
     "fingerprint_tensors",
     "hard_metric",
     "linear_fallbacks",

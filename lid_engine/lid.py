@@ -38,7 +38,9 @@ from torch import Tensor, nn
 from .certificate import (
     BOUND_NAMES,
     BUFFER_PREFIX,
+    CertData,
     Certificate,
+    Counter,
     _engine_version,
     certify_box,
     fingerprint_tensors,
@@ -48,6 +50,7 @@ from .domains import BOX_FORMAT, Box
 from .errors import CertificateError, InvalidDomainError, InvalidInputError, LidError
 from .files import atomic_write, file_sha256, utc_now
 from .spec import Spec
+from .stream import CertificationStream
 
 LID_FORMAT = "lidgate.lid/1"
 LID_FILE = "lid.json"
@@ -277,7 +280,7 @@ class LID:
         cls,
         model: nn.Module,
         members: Sequence[Box],
-        data: Mapping[str, tuple[Tensor, Tensor]],
+        data: Mapping[str, CertData],
         specs: Mapping[str, Spec],
         *,
         confidence: float = 0.95,
@@ -287,12 +290,15 @@ class LID:
         n_domains: int | None = None,
         batch_size: int | None = 2048,
         method: str = "ibp",
+        counter: Counter | None = None,
     ) -> LID:
         """Certify every member on every task's held-out data; θ = the model's current parameters.
 
+        ``data[task]``: ``(x, y)``, or a ``CertificationStream`` read a chunk at a time.
         ``n_domains`` (default ``len(members)``) is the union-bound size; pass a larger number when
         more candidate domains were certified on the same data than are kept here. ``method`` is the
-        sound bound used (``"ibp"`` or ``"linear"``), recorded in every certificate.
+        sound bound used (``"ibp"`` or ``"linear"``), recorded in every certificate. ``counter``: what
+        counts the certified examples (see ``certify_box``), e.g. shards on a cluster.
         """
         if not isinstance(model, nn.Module):
             raise InvalidInputError(f"LID.certify: 'model' must be a torch.nn.Module, got {type(model).__name__}")
@@ -305,8 +311,8 @@ class LID:
                 f"LID.certify: 'data' has tasks {sorted(data)} but 'specs' has {sorted(specs)}; they must match"
             )
         for t, xy in data.items():
-            if not isinstance(xy, (tuple, list)) or len(xy) != 2:
-                raise InvalidInputError(f"LID.certify: data['{t}'] must be a pair (x, y)")
+            if not isinstance(xy, CertificationStream) and (not isinstance(xy, (tuple, list)) or len(xy) != 2):
+                raise InvalidInputError(f"LID.certify: data['{t}'] must be a pair (x, y) or a CertificationStream")
         if n_domains is None:
             n_domains = len(members)
         if isinstance(n_domains, bool) or not isinstance(n_domains, int) or n_domains < len(members):
@@ -332,10 +338,10 @@ class LID:
         for i, m in enumerate(members):
             certs = {}
             for t, spec in specs.items():
-                x, y = data[t]
+                x, y = (data[t], None) if isinstance(data[t], CertificationStream) else data[t]
                 certs[t] = certify_box(
                     model, m, x, y, spec, task=t, member=i, n_domains=n_domains, confidence=confidence,
-                    dtype=dtype, batch_size=batch_size, model_sha256=model_sha, method=method,
+                    dtype=dtype, batch_size=batch_size, model_sha256=model_sha, method=method, counter=counter,
                 )
                 if progress:
                     c = certs[t]

@@ -54,6 +54,7 @@ from .domains import Box
 from .errors import InvalidDomainError, InvalidInputError, LidError
 from .prefix import split_frozen
 from .spec import Spec, certified_accuracy, check_labels
+from .stream import CertificationStream, rebatch
 
 TaskData = tuple[Tensor, Tensor]
 
@@ -261,6 +262,7 @@ def compute_lid(
     device: torch.device | str | None = None,
     progress: bool = True,
     keep: str = "meeting_tau",
+    counter=None,
     **config,
 ):
     """Search a locally invariant domain around the model's current parameters.
@@ -270,7 +272,9 @@ def compute_lid(
     "balanced_accuracy"), or a mapping task name → metric (several constraints of one specification,
     such as an overall balanced accuracy and the accuracy on one class or group). Certification data: ``cert_x``/``cert_y``
     (one task), ``cert={"t1": (x, y), ...}``, or else a ``cert_fraction`` of the data is held out
-    (the search never sees it). ``mask``: name → bool tensor, True where a coordinate must keep
+    (the search never sees it); a task's certification data may be a ``CertificationStream`` (read in
+    chunks, never held in memory), and ``counter`` counts its certified examples (``certify_box``'s,
+    e.g. sharded over a cluster). ``mask``: name → bool tensor, True where a coordinate must keep
     zero width. ``free``: name → bool tensor, True where a coordinate starts at the width cap
     (θ ± max_width) — for coordinates the specification ignores, such as the Task-IL head rows of
     classes not seen yet (METHOD.md §3.4), which later tasks must be free to train; the certificate
@@ -447,7 +451,7 @@ def compute_lid(
     if cut is not None:  # back to the whole model: the prefix's parameters at zero width
         model = full_model
         snapshots = [(it, _whole(b, full_theta, cut.names)) for it, b in snapshots]
-    return _certify_snapshots(model, snapshots, cert_tasks, specs, confidence, cfg, keep, LID, extra, progress)
+    return _certify_snapshots(model, snapshots, cert_tasks, specs, confidence, cfg, keep, LID, extra, progress, counter)
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -497,8 +501,11 @@ def _collect_tasks(model, x, y, tau, tasks, cert, cert_x, cert_y, cert_fraction,
         if cert is not None:
             if name not in cert:
                 raise InvalidInputError(f"compute_lid: no certification data for task '{name}'")
-            cx, cy = _check_task(name, *cert[name], model, "certification data")
-            search_tasks[name], cert_tasks[name] = (tx, ty), (cx, cy)
+            if isinstance(cert[name], CertificationStream):  # read in chunks when certifying; labels checked on its head
+                _check_task(name, *cert[name].head(1), model, "certification data")
+                search_tasks[name], cert_tasks[name] = (tx, ty), cert[name]
+            else:
+                search_tasks[name], cert_tasks[name] = (tx, ty), _check_task(name, *cert[name], model, "certification data")
         else:
             search_tasks[name], cert_tasks[name] = _split(tx, ty, cert_fraction, seed)
         taus[name] = float(ttau)
@@ -569,9 +576,12 @@ def _nominal(model, tasks: Mapping[str, TaskData], specs: Mapping[str, Spec], ch
     it certifies nothing)."""
     param = next(model.parameters())
     out = {}
-    for t, (x, y) in tasks.items():
-        logits = torch.cat([model(x[i : i + chunk].to(param.device, param.dtype)) for i in range(0, len(x), chunk)])
-        y = y.to(param.device)
+    for t, data in tasks.items():
+        pieces = data.chunks() if isinstance(data, CertificationStream) else rebatch([data], chunk)
+        logits, ys = [], []
+        for x, y in pieces:
+            logits.append(model(x.to(param.device, param.dtype)).detach()), ys.append(y)
+        logits, y = torch.cat(logits), torch.cat(ys).to(param.device)
         metric = float(specs[t].hard(logits, logits, y))
         true = logits.gather(1, y[:, None]).squeeze(1)
         others = logits.scatter(1, y[:, None], -torch.inf).max(dim=1).values
@@ -762,7 +772,7 @@ def _project_box_(lower, upper, theta, max_width, frozen, outer: Box | None) -> 
 
 
 def _certify_snapshots(model, snapshots, cert_tasks, specs, confidence, cfg, keep, lid_cls, extra: Mapping,
-                       progress: bool = False):
+                       progress: bool = False, counter=None):
     members = [box for _, box in snapshots]
     config = {k: v for k, v in asdict(cfg).items() if k != "history"}
     config["primal_lr"] = cfg.effective_primal_lr
@@ -770,7 +780,7 @@ def _certify_snapshots(model, snapshots, cert_tasks, specs, confidence, cfg, kee
     config.update(extra)
     config["keep"] = keep
     lid = lid_cls.certify(model, members, cert_tasks, specs, confidence=confidence, search_config=config,
-                          method=cfg.method, progress=progress)
+                          method=cfg.method, progress=progress, counter=counter)
     lid.history = cfg.history
     if keep == "all":
         return lid

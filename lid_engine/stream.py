@@ -1,0 +1,177 @@
+"""Certification data in pieces: streamed from storage, or split into shards counted in parallel.
+
+A certified count is a sum over examples, so a certification set can be counted piece by piece and
+the pieces added exactly (``certificate.Counts``). Two things make the pieces give the *same*
+certificate, byte for byte, as one pass over tensors held in memory:
+
+* **Batches.** The bound pass of one pass runs over batches of ``batch_unit(method, batch_size)``
+  rows counted from row 0. Shards start at multiples of that unit (``shard_ranges``) and a stream is
+  re-cut into whole units (``rebatch``), so every example is bounded in exactly the batch it would be
+  bounded in by one pass, with the same kernels.
+* **Fingerprint.** ``certificate.fingerprint_stream`` feeds sha256 the same bytes as
+  ``fingerprint_data`` on the concatenated tensors, one piece at a time.
+
+``CertificationStream`` is the protocol a source implements (rows ``[start, stop)`` of ``(x, y)`` in
+order, in chunks of its choosing); ``TensorStream`` serves tensors held in memory. lidgate's
+components add a Parquet source read by row groups. Nothing here imports beyond torch.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import Tensor
+
+from .errors import InvalidInputError
+
+__all__ = ["CertificationStream", "TensorStream", "batch_unit", "rebatch", "shard_ranges"]
+
+FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+class CertificationStream(ABC):
+    """Certification data read in order, a chunk at a time, so it never has to fit in memory.
+
+    Subclasses set ``n`` (rows), ``feature_shape`` (one example's shape), ``dtype`` (of ``x``) and
+    ``name`` (what errors call the source: a file path, say), and implement ``_read``. A stream must
+    be re-readable: counting, fingerprinting and shards each read it again from where they need.
+    """
+
+    n: int
+    feature_shape: tuple[int, ...]
+    dtype: torch.dtype
+    name: str
+
+    @abstractmethod
+    def _read(self, start: int, stop: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Chunks ``(x, y)`` covering rows ``[start, stop)`` in order (any chunk sizes)."""
+
+    def labels(self, start: int = 0, stop: int | None = None) -> Iterator[Tensor]:
+        """The labels of rows ``[start, stop)`` in chunks; override when a source can read them alone."""
+        for _, y in self.chunks(start, stop):
+            yield y
+
+    def __len__(self) -> int:
+        return self.n
+
+    def chunks(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """Checked chunks ``(x, y)`` of rows ``[start, stop)``: ``x`` of ``dtype`` and ``(k, *feature_shape)``,
+        ``y`` int64 of shape ``(k,)``, exactly ``stop − start`` rows in all."""
+        start, stop = self._range(start, stop)
+        row = start
+        for x, y in self._read(start, stop):
+            self._check_chunk(x, y, row)
+            row += len(x)
+            if row > stop:
+                raise InvalidInputError(f"{self.name}: the source returned rows past row {stop} (asked for {start}..{stop})")
+            yield x, y
+        if row != stop:
+            raise InvalidInputError(f"{self.name}: the source ended at row {row}, expected rows {start}..{stop} "
+                                    f"({self.n} rows in all)")
+
+    def head(self, k: int) -> tuple[Tensor, Tensor]:
+        """The first ``k`` rows (fewer when the stream is shorter) as tensors."""
+        xs, ys = [], []
+        for x, y in self.chunks(0, min(k, self.n)):
+            xs.append(x), ys.append(y)
+        return torch.cat(xs), torch.cat(ys)
+
+    def _range(self, start: int, stop: int | None) -> tuple[int, int]:
+        stop = self.n if stop is None else stop
+        if not (0 <= start <= stop <= self.n):
+            raise InvalidInputError(f"{self.name}: rows {start}..{stop} lie outside 0..{self.n}")
+        return start, stop
+
+    def _check_chunk(self, x, y, row: int) -> None:
+        where = f"{self.name}, chunk at row {row}"
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+            raise InvalidInputError(f"{where}: a chunk must be a pair of tensors (x, y), got "
+                                    f"({type(x).__name__}, {type(y).__name__})")
+        if x.dtype != self.dtype or tuple(x.shape[1:]) != tuple(self.feature_shape):
+            raise InvalidInputError(f"{where}: x is {x.dtype} of shape {tuple(x.shape)}, expected {self.dtype} of "
+                                    f"shape (k, {', '.join(map(str, self.feature_shape))})")
+        if y.dtype != torch.int64 or y.dim() != 1 or len(y) != len(x):
+            raise InvalidInputError(f"{where}: y must be int64 of shape ({len(x)},), got {y.dtype} {tuple(y.shape)}")
+
+    def _check_header(self) -> None:
+        """For subclasses' ``__init__``: the declared size, shape and dtype are usable."""
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise InvalidInputError(f"{self.name}: a certification stream needs n ≥ 1 rows, got {self.n!r}")
+        if self.dtype not in FLOAT_DTYPES:
+            raise InvalidInputError(f"{self.name}: features must be float32 or float64, got {self.dtype}")
+        if not all(isinstance(s, int) and s >= 1 for s in self.feature_shape):
+            raise InvalidInputError(f"{self.name}: feature_shape must be positive integers, got {self.feature_shape}")
+
+
+class TensorStream(CertificationStream):
+    """Tensors held in memory, served ``chunk_rows`` rows at a time (the reference stream in tests)."""
+
+    def __init__(self, x: Tensor, y: Tensor, chunk_rows: int = 4096, name: str = "tensors") -> None:
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor) or x.dim() < 1 or len(x) != len(y):
+            raise InvalidInputError("TensorStream: 'x' and 'y' must be tensors with the same number of rows")
+        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+            raise InvalidInputError(f"TensorStream: 'chunk_rows' must be a positive integer, got {chunk_rows!r}")
+        self.x, self.y = x, y.to(torch.int64)
+        self.n, self.feature_shape, self.dtype, self.name = len(x), tuple(x.shape[1:]), x.dtype, name
+        self.chunk_rows = chunk_rows
+        self._check_header()
+
+    def _read(self, start: int, stop: int) -> Iterator[tuple[Tensor, Tensor]]:
+        for s in range(start, stop, self.chunk_rows):
+            e = min(s + self.chunk_rows, stop)
+            yield self.x[s:e], self.y[s:e]
+
+
+def batch_unit(method: str, batch_size: int) -> int:
+    """Rows per bound pass when certifying with ``method`` in batches of ``batch_size``: pieces that
+    start at multiples of it are bounded in the same batches as one pass from row 0 (the linear bound
+    re-cuts its input into ``LINEAR_CHUNK`` rows)."""
+    from .bounds import LINEAR_CHUNK
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidInputError(f"certification in pieces needs 'batch_size' as a positive integer, got {batch_size!r}")
+    return min(batch_size, LINEAR_CHUNK) if method == "linear" else batch_size
+
+
+def piece_rows(method: str, batch_size: int) -> int:
+    """The largest multiple of ``batch_unit`` that is at most ``batch_size`` rows (at least one unit)."""
+    unit = batch_unit(method, batch_size)
+    return unit * max(1, batch_size // unit)
+
+
+def shard_ranges(n: int, shards: int, unit: int) -> list[tuple[int, int]]:
+    """``shards`` contiguous row ranges ``[start, stop)`` covering ``0..n``, each starting at a multiple of
+    ``unit`` and as even as whole units allow (fewer ranges when there are fewer units than shards)."""
+    for name, v in (("n", n), ("shards", shards), ("unit", unit)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise InvalidInputError(f"shard_ranges: '{name}' must be a positive integer, got {v!r}")
+    units = math.ceil(n / unit)
+    shards = min(shards, units)
+    bounds = [min(n, (units * k // shards) * unit) for k in range(shards + 1)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def rebatch(chunks: Iterable[tuple[Tensor, Tensor]], rows: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Re-cut a stream of ``(x, y)`` chunks into batches of exactly ``rows`` rows (the last one shorter),
+    holding at most one batch plus one chunk in memory."""
+    xs: list[Tensor] = []
+    ys: list[Tensor] = []
+    held = 0
+    for x, y in chunks:
+        while len(x):
+            take = min(rows - held, len(x))
+            xs.append(x[:take]), ys.append(y[:take])
+            x, y = x[take:], y[take:]
+            held += take
+            if held == rows:
+                yield _joined(xs), _joined(ys)
+                xs, ys, held = [], [], 0
+    if held:
+        yield _joined(xs), _joined(ys)
+
+
+def _joined(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

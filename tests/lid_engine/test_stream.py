@@ -1,0 +1,293 @@
+"""Certification in pieces, and certificates checked on another machine.
+
+* Shards at ``shard_ranges`` and streams re-cut by ``rebatch`` give exactly the one-pass counts, for
+  IBP and the linear bound, in any number of shards or chunk sizes; the streamed fingerprint is the
+  in-memory one; a certificate or a LID certified from a stream or through a sharding counter is the
+  in-memory one field for field (only its creation time differs).
+* A stream or a counter that delivers the wrong rows is refused by name.
+* ``verify`` on other kernels: a recomputed count at least the stored one confirms the claim; a lower
+  one fails with both numbers named.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import lid_engine as le
+from lid_engine import Box, Spec
+from lid_engine import numerics
+from lid_engine.certificate import (
+    Counts,
+    certify_box,
+    count_certified,
+    fingerprint_data,
+    fingerprint_stream,
+    hard_metric,
+    population_lower_bound,
+)
+from lid_engine.errors import InvalidInputError
+from lid_engine.lid import LID, manifest_digest
+from lid_engine.stream import CertificationStream, TensorStream, batch_unit, rebatch, shard_ranges
+from lid_engine.verify import verify
+
+
+def mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 4)).eval()
+
+
+def cnn(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+
+
+def labelled(model: nn.Module, shape: tuple[int, ...], n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *shape, generator=g)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    flip = torch.rand(n, generator=g) < 0.15  # some wrong labels: not everything certifies
+    y[flip] = (y[flip] + 1) % model(x[:1]).shape[1]
+    return x, y
+
+
+MODEL = mlp()
+X, Y = labelled(MODEL, (6,), 700)
+BOX = Box.around(MODEL, 0.02)
+
+
+def cert_fields(c) -> dict:
+    d = c.to_dict()
+    d.pop("created_at")  # the one timing field
+    return d
+
+
+# ------------------------------------------------------------------------ planning the pieces
+@given(n=st.integers(1, 5000), shards=st.integers(1, 40), unit=st.integers(1, 600))
+def test_shard_ranges_cover_every_row_once_from_unit_multiples(n, shards, unit):
+    ranges = shard_ranges(n, shards, unit)
+    assert ranges[0][0] == 0 and ranges[-1][1] == n
+    assert all(a < b for a, b in ranges) and all(b == a2 for (_, b), (a2, _) in zip(ranges, ranges[1:]))
+    assert all(a % unit == 0 for a, _ in ranges)
+    assert len(ranges) == min(shards, -(-n // unit))
+    sizes = [-(-(b - a) // unit) for a, b in ranges]  # whole units per shard: as even as possible
+    assert max(sizes) - min(sizes) <= 1
+
+
+@given(sizes=st.lists(st.integers(0, 50), min_size=1, max_size=20), rows=st.integers(1, 64))
+def test_rebatch_cuts_whole_batches_in_order(sizes, rows):
+    x = torch.arange(sum(sizes), dtype=torch.float64)[:, None]
+    chunks, s = [], 0
+    for k in sizes:
+        chunks.append((x[s:s + k], x[s:s + k, 0].long()))
+        s += k
+    out = list(rebatch(chunks, rows))
+    assert all(len(b) == rows for b, _ in out[:-1]) and all(0 < len(b) <= rows for b, _ in out)
+    if out:
+        assert torch.equal(torch.cat([b for b, _ in out]), x) and torch.equal(torch.cat([c for _, c in out]), x[:, 0].long())
+    else:
+        assert len(x) == 0
+
+
+def test_batch_unit_follows_the_bound():
+    assert batch_unit("ibp", 300) == 300
+    assert batch_unit("linear", 2048) == le.bounds.LINEAR_CHUNK and batch_unit("linear", 100) == 100
+    with pytest.raises(InvalidInputError, match="batch_size"):
+        batch_unit("ibp", None)
+
+
+# ------------------------------------------------------------------------ exact combination
+@settings(max_examples=12, deadline=None)
+@given(shards=st.integers(1, 9), batch=st.sampled_from([64, 100, 700]), method=st.sampled_from(["ibp", "linear"]))
+def test_shards_add_up_to_one_pass(shards, batch, method):
+    one = count_certified(MODEL, BOX, (X, Y), batch_size=batch, method=method)
+    parts = [count_certified(MODEL, BOX, (X, Y), batch_size=batch, method=method, rows=r)
+             for r in shard_ranges(len(X), shards, batch_unit(method, batch))]
+    assert Counts.total(parts) == one
+    assert 0 < one.certified < one.n  # a non-trivial count
+
+
+@settings(max_examples=12, deadline=None)
+@given(chunk=st.integers(1, 800), batch=st.sampled_from([64, 100, 2048]), method=st.sampled_from(["ibp", "linear"]),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_a_stream_counts_and_hashes_as_tensors_in_memory(chunk, batch, method, dtype):
+    x = X.to(dtype)
+    stream = TensorStream(x, Y, chunk_rows=chunk)
+    assert count_certified(MODEL, BOX, stream, batch_size=batch, method=method) == \
+        count_certified(MODEL, BOX, (x, Y), batch_size=batch, method=method)
+    assert fingerprint_stream(stream) == fingerprint_data(x, Y)
+
+
+def test_stream_fingerprint_of_images():
+    model = cnn()
+    x, y = labelled(model, (1, 8, 8), 50)
+    assert fingerprint_stream(TensorStream(x, y, chunk_rows=7)) == fingerprint_data(x, y)
+    assert fingerprint_stream(TensorStream(x, y, chunk_rows=7)) != fingerprint_data(x[:-1], y[:-1])
+
+
+def test_counts_add_class_by_class():
+    a = Counts(3, 1, {"0": {"n": 2, "certified": 1}, "2": {"n": 1, "certified": 0}}, ("float64",))
+    b = Counts(2, 2, {"1": {"n": 1, "certified": 1}, "10": {"n": 1, "certified": 1}}, ("float64",))
+    s = a + b
+    assert (s.n, s.certified) == (5, 3) and list(s.per_class) == ["0", "1", "2", "10"]
+    with pytest.raises(InvalidInputError, match="evaluated in"):
+        a + Counts(1, 1, {"0": {"n": 1, "certified": 1}}, ("float64", "float32"))
+    with pytest.raises(InvalidInputError, match="no counts"):
+        Counts.total([])
+
+
+def sharding_counter(shards: int):
+    """What lidgate's flows do on Dask, in one process: count each shard, add the parts."""
+    calls = []
+
+    def counter(model, box, data, *, dtype, batch_size, method, where):
+        ranges = shard_ranges(len(data) if not isinstance(data, tuple) else len(data[0]), shards,
+                              batch_unit(method, batch_size))
+        calls.append(ranges)
+        return Counts.total(count_certified(model, box, data, dtype=dtype, batch_size=batch_size, method=method,
+                                            rows=r, where=where) for r in ranges)
+
+    counter.calls = calls
+    return counter
+
+
+@pytest.mark.parametrize("method", ["ibp", "linear"])
+def test_certificate_from_a_stream_or_shards_is_the_in_memory_one(method):
+    spec = Spec("balanced_accuracy", 0.5)
+    ref = certify_box(MODEL, BOX, X, Y, spec, method=method, batch_size=128)
+    streamed = certify_box(MODEL, BOX, TensorStream(X, Y, chunk_rows=45), None, spec, method=method, batch_size=128)
+    counter = sharding_counter(4)
+    sharded = certify_box(MODEL, BOX, X, Y, spec, method=method, batch_size=128, counter=counter)
+    assert cert_fields(streamed) == cert_fields(ref) == cert_fields(sharded)
+    assert len(counter.calls[0]) == 4
+
+
+def test_lid_certified_in_shards_saves_the_same_files(tmp_path):
+    members = [Box.around(MODEL, r) for r in (0.005, 0.02)]
+    data, specs = {"task": (X, Y)}, {"task": Spec("accuracy", 0.6)}
+    one = LID.certify(MODEL, members, data, specs, batch_size=128)
+    sharded = LID.certify(MODEL, members, {"task": TensorStream(X, Y, chunk_rows=99)}, specs, batch_size=128,
+                          counter=sharding_counter(3))
+    for lid in (one, sharded):
+        for certs in lid.certificates:
+            certs["task"] = type(certs["task"])(**{**certs["task"].to_dict(), "created_at": "2026-01-01T00:00:00+00:00"})
+    a, b = one.save(tmp_path / "one"), sharded.save(tmp_path / "sharded")
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    manifest = [json.loads((d / "lid.json").read_text()) for d in (a, b)]
+    for m in manifest:
+        m.pop("created_at", None), m.pop("digest", None)
+    assert manifest[0] == manifest[1]
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files if f.name != "lid.json")
+
+
+def test_compute_lid_certifies_a_stream():
+    lid = le.compute_lid(MODEL, X[:400], Y[:400], tau=0.5, cert={"task": TensorStream(X[400:], Y[400:], chunk_rows=37)},
+                         iterations=15, progress=False, keep="all")
+    ref = LID.certify(MODEL, lid.members, {"task": (X[400:], Y[400:])}, lid.tasks)
+    assert [cert_fields(c["task"]) for c in lid.certificates] == [cert_fields(c["task"]) for c in ref.certificates]
+
+
+# ------------------------------------------------------------------------ refusing bad pieces
+class Broken(CertificationStream):
+    def __init__(self, fault: str):
+        self.n, self.feature_shape, self.dtype, self.name, self.fault = len(X), (6,), torch.float32, "broken.parquet", fault
+
+    def _read(self, start, stop):
+        for s in range(start, stop, 100):
+            x, y = X[s:min(s + 100, stop)], Y[s:min(s + 100, stop)]
+            if self.fault == "dtype" and s >= 200:
+                x = x.double()
+            if self.fault == "short" and s >= 600:
+                return
+            yield x, y
+
+
+@pytest.mark.parametrize("fault, message", [("dtype", r"broken.parquet, chunk at row 200: x is torch.float64"),
+                                            ("short", r"broken.parquet: the source ended at row 600, expected rows 0..700")])
+def test_a_stream_that_breaks_its_header_is_refused_by_name(fault, message):
+    with pytest.raises(InvalidInputError, match=message):
+        count_certified(MODEL, BOX, Broken(fault), batch_size=128)
+    with pytest.raises(InvalidInputError, match=message):
+        fingerprint_stream(Broken(fault))
+
+
+def test_a_counter_that_loses_rows_is_refused():
+    def lossy(model, box, data, **kw):
+        return count_certified(model, box, data, rows=(0, 600), **kw)
+
+    with pytest.raises(InvalidInputError, match="must cover every row exactly once"):
+        certify_box(MODEL, BOX, X, Y, Spec("accuracy", 0.5), counter=lossy)
+
+
+# ------------------------------------------------------------------------ verify on other kernels
+@pytest.fixture(scope="module")
+def saved_cnn(tmp_path_factory):
+    model = cnn()
+    x, y = labelled(model, (1, 8, 8), 300)
+    lid = LID.certify(model, [Box.around(model, 0.001)], {"task": (x, y)}, {"task": Spec("accuracy", 0.3)})
+    return model, x, y, lid.save(tmp_path_factory.mktemp("cnn") / "lid")
+
+
+def reseal(src, dst, delta: int):
+    """The stored count moved by ``delta`` in one class, every derived number made consistent again."""
+    d = shutil.copytree(src, dst)
+    manifest = json.loads((d / "lid.json").read_text())
+    c = manifest["members"][0]["certificates"]["task"]
+    cls = next(k for k, v in c["per_class"].items() if 0 < v["certified"] < v["n"])
+    c["per_class"][cls]["certified"] += delta
+    c["certified"] += delta
+    c["certified_accuracy"] = hard_metric(c["kind"], c["certified"], c["n"], c["per_class"])
+    c["lower_bound"] = population_lower_bound(c["kind"], c["certified"], c["n"], c["per_class"], c["confidence"],
+                                              c["n_domains"])
+    manifest["digest"] = manifest_digest(manifest)
+    (d / "lid.json").write_text(json.dumps(manifest))
+    return d, cls, c
+
+
+def test_verify_with_other_kernels_confirms_the_claim(saved_cnn, monkeypatch):
+    model, x, y, d = saved_cnn  # certified with oneDNN's direct convolution (where available)
+    monkeypatch.setattr(numerics, "direct_conv_available", lambda x: False)  # the auditor's: im2col + GEMM
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        report = verify(d, model, x, y, batch_size=77)  # other batches too
+    finally:
+        torch.set_num_threads(threads)
+    assert report.ok, report.summary()
+
+
+def test_verify_accepts_a_recount_at_least_the_stored_one(saved_cnn, tmp_path):
+    model, x, y, d = saved_cnn
+    lower, _, c = reseal(d, tmp_path / "lower", -1)  # another machine's sound count, one borderline example fewer
+    report = verify(lower, model, x, y)
+    assert report.ok, report.summary()
+    detail = next(ch.detail for ch in report.checks if ch.name.endswith("recomputed"))
+    assert f"≥ {c['certified']} stored" in detail
+
+
+def test_verify_fails_a_recount_below_the_stored_one_naming_both(saved_cnn, tmp_path):
+    model, x, y, d = saved_cnn
+    higher, cls, c = reseal(d, tmp_path / "higher", +1)
+    report = verify(higher, model, x, y)
+    assert not report.ok
+    (fail,) = report.failures
+    assert fail.name == "member 0 / 'task' recomputed"
+    k = c["certified"] - 1
+    assert f"recomputed {k}/{c['n']} certified, stored {c['certified']}/{c['n']}" in fail.detail
+    assert f"class {cls} ({c['per_class'][cls]['certified'] - 1} < {c['per_class'][cls]['certified']})" in fail.detail
+
+
+def test_verify_reads_a_stream(saved_cnn):
+    model, x, y, d = saved_cnn
+    assert verify(d, model, TensorStream(x, y, chunk_rows=41)).ok
+    other = TensorStream(x[:-1], y[:-1], chunk_rows=41)
+    report = verify(d, model, other)
+    assert not report.ok and "data 'task' fingerprint" in [c.name for c in report.failures]
