@@ -51,6 +51,7 @@ __all__ = [
     "DATA_SUFFIXES",
     "FORMAT_VERSION",
     "ConfigError",
+    "CertificationSection",
     "ConfigProblem",
     "DataSection",
     "ExportSection",
@@ -82,7 +83,7 @@ BUILTIN_TRAINING_KWARGS = {"epochs": "an integer ≥ 1", "batch_size": "an integ
 _SEARCH_OWN_KEYS = {"iterations": "search.iterations", "checkpoints": "search.checkpoints",
                     "batch_size": "search.batch_size", "method": "search.bound"}
 _SEARCH_INTERNAL = {"history"}
-_OPTIONAL_SECTIONS = ("training", "search", "registry", "export", "signing")
+_OPTIONAL_SECTIONS = ("training", "search", "registry", "export", "signing", "certification")
 
 
 # ------------------------------------------------------------------------------------ errors
@@ -648,6 +649,30 @@ class SigningSection(_Section):
     public_keys: list[ConfigPath] = Field(default_factory=list)
 
 
+class CertificationSection(_Section):
+    """How the certified counts are computed beyond one process (``flows.shards``). The certificate is
+    the same either way: shards and chunks add up exactly to one pass.
+
+    ``shards``: pieces of the certification set counted in parallel on Dask through Prefect's Dask
+    task runner (1: in-process, no cluster). ``workers``: size of the local cluster (default: the
+    smaller of ``shards`` and the CPU count). ``processes``: process workers (default: only when a
+    Prefect server is configured; without one every process worker would start its own temporary
+    server), else threads. ``scheduler``: the address of an existing Dask scheduler
+    (``tcp://host:8786``) instead of a local cluster. ``stream``: read the certification file in chunks
+    (Parquet row groups) instead of loading it, keeping at most ``memory_mb`` MiB of its features in
+    memory per reader. ``batch_size``: rows per bound pass when certifying (shards start at multiples
+    of it, so it also caps how finely a small certification set can be sharded)."""
+
+    shards: Positive = 1
+    workers: Positive | None = None
+    processes: bool | None = None
+    scheduler: Annotated[str, _pattern(r"(tcp|tls|inproc|ucx)://\S+", "a Dask scheduler address such as tcp://host:8786",
+                                       max_len=500)] | None = None
+    stream: bool = False
+    memory_mb: Positive = 512
+    batch_size: Positive = 2048
+
+
 class LidgateConfig(_Section):
     """A validated configuration file. Build it with ``load_config`` (or ``parse_config``).
 
@@ -663,6 +688,7 @@ class LidgateConfig(_Section):
         registry: ``RegistrySection`` (None values: the entry point's defaults).
         export: ``ExportSection``.
         signing: ``SigningSection`` (signing key of the certify worker, keys the gate trusts).
+        certification: ``CertificationSection`` (shards on Dask, streaming).
 
     Paths are absolute (relative ones were resolved against ``base_dir``, the file's folder), except
     on a configuration built directly in Python, where they stay as given and ``base_dir`` is the
@@ -680,6 +706,7 @@ class LidgateConfig(_Section):
     registry: RegistrySection = Field(default_factory=RegistrySection)
     export: ExportSection = Field(default_factory=ExportSection)
     signing: SigningSection = Field(default_factory=SigningSection)
+    certification: CertificationSection = Field(default_factory=CertificationSection)
 
     _base_dir: Path | None = PrivateAttr(default=None)
 
@@ -721,11 +748,17 @@ class LidgateConfig(_Section):
         for section, key, empty in (("spec", "recall", []), ("spec", "worst_group", None), ("data", "group", None)):
             if out[section].get(key) == empty:
                 del out[section][key]
+        if out["certification"] == CertificationSection().model_dump(mode="json"):
+            del out["certification"]
         return out
 
     def canonical_json(self) -> str:
-        """``to_dict()`` as canonical JSON: sorted keys, no whitespace, ASCII only."""
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+        """``to_dict()`` as canonical JSON: sorted keys, no whitespace, ASCII only — without the
+        ``certification`` section: how the counts are computed (in how many shards, on which cluster,
+        streamed or not) changes no certificate, so it is not part of what produced a version."""
+        out = self.to_dict()
+        out.pop("certification", None)
+        return json.dumps(out, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
     def sha256(self) -> str:
         """sha256 (hex) of ``canonical_json()``: which configuration produced a version."""

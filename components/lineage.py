@@ -87,10 +87,12 @@ class LineageCheck:
         return {"version": self.version, "ok": self.ok, "failures": self.failures}
 
 
-def check_version(earlier: LoadedVersion | None, model: nn.Module | None, version: str) -> LineageCheck:
+def check_version(earlier: LoadedVersion | None, model: nn.Module | None, version: str, *,
+                  counter: Callable | None = None, batch_size: int | None = 2048) -> LineageCheck:
     """Check ``model`` against the LID of one earlier version (already loaded; None: it could not be).
 
-    Never raises: an exception inside ``verify`` is returned in ``LineageCheck.error``.
+    ``counter``: how ``verify`` counts the certified examples (``lid_engine.certify_box``'s; e.g. shards
+    on a cluster), in bound passes of ``batch_size`` rows. Never raises: an exception inside ``verify`` is returned in ``LineageCheck.error``.
     """
     result = LineageCheck(version=str(version))
     if earlier is None:
@@ -104,7 +106,8 @@ def check_version(earlier: LoadedVersion | None, model: nn.Module | None, versio
         result.problems.append(NO_MODEL)
         return result
     try:
-        report = verify(earlier.lid_dir, model, data=earlier.cert_data, allow_update=True, recompute="containing")
+        report = verify(earlier.lid_dir, model, data=earlier.cert_data, allow_update=True, recompute="containing",
+                        counter=counter, batch_size=batch_size)
         bad = [c for c in report.checks if not c.ok]
         result.member = report.member
         for t, spec in lid.tasks.items():
@@ -132,6 +135,8 @@ def verify_lineage(
     versions: Sequence[str],
     *,
     load: Callable[[str], LoadedVersion | None] | None = None,
+    counter: Callable | None = None,
+    batch_size: int | None = 2048,
 ) -> list[LineageCheck]:
     """Check ``model`` against the LID of every version in ``versions``, in order.
 
@@ -142,6 +147,7 @@ def verify_lineage(
         load: how to read a version; returns it, or None (or raises) when it cannot be read.
             Default: ``registry.load`` (strict: a modified artifact makes the version unloadable),
             released again after its check. A caller's loader keeps ownership of what it loads.
+        counter, batch_size: how the certified examples are counted (see ``check_version``).
 
     Returns:
         One ``LineageCheck`` per version; ``all(r.ok for r in results)`` means every earlier
@@ -156,7 +162,7 @@ def verify_lineage(
         except Exception as exc:  # noqa: BLE001 — an unreadable version fails its check, it is not skipped
             why = f"{NOT_LOADED}: {type(exc).__name__}: {exc}"
         try:
-            result = check_version(loaded, model, version)
+            result = check_version(loaded, model, version, counter=counter, batch_size=batch_size)
         finally:
             if load is None and loaded is not None:
                 registry.release(loaded)

@@ -173,6 +173,8 @@ class Certification:
     signature: dict | None = None
     #: configured constraints that do not apply to this task's data, and why (``components.constraints``)
     notes: list[str] = field(default_factory=list)
+    #: how the counts were computed beyond this process (``flows.shards``): shards, task runs, scheduler
+    shards: dict[str, Any] | None = None
 
     @property
     def lineage_ok(self) -> bool:
@@ -184,7 +186,8 @@ class Certification:
         return cls(task=summary["task"], lineage=list(summary.get("lineage", [])), lid=lid, tau=summary.get("tau"),
                    search_metric=summary.get("search_metric"), error=summary.get("error"),
                    device=summary.get("device", "cpu"), biasing=summary.get("biasing", "none"),
-                   seconds=float(summary.get("seconds", 0.0)), notes=list(summary.get("notes", [])))
+                   seconds=float(summary.get("seconds", 0.0)), notes=list(summary.get("notes", [])),
+                   shards=summary.get("shards"))
 
     def summary(self) -> dict[str, Any]:
         """JSON-able summary (what the CLI prints and the flows return)."""
@@ -192,6 +195,8 @@ class Certification:
                                "tau": self.tau, "search_metric": self.search_metric, "device": self.device,
                                "biasing": self.biasing, "seconds": round(self.seconds, 1),
                                "lineage": list(self.lineage), "notes": list(self.notes)}
+        if self.shards is not None:
+            out["shards"] = dict(self.shards)
         if self.lid is not None:
             from components.constraints import constraint_records, describe
 
@@ -526,14 +531,30 @@ def certify_candidate(config: LidgateConfig, model: nn.Module, data: DataSplits,
     """
     import torch
 
-    import lid_engine as le
+    from flows.shards import shard_counter
 
     start = time.perf_counter()
     log = _log()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     versions = list(lineage) if lineage is not None else (champion.lineage if champion is not None else [])
-    result = Certification(task=data.task, lineage=recheck_lineage(registry_for(config), model, versions), lid=None,
-                           device=device)
+    with shard_counter(config.certification) as counter:  # None: count in-process
+        result = _certify(config, model, data, champion, versions, lookahead_dir, device, counter, start)
+    if counter is not None:
+        result.shards = {"shards": config.certification.shards, "tasks": counter.submitted,
+                         "scheduler": config.certification.scheduler or "local cluster"}
+        log.info("certified counts from %d shard task runs on Dask (%s)", counter.submitted,
+                 result.shards["scheduler"])
+    return result
+
+
+def _certify(config: LidgateConfig, model: nn.Module, data: DataSplits, champion: Champion | None,
+             versions: list[str], lookahead_dir, device: str, counter, start: float) -> Certification:
+    import lid_engine as le
+
+    log = _log()
+    result = Certification(task=data.task, lineage=recheck_lineage(registry_for(config), model, versions, counter,
+                                                         config.certification.batch_size),
+                           lid=None, device=device)
     metric = config.spec.metric
     balanced = metric == "balanced_accuracy"
     result.search_metric = le.accuracy(model, *data.search, balanced=balanced)
@@ -573,7 +594,8 @@ def certify_candidate(config: LidgateConfig, model: nn.Module, data: DataSplits,
             cert={c.task: c.certification for c in constraints}, within=within, mask=mask,
             spec_kind={c.task: c.metric for c in constraints},
             confidence=joint_confidence(config.spec.confidence, len(constraints)), seed=config.training.seed,
-            device=device, progress=True, **settings)
+            device=device, progress=True, counter=counter, cert_batch_size=config.certification.batch_size,
+            **settings)
     except le.LidSearchError as exc:
         result.error = str(exc)
         log.warning("LID search failed: %s", exc)
@@ -591,12 +613,15 @@ def certify_candidate(config: LidgateConfig, model: nn.Module, data: DataSplits,
     return _done(result, start)
 
 
-def recheck_lineage(registry, model: nn.Module, versions: Sequence[str]) -> list[dict]:
+def recheck_lineage(registry, model: nn.Module, versions: Sequence[str], counter=None,
+                    batch_size: int | None = 2048) -> list[dict]:
     """``{"version", "ok", "failures"}`` per earlier version: the candidate against each one's LID
-    (``components.lineage.verify_lineage``, the one implementation the gate and the audit use too)."""
+    (``components.lineage.verify_lineage``, the one implementation the gate and the audit use too).
+    ``counter``: how the certified examples are counted (``flows.shards``; None: in-process)."""
     from components.lineage import verify_lineage
 
-    return [check.to_dict() for check in verify_lineage(registry, model, list(versions))]
+    return [check.to_dict() for check in verify_lineage(registry, model, list(versions), counter=counter,
+                                                                 batch_size=batch_size)]
 
 
 def _vacuous_threshold(model: nn.Module, data: DataSplits, tau: float, metric: str) -> str | None:

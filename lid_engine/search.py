@@ -263,6 +263,7 @@ def compute_lid(
     progress: bool = True,
     keep: str = "meeting_tau",
     counter=None,
+    cert_batch_size: int | None = 2048,
     **config,
 ):
     """Search a locally invariant domain around the model's current parameters.
@@ -274,7 +275,7 @@ def compute_lid(
     (one task), ``cert={"t1": (x, y), ...}``, or else a ``cert_fraction`` of the data is held out
     (the search never sees it); a task's certification data may be a ``CertificationStream`` (read in
     chunks, never held in memory), and ``counter`` counts its certified examples (``certify_box``'s,
-    e.g. sharded over a cluster). ``mask``: name → bool tensor, True where a coordinate must keep
+    e.g. sharded over a cluster), in bound passes of ``cert_batch_size`` rows. ``mask``: name → bool tensor, True where a coordinate must keep
     zero width. ``free``: name → bool tensor, True where a coordinate starts at the width cap
     (θ ± max_width) — for coordinates the specification ignores, such as the Task-IL head rows of
     classes not seen yet (METHOD.md §3.4), which later tasks must be free to train; the certificate
@@ -451,7 +452,8 @@ def compute_lid(
     if cut is not None:  # back to the whole model: the prefix's parameters at zero width
         model = full_model
         snapshots = [(it, _whole(b, full_theta, cut.names)) for it, b in snapshots]
-    return _certify_snapshots(model, snapshots, cert_tasks, specs, confidence, cfg, keep, LID, extra, progress, counter)
+    return _certify_snapshots(model, snapshots, cert_tasks, specs, confidence, cfg, keep, LID, extra, progress, counter,
+                              cert_batch_size)
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -772,7 +774,7 @@ def _project_box_(lower, upper, theta, max_width, frozen, outer: Box | None) -> 
 
 
 def _certify_snapshots(model, snapshots, cert_tasks, specs, confidence, cfg, keep, lid_cls, extra: Mapping,
-                       progress: bool = False, counter=None):
+                       progress: bool = False, counter=None, batch_size: int | None = 2048):
     members = [box for _, box in snapshots]
     config = {k: v for k, v in asdict(cfg).items() if k != "history"}
     config["primal_lr"] = cfg.effective_primal_lr
@@ -780,7 +782,7 @@ def _certify_snapshots(model, snapshots, cert_tasks, specs, confidence, cfg, kee
     config.update(extra)
     config["keep"] = keep
     lid = lid_cls.certify(model, members, cert_tasks, specs, confidence=confidence, search_config=config,
-                          method=cfg.method, progress=progress, counter=counter)
+                          method=cfg.method, progress=progress, counter=counter, batch_size=batch_size)
     lid.history = cfg.history
     if keep == "all":
         return lid

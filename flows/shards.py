@@ -1,0 +1,120 @@
+"""Certification sharded on Dask through Prefect's Dask task runner (prefect-dask).
+
+The certified count of a domain is a sum over examples, so ``certification.shards`` pieces of the
+certification set are counted in parallel, each as a Prefect task run on a Dask worker, and added
+exactly (``lid_engine.Counts``). Pieces start at the engine's batch boundaries
+(``lid_engine.shard_ranges``), so every example is bounded in the batch one pass would use and the
+certificate is the one-pass certificate, byte for byte.
+
+Where the workers come from (``CertificationSection``):
+
+* a local cluster started for the certification and stopped after it: ``workers`` workers, threads
+  by default and processes when a Prefect server is configured (``processes`` overrides);
+* an existing scheduler: ``scheduler: tcp://host:8786`` (``dask scheduler`` / ``dask worker`` on the
+  machines, see deployment/README.md). Workers need lidgate, the team's model code and, for a
+  streamed file, the file at the same path.
+
+A shard gets its rows (tensors, or for a stream the source and a row range that it reads itself),
+the model and the domain; it returns plain numbers (``Counts``), never CUDA tensors, which Dask cannot
+move between processes. The LID search itself stays where the certify flow runs (the ``gpu`` pool).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from flows.settings import prefect_server_configured
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from components.config import CertificationSection
+    from lid_engine import Box, Counts
+    from lid_engine.certificate import CertData
+
+__all__ = ["ShardCounter", "certify_shard", "shard_counter"]
+
+
+@task(name="certify-shard", cache_policy=NO_CACHE, persist_result=False)
+def certify_shard(model: nn.Module, box: Box, data: CertData, rows: tuple[int, int] | None, *, dtype, batch_size: int,
+                  method: str, threads: int | None = None) -> Counts:
+    """The certified counts of rows ``rows`` of ``data`` (all of it when None), on a Dask worker."""
+    import torch
+
+    from lid_engine import count_certified
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return count_certified(model, box, data, dtype=dtype, batch_size=batch_size, method=method, rows=rows,
+                           where="certify shard")
+
+
+class ShardCounter:
+    """A ``lid_engine`` counter (``certify_box(counter=...)``) that spreads the rows over a Dask cluster."""
+
+    def __init__(self, runner, shards: int, threads: int | None) -> None:
+        self.runner, self.shards, self.threads = runner, shards, threads
+        self.submitted = 0  # shard task runs so far (reported in the flow's log and summary)
+
+    def __call__(self, model: nn.Module, box: Box, data: CertData, *, dtype, batch_size: int | None, method: str,
+                 where: str) -> Counts:
+        from lid_engine import Box, CertificationStream, Counts, shard_ranges
+        from lid_engine.stream import batch_unit
+
+        n = len(data) if isinstance(data, CertificationStream) else len(data[0])
+        ranges = shard_ranges(n, self.shards, batch_unit(method, batch_size))
+        # Dask cannot move CUDA tensors between processes: shards get CPU copies (the search may have run on CUDA)
+        model, box = _cpu(model), box.to("cpu") if isinstance(box, Box) else box
+        futures = []
+        for a, b in ranges:
+            # tensors travel as their slice only; a stream travels as its source and reads its own rows
+            piece, rows = (data, (a, b)) if isinstance(data, CertificationStream) else \
+                ((data[0][a:b].cpu(), data[1][a:b].cpu()), None)
+            futures.append(self.runner.submit(certify_shard, parameters={
+                "model": model, "box": box, "data": piece, "rows": rows, "dtype": dtype, "batch_size": batch_size,
+                "method": method, "threads": self.threads}))
+        self.submitted += len(futures)
+        return Counts.total(f.result() for f in futures)
+
+
+def _cpu(model: nn.Module) -> nn.Module:
+    import copy
+
+    on_cpu = all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
+    return model if on_cpu else copy.deepcopy(model).to("cpu")
+
+
+@contextmanager
+def shard_counter(section: CertificationSection) -> Iterator[ShardCounter | None]:
+    """A ``ShardCounter`` on the cluster ``section`` describes, for the duration of the block (None when
+    ``shards`` is 1 and no scheduler is named: count in-process)."""
+    if section.shards <= 1 and section.scheduler is None:
+        yield None
+        return
+    from prefect_dask import DaskTaskRunner
+
+    cpus = os.cpu_count() or 1
+    if section.scheduler is not None:
+        runner, threads = DaskTaskRunner(address=section.scheduler), None
+    else:
+        workers = section.workers or max(1, min(section.shards, cpus))
+        processes = section.processes if section.processes is not None else prefect_server_configured()
+        runner = DaskTaskRunner(cluster_kwargs={"n_workers": workers, "processes": processes, "threads_per_worker": 1,
+                                                "dashboard_address": None})
+        # torch threads per process worker, so the workers share the cores; thread workers share one pool
+        threads = max(1, cpus // workers) if processes else None
+    quiet = logging.getLogger("distributed")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # Dask logs every worker start and stop at INFO
+    try:
+        with runner:
+            yield ShardCounter(runner, section.shards, threads)
+    finally:
+        quiet.setLevel(level)
