@@ -124,15 +124,16 @@ def key_id(public_key) -> str:
 
 
 # ------------------------------------------------------------------------------------ statement
-def certificate_statement(model, lid, lid_json_sha256: str, cert_data: Mapping[str, tuple]) -> dict[str, Any]:
+def certificate_statement(model, lid, lid_json_sha256: str, cert_data: Mapping[str, Any]) -> dict[str, Any]:
     """The in-toto Statement for a certified ``model`` and its ``lid`` (saved, ``lid.json`` hashing
     to ``lid_json_sha256``), certified on ``cert_data`` (task -> (x, y))."""
     from lid_engine import __version__ as engine_version
-    from lid_engine import fingerprint_data, fingerprint_model
+    from lid_engine import fingerprint_model
+    from lid_engine.certificate import data_fingerprint
 
     subjects = [{"name": "model", "digest": {"sha256": fingerprint_model(model)}},
                 {"name": "lid/lid.json", "digest": {"sha256": lid_json_sha256}}]
-    subjects += [{"name": f"cert_data/{task}", "digest": {"sha256": fingerprint_data(*cert_data[task])}}
+    subjects += [{"name": f"cert_data/{task}", "digest": {"sha256": data_fingerprint(cert_data[task])}}
                  for task in sorted(cert_data)]
     tasks = {}
     for task, spec in lid.tasks.items():

@@ -113,9 +113,46 @@ def _check_fits(model, x, y, option: str) -> int:
 
 
 def _shared_rows(x, cx) -> int:
-    """How many rows of ``cx`` occur (bit for bit) in ``x``."""
+    """How many rows of ``cx`` (tensors, or a stream read chunk by chunk) occur (bit for bit) in ``x``."""
+    from lid_engine import CertificationStream
+
     seen = {row.tobytes() for row in x.reshape(len(x), -1).numpy()}
-    return sum(row.tobytes() in seen for row in cx.reshape(len(cx), -1).numpy())
+    chunks = (c for c, _ in cx.chunks()) if isinstance(cx, CertificationStream) else [cx]
+    return sum(row.tobytes() in seen for c in chunks for row in c.to(x.dtype).reshape(len(c), -1).numpy())
+
+
+def _shape_option(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        dims = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        dims = ()
+    if not dims or any(d < 1 for d in dims):
+        raise BadInput(f"--shape must be positive integers separated by commas (e.g. 1,28,28), got {text!r}")
+    return dims
+
+
+def _is_parquet(path: Path) -> bool:
+    return path.suffix.lower() in (".parquet", ".pq")
+
+
+def _parquet_stream(path: Path, option: str, label: str, memory_mb: int, shape=None):
+    """A Parquet certification file as a stream: every column but ``label`` is a feature, rows are
+    reshaped to ``shape`` (the search data's), at most ``memory_mb`` MiB of features in memory."""
+    from components.config import DataSection
+    from components.data import DataError
+    from components.streaming import ParquetStream
+
+    if not path.is_file():
+        raise BadInput(f"{option}: file '{path}' does not exist")
+    if memory_mb < 1:
+        raise BadInput(f"--memory-mb must be a positive integer, got {memory_mb}")
+    section = DataSection.model_construct(label=label, shape=list(shape) if shape is not None and len(shape) > 1 else None)
+    try:
+        return ParquetStream(path, section, memory_mb)
+    except DataError as exc:
+        raise BadInput(f"{option}: {exc}") from None
 
 
 # ----------------------------------------------------------------------------------- certify
@@ -128,7 +165,12 @@ def certify(
     tau: Annotated[Optional[float], typer.Option("--tau", help="Required certified accuracy τ.")] = None,
     tau_from_accuracy: Annotated[Optional[float], typer.Option(
         "--tau-from-accuracy", metavar="DELTA", help="τ = max(acc − DELTA, acc/2), acc = nominal accuracy on the search data.")] = None,
-    cert_data: Annotated[Optional[Path], typer.Option("--cert-data", help="npz with held-out certification data x, y.")] = None,
+    cert_data: Annotated[Optional[Path], typer.Option(
+        "--cert-data", help="Held-out certification data: npz with x, y, or a Parquet file (feature columns and a "
+        "--label column) read in chunks of at most --memory-mb, for sets larger than memory.")] = None,
+    label: Annotated[str, typer.Option("--label", help="The label column of a Parquet --cert-data.")] = "label",
+    memory_mb: Annotated[int, typer.Option(
+        "--memory-mb", help="Parquet --cert-data: MiB of feature values held in memory at a time.")] = 512,
     cert_fraction: Annotated[Optional[float], typer.Option(
         "--cert-fraction", help="Without --cert-data: fraction of --data held out for certification (default 0.3).")] = None,
     iterations: Annotated[int, typer.Option("--iterations")] = 200,
@@ -176,7 +218,22 @@ def certify(
         x, y = _load_npz(data, "--data")
         _check_fits(net, x, y, "--data")
         features = _npz_features(data, "--data")
-        if cert_data is not None:
+        if cert_data is not None and _is_parquet(cert_data):
+            cx, cy = _parquet_stream(cert_data, "--cert-data", label, memory_mb, tuple(x.shape[1:])), None
+            _check_fits(net, *cx.head(2), "--cert-data")
+            if features is not None:
+                raise BadInput("--data records how its features were computed ('features'); a Parquet --cert-data "
+                               "cannot record it: give the certification data as an npz from the same extractor")
+            if tuple(cx.feature_shape) != tuple(x.shape[1:]):
+                raise BadInput(f"--cert-data: examples of shape {cx.feature_shape}, --data has {tuple(x.shape[1:])}")
+            shared = _shared_rows(x, cx)
+            if shared:
+                raise BadInput(
+                    f"--cert-data: {shared} of its {len(cx)} examples also occur in --data; the population bound "
+                    "needs certification data the search never saw (remove the duplicates)"
+                )
+            split = False
+        elif cert_data is not None:
             cx, cy = _load_npz(cert_data, "--cert-data")
             _check_fits(net, cx, cy, "--cert-data")
             if _npz_features(cert_data, "--cert-data") != features:
@@ -215,8 +272,8 @@ def certify(
 
         lid = compute_lid(
             net, x, y, tau=tau, iterations=iterations, checkpoints=checkpoints, batch_size=batch_size, seed=seed,
-            cert_x=cx, cert_y=cy, confidence=confidence, spec_kind="balanced_accuracy" if balanced else "accuracy",
-            method=bound,
+            cert={"task": cx if cy is None else (cx, cy)}, confidence=confidence,
+            spec_kind="balanced_accuracy" if balanced else "accuracy", method=bound,
         )
         if features is not None:
             lid.search_config["features"] = features  # verify refuses data from another encoder by name
@@ -229,7 +286,8 @@ def certify(
             from components.signing import SIGNATURE_FILE, sign_lid
 
             task = next(iter(lid.tasks))
-            typer.echo(f"signed certificate written to {sign_lid(out, out / SIGNATURE_FILE, sign_key, net, lid, {task: (cx, cy)})}")
+            signed = sign_lid(out, out / SIGNATURE_FILE, sign_key, net, lid, {task: cx if cy is None else (cx, cy)})
+            typer.echo(f"signed certificate written to {signed}")
         if split:
             typer.echo(f"held-out certification data written to {out / CERT_DATA_FILE} (needed by `lidgate verify`)")
 
@@ -241,13 +299,19 @@ def verify(
     model: Annotated[str, typer.Option("--model", help="Model factory 'package.module:factory'.")],
     weights: Annotated[Path, typer.Option("--weights", help="Weights of the model to check (safetensors).")],
     data: Annotated[Optional[list[str]], typer.Option(
-        "--data", help=f"Certification data npz (x, y); TASK=PATH for several tasks. Default: DIR/{CERT_DATA_FILE}.")] = None,
+        "--data", help=f"Certification data npz (x, y), or Parquet (read in chunks, see --label, --memory-mb); "
+        f"TASK=PATH for several tasks. Default: DIR/{CERT_DATA_FILE}.")] = None,
     allow_update: Annotated[bool, typer.Option(
         "--allow-update", help="Accept any model inside the LID (a δ-safe update) instead of the nominal one.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     public_key: Annotated[Optional[list[Path]], typer.Option(
         "--public-key", help="Trusted Ed25519 public key (repeatable): the LID's DIR/certificate.dsse.json must be "
         "signed by one of them over this LID, its nominal model and the certification data.")] = None,
+    label: Annotated[str, typer.Option("--label", help="The label column of Parquet --data.")] = "label",
+    memory_mb: Annotated[int, typer.Option(
+        "--memory-mb", help="Parquet --data: MiB of feature values held in memory at a time.")] = 512,
+    shape: Annotated[Optional[str], typer.Option(
+        "--shape", help="Parquet --data: the shape of one example, e.g. 1,28,28 (default: one row of features).")] = None,
 ) -> None:
     """Recompute every certificate of a saved LID and check the model against it (and, with
     --public-key, its signature)."""
@@ -263,15 +327,28 @@ def verify(
                 raise BadInput(f"--data is required (no {CERT_DATA_FILE} in '{directory}')")
             items = [str(default)]
         kwargs = {}
+        dims = _shape_option(shape)
+
+        def load(path: Path, option: str):
+            if _is_parquet(path):
+                stream = _parquet_stream(path, option, label, memory_mb, dims)
+                _check_fits(net, *stream.head(2), option)
+                return stream
+            pair = _load_npz(path, option)
+            _check_fits(net, *pair, option)
+            return pair
+
         if len(items) == 1 and "=" not in items[0]:
             try:
-                x, y = _load_npz(Path(items[0]), "--data")
+                loaded = load(Path(items[0]), "--data")
             except BadInput as exc:
                 if saved:
                     raise Tampered(f"the saved certification data is damaged: {exc}") from None
                 raise
-            _check_fits(net, x, y, "--data")
-            kwargs.update(x=x, y=y)
+            if isinstance(loaded, tuple):
+                kwargs.update(x=loaded[0], y=loaded[1])
+            else:
+                kwargs.update(x=loaded)
         else:
             mapping = {}
             for item in items:
@@ -280,8 +357,7 @@ def verify(
                     raise BadInput(f"--data: with several files use TASK=PATH, got {item!r}")
                 if task in mapping:
                     raise BadInput(f"--data: task {task!r} given twice")
-                mapping[task] = _load_npz(Path(path), f"--data {task}")
-                _check_fits(net, *mapping[task], f"--data {task}")
+                mapping[task] = load(Path(path), f"--data {task}")
             kwargs["data"] = mapping
 
         from lid_engine.lid import LID
@@ -300,7 +376,8 @@ def verify(
             for item in items:
                 task, sep, path = item.partition("=")
                 path = path if sep else item
-                problem = _features_problem(recorded, _npz_features(Path(path), "--data"))
+                given = None if _is_parquet(Path(path)) else _npz_features(Path(path), "--data")
+                problem = _features_problem(recorded, given)
                 report.add(f"features of '{Path(path).name}'", problem is None,
                            problem or "computed as the certified data were (same feature extractor)")
         if keys:

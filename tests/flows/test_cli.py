@@ -322,3 +322,40 @@ def test_verify_refuses_data_from_another_feature_extractor(files, tmp_path):
     np.savez(unrecorded, x=cx, y=cy)
     result = run("verify", out, "--model", FACTORY, "--weights", files["w.safetensors"], "--data", unrecorded)
     assert result.exit_code == 1 and "an unrecorded feature extractor" in result.output
+
+
+def test_certify_and_verify_a_parquet_set_larger_than_the_memory_budget(files, tmp_path):
+    """--cert-data / --data as Parquet: read in chunks of at most --memory-mb; the certificate records the
+    fingerprint the same rows give in memory, verify re-reads them chunk by chunk, a signature covers them."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lid_engine import fingerprint_data
+
+    model = mlp().eval()
+    g = torch.Generator().manual_seed(5)
+    cx = torch.randn(60000, 5, generator=g)  # 1.2 MB of float32 features, more than --memory-mb 1
+    with torch.no_grad():
+        cy = model(cx).argmax(1)
+    frame = pd.DataFrame({f"f{i}": cx[:, i].numpy() for i in range(5)} | {"digit": cy.numpy()})
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp_path / "cert.parquet", row_group_size=4096)
+    run("keygen", "--private", tmp_path / "k.pem", "--public", tmp_path / "k.pub")
+    out = tmp_path / "lid"
+    result = run("certify", "--model", FACTORY, "--weights", files["w.safetensors"], "--data", files["data.npz"],
+                 "--cert-data", tmp_path / "cert.parquet", "--label", "digit", "--memory-mb", "1", "--out", out,
+                 "--tau", "0.5", "--iterations", "10", "--checkpoints", "2", "--sign-key", tmp_path / "k.pem")
+    assert result.exit_code == 0, result.output
+    lid = LID.load(out)
+    assert lid.certificates[0]["task"].n == 60000
+    assert lid.certificates[0]["task"].data_sha256 == fingerprint_data(cx, cy)
+    verify = ("verify", out, "--model", FACTORY, "--weights", files["w.safetensors"], "--data", tmp_path / "cert.parquet",
+              "--label", "digit", "--memory-mb", "1", "--public-key", tmp_path / "k.pub")
+    result = run(*verify)
+    assert result.exit_code == 0, result.output
+    pq.write_table(pa.Table.from_pandas(frame.iloc[:-1], preserve_index=False), tmp_path / "cert.parquet",
+                   row_group_size=4096)
+    result = run(*verify)
+    assert result.exit_code == 1 and "data 'task' fingerprint" in result.stdout
+    assert_bad_input(run(*verify[:-2], "--label", "nope"), "--data", "no label column 'nope'")
+    assert_bad_input(run(*verify[:-2], "--shape", "2,x"), "--shape")

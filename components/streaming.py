@@ -1,0 +1,161 @@
+"""Certification data read from storage a chunk at a time (``certification.stream``), for sets larger
+than memory: ``ParquetStream`` implements ``lid_engine.CertificationStream`` over a Parquet file's row
+groups, reading each chunk exactly as ``components.data`` reads a whole file, so the counts, the data
+fingerprint and the provenance record are the in-memory ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from components.config import DataSection, LidgateConfig
+from components.data import (
+    DataError,
+    _check_classes,
+    _format,
+    _labels,
+    _listing,
+    _reshape,
+    _short,
+    _table_xy,
+    _tensor,
+)
+from lid_engine.stream import CertificationStream
+
+__all__ = ["ParquetStream", "certification_stream"]
+
+
+class ParquetStream(CertificationStream):
+    """A Parquet certification file read a bounded chunk at a time, never whole (``certification.stream``).
+
+    Each chunk is read as ``load_file`` reads the whole file (the same columns, dtype, shape and
+    checks), so counts, ``lid_engine.fingerprint_stream`` and ``provenance()`` equal the in-memory
+    ones. At most ``memory_mb`` MiB of feature values are staged per chunk (as float64, three copies:
+    Arrow, pandas, the array); a row group larger than the budget is refused, since Parquet is read a
+    row group at a time. Labels can be read alone (one column).
+    """
+
+    def __init__(self, path: str | Path, data_cfg: DataSection, memory_mb: int = 512) -> None:
+        import pyarrow.parquet as pq
+
+        path = Path(path)
+        where = str(path)
+        if _format(path) != "parquet":
+            raise DataError(f"{where}: certification.stream reads Parquet files (row groups); got a "
+                            f"{_format(path)} file — convert it, or load it whole (stream: false)")
+        if data_cfg.group is not None:
+            raise DataError(f"{where}: data.group (worst-group constraints) is not read from a streamed "
+                            "certification file; load it whole (certification.stream: false)")
+        try:
+            self._file = pq.ParquetFile(path)
+        except FileNotFoundError:
+            raise DataError(f"{where}: no such file") from None
+        except Exception as exc:  # noqa: BLE001 — pyarrow raises several types for a bad file
+            raise DataError(f"{where}: not a readable Parquet file ({_short(exc)})") from None
+        columns = [str(c) for c in self._file.schema_arrow.names]
+        if len(set(columns)) != len(columns):
+            raise DataError(f"{where}: column {next(c for c in columns if columns.count(c) > 1)!r} appears more than once")
+        if data_cfg.label not in columns:
+            raise DataError(f"{where}: no label column {data_cfg.label!r} (set data.label); available columns: "
+                            f"{_listing(columns)}")
+        features = list(data_cfg.features) if data_cfg.features is not None else [c for c in columns if c != data_cfg.label]
+        missing = [c for c in features if c not in columns]
+        if missing:
+            raise DataError(f"{where}: feature column(s) {_listing(missing)} not found (data.features); available "
+                            f"columns: {_listing(columns)}")
+        if not features:
+            raise DataError(f"{where}: no feature columns besides the label {data_cfg.label!r}")
+        if data_cfg.shape is not None and math.prod(data_cfg.shape) != len(features):
+            raise DataError(f"{where}: data.shape {list(data_cfg.shape)} holds {math.prod(data_cfg.shape)} values per "
+                            f"row, but each row has {len(features)}; expected a shape whose product is {len(features)}")
+        import pyarrow as pa
+
+        wide = any(self._file.schema_arrow.field(c).type == pa.float64() for c in features)
+        self.path, self.data_cfg, self.features, self.memory_mb = path, data_cfg, features, memory_mb
+        self.n, self.name = int(self._file.metadata.num_rows), where
+        self.dtype = torch.float64 if wide else torch.float32
+        self.feature_shape = tuple(data_cfg.shape) if data_cfg.shape is not None else (len(features),)
+        if self.n == 0:
+            raise DataError(f"{where}: the file has 0 rows; expected at least one example")
+        budget = memory_mb * 2**20
+        self.chunk_rows = max(1, budget // (3 * 8 * len(features)))
+        meta = self._file.metadata
+        self._starts = [0]
+        for i in range(meta.num_row_groups):
+            rg = meta.row_group(i)
+            staged = 3 * 8 * len(features) * rg.num_rows
+            if rg.num_rows > self.chunk_rows and staged > 4 * budget:
+                raise DataError(f"{where}: row group {i} holds {rg.num_rows} rows (~{staged / 2**20:.0f} MiB staged), "
+                                f"far more than certification.memory_mb = {memory_mb}; rewrite the file with smaller "
+                                f"row groups (pyarrow.parquet.write_table(..., row_group_size={self.chunk_rows}))")
+            self._starts.append(self._starts[-1] + rg.num_rows)
+        self._check_header()
+
+    def __getstate__(self) -> dict[str, Any]:  # shards on other processes reopen the file by path
+        return {k: v for k, v in self.__dict__.items() if k != "_file"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        import pyarrow.parquet as pq
+
+        self.__dict__.update(state)
+        self._file = pq.ParquetFile(self.path)
+
+    def _batches(self, start: int, stop: int, columns: list[str]):
+        """(first row, Arrow record batch) of rows ``[start, stop)``, row group by row group."""
+        for i in range(len(self._starts) - 1):
+            lo, hi = self._starts[i], self._starts[i + 1]
+            if hi <= start or lo >= stop:
+                continue
+            row = lo
+            for batch in self._file.iter_batches(batch_size=self.chunk_rows, row_groups=[i], columns=columns):
+                a, b = max(row, start), min(row + batch.num_rows, stop)
+                if b > a:
+                    yield a, batch.slice(a - row, b - a)
+                row += batch.num_rows
+
+    def _read(self, start: int, stop: int) -> Iterator[tuple[Tensor, Tensor]]:
+        d = self.data_cfg
+        for a, batch in self._batches(start, stop, [*self.features, d.label]):
+            where = f"{self.name}, rows {a}..{a + batch.num_rows - 1} (row numbers below count from {a})"
+            x, y, _ = _table_xy(batch.to_pandas(), d, where, keep_float64=True)
+            if d.classes is not None:
+                _check_classes(y, d.classes, where)
+            if d.shape is not None:
+                x = _reshape(x, d.shape, where)
+            yield _tensor(x), torch.from_numpy(y)
+
+    def labels(self, start: int = 0, stop: int | None = None) -> Iterator[Tensor]:
+        start, stop = self._range(start, stop)
+        label = self.data_cfg.label
+        for a, batch in self._batches(start, stop, [label]):
+            where = f"{self.name}, rows {a}..{a + batch.num_rows - 1} (row numbers below count from {a})"
+            y = _labels(batch.to_pandas()[label], where, f"label column {label!r}")
+            if self.data_cfg.classes is not None:
+                _check_classes(y, self.data_cfg.classes, where)
+            yield torch.from_numpy(y)
+
+    def provenance(self) -> dict[str, Any]:
+        """The file's record as ``load_splits`` gives it (path, format, sha256 of the bytes, columns), with the
+        bytes hashed in 1 MiB blocks."""
+        h = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for block in iter(lambda: f.read(2**20), b""):
+                h.update(block)
+        return {"path": str(self.path.resolve()), "format": "parquet", "sha256": h.hexdigest(),
+                "columns": {"features": list(self.features), "label": self.data_cfg.label}}
+
+
+def certification_stream(config: LidgateConfig) -> ParquetStream:
+    """The configuration's certification file as a ``ParquetStream`` (files form, ``certification.stream``)."""
+    d = config.data
+    if d.form != "files":
+        raise DataError(f"certification.stream reads the certification file of the files form (data.certification); "
+                        f"this configuration uses the {d.form} form")
+    return ParquetStream(d.certification, d, config.certification.memory_mb)
