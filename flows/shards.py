@@ -59,8 +59,9 @@ def certify_shard(model: nn.Module, box: Box, data: CertData, rows: tuple[int, i
 class ShardCounter:
     """A ``lid_engine`` counter (``certify_box(counter=...)``) that spreads the rows over a Dask cluster."""
 
-    def __init__(self, runner, shards: int, threads: int | None) -> None:
+    def __init__(self, runner, shards: int, threads: int | None, cluster: str) -> None:
         self.runner, self.shards, self.threads = runner, shards, threads
+        self.cluster = cluster  # where the shards run, in words (the summary and the log say it)
         self.submitted = 0  # shard task runs so far (reported in the flow's log and summary)
 
     def __call__(self, model: nn.Module, box: Box, data: CertData, *, dtype, batch_size: int | None, method: str,
@@ -102,7 +103,7 @@ def shard_counter(section: CertificationSection) -> Iterator[ShardCounter | None
 
     cpus = os.cpu_count() or 1
     if section.scheduler is not None:
-        runner, threads = DaskTaskRunner(address=section.scheduler), None
+        runner, threads, cluster = DaskTaskRunner(address=section.scheduler), None, f"scheduler {section.scheduler}"
     else:
         workers = section.workers or max(1, min(section.shards, cpus))
         processes = section.processes if section.processes is not None else prefect_server_configured()
@@ -110,11 +111,12 @@ def shard_counter(section: CertificationSection) -> Iterator[ShardCounter | None
                                                 "dashboard_address": None})
         # torch threads per process worker, so the workers share the cores; thread workers share one pool
         threads = max(1, cpus // workers) if processes else None
+        cluster = f"local cluster of {workers} {'process' if processes else 'thread'} worker(s)"
     quiet = logging.getLogger("distributed")
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # Dask logs every worker start and stop at INFO
     try:
         with runner:
-            yield ShardCounter(runner, section.shards, threads)
+            yield ShardCounter(runner, section.shards, threads, cluster)
     finally:
         quiet.setLevel(level)

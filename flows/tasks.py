@@ -540,10 +540,8 @@ def certify_candidate(config: LidgateConfig, model: nn.Module, data: DataSplits,
     with shard_counter(config.certification) as counter:  # None: count in-process
         result = _certify(config, model, data, champion, versions, lookahead_dir, device, counter, start)
     if counter is not None:
-        result.shards = {"shards": config.certification.shards, "tasks": counter.submitted,
-                         "scheduler": config.certification.scheduler or "local cluster"}
-        log.info("certified counts from %d shard task runs on Dask (%s)", counter.submitted,
-                 result.shards["scheduler"])
+        result.shards = {"shards": config.certification.shards, "tasks": counter.submitted, "cluster": counter.cluster}
+        log.info("certified counts from %d shard task runs on Dask (%s)", counter.submitted, counter.cluster)
     return result
 
 

@@ -170,3 +170,65 @@ def test_the_watch_hears_mlflow_webhooks_and_puts_a_hand_moved_alias_back(stack,
         output = watch.communicate(timeout=30)[0]
         print(output)  # shown by pytest when the test fails
     assert "webhook: the champion alias changed" in output, output
+
+
+CERTIFY_THROUGH_THE_DEPLOYMENT = """
+import json, sys
+from pathlib import Path
+
+import torch
+
+from components.config import CertificationSection
+from components.factory import ModelSpec
+from components.training import run_training
+from flows import tasks
+from flows.certify import RESULT_FILE, run_certification, save_candidate
+
+config_path, out = sys.argv[1], Path(sys.argv[2])
+config = tasks.load_configuration(config_path)
+data = tasks.load_data.fn(config)
+torch.manual_seed(0)
+spec = ModelSpec(config.model.factory, dict(config.model.kwargs))
+model = spec.build([config.base_dir])
+run_training(config, model, torch.optim.Adam(model.parameters(), 3e-3), data)
+save_candidate(out / "candidate", model, spec, {
+    "config": config_path, "config_sha256": config.sha256(), "data_paths": [], "task": data.task, "dtype": "float32",
+    "data_sha256": data.fingerprint(), "champion": None, "lineage": [], "action": "bootstrap", "biasing": False})
+sharded = run_certification(out / "candidate")  # PREFECT_API_URL is set: the certify-gpu deployment runs it
+one = tasks.certify_candidate.fn(config.model_copy(update={"certification": CertificationSection(batch_size=64)}),
+                                 model, data, None)
+one.lid.save(out / "one")
+print(json.dumps({"summary": json.loads((out / "candidate" / RESULT_FILE).read_text()), "ok": sharded.lid is not None}))
+"""
+
+
+def test_the_certify_deployment_fans_certification_out_to_dask_process_workers(stack, tmp_path):
+    """The gpu worker runs the certify flow; with certification.shards its counts come from a local Dask
+    cluster of process workers under the Prefect server, and the LID is the one counted in one process."""
+    import json
+
+    import yaml
+
+    config = yaml.safe_load((REPO / "examples" / "digits" / "lidgate.yaml").read_text())
+    config.update(name="sharded", code=[str(REPO)], registry={"home": str(tmp_path / "home")},
+                  search={"iterations": 30, "checkpoints": 2},
+                  certification={"shards": 2, "workers": 2, "processes": True, "batch_size": 64})
+    (tmp_path / "lidgate.yaml").write_text(yaml.safe_dump(config))
+    env = {**stack["env"], "PREFECT_API_URL": f"http://127.0.0.1:{stack['PREFECT_PORT']}/api",
+           "LIDGATE_CERTIFY_TIMEOUT": "600"}
+    out = subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-c", CERTIFY_THROUGH_THE_DEPLOYMENT,
+                          str(tmp_path / "lidgate.yaml"), str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=900, cwd=REPO)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["ok"], result
+    shards = result["summary"]["shards"]
+    assert shards["cluster"] == "local cluster of 2 process worker(s)" and shards["tasks"] == 2 * result["summary"]["members"]
+    sharded, one = tmp_path / "candidate" / "lid", tmp_path / "one"
+    files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file() and p.name != "lid.json")
+    assert files and all((one / f).read_bytes() == (sharded / f).read_bytes() for f in files)
+    certs = [[m["certificates"] for m in json.loads((d / "lid.json").read_text())["members"]] for d in (one, sharded)]
+    for a, b in zip(*certs):
+        for t in a:
+            a[t].pop("created_at"), b[t].pop("created_at")
+    assert certs[0] == certs[1]

@@ -49,7 +49,8 @@ def test_sharded_certification_saves_the_unsharded_lid(tmp_path, harness):
 
     one, three = certify(config), certify(sharded)
     assert one.lid is not None and three.lid is not None, (one.error, three.error)
-    assert one.shards is None and three.shards == {"shards": 3, "tasks": 3 * len(three.lid), "scheduler": "local cluster"}
+    assert one.shards is None and three.shards == {"shards": 3, "tasks": 3 * len(three.lid),
+                                                 "cluster": "local cluster of 2 thread worker(s)"}
     a, b = one.lid.save(tmp_path / "one"), three.lid.save(tmp_path / "three")
     files = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
     assert files == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
