@@ -658,9 +658,7 @@ class CertificationSection(_Section):
     smaller of ``shards`` and the CPU count). ``processes``: process workers (default: only when a
     Prefect server is configured; without one every process worker would start its own temporary
     server), else threads. ``scheduler``: the address of an existing Dask scheduler
-    (``tcp://host:8786``) instead of a local cluster. ``stream``: read the certification file in chunks
-    (Parquet row groups) instead of loading it, keeping at most ``memory_mb`` MiB of its features in
-    memory per reader. ``batch_size``: rows per bound pass when certifying (shards start at multiples
+    (``tcp://host:8786``) instead of a local cluster. ``batch_size``: rows per bound pass when certifying (shards start at multiples
     of it, so it also caps how finely a small certification set can be sharded)."""
 
     shards: Positive = 1
@@ -668,8 +666,6 @@ class CertificationSection(_Section):
     processes: bool | None = None
     scheduler: Annotated[str, _pattern(r"(tcp|tls|inproc|ucx)://\S+", "a Dask scheduler address such as tcp://host:8786",
                                        max_len=500)] | None = None
-    stream: bool = False
-    memory_mb: Positive = 512
     batch_size: Positive = 2048
 
 
@@ -688,7 +684,7 @@ class LidgateConfig(_Section):
         registry: ``RegistrySection`` (None values: the entry point's defaults).
         export: ``ExportSection``.
         signing: ``SigningSection`` (signing key of the certify worker, keys the gate trusts).
-        certification: ``CertificationSection`` (shards on Dask, streaming).
+        certification: ``CertificationSection`` (counts sharded on Dask).
 
     Paths are absolute (relative ones were resolved against ``base_dir``, the file's folder), except
     on a configuration built directly in Python, where they stay as given and ``base_dir`` is the
@@ -754,8 +750,9 @@ class LidgateConfig(_Section):
 
     def canonical_json(self) -> str:
         """``to_dict()`` as canonical JSON: sorted keys, no whitespace, ASCII only — without the
-        ``certification`` section: how the counts are computed (in how many shards, on which cluster,
-        streamed or not) changes no certificate, so it is not part of what produced a version."""
+        ``certification`` section: where the counts are computed (in how many shards, on which cluster)
+        gives the same certificate, and the rows per bound pass at most which sound rounding a borderline
+        example gets; none of it is what produced a version."""
         out = self.to_dict()
         out.pop("certification", None)
         return json.dumps(out, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)

@@ -1,4 +1,4 @@
-"""Certification data read from storage a chunk at a time (``certification.stream``), for sets larger
+"""Certification data read from storage a chunk at a time, for sets larger
 than memory: ``ParquetStream`` implements ``lid_engine.CertificationStream`` over a Parquet file's row
 groups, reading each chunk exactly as ``components.data`` reads a whole file, so the counts, the data
 fingerprint and the provenance record are the in-memory ones.
@@ -33,7 +33,7 @@ __all__ = ["ParquetStream", "certification_stream"]
 
 
 class ParquetStream(CertificationStream):
-    """A Parquet certification file read a bounded chunk at a time, never whole (``certification.stream``).
+    """A Parquet certification file read a bounded chunk at a time, never whole.
 
     Each chunk is read as ``load_file`` reads the whole file (the same columns, dtype, shape and
     checks), so counts, ``lid_engine.fingerprint_stream`` and ``provenance()`` equal the in-memory
@@ -48,11 +48,11 @@ class ParquetStream(CertificationStream):
         path = Path(path)
         where = str(path)
         if _format(path) != "parquet":
-            raise DataError(f"{where}: certification.stream reads Parquet files (row groups); got a "
-                            f"{_format(path)} file — convert it, or load it whole (stream: false)")
+            raise DataError(f"{where}: a streamed certification set is read from Parquet files (row groups); got a "
+                            f"{_format(path)} file — convert it, or load it whole")
         if data_cfg.group is not None:
             raise DataError(f"{where}: data.group (worst-group constraints) is not read from a streamed "
-                            "certification file; load it whole (certification.stream: false)")
+                            "certification file; load it whole")
         try:
             self._file = pq.ParquetFile(path)
         except FileNotFoundError:
@@ -93,7 +93,7 @@ class ParquetStream(CertificationStream):
             staged = 3 * 8 * len(features) * rg.num_rows
             if rg.num_rows > self.chunk_rows and staged > 4 * budget:
                 raise DataError(f"{where}: row group {i} holds {rg.num_rows} rows (~{staged / 2**20:.0f} MiB staged), "
-                                f"far more than certification.memory_mb = {memory_mb}; rewrite the file with smaller "
+                                f"far more than memory_mb = {memory_mb}; rewrite the file with smaller "
                                 f"row groups (pyarrow.parquet.write_table(..., row_group_size={self.chunk_rows}))")
             self._starts.append(self._starts[-1] + rg.num_rows)
         self._check_header()
@@ -152,10 +152,11 @@ class ParquetStream(CertificationStream):
                 "columns": {"features": list(self.features), "label": self.data_cfg.label}}
 
 
-def certification_stream(config: LidgateConfig) -> ParquetStream:
-    """The configuration's certification file as a ``ParquetStream`` (files form, ``certification.stream``)."""
+def certification_stream(config: LidgateConfig, memory_mb: int = 512) -> ParquetStream:
+    """The configuration's certification file (files form, Parquet) as a ``ParquetStream`` read with the
+    configuration's columns, shape and classes."""
     d = config.data
     if d.form != "files":
-        raise DataError(f"certification.stream reads the certification file of the files form (data.certification); "
-                        f"this configuration uses the {d.form} form")
-    return ParquetStream(d.certification, d, config.certification.memory_mb)
+        raise DataError(f"a streamed certification set is the certification file of the files form "
+                        f"(data.certification); this configuration uses the {d.form} form")
+    return ParquetStream(d.certification, d, memory_mb)

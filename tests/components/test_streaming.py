@@ -39,13 +39,16 @@ def write(df: pd.DataFrame, path, row_group_size: int = 500):
     return path
 
 
-def config(tmp_path, memory_mb: int = 1, **data):
+MEMORY_MB = 1  # the budget every stream here reads under
+
+
+def config(tmp_path, **data):
     write(frame(50, 1), tmp_path / "train.parquet")
     write(frame(50, 2), tmp_path / "search.parquet")
     doc = {"version": 1, "name": "m", "model": {"factory": "team_models:make"}, "spec": {"tau": 0.5},
            "data": {"train": "train.parquet", "search": "search.parquet", "certification": "cert.parquet",
                     "label": "digit", **data},
-           "certification": {"stream": True, "memory_mb": memory_mb}}
+           }
     return parse_config(doc, base_dir=tmp_path, file=tmp_path / "lidgate.yaml")
 
 
@@ -63,8 +66,8 @@ def model() -> nn.Module:
 
 def test_more_rows_than_the_budget_certify_as_the_file_loaded_whole(big):
     tmp, cfg = big
-    stream = certification_stream(cfg)
-    budget = cfg.certification.memory_mb * 2**20
+    stream = certification_stream(cfg, MEMORY_MB)
+    budget = MEMORY_MB * 2**20
     assert ROWS * FEATURES * 4 > budget, "the test must certify more rows than the memory budget holds"
     assert stream.chunk_rows * FEATURES * 8 * 3 <= budget  # staged as float64 in three copies at most
     assert max(len(x) for x, _ in stream.chunks()) <= stream.chunk_rows < ROWS
@@ -86,7 +89,7 @@ def test_more_rows_than_the_budget_certify_as_the_file_loaded_whole(big):
 
 def test_a_stream_travels_to_another_process_as_its_path(big):
     _, cfg = big
-    stream = certification_stream(cfg)
+    stream = certification_stream(cfg, MEMORY_MB)
     copy = pickle.loads(pickle.dumps(stream))
     rows = (1000, 2345)
     a = [torch.cat(t) for t in zip(*stream.chunks(*rows))]
@@ -97,7 +100,7 @@ def test_a_stream_travels_to_another_process_as_its_path(big):
 def test_float64_columns_and_a_shape_read_as_a_whole_file_does(tmp_path):
     cfg = config(tmp_path, shape=[4, 16])
     write(frame(700, 4, np.float64), tmp_path / "cert.parquet", row_group_size=64)
-    stream = certification_stream(cfg)
+    stream = certification_stream(cfg, MEMORY_MB)
     x, y = load_file(tmp_path / "cert.parquet", cfg.data)
     assert stream.dtype == x.dtype == torch.float64 and stream.feature_shape == (4, 16)
     assert fingerprint_stream(stream) == fingerprint_data(x, y)
@@ -108,7 +111,7 @@ def test_bad_files_and_rows_are_named(tmp_path):
     df = frame(900, 5)
     df.loc[613, "p7"] = np.nan
     write(df, tmp_path / "cert.parquet", row_group_size=100)
-    stream = certification_stream(cfg)  # the header is fine; the bad value is found when its chunk is read
+    stream = certification_stream(cfg, MEMORY_MB)  # the header is fine; the bad value is found when its chunk is read
     with pytest.raises(DataError, match=r"cert\.parquet, rows 600\.\.699 .*feature column 'p7' holds NaN .* at row 13"):
         fingerprint_stream(stream)
 
@@ -116,20 +119,20 @@ def test_bad_files_and_rows_are_named(tmp_path):
     df.loc[402, "digit"] = -1
     write(df, tmp_path / "cert.parquet", row_group_size=100)
     with pytest.raises(DataError, match=r"rows 400\.\.499 .*label column 'digit' holds -1 at row 2"):
-        list(certification_stream(cfg).labels())
+        list(certification_stream(cfg, MEMORY_MB).labels())
 
     write(frame(900, 5).drop(columns=["digit"]), tmp_path / "cert.parquet")
     with pytest.raises(DataError, match=r"cert\.parquet: no label column 'digit'"):
-        certification_stream(cfg)
+        certification_stream(cfg, MEMORY_MB)
 
     write(frame(60000, 6), tmp_path / "cert.parquet", row_group_size=60000)
-    with pytest.raises(DataError, match=r"row group 0 holds 60000 rows .* certification.memory_mb = 1"):
-        certification_stream(cfg)
+    with pytest.raises(DataError, match=r"row group 0 holds 60000 rows .* memory_mb = 1"):
+        certification_stream(cfg, MEMORY_MB)
 
     (tmp_path / "cert.parquet").write_bytes(b"not parquet")
     with pytest.raises(DataError, match=r"cert\.parquet: not a readable Parquet file"):
-        certification_stream(cfg)
+        certification_stream(cfg, MEMORY_MB)
 
     frame(10, 7).to_csv(tmp_path / "cert.csv", index=False)
-    with pytest.raises(DataError, match=r"cert\.csv: certification.stream reads Parquet files"):
-        ParquetStream(tmp_path / "cert.csv", cfg.data)
+    with pytest.raises(DataError, match=r"cert\.csv: a streamed certification set is read from Parquet files"):
+        ParquetStream(tmp_path / "cert.csv", cfg.data, MEMORY_MB)
