@@ -24,6 +24,7 @@ outward, so the result encloses the real-number outputs and those of any float e
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -118,11 +119,7 @@ def _affine_nonneg(ctx, x: Interval, wl, wu, bl, bu, a: _Affine) -> Interval:
         weight = torch.cat(blocks, dim=0)
         terms = a.n_terms + 1
     else:
-        wlp, wln, wup, wun = wl.clamp(min=0), wl.clamp(max=0), wu.clamp(min=0), wu.clamp(max=0)
-        blocks = [torch.cat([wlp, wln], 1), torch.cat([wun, wup], 1)]
-        if ctx.certify:
-            blocks.append(torch.cat([torch.zeros_like(wl), torch.maximum(wl.abs(), wu.abs())], 1))
-        weight = torch.cat(blocks, dim=0)
+        weight = _block_weight(wl, wu, ctx.certify)
         terms = a.n_terms + 2  # two n-term products summed, plus the bias
     if ctx.certify:
         rows = 3
@@ -134,6 +131,30 @@ def _affine_nonneg(ctx, x: Interval, wl, wu, bl, bu, a: _Affine) -> Interval:
         return Interval(out)
     lo, hi, mag = out.chunk(rows, dim=1)
     return Interval(rounding.widen_stacked(lo, hi, mag, terms))
+
+
+def _block_weight(wl: Tensor, wu: Tensor, certify: bool) -> Tensor:
+    """``[[W_l⁺, W_l⁻], [W_u⁻, W_u⁺]]`` (and, certifying, the magnitude row ``[0, max(|W_l|, |W_u|)]``):
+    the weight that multiplies a stacked non-negative interval ``[x_l | x_u]``.
+
+    Without autograd the blocks are written straight into one buffer (``out=``) instead of four
+    clamped copies joined by three concatenations: on a 1024×1024 layer that is one pass over the 16 MB
+    block instead of three (the same numbers: a clamp is exact)."""
+    if torch.is_grad_enabled() and (wl.requires_grad or wu.requires_grad):  # out= records no gradient
+        blocks = [torch.cat([wl.clamp(min=0), wl.clamp(max=0)], 1), torch.cat([wu.clamp(max=0), wu.clamp(min=0)], 1)]
+        if certify:
+            blocks.append(torch.cat([torch.zeros_like(wl), torch.maximum(wl.abs(), wu.abs())], 1))
+        return torch.cat(blocks, dim=0)
+    o, i = wl.shape[0], wl.shape[1]
+    w = wl.new_empty((3 * o if certify else 2 * o, 2 * i, *wl.shape[2:]))
+    torch.clamp(wl, min=0, out=w[:o, :i])
+    torch.clamp(wl, max=0, out=w[:o, i:])
+    torch.clamp(wu, max=0, out=w[o:2 * o, :i])
+    torch.clamp(wu, min=0, out=w[o:2 * o, i:])
+    if certify:
+        w[2 * o:, :i].zero_()
+        torch.maximum(wl.abs(), wu.abs(), out=w[2 * o:, i:])
+    return w
 
 
 def _affine_nonneg_split(ctx, x: Interval, wl, wu, bl, bu, a: _Affine) -> Interval:
@@ -157,13 +178,19 @@ def _affine_midrad(ctx, x: Interval, wl, wu, bl, bu, a: _Affine) -> Interval:
     wm, wr = split(wl, wu)
     bm, br = split(bl, bu) if bl is not None else (None, None)
     bias_shape = a.bias_shape
+    few = a.op is _linear_op and _few_outputs(x.z, wm)
     if x.point and ctx.certify and a.can_stack:
         # radius and magnitude share the input |x|: one product against [W_rad; |W_mid| + W_rad]
-        xabs = x.z.abs()
-        centre = a.op(x.z, wm, bm)
-        rad_mag = a.op(xabs, torch.cat([wr, wm.abs() + wr]), None if bl is None else torch.cat([br, bm.abs() + br]))
+        rad_w, rad_b = torch.cat([wr, wm.abs() + wr]), None if bl is None else torch.cat([br, bm.abs() + br])
+        if few:
+            centre, rad_mag = _point_linear_few(x.z, wm, bm, rad_w, rad_b)
+        else:
+            centre, rad_mag = a.op(x.z, wm, bm), a.op(x.z.abs(), rad_w, rad_b)
         radius, mag = rad_mag.chunk(2, dim=1)
         bm = None  # the biases are inside the products
+    elif x.point and few and not ctx.certify:
+        centre, radius = _point_linear_few(x.z, wm, None, wr, None)
+        mag = None
     elif x.point:
         xabs = x.z.abs()
         centre, radius = a.op(x.z, wm), a.op(xabs, wr)
@@ -174,15 +201,65 @@ def _affine_midrad(ctx, x: Interval, wl, wu, bl, bu, a: _Affine) -> Interval:
         centre = a.op(xm, wm)
         radius = a.op(xr, wm.abs()) + a.op(xmag, wr)
         mag = a.op(xmag, wm.abs() + wr) if ctx.certify else None
-    if bm is not None:
-        centre, radius = centre + bm.reshape(bias_shape), radius + br.reshape(bias_shape)
-        if mag is not None:
-            mag = mag + (bm.abs() + br).reshape(bias_shape)
-    lo, hi = centre - radius, centre + radius
     if ctx.certify:
+        if bm is not None:
+            centre, radius = centre + bm.reshape(bias_shape), radius + br.reshape(bias_shape)
+            if mag is not None:
+                mag = mag + (bm.abs() + br).reshape(bias_shape)
         # centre: n products + bias; radius: two n-term products + two additions
-        return Interval(rounding.widen_stacked(lo, hi, mag, a.n_terms + 2))
-    return _stacked(lo, hi)
+        return Interval(rounding.widen_stacked(centre - radius, centre + radius, mag, a.n_terms + 2))
+    if bm is not None:  # in place: the products are fresh tensors that nothing else holds
+        centre, radius = centre.add_(bm.reshape(bias_shape)), radius.add_(br.reshape(bias_shape))
+    return _centre_radius(centre, radius)
+
+
+def _centre_radius(centre: Tensor, radius: Tensor) -> Interval:
+    """``[centre − radius | centre + radius]`` stacked along dim 1, written straight into one
+    buffer when no gradient is recorded (the same numbers as ``cat``, one pass fewer)."""
+    if torch.is_grad_enabled() and (centre.requires_grad or radius.requires_grad):
+        return _stacked(centre - radius, centre + radius)
+    o = centre.shape[1]
+    out = centre.new_empty((centre.shape[0], 2 * o, *centre.shape[2:]))
+    torch.sub(centre, radius, out=out[:, :o])
+    torch.add(centre, radius, out=out[:, o:])
+    return Interval(out)
+
+
+_CHUNK_BYTES = 3 << 19  # rows of x per chunk in _point_linear_few: 1.5 MiB, so x and |x| of a chunk stay in L2
+
+
+def _few_outputs(t: Tensor, w: Tensor) -> bool:
+    """Whether ``_linear_op`` takes the ``(W tᵀ)ᵀ`` orientation: a CPU matrix against at most 3 outputs."""
+    return t.dim() == 2 and w.shape[0] <= 3 and t.device.type == "cpu"
+
+
+def _point_linear_few(x: Tensor, w_x: Tensor, b_x: Tensor | None, w_abs: Tensor, b_abs: Tensor | None):
+    """``(x·w_xᵀ + b_x, |x|·w_absᵀ + b_abs)`` for a Linear layer with few outputs (a small head),
+    over row chunks of ``x`` of ``_CHUNK_BYTES``.
+
+    With a few outputs each product only streams ``x`` once, so the cost is memory traffic: the
+    whole-batch form writes ``|x|`` to memory and reads it back (4096×384 at 2 threads: 0.44 ms against
+    0.30 ms chunked, where a chunk's ``x`` and ``|x|`` stay in cache). Every output is still one BLAS
+    dot product of ``in_features`` terms plus the bias (``_linear_op``), so the rounding model is the
+    same."""
+    rows = max(1, _CHUNK_BYTES // (x.shape[1] * x.element_size()))
+    if x.shape[0] <= rows:
+        return _linear_op(x, w_x, b_x), _linear_op(x.abs(), w_abs, b_abs)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_x, b_x, w_abs, b_abs)):
+        parts = [(_linear_op(xs, w_x, b_x), _linear_op(xs.abs(), w_abs, b_abs)) for xs in x.split(rows)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    n = x.shape[0]
+    out_x, out_abs = x.new_empty((w_x.shape[0], n)), x.new_empty((w_abs.shape[0], n))
+    buf = x.new_empty((rows, x.shape[1]))
+    for s in range(0, n, rows):
+        xs = x[s:s + rows]
+        xa = torch.abs(xs, out=buf[:len(xs)])
+        for t, w, b, out in ((xs, w_x, b_x, out_x), (xa, w_abs, b_abs, out_abs)):
+            if b is None:
+                torch.mm(w, t.t(), out=out[:, s:s + len(xs)])
+            else:
+                torch.addmm(b.unsqueeze(1), w, t.t(), out=out[:, s:s + len(xs)])
+    return out_x.t(), out_abs.t()
 
 
 def _linear_op(t: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -211,6 +288,14 @@ def _linear(ctx: _Ctx, path: str, m: nn.Linear, x: Interval) -> Interval:
     return _affine(ctx, x, w, b, spec)
 
 
+# Search-mode convolutions with at least this many output channels (rows of the stacked weight) run on
+# oneDNN's direct kernel, the rest on torch's native path (NNPACK). Measured on this CPU at 1 thread:
+# a 1→16-channel stride-2 stem 0.9 ms against 2.4 ms (NNPACK), a 16→16 block 2.8 ms against 4.6 ms, a
+# 1→16 5×5 layer 12 ms against 13.5 ms; but a 16→2 layer 17 ms against 9.6 ms (oneDNN pads the
+# output channels to blocks of 8 or 16).
+_ONEDNN_MIN_OUT = 8
+
+
 def _conv2d(ctx: _Ctx, path: str, m: nn.Conv2d, x: Interval) -> Interval:
     if m.padding_mode != "zeros":
         raise UnsupportedLayerError(f"layer '{path}' (Conv2d): padding_mode={m.padding_mode!r}; only 'zeros' is supported")
@@ -221,10 +306,12 @@ def _conv2d(ctx: _Ctx, path: str, m: nn.Conv2d, x: Interval) -> Interval:
     w = ctx.bounds(path, "weight")
     b = ctx.bounds(path, "bias") if m.bias is not None else None
 
-    direct = ctx.certify and rounding.direct_conv_available(x.z) and not isinstance(m.padding, str)
+    direct = rounding.direct_conv_available(x.z) and not isinstance(m.padding, str)
 
     def op(t: Tensor, wt: Tensor, bias: Tensor | None = None) -> Tensor:
-        if direct:  # certification: oneDNN's direct convolution, plain dot products (rounding.direct_conv2d)
+        if direct and (ctx.certify or wt.shape[0] >= _ONEDNN_MIN_OUT):
+            # certification: oneDNN's direct convolution, plain dot products (rounding.direct_conv2d);
+            # search: the same kernel where it beats NNPACK (``_ONEDNN_MIN_OUT``)
             return rounding.direct_conv2d(t, wt, bias, m.stride, m.padding, m.dilation, m.groups)
         # search: native kernels (NNPACK where torch picks it); certification elsewhere (float64, CUDA):
         # rounding.certification_backend() has switched oneDNN, NNPACK and cuDNN off, leaving torch's
@@ -261,6 +348,8 @@ def _batchnorm(ctx: _Ctx, path: str, m: nn.modules.batchnorm._BatchNorm, x: Inte
         gl = gu = torch.ones_like(mean)
         bl = bu = torch.zeros_like(mean)
     if not ctx.certify:
+        if not x.point and bool((gl >= 0).all()):
+            return _batchnorm_stacked(x.z, mean, inv_std, gl, gu, bl, bu)
         yl, yh = registry.interval_mul((xl - mean) * inv_std, (xh - mean) * inv_std, gl, gu)
         return _stacked(yl + bl, yh + bu)
     # Certification: interval arithmetic rounded outward op by op. 1/sqrt gets a generous 16-ulp
@@ -268,6 +357,9 @@ def _batchnorm(ctx: _Ctx, path: str, m: nn.modules.batchnorm._BatchNorm, x: Inte
     u = rounding.unit_roundoff(ctx.dtype)
     dn, up = rounding.round_down, rounding.round_up
     s_lo, s_hi = dn(inv_std * (1 - 16 * u)), up(inv_std * (1 + 16 * u))
+    if (not x.point and bool((gl >= 0).all())
+            and not (torch.is_grad_enabled() and any(v.requires_grad for v in (x.z, gl, gu, bl, bu)))):
+        return _batchnorm_certify_stacked(x.z, mean, s_lo, s_hi, gl, gu, bl, bu)
     al, ah = dn(xl - mean), up(xh - mean)
     zl = dn(torch.minimum(al * s_lo, al * s_hi))
     zh = up(torch.maximum(ah * s_lo, ah * s_hi))
@@ -278,6 +370,88 @@ def _batchnorm(ctx: _Ctx, path: str, m: nn.modules.batchnorm._BatchNorm, x: Inte
     mag = mag + torch.maximum(bl.abs(), bu.abs())
     slack = up(up(mag * (8 * u)) + 8 * rounding.eta(ctx.dtype))
     return _stacked(dn(yl - slack), up(yh + slack))
+
+
+def _batchnorm_stacked(z: Tensor, mean: Tensor, inv_std: Tensor, gl: Tensor, gu: Tensor, bl: Tensor,
+                       bu: Tensor) -> Interval:
+    """Search-mode BatchNorm over the stacked interval ``z`` = [x_l | x_u] when γ ≥ 0 (``gl ≥ 0``): the
+    same numbers as ``interval_mul`` on each bound, in 7 passes over ``z`` of which 5 update a fresh
+    tensor in place (on the CPU an in-place pass costs about a third of one into another buffer).
+
+    With t = (x − μ)·s, the products t·γ over t ∈ [t_l, t_h], γ ∈ [γ_l, γ_u] ⊂ [0, ∞) are lowest at
+    t_l and highest at t_h (in floating point too: rounding is monotone, and t_l ≤ t_h), so
+    lo = min(t_l·γ_l, t_l·γ_u) and hi = max(t_h·γ_l, t_h·γ_u), the four-corner minimum and maximum.
+    Both halves are one ``maximum`` after negating the lower half's factors (negation is exact):
+    lo = −max(−t_l·γ_l, −t_l·γ_u)."""
+    shape = mean.shape
+    grad = torch.is_grad_enabled() and any(v.requires_grad for v in (z, gl, gu, bl, bu))
+    t = z - torch.cat([mean, mean], 1)
+    t.mul_(torch.cat([inv_std, inv_std], 1))
+    a = t * torch.cat([-gl.expand(shape), gl.expand(shape)], 1)
+    gu2 = torch.cat([-gu.expand(shape), gu.expand(shape)], 1)
+    if grad:  # autograd keeps t and both products for the backward pass: no reuse
+        m = torch.maximum(a, t * gu2)
+    else:
+        m = torch.maximum(a, t.mul_(gu2), out=a)
+    m.mul_(torch.cat([-torch.ones_like(mean), torch.ones_like(mean)], 1))
+    return Interval(m.add_(torch.cat([bl.expand(shape), bu.expand(shape)], 1)))
+
+
+def _batchnorm_certify_stacked(z: Tensor, mean: Tensor, s_lo: Tensor, s_hi: Tensor, gl: Tensor, gu: Tensor,
+                               bl: Tensor, bu: Tensor) -> Interval:
+    """Certify-mode BatchNorm over the stacked interval ``z`` = [x_l | x_u] when γ ≥ 0 (``gl ≥ 0``): the
+    numbers of ``_batchnorm``'s general path, in fewer passes (most of them in place, no gradient).
+
+    It works on ``v = [−lo | hi]``, in which every bound of the general path is an *upper* bound:
+    round-to-nearest is symmetric, so fl(−a ∘ b) = −fl(a ∘ b) for ∘ ∈ {+, ·}, ``round_down(a) =
+    −round_up(−a)`` and ``min(a, b) = −max(−a, −b)``. Each step of the general path then is one
+    operation over both halves followed by one ``nextafter`` towards +∞:
+
+    * ``[−a_l | a_h] = up(v + [μ | −μ])`` (a_l = round_down(x_l − μ), a_h = round_up(x_h − μ));
+    * ``[−z_l | z_h] = up(max(v·s_lo, v·s_hi))`` (the minimum/maximum over s ∈ [s_lo, s_hi]);
+    * ``[−y_l | y_h] = up(max(v·γ_l, v·γ_u))``: for γ ≥ 0 and z_l ≤ z_h the four-corner minimum of
+      ``interval_mul`` is min(z_l·γ_l, z_l·γ_u) and its maximum max(z_h·γ_l, z_h·γ_u), also after
+      rounding (monotone); then ``up(v + [−β_l | β_u])``;
+    * the slack from ``Mag`` (same operations as the general path), ``up(v + slack)``, then ``v``
+      times ``[−1 | 1]``.
+
+    The one difference: ``slack = round_up(round_up(Mag·8u) + 8η)`` becomes
+    ``numerics.add_eta_up_(round_up(Mag·8u), 8)`` ≥ that sum (never a subnormal add per element), which
+    is never wider than the general path's slack where ``Mag·8u`` is a normal number (test)."""
+    n, c = z.shape[0], z.shape[1] // 2
+    rest = z.shape[2:]
+    u = rounding.unit_roundoff(z.dtype)
+    up = z.new_full((), math.inf)
+
+    def pair(a: Tensor, b: Tensor) -> Tensor:  # per-channel (1, C, 1…) → (1, 2, C, 1…) against the halves
+        return torch.stack([a.expand(mean.shape), b.expand(mean.shape)], 1)
+
+    def per_half(a: Tensor) -> Tensor:  # (1, C, 1…) → (1, 1, C, 1…): the same for both halves
+        return a.expand(mean.shape).unsqueeze(1)
+
+    halves = z.reshape(n, 2, c, *rest)
+    sign = pair(-torch.ones_like(mean), torch.ones_like(mean))
+    mag = halves.abs().amax(1)  # max(|x_l|, |x_h|)
+    v = halves * sign
+    v.add_(pair(mean, -mean))
+    torch.nextafter(v, up, out=v)
+    a = v * per_half(s_lo)
+    torch.maximum(a, v.mul_(per_half(s_hi)), out=a)
+    torch.nextafter(a, up, out=a)
+    out = z.new_empty(z.shape)  # contiguous, not a view: the graph engine finds it from its halves' base
+    b = torch.mul(a, per_half(gl), out=out.view(n, 2, c, *rest))
+    torch.maximum(b, a.mul_(per_half(gu)), out=b)
+    torch.nextafter(b, up, out=b)
+    b.add_(pair(-bl, bu))
+    torch.nextafter(b, up, out=b)
+    # A float forward may associate differently ((x·γs) + (β − μγs)); cover that deviation too.
+    mag.add_(mean.abs()).mul_(s_hi).mul_(torch.maximum(gl.abs(), gu.abs())).add_(torch.maximum(bl.abs(), bu.abs()))
+    mag.mul_(8 * u)
+    torch.nextafter(mag, up, out=mag)
+    b.add_(rounding.add_eta_up_(mag, 8).unsqueeze(1))
+    torch.nextafter(b, up, out=b)
+    b.mul_(sign)
+    return Interval(out)
 
 
 def _avgpool(ctx: _Ctx, path: str, m: nn.AvgPool2d, x: Interval) -> Interval:
@@ -354,7 +528,7 @@ def _adapt(handler: Callable[[_Ctx, str, nn.Module, Interval], Interval]):
             x = x.map(lambda t: t.reshape(-1, t.shape[-1]))
         state = _point(x.lo, x.nonneg) if x.point else _as_interval(x)
         out = handler(ctx, path, m, state)
-        value = registry.Bounds.exact(out.z, out.nonneg) if out.point else registry.Bounds(out.lo, out.hi, nonneg=out.nonneg)
+        value = registry.Bounds.exact(out.z, out.nonneg) if out.point else registry.from_stacked(out.z, out.nonneg)
         return value.map(lambda t: t.reshape(*lead, t.shape[-1])) if lead is not None else value
     return run
 
@@ -366,15 +540,8 @@ for _cls, _h in _HANDLERS.items():
 def _as_interval(x: registry.Bounds) -> Interval:
     """Bounds as a stacked Interval, without copying when ``lo`` and ``hi`` are still the two halves
     of one stacked tensor (the output of the previous chain handler): saves a ``cat`` per module."""
-    lo, hi = x.lo, x.hi
-    base = lo._base
-    if (base is not None and hi._base is base and base.dim() == lo.dim() >= 2 and base.dtype == lo.dtype
-            and base.shape[1] == 2 * lo.shape[1] and base.shape[0] == lo.shape[0] and base.shape[2:] == lo.shape[2:]
-            and hi.shape == lo.shape and lo.stride() == base.stride() and hi.stride() == base.stride()
-            and lo.data_ptr() == base.data_ptr()
-            and hi.data_ptr() == base.data_ptr() + lo.shape[1] * base.stride(1) * base.element_size()):
-        return Interval(base, nonneg=x.nonneg)
-    return _stacked(lo, hi, x.nonneg)
+    z = registry.stacked(x)
+    return Interval(z, nonneg=x.nonneg) if z is not None else _stacked(x.lo, x.hi, x.nonneg)
 
 
 def check_supported(model: nn.Module) -> list[tuple[str, nn.Module]] | ModelGraph:

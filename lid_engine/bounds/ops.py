@@ -35,10 +35,13 @@ from .. import numerics as rounding
 from .registry import (
     BoundContext,
     Bounds,
+    from_stacked,
     interval_mul,
     outward,
+    outward_stacked,
     register_function,
     register_module,
+    stacked,
     widen_relative,
 )
 
@@ -72,6 +75,10 @@ def _add(ctx: BoundContext, a, b, *, alpha=1, out=None) -> Bounds:
     if alpha != 1:
         b = _mul(ctx, b, alpha)
     a, b = as_bounds(ctx, a), as_bounds(ctx, b)
+    za, zb = stacked(a), stacked(b)
+    if za is not None and zb is not None and za.shape == zb.shape:  # both bounds in one op (a residual sum)
+        z = za + zb
+        return from_stacked(outward_stacked(z) if ctx.certify else z, nonneg=a.nonneg and b.nonneg)
     return _rounded(ctx, a.lo + b.lo, a.hi + b.hi, nonneg=a.nonneg and b.nonneg)
 
 
@@ -234,7 +241,11 @@ def _getattr(ctx: BoundContext, x, name: str):
 # ------------------------------------------------------------------------ activations
 @register_function(F.relu, torch.relu, "relu")
 def _relu_fn(ctx: BoundContext, x, inplace: bool = False) -> Bounds:
-    out = as_bounds(ctx, x).map(torch.relu)  # exact in floating point
+    x = as_bounds(ctx, x)
+    z = stacked(x)
+    if z is not None:  # both bounds in one op
+        return from_stacked(torch.relu(z), nonneg=True)
+    out = x.map(torch.relu)  # exact in floating point
     out.nonneg = True
     return out
 

@@ -28,6 +28,7 @@ domain and at its vertices, in float32 and float64, and fails on any output outs
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +67,31 @@ class Bounds:
     @property
     def shape(self) -> torch.Size:
         return self.lo.shape
+
+
+def stacked(b: Bounds) -> Tensor | None:
+    """The tensor ``z`` whose two halves along dim 1 are ``b.lo`` and ``b.hi`` (lower bounds, then upper
+    bounds: the layout the chain handlers produce, ``from_stacked``), or ``None`` when they are not
+    laid out so. Read from the views' memory layout, never assumed: an element-wise op can then run
+    once over ``z`` instead of once per bound, and an affine layer takes ``z`` without a ``cat``."""
+    if b.point:
+        return None
+    lo, hi = b.lo, b.hi
+    base = lo._base
+    if (base is not None and hi._base is base and base.dim() == lo.dim() >= 2 and base.dtype == lo.dtype
+            and base.shape[1] == 2 * lo.shape[1] and base.shape[0] == lo.shape[0] and base.shape[2:] == lo.shape[2:]
+            and hi.shape == lo.shape and lo.stride() == base.stride() and hi.stride() == base.stride()
+            and lo.data_ptr() == base.data_ptr()
+            and hi.data_ptr() == base.data_ptr() + lo.shape[1] * base.stride(1) * base.element_size()):
+        return base
+    return None
+
+
+def from_stacked(z: Tensor, nonneg: bool = False) -> Bounds:
+    """Bounds whose ``lo`` and ``hi`` are the two halves of ``z`` along dim 1 (views, no copy). ``stacked``
+    finds ``z`` again only when ``z`` is not itself a view (the halves' ``_base``)."""
+    lo, hi = z.chunk(2, dim=1)
+    return Bounds(lo, hi, nonneg=nonneg)
 
 
 @dataclass
@@ -128,6 +154,18 @@ def outward(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
     """One ulp outward: encloses the exact result of one correctly rounded operation (+, −, ×, ÷, √)
     whose float result is ``lo``/``hi`` (IEEE 754 §4.3: at most half an ulp away)."""
     return rounding.round_down(lo), rounding.round_up(hi)
+
+
+def outward_stacked(z: Tensor) -> Tensor:
+    """``outward`` on the two halves of a stacked ``z`` (``from_stacked``) in one ``nextafter``: the lower
+    half one ulp towards −∞, the upper half towards +∞ (in place when no gradient is recorded)."""
+    c = z.shape[1] // 2
+    to = z.new_full((1, 2, c) + (1,) * (z.dim() - 2), math.inf)
+    to[:, 0] = -math.inf
+    to = to.reshape(1, 2 * c, *to.shape[3:])
+    if torch.is_grad_enabled() and z.requires_grad:
+        return torch.nextafter(z, to)
+    return torch.nextafter(z, to, out=z)
 
 
 def widen_relative(lo: Tensor, hi: Tensor, ulps: float) -> tuple[Tensor, Tensor]:
