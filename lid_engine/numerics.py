@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 
@@ -188,6 +189,14 @@ def midpoint_radius(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
     return mid, rad
 
 
+# The kernel switches below (oneDNN, cuDNN, NNPACK, matmul precision, TF32) are process-wide, not per
+# thread: a thread leaving its block would put them back while another thread still bounds with them
+# (certification on NNPACK's or oneDNN's fast algorithms, whose rounding the γ_n model does not cover).
+# Every block that sets them holds this lock, so the engine's bound passes in one process's threads
+# (Dask thread workers, say) run one at a time; re-entrant for the nested blocks.
+SWITCHES = threading.RLock()
+
+
 @contextlib.contextmanager
 def native_kernels(nnpack: bool = True) -> Iterator[None]:
     """Run convolutions on torch's native CPU path instead of oneDNN/cuDNN (search mode).
@@ -207,6 +216,7 @@ def native_kernels(nnpack: bool = True) -> Iterator[None]:
               (C._get_cudnn_enabled, C._set_cudnn_enabled, False),
               (C._get_nnpack_enabled, C._set_nnpack_enabled, nnpack))
     changed = []
+    SWITCHES.acquire()
     try:
         for get, set_, value in wanted:
             old = get()
@@ -217,22 +227,24 @@ def native_kernels(nnpack: bool = True) -> Iterator[None]:
     finally:
         for set_, old in reversed(changed):
             set_(old)
+        SWITCHES.release()
 
 
 @contextlib.contextmanager
 def onednn_kernels() -> Iterator[None]:
     """oneDNN (mkldnn) convolutions, for search-mode work where they are the fast path (the linear
     bound's per-example grouped and transposed convolutions). Never used while certifying."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
-        on = torch.backends.mkldnn.flags(enabled=True)
-        on.__enter__()
-    try:
-        yield
-    finally:
+    with SWITCHES:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
-            on.__exit__(None, None, None)
+            on = torch.backends.mkldnn.flags(enabled=True)
+            on.__enter__()
+        try:
+            yield
+        finally:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+                on.__exit__(None, None, None)
 
 
 @contextlib.contextmanager
@@ -240,32 +252,34 @@ def certification_backend() -> Iterator[None]:
     """Force kernels whose rounding obeys the dot-product error model.
 
     oneDNN (mkldnn) and cuDNN may choose Winograd or FFT convolutions and TF32 matmuls, whose
-    errors the γ_n bound does not cover; the native im2col + gemm path does obey it.
+    errors the γ_n bound does not cover; the native im2col + gemm path does obey it. Holds ``SWITCHES``
+    throughout (the switches are process-wide).
     """
-    old_precision = torch.get_float32_matmul_precision()
-    old_tf32_matmul = torch.backends.cuda.matmul.allow_tf32
-    old_tf32_cudnn = torch.backends.cudnn.allow_tf32
-    old_flush = flushes_denormals()
-    conv_precision = getattr(torch.backends.mkldnn, "conv", None)
-    old_conv_precision = getattr(conv_precision, "fp32_precision", None)
-    if old_conv_precision not in (None, "ieee"):  # no bf16/TF32 inside oneDNN's direct convolution
-        conv_precision.fp32_precision = "ieee"
-    torch.set_float32_matmul_precision("highest")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    if old_flush:  # the η terms assume gradual underflow; flushed subnormals break them
-        torch.set_flush_denormal(False)
-    try:
-        with native_kernels(nnpack=False):  # NNPACK's fast algorithms break the γ_n model
-            yield
-    finally:
-        torch.set_float32_matmul_precision(old_precision)
-        torch.backends.cuda.matmul.allow_tf32 = old_tf32_matmul
-        torch.backends.cudnn.allow_tf32 = old_tf32_cudnn
-        if old_conv_precision not in (None, "ieee"):
-            conv_precision.fp32_precision = old_conv_precision
-        if old_flush:
-            torch.set_flush_denormal(True)
+    with SWITCHES:
+        old_precision = torch.get_float32_matmul_precision()
+        old_tf32_matmul = torch.backends.cuda.matmul.allow_tf32
+        old_tf32_cudnn = torch.backends.cudnn.allow_tf32
+        old_flush = flushes_denormals()
+        conv_precision = getattr(torch.backends.mkldnn, "conv", None)
+        old_conv_precision = getattr(conv_precision, "fp32_precision", None)
+        if old_conv_precision not in (None, "ieee"):  # no bf16/TF32 inside oneDNN's direct convolution
+            conv_precision.fp32_precision = "ieee"
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        if old_flush:  # the η terms assume gradual underflow; flushed subnormals break them
+            torch.set_flush_denormal(False)
+        try:
+            with native_kernels(nnpack=False):  # NNPACK's fast algorithms break the γ_n model
+                yield
+        finally:
+            torch.set_float32_matmul_precision(old_precision)
+            torch.backends.cuda.matmul.allow_tf32 = old_tf32_matmul
+            torch.backends.cudnn.allow_tf32 = old_tf32_cudnn
+            if old_conv_precision not in (None, "ieee"):
+                conv_precision.fp32_precision = old_conv_precision
+            if old_flush:
+                torch.set_flush_denormal(True)
 
 
 FPMATH_VARIABLES = ("ONEDNN_DEFAULT_FPMATH_MODE", "DNNL_DEFAULT_FPMATH_MODE")

@@ -291,3 +291,43 @@ def test_verify_reads_a_stream(saved_cnn):
     other = TensorStream(x[:-1], y[:-1], chunk_rows=41)
     report = verify(d, model, other)
     assert not report.ok and "data 'task' fingerprint" in [c.name for c in report.failures]
+
+
+# ------------------------------------------------------------------------ shards in threads of one process
+def test_kernel_switches_are_held_by_one_thread_at_a_time():
+    """The switches certification sets are process-wide: while one thread bounds, no other thread may
+    set or restore them (Dask thread workers run shards in one process)."""
+    import threading
+
+    inside, release = threading.Event(), threading.Event()
+
+    def certify_block():
+        with numerics.certification_backend():
+            inside.set()
+            release.wait(10)
+
+    t = threading.Thread(target=certify_block)
+    t.start()
+    assert inside.wait(10)
+    try:
+        assert not torch._C._get_nnpack_enabled() and not torch._C._get_mkldnn_enabled()
+        assert not numerics.SWITCHES.acquire(blocking=False)  # a search or another shard waits its turn
+    finally:
+        release.set()
+        t.join(10)
+    assert numerics.SWITCHES.acquire(blocking=False)
+    numerics.SWITCHES.release()
+
+
+def test_shards_counted_in_threads_equal_one_pass():
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = cnn()
+    x, y = labelled(model, (1, 8, 8), 400)
+    box = Box.around(model, 0.001)
+    before = (torch._C._get_mkldnn_enabled(), torch._C._get_nnpack_enabled())
+    ranges = shard_ranges(len(x), 4, batch_unit("ibp", 64))
+    with ThreadPoolExecutor(4) as pool:
+        parts = list(pool.map(lambda r: count_certified(model, box, (x, y), batch_size=64, rows=r), ranges))
+    assert Counts.total(parts) == count_certified(model, box, (x, y), batch_size=64)
+    assert (torch._C._get_mkldnn_enabled(), torch._C._get_nnpack_enabled()) == before
