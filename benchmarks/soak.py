@@ -168,7 +168,8 @@ def report(doc: dict) -> str:
         "rows check every margin z_y − z_j (labels: the model's predictions, every fourth shifted) against "
         "`bound_margins(method=\"linear\")`. A violation is an output outside its bound (NaN included). "
         "*max excess* is the largest (lo − z, z − hi) over every sampled output of the row: ≤ 0 when all "
-        "are inside, 0 when a vertex reaches an exact bound (an output affine in the parameters there). "
+        "are inside; 0 in certify mode only where an output is a constant that the bound states exactly "
+        "(TaskMask's fill logits); in search mode also where a vertex reaches an exact bound. "
         f"Search-mode bounds are sound in real arithmetic only; they are checked up to "
         f"rtol·(1 + |z|) with rtol = {doc['settings']['search_rtol']['float32']:g} (float32), "
         f"{doc['settings']['search_rtol']['float64']:g} (float64), and a small positive max excess there "
@@ -186,6 +187,12 @@ def report(doc: dict) -> str:
     for name, r in seen.items():
         covers = archs[name].covers if name in archs else ""
         lines.append(f"| {name} | {covers} | {r['parameters']:,} | {r['with_width']:,} (at radius {r['radius']:g}) |")
+    lines += ["", "## Totals", "", "| over | value | samples | violations |", "|---|---|---:|---:|"]
+    for key in ("architecture", "dtype", "method", "mode", "radius"):
+        for value in dict.fromkeys(r[key] for r in rows):
+            part = [r for r in rows if r[key] == value]
+            lines.append(f"| {key} | {value:g} |" if isinstance(value, float) else f"| {key} | {value} |")
+            lines[-1] += f" {sum(r['samples'] for r in part):,} | {sum(r['violations'] for r in part)} |"
     lines += [
         "",
         "## Rows",
