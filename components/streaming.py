@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,24 @@ class ParquetStream(CertificationStream):
                                 f"far more than memory_mb = {memory_mb}; rewrite the file with smaller "
                                 f"row groups (pyarrow.parquet.write_table(..., row_group_size={self.chunk_rows}))")
             self._starts.append(self._starts[-1] + rg.num_rows)
+        self._stat = self._identity()
         self._check_header()
+
+    def _identity(self) -> tuple[int, int]:
+        st = os.stat(self.path)  # not the inode: a worker on another machine reads its own copy at the same path
+        return st.st_size, st.st_mtime_ns
+
+    def _check_unchanged(self) -> None:
+        """Every reading must see the file the stream was opened on: the fingerprint, the counts and each
+        shard read it separately, so a file replaced or rewritten in between is refused."""
+        try:
+            now = self._identity()
+        except OSError as exc:
+            raise DataError(f"{self.name}: cannot be read any more ({exc.strerror or exc})") from None
+        if now != self._stat:
+            raise DataError(f"{self.name}: the file changed while it was being certified (its size or modification "
+                            "time differ from when it was opened; a copy on a worker must keep both); certify a "
+                            "file nothing writes to")
 
     def __getstate__(self) -> dict[str, Any]:  # shards on other processes reopen the file by path
         return {k: v for k, v in self.__dict__.items() if k != "_file"}
@@ -109,6 +127,7 @@ class ParquetStream(CertificationStream):
 
     def _batches(self, start: int, stop: int, columns: list[str]):
         """(first row, Arrow record batch) of rows ``[start, stop)``, row group by row group."""
+        self._check_unchanged()
         for i in range(len(self._starts) - 1):
             lo, hi = self._starts[i], self._starts[i + 1]
             if hi <= start or lo >= stop:
@@ -119,6 +138,7 @@ class ParquetStream(CertificationStream):
                 if b > a:
                     yield a, batch.slice(a - row, b - a)
                 row += batch.num_rows
+        self._check_unchanged()
 
     def _read(self, start: int, stop: int) -> Iterator[tuple[Tensor, Tensor]]:
         d = self.data_cfg

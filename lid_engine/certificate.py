@@ -186,9 +186,24 @@ def fingerprint_stream(data: CertificationStream) -> str:
     _put(h, b"lidgate.tensors/1")
     h.update(struct.pack("<Q", 2))
     x_bytes = data.n * math.prod(data.feature_shape) * data.dtype.itemsize
+    # the labels certified are those of chunks(); labels() is only a cheaper way to read them again, so the
+    # two readings must agree (their digests are compared below)
+    from_chunks, from_labels = hashlib.sha256(), hashlib.sha256()
+
+    def xs():
+        for x, y in data.chunks():
+            from_chunks.update(_tensor_bytes(y))
+            yield x
+
+    def ys():
+        for y in data.labels():
+            y = canonical_labels(y, data.name)
+            from_labels.update(_tensor_bytes(y))
+            yield y
+
     for name, dtype, shape, nbytes, pieces in (
-            ("x", data.dtype, (data.n, *data.feature_shape), x_bytes, (x for x, _ in data.chunks())),
-            ("y", torch.int64, (data.n,), data.n * 8, data.labels())):
+            ("x", data.dtype, (data.n, *data.feature_shape), x_bytes, xs()),
+            ("y", torch.int64, (data.n,), data.n * 8, ys())):
         _put(h, name.encode("utf-8"))
         _put(h, str(dtype).removeprefix("torch.").encode("ascii"))
         h.update(struct.pack("<Q", len(shape)))
@@ -197,11 +212,14 @@ def fingerprint_stream(data: CertificationStream) -> str:
         h.update(struct.pack("<Q", nbytes))
         seen = 0
         for t in pieces:
-            b = _tensor_bytes(canonical_labels(t, data.name) if name == "y" else t)
+            b = _tensor_bytes(t)
             seen += len(b)
             h.update(b)
         if seen != nbytes:
             raise InvalidInputError(f"{data.name}: the stream gave {seen} bytes of '{name}', its header says {nbytes}")
+    if from_chunks.digest() != from_labels.digest():
+        raise InvalidInputError(f"{data.name}: the stream's labels() differ from the labels of its chunks(); a "
+                                "stream must give the same rows on every reading")
     return h.hexdigest()
 
 

@@ -136,3 +136,16 @@ def test_bad_files_and_rows_are_named(tmp_path):
     frame(10, 7).to_csv(tmp_path / "cert.csv", index=False)
     with pytest.raises(DataError, match=r"cert\.csv: a streamed certification set is read from Parquet files"):
         ParquetStream(tmp_path / "cert.csv", cfg.data, MEMORY_MB)
+
+
+def test_a_file_rewritten_while_it_is_certified_is_refused(tmp_path):
+    import os
+
+    cfg = config(tmp_path)
+    write(frame(900, 8), tmp_path / "cert.parquet", row_group_size=100)
+    stream = certification_stream(cfg, MEMORY_MB)
+    fingerprint_stream(stream)
+    write(frame(900, 9), tmp_path / "cert.parquet", row_group_size=100)  # same size, other values
+    os.utime(tmp_path / "cert.parquet", ns=(1, 1))
+    with pytest.raises(DataError, match="the file changed while it was being certified"):
+        list(stream.chunks())

@@ -331,3 +331,13 @@ def test_shards_counted_in_threads_equal_one_pass():
         parts = list(pool.map(lambda r: count_certified(model, box, (x, y), batch_size=64, rows=r), ranges))
     assert Counts.total(parts) == count_certified(model, box, (x, y), batch_size=64)
     assert (torch._C._get_mkldnn_enabled(), torch._C._get_nnpack_enabled()) == before
+
+
+def test_a_stream_whose_label_reading_disagrees_is_refused():
+    class Relabelled(TensorStream):
+        def labels(self, start=0, stop=None):
+            for y in super().labels(start, stop):
+                yield (y + 1) % 4  # not the labels its chunks certify
+
+    with pytest.raises(InvalidInputError, match=r"labels\(\) differ from the labels of its chunks\(\)"):
+        fingerprint_stream(Relabelled(X, Y, chunk_rows=50))
