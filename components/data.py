@@ -528,16 +528,7 @@ def _table_xy(df: pd.DataFrame, d: DataSection, where: str, *,
         dup = next(c for c in columns if columns.count(c) > 1)
         raise DataError(f"{where}: column {dup!r} appears more than once")
     df = df.set_axis(columns, axis=1)
-    available = _listing(columns)
-    if d.label not in columns:
-        raise DataError(f"{where}: no label column {d.label!r} (set data.label); available columns: {available}")
-    features = list(d.features) if d.features is not None else [c for c in columns if c != d.label]
-    missing = [c for c in features if c not in columns]
-    if missing:
-        raise DataError(f"{where}: feature column(s) {_listing(missing)} not found (data.features); "
-                        f"available columns: {available}")
-    if not features:
-        raise DataError(f"{where}: no feature columns besides the label {d.label!r}")
+    features = feature_names(columns, d, where)
     _check_rows(df, where, "the file")
     for c in features:
         _check_numeric_column(df[c], c, where)
@@ -551,6 +542,22 @@ def _table_xy(df: pd.DataFrame, d: DataSection, where: str, *,
                          np.float64 if wide else np.float32, table=True)
     y = _labels(df[d.label], where, f"label column {d.label!r}")
     return x, y, features
+
+
+def feature_names(columns: list[str], d: DataSection, where: str) -> list[str]:
+    """The feature columns of a table with ``columns`` (``data.features``, else every column but the
+    label), checked: the label and every named feature present, at least one feature."""
+    available = _listing(columns)
+    if d.label not in columns:
+        raise DataError(f"{where}: no label column {d.label!r} (set data.label); available columns: {available}")
+    features = list(d.features) if d.features is not None else [c for c in columns if c != d.label]
+    missing = [c for c in features if c not in columns]
+    if missing:
+        raise DataError(f"{where}: feature column(s) {_listing(missing)} not found (data.features); "
+                        f"available columns: {available}")
+    if not features:
+        raise DataError(f"{where}: no feature columns besides the label {d.label!r}")
+    return features
 
 
 def _check_numeric_column(s: pd.Series, name: str, where: str) -> None:

@@ -22,11 +22,11 @@ from components.data import (
     _check_classes,
     _format,
     _labels,
-    _listing,
     _reshape,
     _short,
     _table_xy,
     _tensor,
+    feature_names,
 )
 from lid_engine.stream import CertificationStream
 
@@ -63,16 +63,7 @@ class ParquetStream(CertificationStream):
         columns = [str(c) for c in self._file.schema_arrow.names]
         if len(set(columns)) != len(columns):
             raise DataError(f"{where}: column {next(c for c in columns if columns.count(c) > 1)!r} appears more than once")
-        if data_cfg.label not in columns:
-            raise DataError(f"{where}: no label column {data_cfg.label!r} (set data.label); available columns: "
-                            f"{_listing(columns)}")
-        features = list(data_cfg.features) if data_cfg.features is not None else [c for c in columns if c != data_cfg.label]
-        missing = [c for c in features if c not in columns]
-        if missing:
-            raise DataError(f"{where}: feature column(s) {_listing(missing)} not found (data.features); available "
-                            f"columns: {_listing(columns)}")
-        if not features:
-            raise DataError(f"{where}: no feature columns besides the label {data_cfg.label!r}")
+        features = feature_names(columns, data_cfg, where)
         if data_cfg.shape is not None and math.prod(data_cfg.shape) != len(features):
             raise DataError(f"{where}: data.shape {list(data_cfg.shape)} holds {math.prod(data_cfg.shape)} values per "
                             f"row, but each row has {len(features)}; expected a shape whose product is {len(features)}")

@@ -218,29 +218,24 @@ def certify(
         x, y = _load_npz(data, "--data")
         _check_fits(net, x, y, "--data")
         features = _npz_features(data, "--data")
-        if cert_data is not None and _is_parquet(cert_data):
-            cx, cy = _parquet_stream(cert_data, "--cert-data", label, memory_mb, tuple(x.shape[1:])), None
-            _check_fits(net, *cx.head(2), "--cert-data")
-            if features is not None:
-                raise BadInput("--data records how its features were computed ('features'); a Parquet --cert-data "
-                               "cannot record it: give the certification data as an npz from the same extractor")
-            if tuple(cx.feature_shape) != tuple(x.shape[1:]):
-                raise BadInput(f"--cert-data: examples of shape {cx.feature_shape}, --data has {tuple(x.shape[1:])}")
-            shared = _shared_rows(x, cx)
-            if shared:
-                raise BadInput(
-                    f"--cert-data: {shared} of its {len(cx)} examples also occur in --data; the population bound "
-                    "needs certification data the search never saw (remove the duplicates)"
-                )
-            split = False
-        elif cert_data is not None:
-            cx, cy = _load_npz(cert_data, "--cert-data")
-            _check_fits(net, cx, cy, "--cert-data")
-            if _npz_features(cert_data, "--cert-data") != features:
-                raise BadInput("--cert-data: its 'features' record (how the features were computed) differs from "
-                               "--data's; expected search and certification data from one feature extractor")
-            if tuple(cx.shape[1:]) != tuple(x.shape[1:]):
-                raise BadInput(f"--cert-data: examples of shape {tuple(cx.shape[1:])}, --data has {tuple(x.shape[1:])}")
+        if cert_data is not None:
+            if _is_parquet(cert_data):  # read in chunks: cx is a stream holding the labels too
+                cx, cy = _parquet_stream(cert_data, "--cert-data", label, memory_mb, tuple(x.shape[1:])), None
+                _check_fits(net, *cx.head(2), "--cert-data")
+                if features is not None:
+                    raise BadInput("--data records how its features were computed ('features'); a Parquet "
+                                   "--cert-data cannot record it: give the certification data as an npz from the "
+                                   "same extractor")
+                shape = tuple(cx.feature_shape)
+            else:
+                cx, cy = _load_npz(cert_data, "--cert-data")
+                _check_fits(net, cx, cy, "--cert-data")
+                if _npz_features(cert_data, "--cert-data") != features:
+                    raise BadInput("--cert-data: its 'features' record (how the features were computed) differs from "
+                                   "--data's; expected search and certification data from one feature extractor")
+                shape = tuple(cx.shape[1:])
+            if shape != tuple(x.shape[1:]):
+                raise BadInput(f"--cert-data: examples of shape {shape}, --data has {tuple(x.shape[1:])}")
             shared = _shared_rows(x, cx)
             if shared:
                 raise BadInput(
