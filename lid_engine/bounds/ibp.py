@@ -82,6 +82,9 @@ class _Ctx:
     certify: bool
     dtype: torch.dtype
     device: torch.device
+    # the chain walk without a record: an interval state (never the input point) is a fresh tensor that
+    # only the next layer reads, so element-wise layers may update it in place
+    owned: bool = False
 
     def bounds(self, path: str, attr: str) -> tuple[Tensor, Tensor]:
         name = param_name(path, attr)
@@ -455,18 +458,39 @@ def _batchnorm_certify_stacked(z: Tensor, mean: Tensor, s_lo: Tensor, s_hi: Tens
 
 
 def _avgpool(ctx: _Ctx, path: str, m: nn.AvgPool2d, x: Interval) -> Interval:
-    z = m(x.z)  # positive averaging weights: monotone, and per channel so stacking is kept
+    z = _avg_pool(m, x.z)  # positive averaging weights: monotone, and per channel so stacking is kept
     if not ctx.certify:
         return Interval(z, point=x.point, nonneg=x.nonneg)
     ks = m.kernel_size
     k = ks * ks if isinstance(ks, int) else ks[0] * ks[1]
     if x.point:
         lo = hi = z
-        mag = m(x.z.abs())
+        mag = _avg_pool(m, x.z.abs())
     else:
         lo, hi = z.chunk(2, dim=1)
-        mag = m(torch.maximum(x.lo.abs(), x.hi.abs()))
+        mag = _avg_pool(m, torch.maximum(x.lo.abs(), x.hi.abs()))
     return _stacked(*rounding.widen(lo, hi, mag, k + 1), nonneg=x.nonneg)
+
+
+def _avg_pool(m: nn.AvgPool2d, t: Tensor) -> Tensor:
+    """``m(t)``; for non-overlapping windows that tile ``t`` exactly (kernel = stride, no padding), as
+    sums of strided views: the same numbers as torch's CPU kernel, which adds a window's entries one by
+    one, row by row, into a float accumulator and divides by the window size, but ~3× faster on the
+    bound pass's (N, 2C, 14, 14) activations (its NCHW kernel walks one output at a time)."""
+    kh, kw = (m.kernel_size, m.kernel_size) if isinstance(m.kernel_size, int) else m.kernel_size
+    stride = m.stride if m.stride is not None else m.kernel_size
+    sh, sw = (stride, stride) if isinstance(stride, int) else stride
+    pad = m.padding if isinstance(m.padding, int) else max(m.padding)
+    if (t.dim() != 4 or t.device.type != "cpu" or not t.is_contiguous() or (kh, kw) != (sh, sw) or pad != 0
+            or m.divisor_override is not None or kh * kw < 2 or t.shape[2] % kh or t.shape[3] % kw):
+        return m(t)
+    n, c, h, w = t.shape
+    v = t.view(n, c, h // kh, kh, w // kw, kw)
+    windows = [v[:, :, :, i, :, j] for i in range(kh) for j in range(kw)]
+    total = windows[0] + windows[1]
+    for part in windows[2:]:
+        total += part
+    return total.div_(kh * kw)
 
 
 def _monotone_exact(ctx: _Ctx, path: str, m: nn.Module, x: Interval) -> Interval:
@@ -477,6 +501,8 @@ def _monotone_exact(ctx: _Ctx, path: str, m: nn.Module, x: Interval) -> Interval
 
 
 def _relu(ctx: _Ctx, path: str, m: nn.ReLU, x: Interval) -> Interval:
+    if getattr(ctx, "owned", False) and not x.point:  # in place: nothing else reads the previous state
+        return Interval(torch.relu_(x.z), nonneg=True)  # (autograd saves ReLU's result, not its input)
     return Interval(torch.relu(x.z), point=x.point, nonneg=True)  # exact in floating point
 
 
@@ -568,7 +594,7 @@ def propagate(
         if record is not None:
             raise UnsupportedLayerError("the per-layer record (method='linear') is available for nn.Sequential chains only")
         return propagate_graph(model, layers, box, x, certify=certify, nonneg=nonneg)
-    ctx = _Ctx(box, certify, x.dtype, x.device)
+    ctx = _Ctx(box, certify, x.dtype, x.device, owned=record is None)
     state = _point(x, nonneg=bool(x.min() >= 0) if nonneg is None else nonneg)
     flags = []
     for path, m in layers:

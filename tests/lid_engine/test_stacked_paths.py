@@ -126,3 +126,15 @@ def test_stacked_is_read_from_the_layout():
     lo, hi = z.chunk(2, 1)
     assert registry.stacked(registry.Bounds(hi, lo)) is None  # swapped halves are not a stacked interval
     assert registry.stacked(registry.Bounds(lo.clone(), hi.clone())) is None
+
+
+@pytest.mark.parametrize("kernel,stride,padding,shape", [
+    (2, None, 0, (3, 4, 14, 14)), (3, 3, 0, (2, 2, 9, 12)), ((2, 3), (2, 3), 0, (2, 3, 8, 9)),
+    (2, 2, 0, (2, 3, 7, 8)), (2, 1, 0, (2, 3, 6, 6)), (2, 2, 1, (2, 3, 6, 6)),  # the last three: torch's kernel
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_avg_pool_by_views_equals_torch(kernel, stride, padding, shape, dtype):
+    g = torch.Generator().manual_seed(5)
+    t = torch.randn(shape, generator=g, dtype=dtype) * torch.logspace(-30, 30, shape[-1], dtype=dtype)
+    m = nn.AvgPool2d(kernel, stride, padding)
+    assert torch.equal(ibp._avg_pool(m, t), m(t))
