@@ -409,7 +409,7 @@ def test_outside_an_earlier_lid_fails_in_gate_certify_flow_and_audit(registry, b
     calls = []
     real = lineage.check_version
     monkeypatch.setattr(lineage, "check_version",
-                        lambda earlier, model, version: calls.append(str(version)) or real(earlier, model, version))
+                        lambda earlier, model, version, **kw: calls.append(str(version)) or real(earlier, model, version, **kw))
 
     # the shared implementation
     results = lineage.verify_lineage(registry, m3, [v1, v2])
