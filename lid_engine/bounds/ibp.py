@@ -17,7 +17,7 @@ weight ``[[W_l⁺, W_l⁻], [W_u⁻, W_u⁺]]``, and ReLU/pooling run once on bo
 keeps a bound pass within a small multiple of the nominal forward pass.
 
 ``certify=True`` additionally widens every affine layer by an a-priori rounding bound
-(``lid_engine/numerics.py``; the magnitude it needs is one more block row of the same product) and rounds
+(``lid_engine/numerics.py``; the magnitude it needs is one more product of non-negative operands) and rounds
 outward, so the result encloses the real-number outputs and those of any float evaluation;
 ``certify=False`` (search mode) skips that and stays differentiable for the LID search.
 """
@@ -113,50 +113,56 @@ def _affine(ctx: _Ctx, x: Interval, w: tuple[Tensor, Tensor], b: tuple[Tensor, T
 
 
 def _affine_nonneg(ctx, x: Interval, wl, wu, bl, bu, a: _Affine) -> Interval:
-    """Exact interval product for non-negative inputs, as one stacked product."""
-    rows = 2
+    """Exact interval product for non-negative inputs, as one stacked product.
+
+    Certifying, the magnitude ``max(|W_l|, |W_u|)·x_u`` is a second, smaller product where the layer has
+    ``_SPLIT_MAG_OUT`` outputs or more: as a third block row it would multiply zeros against x_l, and
+    give a convolution 3/2 the output channels, which oneDNN's direct kernel runs in blocks of 8/16
+    channels. With fewer outputs (a block anyway) it stays one product of three block rows."""
+    mag_weight = torch.maximum(wl.abs(), wu.abs()) if ctx.certify else None
+    mag_bias = torch.maximum(bl.abs(), bu.abs()) if ctx.certify and bl is not None else None
+    one_product = ctx.certify and wl.shape[0] < _SPLIT_MAG_OUT
     if x.point:  # x ≥ 0 fixed: the extreme weights are simply W_l and W_u
-        blocks = [wl, wu]
-        if ctx.certify:
-            blocks.append(torch.maximum(wl.abs(), wu.abs()))
-        weight = torch.cat(blocks, dim=0)
+        weight = torch.cat([wl, wu] + ([mag_weight] if one_product else []), dim=0)
         terms = a.n_terms + 1
     else:
-        weight = _block_weight(wl, wu, ctx.certify)
+        weight = _block_weight(wl, wu)
+        if one_product:
+            weight = torch.cat([weight, torch.cat([torch.zeros_like(wl), mag_weight], 1)])
         terms = a.n_terms + 2  # two n-term products summed, plus the bias
-    if ctx.certify:
-        rows = 3
-    bias = None
-    if bl is not None:
-        bias = torch.cat([bl, bu] + ([torch.maximum(bl.abs(), bu.abs())] if ctx.certify else []))
+    bias = None if bl is None else torch.cat([bl, bu] + ([mag_bias] if one_product else []))
     out = a.op(x.z, weight, bias)
     if not ctx.certify:
         return Interval(out)
-    lo, hi, mag = out.chunk(rows, dim=1)
+    if one_product:
+        lo, hi, mag = out.chunk(3, dim=1)
+    else:
+        # Mag ≥ |W_l⁺|x_l + |W_l⁻|x_u and |W_u⁺|x_u + |W_u⁻|x_l, as 0 ≤ x_l ≤ x_u: a product of non-negative
+        # operands of at most ``terms`` terms, so the slack's (1 − u)(1 − γ) allowance covers its rounding
+        lo, hi = out.chunk(2, dim=1)
+        mag = a.op(x.hi, mag_weight, mag_bias)
     return Interval(rounding.widen_stacked(lo, hi, mag, terms))
 
 
-def _block_weight(wl: Tensor, wu: Tensor, certify: bool) -> Tensor:
-    """``[[W_l⁺, W_l⁻], [W_u⁻, W_u⁺]]`` (and, certifying, the magnitude row ``[0, max(|W_l|, |W_u|)]``):
-    the weight that multiplies a stacked non-negative interval ``[x_l | x_u]``.
+_SPLIT_MAG_OUT = 8  # see _affine_nonneg
+
+
+def _block_weight(wl: Tensor, wu: Tensor) -> Tensor:
+    """``[[W_l⁺, W_l⁻], [W_u⁻, W_u⁺]]``: the weight that multiplies a stacked non-negative interval
+    ``[x_l | x_u]``.
 
     Without autograd the blocks are written straight into one buffer (``out=``) instead of four
     clamped copies joined by three concatenations: on a 1024×1024 layer that is one pass over the 16 MB
     block instead of three (the same numbers: a clamp is exact)."""
     if torch.is_grad_enabled() and (wl.requires_grad or wu.requires_grad):  # out= records no gradient
-        blocks = [torch.cat([wl.clamp(min=0), wl.clamp(max=0)], 1), torch.cat([wu.clamp(max=0), wu.clamp(min=0)], 1)]
-        if certify:
-            blocks.append(torch.cat([torch.zeros_like(wl), torch.maximum(wl.abs(), wu.abs())], 1))
-        return torch.cat(blocks, dim=0)
+        return torch.cat([torch.cat([wl.clamp(min=0), wl.clamp(max=0)], 1),
+                          torch.cat([wu.clamp(max=0), wu.clamp(min=0)], 1)], dim=0)
     o, i = wl.shape[0], wl.shape[1]
-    w = wl.new_empty((3 * o if certify else 2 * o, 2 * i, *wl.shape[2:]))
+    w = wl.new_empty((2 * o, 2 * i, *wl.shape[2:]))
     torch.clamp(wl, min=0, out=w[:o, :i])
     torch.clamp(wl, max=0, out=w[:o, i:])
-    torch.clamp(wu, max=0, out=w[o:2 * o, :i])
-    torch.clamp(wu, min=0, out=w[o:2 * o, i:])
-    if certify:
-        w[2 * o:, :i].zero_()
-        torch.maximum(wl.abs(), wu.abs(), out=w[2 * o:, i:])
+    torch.clamp(wu, max=0, out=w[o:, :i])
+    torch.clamp(wu, min=0, out=w[o:, i:])
     return w
 
 
