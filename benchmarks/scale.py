@@ -545,7 +545,12 @@ def report(doc: dict, out: Path) -> None:
               f"count at the largest N); T_start(W) = {pm['start_a_s']:.2f} s + {pm['start_b_s']:.2f} s·W (cluster "
               "start + warm-up + stop of the process cells at W = 1 and 2, a straight line through the two); "
               f"o = {pm['per_shard_s'] * 1e3:.0f} ms per shard (the probe). It assumes W free cores and memory "
-              "bandwidth that keeps up; the 2-core machine here cannot check W > 2.", "",
+              "bandwidth that keeps up; the 2-core machine here cannot check W > 2. The start's slope b is pessimistic: "
+              "here the second worker's start (importing torch and lid_engine) competed for the same loaded cores; with "
+              f"W free cores the workers start side by side and T_start stays near a + b = {pm['start_a_s'] + pm['start_b_s']:.1f} s, "
+              "and W workers would break even with one in-process thread at N = (T_start + o·W)·r₁·W/(W − 1) rows: "
+              + ", ".join(f"{(pm['start_a_s'] + pm['start_b_s'] + pm['per_shard_s'] * w) * pm['r1_rows_per_s'] * w / (w - 1):,.0f}"
+                          f" for W = {w}" for w in PAPER_WORKERS) + " (model).", "",
               "| rows | measured W=1 s | model W=1 s | measured W=2 s | model W=2 s | model W=4 s | model W=8 s | "
               "model W=16 s |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n, r in pm["rows"].items():
@@ -568,7 +573,8 @@ def report(doc: dict, out: Path) -> None:
         lines.append(f"| {c['hidden']:,} | {c['params']:,} | {c['batch']} | {c['per_iter_s']:.4f} | "
                      f"{c[f't{lo}_s']:.2f} | {c[f't{hi}_s']:.2f} | {mib(c['peak_mib'])} | "
                      f"{mib(c['peak_mib'] - idle['peak_mib'])} |")
-    lines += ["", "![search time against parameters](scale_params.png)", ""]
+    lines += ["", *search_reading(cells, doc["sizes"]),
+              "", "![search time against parameters](scale_params.png)", ""]
     (out / "scale.md").write_text("\n".join(lines) + "\n")
 
 
@@ -576,6 +582,15 @@ def reading(doc: dict) -> list[str]:
     """What the certification numbers say, computed from them (so a rerun keeps it true)."""
     cells, rows = doc["cells"], doc["sizes"]["rows"]
     out = ["### What the numbers say", ""]
+    m = doc["machine"]
+    load = max(m["start_loadavg"][0], m["end_loadavg"][0])
+    one_thread = ", ".join(f"{c['rows'] / c['count_s']:,.0f}" for c in cells
+                           if c["kind"] == "count" and c["torch_threads"] == 1 and not c.get("data"))
+    if load > 1.5 * m["cpus"]:
+        out.append(f"- The machine was busy (1-min load {m['start_loadavg'][0]:.1f} at the start, {m['end_loadavg'][0]:.1f} at "
+                   f"the end, on {m['cpus']} CPUs): every cell shared the cores with other work, so neighbouring cells "
+                   "differ by up to ~2× for no reason of their own (the same count on 1 thread in process ran at "
+                   f"{one_thread} rows/s over the sizes). Read the fixed costs and the orders of magnitude, not small ratios.")
     n = max(rows)
     one = _find(cells, kind="count", rows=n, torch_threads=1, data=None, omp=None)
     two = _find(cells, kind="count", rows=n, torch_threads=2, data=None, omp=None)
@@ -618,6 +633,32 @@ def reading(doc: dict) -> list[str]:
                    f"{mib(tp['tree_peak_mib'])} MiB against {mib(sp['tree_peak_mib'])} MiB: each shard's slice is "
                    "pickled to its worker; a stream sends only its source and row range.")
     return out + [""]
+
+
+def search_reading(cells: list[dict], sizes: dict) -> list[str]:
+    """The search table in words, computed from it."""
+    search = {(c["hidden"], c["batch"]): c for c in cells if c["kind"] == "search"}
+    b, hs = sizes["search_batch"], sorted(sizes["hidden"])
+    out = ["Per-iteration times of a few ms are differences of two sub-second runs and within the machine's noise."]
+    if 1 in hs and len(hs) > 1:
+        out[0] += (" The 805-parameter point (784-1-10) sat above the 10,345-parameter one again on a rerun (18.8 against "
+                   "7.4 ms): one hidden unit gives every row the same label, a degenerate task (not investigated).")
+    big = search[(hs[-1], b)]
+    mid = next((search[(h, b)] for h in hs if search[(h, b)]["params"] >= 100_000), None)
+    if mid and mid is not big:
+        out.append(f"From {mid['params']:,} to {big['params']:,} parameters (batch {b}) the time per iteration grows "
+                   f"{big['per_iter_s'] / mid['per_iter_s']:.0f}× for {big['params'] / mid['params']:.0f}× the parameters.")
+    for h in sizes["batch_hidden"]:
+        bs = sorted(bb for hh, bb in search if hh == h)
+        if len(bs) > 1:
+            lo, hi = search[(h, bs[0])], search[(h, bs[-1])]
+            out[-1] += (f" At {lo['params']:,} parameters, batch {bs[-1]} costs {hi['per_iter_s'] / lo['per_iter_s']:.1f}× "
+                        f"batch {bs[0]} per iteration.")
+    extra = (big["peak_mib"] - _find(cells, kind="idle", prefect=None)["peak_mib"]) * 2**20 / big["params"]
+    out.append(f"Peak memory above the torch + lid_engine baseline at {big['params']:,} parameters: "
+               f"{extra:.0f} bytes per parameter (the search's copies of the parameters, bounds, gradients, optimiser "
+               "state and activations together; not broken down here).")
+    return [" ".join(out)]
 
 
 def plots(doc: dict, out: Path) -> None:
@@ -670,10 +711,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for scale.{md,json} and the plots")
+    p.add_argument("--render", action="store_true", help="rewrite scale.md and the plots from scale.json, measure nothing")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    doc = measure(args.quick)
-    (args.out / "scale.json").write_text(json.dumps(doc, indent=1))
+    if args.render:
+        doc = json.loads((args.out / "scale.json").read_text())
+        doc["model"] = paper_model(doc["cells"], doc["sizes"])  # JSON turned its worker counts into strings
+    else:
+        doc = measure(args.quick)
+        (args.out / "scale.json").write_text(json.dumps(doc, indent=1))
     report(doc, args.out)
     plots(doc, args.out)
     print(f"wrote {args.out / 'scale.md'} ({doc['wall_s']:.0f} s)")
