@@ -59,7 +59,8 @@ def bound_logits(
         ctx = rounding.certification_backend() if mode == "certify" else rounding.native_kernels()
         with ctx, (torch.no_grad() if mode == "certify" else _null_ctx()):
             for chunk in chunks:
-                lo, hi = ibp.propagate(model, domain, chunk, certify=mode == "certify", layers=layers, nonneg=nonneg)
+                lo, hi = ibp.propagate(model, domain, chunk, certify=mode == "certify", layers=layers,
+                                       nonneg=_chunk_nonneg(chunk, nonneg, len(chunks)))
                 los.append(lo), his.append(hi)
     else:
         from .lirpa import bound_logits_lirpa
@@ -116,12 +117,14 @@ def margin_bounds(
     ctx = rounding.certification_backend() if mode == "certify" else rounding.native_kernels()
     parts = []
     with ctx, (torch.no_grad() if mode == "certify" else _null_ctx()):
-        for s in _chunks(len(x), batch_size):
+        slices = _chunks(len(x), batch_size)
+        for s in slices:
             if method == "linear":
                 parts.append(linear_graph.margins(model, box, x[s], y[s], certify=mode == "certify", layers=layers,
                                                    competitors=competitors, zonotope=zonotope))
             else:
-                parts.append((*ibp.propagate(model, box, x[s], certify=mode == "certify", layers=layers, nonneg=nonneg),
+                nn = _chunk_nonneg(x[s], nonneg, len(slices))
+                parts.append((*ibp.propagate(model, box, x[s], certify=mode == "certify", layers=layers, nonneg=nn),
                               None))
     if mode == "search":
         _check_search_input(x, [t for p in parts for t in p[:2]], where)  # IBP's: the linear one has -inf
@@ -205,6 +208,13 @@ def _is_zonotope(domain) -> bool:
 def _ibp_box(zonotope, x: Tensor) -> Box:
     """The zonotope's bounding box in ``x``'s device and dtype, rounded outward: IBP's input."""
     return zonotope.bounding_box().to(x.device, x.dtype)
+
+
+def _chunk_nonneg(chunk: Tensor, whole: bool, n_chunks: int) -> bool:
+    """Whether a batch is ≥ 0, which picks the first affine layer's product form: decided per batch, so
+    that a batch is bounded the same whether it comes with the rest of the set or in a shard or stream
+    of its own (their counts then add up to one pass's exactly)."""
+    return whole if n_chunks == 1 or whole else bool(chunk.amin() >= 0)
 
 
 def _chunks(n: int, batch_size: int | None) -> list[slice]:

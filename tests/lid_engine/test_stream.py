@@ -341,3 +341,21 @@ def test_a_stream_whose_label_reading_disagrees_is_refused():
 
     with pytest.raises(InvalidInputError, match=r"labels\(\) differ from the labels of its chunks\(\)"):
         fingerprint_stream(Relabelled(X, Y, chunk_rows=50))
+
+
+@pytest.mark.parametrize("method", ["ibp", "linear"])
+def test_a_batch_is_bounded_alike_alone_or_with_the_rest(method):
+    """The first affine layer's product form follows the input's sign, decided per batch: a batch that
+    is all ≥ 0 inside mixed-sign data gets the bounds it gets alone (in a shard or a stream chunk)."""
+    from lid_engine.bounds import margin_bounds
+
+    x = X.clone()
+    x[128:256] = x[128:256].abs()  # one non-negative batch of 128 among mixed-sign ones
+    whole = margin_bounds(MODEL, BOX, x, Y, method, mode="certify", dtype=torch.float64, batch_size=128)
+    alone = margin_bounds(MODEL, BOX, x[128:256], Y[128:256], method, mode="certify", dtype=torch.float64,
+                          batch_size=128)
+    for w, a in zip(whole, alone):
+        assert w is None and a is None or torch.equal(w[128:256], a)
+    lo, hi = le.bound_logits(MODEL, BOX, x, mode="certify", dtype=torch.float64, batch_size=128)
+    lo1, hi1 = le.bound_logits(MODEL, BOX, x[128:256], mode="certify", dtype=torch.float64, batch_size=128)
+    assert torch.equal(lo[128:256], lo1) and torch.equal(hi[128:256], hi1)
