@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -60,16 +61,18 @@ class ParquetStream(CertificationStream):
             raise DataError(f"{where}: no such file") from None
         except Exception as exc:  # noqa: BLE001 — pyarrow raises several types for a bad file
             raise DataError(f"{where}: not a readable Parquet file ({_short(exc)})") from None
-        columns = [str(c) for c in self._file.schema_arrow.names]
+        # the columns pd.read_parquet gives: a stored pandas index is not a column of the table
+        index = [c for c in (self._file.schema_arrow.pandas_metadata or {}).get("index_columns", []) if isinstance(c, str)]
+        columns = [str(c) for c in self._file.schema_arrow.names if c not in index]
         if len(set(columns)) != len(columns):
             raise DataError(f"{where}: column {next(c for c in columns if columns.count(c) > 1)!r} appears more than once")
         features = feature_names(columns, data_cfg, where)
         if data_cfg.shape is not None and math.prod(data_cfg.shape) != len(features):
             raise DataError(f"{where}: data.shape {list(data_cfg.shape)} holds {math.prod(data_cfg.shape)} values per "
                             f"row, but each row has {len(features)}; expected a shape whose product is {len(features)}")
-        import pyarrow as pa
-
-        wide = any(self._file.schema_arrow.field(c).type == pa.float64() for c in features)
+        # float64 where pandas reads a feature column as numpy float64, as components.data decides per table
+        dtypes = self._file.schema_arrow.empty_table().to_pandas().dtypes
+        wide = any(dtypes[c] == np.float64 for c in features)
         self.path, self.data_cfg, self.features, self.memory_mb = path, data_cfg, features, memory_mb
         self.n, self.name = int(self._file.metadata.num_rows), where
         self.dtype = torch.float64 if wide else torch.float32
@@ -89,6 +92,8 @@ class ParquetStream(CertificationStream):
                                 f"row groups (pyarrow.parquet.write_table(..., row_group_size={self.chunk_rows}))")
             self._starts.append(self._starts[-1] + rg.num_rows)
         self._stat = self._identity()
+        self.sha256 = _file_sha256(path)  # what every reader elsewhere must find at this path
+        self._verified = True
         self._check_header()
 
     def _identity(self) -> tuple[int, int]:
@@ -115,9 +120,25 @@ class ParquetStream(CertificationStream):
 
         self.__dict__.update(state)
         self._file = pq.ParquetFile(self.path)
+        self._verified = False  # another process (a Dask worker): check the content before the first read
+
+    def _check_content(self) -> None:
+        """In another process, the file at the path must hold the bytes the stream was opened on (a
+        worker's own copy, say); then its size and time are the ones later readings must keep."""
+        if self._verified:
+            return
+        try:
+            digest = _file_sha256(self.path)
+        except OSError as exc:
+            raise DataError(f"{self.name}: cannot be read here ({exc.strerror or exc})") from None
+        if digest != self.sha256:
+            raise DataError(f"{self.name}: the file here is not the one being certified (sha256 {digest[:12]}…, "
+                            f"expected {self.sha256[:12]}…); give every worker the same file")
+        self._stat, self._verified = self._identity(), True
 
     def _batches(self, start: int, stop: int, columns: list[str]):
         """(first row, Arrow record batch) of rows ``[start, stop)``, row group by row group."""
+        self._check_content()
         self._check_unchanged()
         for i in range(len(self._starts) - 1):
             lo, hi = self._starts[i], self._starts[i + 1]
@@ -153,14 +174,17 @@ class ParquetStream(CertificationStream):
             yield torch.from_numpy(y)
 
     def provenance(self) -> dict[str, Any]:
-        """The file's record as ``load_splits`` gives it (path, format, sha256 of the bytes, columns), with the
-        bytes hashed in 1 MiB blocks."""
-        h = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            for block in iter(lambda: f.read(2**20), b""):
-                h.update(block)
-        return {"path": str(self.path.resolve()), "format": "parquet", "sha256": h.hexdigest(),
+        """The file's record as ``load_splits`` gives it (path, format, sha256 of the bytes as opened, columns)."""
+        return {"path": str(self.path.resolve()), "format": "parquet", "sha256": self.sha256,
                 "columns": {"features": list(self.features), "label": self.data_cfg.label}}
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def certification_stream(config: LidgateConfig, memory_mb: int = 512) -> ParquetStream:

@@ -57,7 +57,10 @@ def certify_shard(model: nn.Module, box: Box, data: CertData, rows: tuple[int, i
 
 
 class ShardCounter:
-    """A ``lid_engine`` counter (``certify_box(counter=...)``) that spreads the rows over a Dask cluster."""
+    """A ``lid_engine`` counter (``certify_box(counter=...)``) that spreads the rows over a Dask cluster.
+
+    Thread workers share this process's kernel switches, so their shards run one at a time
+    (``lid_engine.numerics.SWITCHES``); do not call the counter from inside a certification block."""
 
     def __init__(self, runner, shards: int, threads: int | None, cluster: str) -> None:
         self.runner, self.shards, self.threads = runner, shards, threads

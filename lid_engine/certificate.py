@@ -559,7 +559,10 @@ def count_certified(
                                 f"CertificationStream, got {type(data).__name__}")
     x, y = data
     if rows is not None:
-        x, y = x[rows[0]:rows[1]], y[rows[0]:rows[1]]
+        a, b = rows
+        if not (_is_int(a) and _is_int(b) and 0 <= a < b <= len(x)):
+            raise InvalidInputError(f"{where}: 'rows' must be (start, stop) with 0 ≤ start < stop ≤ {len(x)}, got {rows!r}")
+        x, y = x[a:b], y[a:b]
     return _counts(model, box, x, y, dtype, batch_size, where, method)
 
 
@@ -643,9 +646,10 @@ def certify_box(
         raise InvalidInputError(f"{where}: 'method' must be one of {BOUND_METHODS}, got {method!r}")
     counts = (counter or count_certified)(model, box, data, dtype=dtype, batch_size=batch_size, method=method,
                                           where=where)
-    if not isinstance(counts, Counts) or counts.n != len(x) or sum(c["n"] for c in counts.per_class.values()) != len(x):
-        raise InvalidInputError(f"{where}: the counter returned {counts!r} for {len(x)} rows; its counts must cover "
-                                "every row exactly once")
+    if not isinstance(counts, Counts) or counts.n != len(x) or counts.certified > counts.n or \
+            {k: v["n"] for k, v in counts.per_class.items()} != class_sizes(data, where):
+        raise InvalidInputError(f"{where}: the counter returned {counts!r} for {len(x)} rows of classes "
+                                f"{class_sizes(data, where)}; its counts must cover every row exactly once")
     n, certified, per_class, evaluated = counts.n, counts.certified, counts.per_class, list(counts.evaluation_dtypes)
     confidence = float(confidence)
     return Certificate(
@@ -669,6 +673,20 @@ def certify_box(
         evaluation_dtypes=evaluated,
         member=int(member),
     )
+
+
+def class_sizes(data: CertData, where: str = "class_sizes") -> dict[str, int]:
+    """Examples per class (ascending, as ``Counts`` lists them) of ``(x, y)`` or of a stream's labels."""
+    labels = data.labels() if isinstance(data, CertificationStream) else [canonical_labels(data[1], where)]
+    total = torch.zeros(0, dtype=torch.int64)
+    for y in labels:
+        counts = torch.bincount(y.cpu())
+        if len(counts) > len(total):
+            counts[: len(total)] += total
+            total = counts
+        else:
+            total[: len(counts)] += counts
+    return {str(c): int(total[c]) for c in torch.nonzero(total).flatten().tolist()}
 
 
 def _head(data: CertData, k: int) -> tuple[Tensor, Tensor]:

@@ -196,7 +196,9 @@ def midpoint_radius(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
 # thread: a thread leaving its block would put them back while another thread still bounds with them
 # (certification on NNPACK's or oneDNN's fast algorithms, whose rounding the γ_n model does not cover).
 # Every block that sets them holds this lock, so the engine's bound passes in one process's threads
-# (Dask thread workers, say) run one at a time; re-entrant for the nested blocks.
+# (Dask thread workers, say) run one at a time; re-entrant for the nested blocks. So never wait, inside
+# such a block, for work that other threads of this process bound (a counter on thread workers called
+# from within certification_backend() would wait for the lock its caller holds).
 SWITCHES = threading.RLock()
 
 

@@ -114,7 +114,9 @@ class TensorStream(CertificationStream):
             raise InvalidInputError("TensorStream: 'x' and 'y' must be tensors with the same number of rows")
         if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
             raise InvalidInputError(f"TensorStream: 'chunk_rows' must be a positive integer, got {chunk_rows!r}")
-        self.x, self.y = x, y.to(torch.int64)
+        from .certificate import canonical_labels  # (certificate imports this module)
+
+        self.x, self.y = x, canonical_labels(y, f"TensorStream '{name}'")  # refused, never rounded
         self.n, self.feature_shape, self.dtype, self.name = len(x), tuple(x.shape[1:]), x.dtype, name
         self.chunk_rows = chunk_rows
         self._check_header()

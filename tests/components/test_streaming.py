@@ -149,3 +149,31 @@ def test_a_file_rewritten_while_it_is_certified_is_refused(tmp_path):
     os.utime(tmp_path / "cert.parquet", ns=(1, 1))
     with pytest.raises(DataError, match="the file changed while it was being certified"):
         list(stream.chunks())
+
+
+def test_a_worker_reading_another_file_at_the_path_is_refused(tmp_path):
+    """A stream travels to a Dask process worker as its path and the sha256 it was opened on: a file with
+    other bytes there (even with the time it had) is refused before a row is counted."""
+    import os
+
+    cfg = config(tmp_path)
+    path = write(frame(900, 8), tmp_path / "cert.parquet", row_group_size=100)
+    stream = certification_stream(cfg, MEMORY_MB)
+    shipped = pickle.dumps(stream)
+    st = os.stat(path)
+    write(frame(900, 9), path, row_group_size=100)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(DataError, match="the file here is not the one being certified"):
+        list(pickle.loads(shipped).chunks(0, 100))
+
+
+def test_pandas_indexes_and_nullable_floats_read_as_a_whole_file_does(tmp_path):
+    cfg = config(tmp_path)
+    df = frame(300, 10)
+    df["p0"] = df["p0"].astype("Float64")  # a pandas nullable float column
+    df.index = pd.Index([f"r{i}" for i in range(300)], name="rowid")  # stored as a column, not a feature
+    df.to_parquet(tmp_path / "cert.parquet", row_group_size=64)
+    stream = certification_stream(cfg, MEMORY_MB)
+    x, y = load_file(tmp_path / "cert.parquet", cfg.data)
+    assert stream.features == [f"p{i}" for i in range(FEATURES)] and stream.dtype == x.dtype
+    assert fingerprint_stream(stream) == fingerprint_data(x, y)

@@ -359,3 +359,21 @@ def test_a_batch_is_bounded_alike_alone_or_with_the_rest(method):
     lo, hi = le.bound_logits(MODEL, BOX, x, mode="certify", dtype=torch.float64, batch_size=128)
     lo1, hi1 = le.bound_logits(MODEL, BOX, x[128:256], mode="certify", dtype=torch.float64, batch_size=128)
     assert torch.equal(lo[128:256], lo1) and torch.equal(hi[128:256], hi1)
+
+
+def test_tensor_stream_refuses_labels_it_would_have_to_round():
+    with pytest.raises(InvalidInputError, match="non-integer labels"):
+        TensorStream(X, Y.double() + 0.5)
+    with pytest.raises(InvalidInputError, match="integer class indices"):
+        TensorStream(X, Y > 0)
+
+
+def test_a_counter_that_counts_some_rows_twice_is_refused():
+    def overlapping(model, box, data, **kw):  # 500 rows, but rows 0..199 twice and 300..499 never
+        return Counts.total(count_certified(model, box, data, rows=r, **kw) for r in [(0, 300), (0, 200)])
+
+    x, y = X[:500], Y[:500]
+    with pytest.raises(InvalidInputError, match="must cover every row exactly once"):
+        certify_box(MODEL, BOX, x, y, Spec("accuracy", 0.5), counter=overlapping)
+    with pytest.raises(InvalidInputError, match="'rows' must be"):
+        count_certified(MODEL, BOX, (x, y), rows=(-5, 10))
