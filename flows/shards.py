@@ -14,17 +14,22 @@ Where the workers come from (``CertificationSection``):
   machines, see deployment/README.md). Workers need lidgate, the team's model code and, for a
   streamed file, the file at the same path.
 
-A shard gets its rows (tensors, or for a stream the source and a row range that it reads itself),
-the model and the domain; it returns plain numbers (``Counts``), never CUDA tensors, which Dask cannot
-move between processes. The LID search itself stays where the certify flow runs (the ``gpu`` pool).
+A shard gets the model, the domain and its rows: a stream travels as its source and a row range that
+the shard reads itself; tensors held in memory are written once per certification set to a safetensors
+file that local process workers read their rows from (``lid_engine.stream.SafetensorsStream``), and
+travel as slices to thread workers or to an external scheduler's. It returns plain numbers (``Counts``),
+never CUDA tensors, which Dask cannot move between processes. The LID search itself stays where the
+certify flow runs (the ``gpu`` pool).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prefect import task
@@ -62,16 +67,32 @@ class ShardCounter:
     Thread workers share this process's kernel switches, so their shards run one at a time
     (``lid_engine.numerics.SWITCHES``); do not call the counter from inside a certification block."""
 
-    def __init__(self, runner, shards: int, threads: int | None, cluster: str) -> None:
+    def __init__(self, runner, shards: int, threads: int | None, cluster: str, staging: Path | None = None) -> None:
         self.runner, self.shards, self.threads = runner, shards, threads
         self.cluster = cluster  # where the shards run, in words (the summary and the log say it)
         self.submitted = 0  # shard task runs so far (reported in the flow's log and summary)
+        # local process workers: tensors are written once per certification set to a file here and read
+        # back by each shard (instead of pickling every shard's rows for every member)
+        self.staging = staging
+        self._staged: dict[tuple[int, int], tuple[object, object]] = {}
+
+    def _staged_stream(self, data: tuple):
+        """``data`` (tensors) as a stream over a file in the staging folder, written on first use."""
+        from lid_engine.stream import SafetensorsStream
+
+        key = (id(data[0]), id(data[1]))
+        if key not in self._staged:  # the pair is kept alive with its stream, so its id is not reused
+            path = self.staging / f"certification-{len(self._staged)}.safetensors"
+            self._staged[key] = (data, SafetensorsStream.write(data[0], data[1], path))
+        return self._staged[key][1]
 
     def __call__(self, model: nn.Module, box: Box, data: CertData, *, dtype, batch_size: int | None, method: str,
                  where: str) -> Counts:
         from lid_engine import Box, CertificationStream, Counts, shard_ranges
         from lid_engine.stream import batch_unit
 
+        if self.staging is not None and not isinstance(data, CertificationStream):
+            data = self._staged_stream(data)
         n = len(data) if isinstance(data, CertificationStream) else len(data[0])
         ranges = shard_ranges(n, self.shards, batch_unit(method, batch_size))
         # Dask cannot move CUDA tensors between processes: shards get CPU copies (the search may have run on CUDA)
@@ -107,11 +128,13 @@ def shard_counter(section: CertificationSection) -> Iterator[ShardCounter | None
     cpus = os.cpu_count() or 1
     if section.scheduler is not None:
         runner, threads, cluster = DaskTaskRunner(address=section.scheduler), None, f"scheduler {section.scheduler}"
+        staging = False  # workers elsewhere: the rows travel with the shards
     else:
         workers = section.workers or max(1, min(section.shards, cpus))
         processes = section.processes if section.processes is not None else prefect_server_configured()
         runner = DaskTaskRunner(cluster_kwargs={"n_workers": workers, "processes": processes, "threads_per_worker": 1,
                                                 "dashboard_address": None})
+        staging = processes  # local process workers read the rows from a file on this machine
         # torch threads per process worker, so the workers share the cores; thread workers share one pool
         threads = max(1, cpus // workers) if processes else None
         cluster = f"local cluster of {workers} {'process' if processes else 'thread'} worker(s)"
@@ -119,7 +142,7 @@ def shard_counter(section: CertificationSection) -> Iterator[ShardCounter | None
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # Dask logs every worker start and stop at INFO
     try:
-        with runner:
-            yield ShardCounter(runner, section.shards, threads, cluster)
+        with runner, tempfile.TemporaryDirectory(prefix="lidgate-shards-") as tmp:
+            yield ShardCounter(runner, section.shards, threads, cluster, Path(tmp) if staging else None)
     finally:
         quiet.setLevel(level)

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .errors import InvalidInputError
 
-__all__ = ["CertificationStream", "TensorStream", "batch_unit", "rebatch", "shard_ranges"]
+__all__ = ["CertificationStream", "SafetensorsStream", "TensorStream", "batch_unit", "rebatch", "shard_ranges"]
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 
@@ -125,6 +125,48 @@ class TensorStream(CertificationStream):
         for s in range(start, stop, self.chunk_rows):
             e = min(s + self.chunk_rows, stop)
             yield self.x[s:e], self.y[s:e]
+
+
+class SafetensorsStream(CertificationStream):
+    """``(x, y)`` written once to a safetensors file and read back a slice at a time (no pickles): how
+    tensors held in memory reach other processes (Dask process workers) without being copied to every
+    shard — the stream pickles as its path."""
+
+    def __init__(self, path, chunk_rows: int = 4096) -> None:
+        from safetensors import safe_open
+
+        self.path, self.name, self.chunk_rows = str(path), str(path), chunk_rows
+        with safe_open(self.path, "pt") as f:
+            if set(f.keys()) != {"x", "y"}:
+                raise InvalidInputError(f"{self.name}: expected tensors 'x' and 'y', found {sorted(f.keys())}")
+            x, y = f.get_slice("x"), f.get_slice("y")
+            shape, self.dtype = tuple(x.get_shape()), getattr(torch, _SAFETENSORS_DTYPES.get(x.get_dtype(), "uint8"))
+            if tuple(y.get_shape()) != shape[:1] or y.get_dtype() != "I64":
+                raise InvalidInputError(f"{self.name}: 'y' must be int64 of shape ({shape[0]},)")
+        self.n, self.feature_shape = shape[0], shape[1:]
+        self._check_header()
+
+    @classmethod
+    def write(cls, x: Tensor, y: Tensor, path, chunk_rows: int = 4096) -> SafetensorsStream:
+        """Write ``(x, y)`` (labels as int64) to ``path`` and open it."""
+        from safetensors.torch import save_file
+
+        from .certificate import canonical_labels  # (certificate imports this module)
+
+        save_file({"x": x.detach().cpu().contiguous(), "y": canonical_labels(y, str(path)).contiguous()}, str(path))
+        return cls(path, chunk_rows)
+
+    def _read(self, start: int, stop: int) -> Iterator[tuple[Tensor, Tensor]]:
+        from safetensors import safe_open
+
+        with safe_open(self.path, "pt") as f:
+            x, y = f.get_slice("x"), f.get_slice("y")
+            for s in range(start, stop, self.chunk_rows):
+                e = min(s + self.chunk_rows, stop)
+                yield x[s:e], y[s:e]
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "F64": "float64"}
 
 
 def batch_unit(method: str, batch_size: int) -> int:

@@ -377,3 +377,16 @@ def test_a_counter_that_counts_some_rows_twice_is_refused():
         certify_box(MODEL, BOX, x, y, Spec("accuracy", 0.5), counter=overlapping)
     with pytest.raises(InvalidInputError, match="'rows' must be"):
         count_certified(MODEL, BOX, (x, y), rows=(-5, 10))
+
+
+def test_tensors_staged_in_a_safetensors_file_count_and_hash_as_in_memory(tmp_path):
+    import pickle
+
+    from lid_engine.stream import SafetensorsStream
+
+    stream = SafetensorsStream.write(X, Y, tmp_path / "cert.safetensors", chunk_rows=97)
+    assert (stream.n, stream.dtype, stream.feature_shape) == (len(X), X.dtype, tuple(X.shape[1:]))
+    assert fingerprint_stream(stream) == fingerprint_data(X, Y)
+    shipped = pickle.loads(pickle.dumps(stream))  # what a process worker receives: the path
+    assert count_certified(MODEL, BOX, shipped, batch_size=128, rows=(256, 700)) == \
+        count_certified(MODEL, BOX, (X, Y), batch_size=128, rows=(256, 700))
