@@ -557,8 +557,14 @@ def _certify(config: LidgateConfig, model: nn.Module, data: DataSplits, champion
     balanced = metric == "balanced_accuracy"
     result.search_metric = le.accuracy(model, *data.search, balanced=balanced)
     if not result.lineage_ok:
-        result.error = "the candidate fails an earlier certificate; no new LID is computed: " + "; ".join(
-            f"v{c['version']}: {', '.join(c['failures'])}" for c in result.lineage if not c["ok"])
+        from lid_engine.verify import UNCHECKED
+
+        failed = [c for c in result.lineage if not c["ok"]]
+        lead = ("an earlier certificate could not be re-checked on the candidate (an error while recomputing it)"
+                if any(UNCHECKED in f for c in failed for f in c["failures"]) else
+                "the candidate fails an earlier certificate")
+        result.error = f"{lead}; no new LID is computed: " + "; ".join(
+            f"v{c['version']}: {', '.join(c['failures'])}" for c in failed)
         return _done(result, start)
     within = champion.lid if champion is not None else None
     if within is not None and within.member_index(model) is None:

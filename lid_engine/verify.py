@@ -102,6 +102,10 @@ class VerificationReport:
         return self.summary()
 
 
+# the detail of a recomputation that raised (a worker or a file that failed), as opposed to a lower count
+UNCHECKED = "could not be recomputed"
+
+
 def _is_integrity(check: str) -> bool:
     """The checks of the saved files' integrity (see :attr:`VerificationReport.tampered`)."""
     return (check in (LID_FILE, NOMINAL_FILE, "files", "signature") or check.startswith("file ")
@@ -350,8 +354,8 @@ def verify(
         try:
             got = (counter or count_certified)(ref_model, boxes[i], supplied[t], dtype=DTYPES[c.dtype],
                                                batch_size=batch_size, where="verify", method=c.bound_method)
-        except Exception as exc:  # noqa: BLE001
-            report.add(name, False, _err(exc))
+        except Exception as exc:  # noqa: BLE001 — not a failed claim, but no confirmed one either (fail closed)
+            report.add(name, False, f"{UNCHECKED}: {_err(exc)}")
             continue
         if got.evaluation_dtypes != tuple(c.evaluation_dtypes):
             report.add(name, False, f"the certificate claims evaluation in {c.evaluation_dtypes}, the model needs "

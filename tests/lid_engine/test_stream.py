@@ -390,3 +390,15 @@ def test_tensors_staged_in_a_safetensors_file_count_and_hash_as_in_memory(tmp_pa
     shipped = pickle.loads(pickle.dumps(stream))  # what a process worker receives: the path
     assert count_certified(MODEL, BOX, shipped, batch_size=128, rows=(256, 700)) == \
         count_certified(MODEL, BOX, (X, Y), batch_size=128, rows=(256, 700))
+
+
+def test_a_recount_that_raises_is_reported_as_not_recomputed(saved_cnn):
+    model, x, y, d = saved_cnn
+
+    def broken(*args, **kwargs):
+        raise OSError("disk read error at row 128")
+
+    report = verify(d, model, x, y, counter=broken)
+    (fail,) = report.failures
+    assert fail.name == "member 0 / 'task' recomputed"
+    assert fail.detail == "could not be recomputed: OSError: disk read error at row 128"
