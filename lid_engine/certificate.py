@@ -103,22 +103,33 @@ def fingerprint_tensors(tensors: Mapping[str, Tensor]) -> str:
     """
     if not isinstance(tensors, Mapping):
         raise InvalidInputError(f"fingerprint_tensors: expected a mapping name -> tensor, got {type(tensors).__name__}")
-    h = hashlib.sha256()
-    _put(h, b"lidgate.tensors/1")
-    h.update(struct.pack("<Q", len(tensors)))
+    h = _tensors_hash(len(tensors))
     for name in sorted(tensors):
         if not isinstance(name, str):
             raise InvalidInputError(f"fingerprint_tensors: names must be strings, got {name!r}")
         t = tensors[name]
         if not isinstance(t, Tensor):
             raise InvalidInputError(f"fingerprint_tensors: '{name}' must be a torch.Tensor, got {type(t).__name__}")
-        _put(h, name.encode("utf-8"))
-        _put(h, str(t.dtype).removeprefix("torch.").encode("ascii"))
-        h.update(struct.pack("<Q", t.dim()))
-        for s in t.shape:
-            h.update(struct.pack("<Q", int(s)))
+        _put_header(h, name, t.dtype, t.shape)
         _put(h, _tensor_bytes(t))
     return h.hexdigest()
+
+
+def _tensors_hash(count: int):
+    """sha256 started on the ``fingerprint_tensors`` encoding of ``count`` tensors."""
+    h = hashlib.sha256()
+    _put(h, b"lidgate.tensors/1")
+    h.update(struct.pack("<Q", count))
+    return h
+
+
+def _put_header(h, name: str, dtype: torch.dtype, shape) -> None:
+    """One tensor's name, dtype and shape as ``fingerprint_tensors`` encodes them (its bytes follow)."""
+    _put(h, name.encode("utf-8"))
+    _put(h, str(dtype).removeprefix("torch.").encode("ascii"))
+    h.update(struct.pack("<Q", len(shape)))
+    for s in shape:
+        h.update(struct.pack("<Q", int(s)))
 
 
 def model_state(model: nn.Module) -> dict[str, Tensor]:
@@ -182,9 +193,7 @@ def fingerprint_stream(data: CertificationStream) -> str:
     lengths are known from the header, so the length prefixes come first as there)."""
     if not isinstance(data, CertificationStream):
         raise InvalidInputError(f"fingerprint_stream: expected a CertificationStream, got {type(data).__name__}")
-    h = hashlib.sha256()
-    _put(h, b"lidgate.tensors/1")
-    h.update(struct.pack("<Q", 2))
+    h = _tensors_hash(2)
     x_bytes = data.n * math.prod(data.feature_shape) * data.dtype.itemsize
     # the labels certified are those of chunks(); labels() is only a cheaper way to read them again, so the
     # two readings must agree (their digests are compared below)
@@ -204,12 +213,8 @@ def fingerprint_stream(data: CertificationStream) -> str:
     for name, dtype, shape, nbytes, pieces in (
             ("x", data.dtype, (data.n, *data.feature_shape), x_bytes, xs()),
             ("y", torch.int64, (data.n,), data.n * 8, ys())):
-        _put(h, name.encode("utf-8"))
-        _put(h, str(dtype).removeprefix("torch.").encode("ascii"))
-        h.update(struct.pack("<Q", len(shape)))
-        for s in shape:
-            h.update(struct.pack("<Q", int(s)))
-        h.update(struct.pack("<Q", nbytes))
+        _put_header(h, name, dtype, shape)
+        h.update(struct.pack("<Q", nbytes))  # _put's length prefix; the bytes follow a chunk at a time
         seen = 0
         for t in pieces:
             b = _tensor_bytes(t)
