@@ -524,11 +524,8 @@ def _read_table(raw: bytes, fmt: str, where: str) -> pd.DataFrame:
 def _table_xy(df: pd.DataFrame, d: DataSection, where: str, *,
               keep_float64: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
     columns = [str(c) for c in df.columns]
-    if len(set(columns)) != len(columns):
-        dup = next(c for c in columns if columns.count(c) > 1)
-        raise DataError(f"{where}: column {dup!r} appears more than once")
-    df = df.set_axis(columns, axis=1)
     features = feature_names(columns, d, where)
+    df = df.set_axis(columns, axis=1)
     _check_rows(df, where, "the file")
     for c in features:
         _check_numeric_column(df[c], c, where)
@@ -546,7 +543,10 @@ def _table_xy(df: pd.DataFrame, d: DataSection, where: str, *,
 
 def feature_names(columns: list[str], d: DataSection, where: str) -> list[str]:
     """The feature columns of a table with ``columns`` (``data.features``, else every column but the
-    label), checked: the label and every named feature present, at least one feature."""
+    label), checked: no column twice, the label and every named feature present, at least one feature."""
+    if len(set(columns)) != len(columns):
+        dup = next(c for c in columns if columns.count(c) > 1)
+        raise DataError(f"{where}: column {dup!r} appears more than once")
     available = _listing(columns)
     if d.label not in columns:
         raise DataError(f"{where}: no label column {d.label!r} (set data.label); available columns: {available}")

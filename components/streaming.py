@@ -6,8 +6,6 @@ fingerprint and the provenance record are the in-memory ones.
 
 from __future__ import annotations
 
-import hashlib
-import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +27,7 @@ from components.data import (
     _tensor,
     feature_names,
 )
+from lid_engine.files import file_sha256
 from lid_engine.stream import CertificationStream
 
 __all__ = ["ParquetStream", "certification_stream"]
@@ -64,12 +63,9 @@ class ParquetStream(CertificationStream):
         # the columns pd.read_parquet gives: a stored pandas index is not a column of the table
         index = [c for c in (self._file.schema_arrow.pandas_metadata or {}).get("index_columns", []) if isinstance(c, str)]
         columns = [str(c) for c in self._file.schema_arrow.names if c not in index]
-        if len(set(columns)) != len(columns):
-            raise DataError(f"{where}: column {next(c for c in columns if columns.count(c) > 1)!r} appears more than once")
         features = feature_names(columns, data_cfg, where)
-        if data_cfg.shape is not None and math.prod(data_cfg.shape) != len(features):
-            raise DataError(f"{where}: data.shape {list(data_cfg.shape)} holds {math.prod(data_cfg.shape)} values per "
-                            f"row, but each row has {len(features)}; expected a shape whose product is {len(features)}")
+        if data_cfg.shape is not None:  # refused now, as every chunk would be
+            _reshape(np.empty((0, len(features))), data_cfg.shape, where)
         # float64 where pandas reads a feature column as numpy float64, as components.data decides per table
         dtypes = self._file.schema_arrow.empty_table().to_pandas().dtypes
         wide = any(dtypes[c] == np.float64 for c in features)
@@ -92,7 +88,7 @@ class ParquetStream(CertificationStream):
                                 f"row groups (pyarrow.parquet.write_table(..., row_group_size={self.chunk_rows}))")
             self._starts.append(self._starts[-1] + rg.num_rows)
         self._stat = self._identity()
-        self.sha256 = _file_sha256(path)  # what every reader elsewhere must find at this path
+        self.sha256 = file_sha256(path)  # what every reader elsewhere must find at this path
         self._verified = True
         self._check_header()
 
@@ -128,7 +124,7 @@ class ParquetStream(CertificationStream):
         if self._verified:
             return
         try:
-            digest = _file_sha256(self.path)
+            digest = file_sha256(self.path)
         except OSError as exc:
             raise DataError(f"{self.name}: cannot be read here ({exc.strerror or exc})") from None
         if digest != self.sha256:
@@ -177,14 +173,6 @@ class ParquetStream(CertificationStream):
         """The file's record as ``load_splits`` gives it (path, format, sha256 of the bytes as opened, columns)."""
         return {"path": str(self.path.resolve()), "format": "parquet", "sha256": self.sha256,
                 "columns": {"features": list(self.features), "label": self.data_cfg.label}}
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def certification_stream(config: LidgateConfig, memory_mb: int = 512) -> ParquetStream:
