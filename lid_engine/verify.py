@@ -125,15 +125,14 @@ def _resolve_data(tasks: list[str], x, y, data, report: VerificationReport) -> d
             for t in tasks:
                 report.add(f"data '{t}'", False, "no certification data supplied; the counts cannot be recomputed")
             return {}
-        if isinstance(x, CertificationStream) and y is None:
-            y = x
-        if x is None or y is None:
+        stream = isinstance(x, CertificationStream) and y is None  # a stream holds its labels
+        if not stream and (x is None or y is None):
             report.add("inputs", False, "x and y must be given together (or x a CertificationStream)")
             return {}
         if len(tasks) != 1:
             report.add("inputs", False, f"the LID has tasks {tasks}; pass data={{task: (x, y)}}")
             return {}
-        data = {tasks[0]: x if y is x else (x, y)}
+        data = {tasks[0]: x if stream else (x, y)}
     if not isinstance(data, Mapping):
         report.add("inputs", False, f"'data' must be a mapping task -> (x, y), got {type(data).__name__}")
         return {}
