@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import threading
 from collections.abc import Callable, Mapping
@@ -34,7 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lid_engine import LID, fingerprint_model
+from lid_engine import LID, CertificationStream, SafetensorsStream, fingerprint_model
 from lid_engine.files import file_sha256
 
 from .factory import ModelSpec
@@ -71,6 +72,8 @@ _PIP_REQUIREMENTS = [f"torch=={torch.__version__.split('+')[0]}", "safetensors",
 _FIXED_PINS = {ARTIFACT_WEIGHTS: TAG_WEIGHTS_SHA, ARTIFACT_SPEC: TAG_SPEC_SHA, ARTIFACT_LID_JSON: TAG_CERT_SHA,
                ARTIFACT_VALIDATION: TAG_VALIDATION_SHA}
 _URI_LOCK = threading.Lock()
+#: stored certification data larger than this many MiB is read back as a stream (``read_cert_data``)
+STREAM_ABOVE_MB = 1024
 
 
 def cert_data_file(task: str) -> str:
@@ -117,10 +120,13 @@ def stage_version(
     state: Mapping[str, Tensor],
     spec: ModelSpec,
     lid: LID | None,
-    cert_data: Mapping[str, tuple[Tensor, Tensor]],
+    cert_data: Mapping[str, tuple[Tensor, Tensor] | CertificationStream],
     validation: object,
 ) -> dict[str, str]:
     """Write every file of a version into ``directory`` (empty or absent); returns ``{pin tag: sha256}``.
+
+    A task's certification data may be a ``lid_engine.CertificationStream``: it is written a chunk at a
+    time, to the same bytes as the tensors it holds.
 
     ``validation`` must already be JSON-able (the registry normalises it).
     """
@@ -131,7 +137,12 @@ def stage_version(
     if lid is not None:
         lid.save(directory / ARTIFACT_LID_DIR)
     (directory / ARTIFACT_CERT_DIR).mkdir()
-    for t, (x, y) in cert_data.items():
+    for t, data in cert_data.items():
+        if isinstance(data, CertificationStream):  # written a chunk at a time: the bytes save_file would write
+            SafetensorsStream.write_chunks(data.chunks(), directory / cert_data_file(t), metadata={"task": t},
+                                           name=f"cert_data['{t}'] ({data.name})")
+            continue
+        x, y = data
         save_file({"x": x.detach().cpu().contiguous().clone(), "y": y.detach().cpu().contiguous().clone()},
                   str(directory / cert_data_file(t)), metadata={"task": t})
     (directory / ARTIFACT_VALIDATION).write_text(json.dumps(validation, indent=2, sort_keys=True))
@@ -141,8 +152,15 @@ def stage_version(
     return {pin_tag(rel): file_sha256(directory / rel) for rel in pinned}
 
 
-def read_cert_data(path: Path) -> tuple[Tensor, Tensor]:
-    """``(x, y)`` from a task's certification data file."""
+def read_cert_data(path: Path, stream_mb: int | None = STREAM_ABOVE_MB) -> tuple[Tensor, Tensor] | SafetensorsStream:
+    """``(x, y)`` from a task's certification data file, or, for a file larger than ``stream_mb`` MiB, a
+    ``lid_engine.SafetensorsStream`` over it that reads about ``stream_mb`` MiB at a time (None: always
+    tensors)."""
+    if stream_mb is not None and path.stat().st_size > stream_mb * 2**20:
+        stream = SafetensorsStream(path)
+        row = max(1, math.prod(stream.feature_shape) * stream.dtype.itemsize)
+        stream.chunk_rows = max(1, stream_mb * 2**20 // row)
+        return stream
     tensors = load_file(str(path))
     return tensors["x"], tensors["y"]
 
@@ -158,12 +176,12 @@ class VersionFiles:
     spec: ModelSpec | None = None
     lid: LID | None = None
     lid_dir: Path | None = None
-    cert_data: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    cert_data: dict[str, tuple[Tensor, Tensor] | SafetensorsStream] = field(default_factory=dict)
     problems: list[tuple[str, str]] = field(default_factory=list)
 
 
 def read_version(fetch: Callable[[str], Path], directory: Path, tags: Mapping[str, str], *,
-                 lenient: bool) -> VersionFiles:
+                 lenient: bool, stream_mb: int | None = STREAM_ABOVE_MB) -> VersionFiles:
     """Download a version's files with ``fetch(relative)`` into ``directory``, check and rebuild them.
 
     Every pinned file is checked against its tag, and the rebuilt model's fingerprint against
@@ -171,7 +189,8 @@ def read_version(fetch: Callable[[str], Path], directory: Path, tags: Mapping[st
     of a ``spec.json`` that fails its check is never imported. ``lenient=False``: a file that
     failed its check is not used (its object stays None). ``lenient=True`` (the gate and audits,
     which report every failing check): weights, LID and certification data that fail their sha256
-    are still read, so that the checks after them can run and be reported too.
+    are still read, so that the checks after them can run and be reported too. Certification data
+    files larger than ``stream_mb`` MiB are opened as streams (``read_cert_data``).
     """
     out = VersionFiles()
     problems = out.problems
@@ -241,7 +260,7 @@ def read_version(fetch: Callable[[str], Path], directory: Path, tags: Mapping[st
                 path = directory / rel
                 if pinned(path, rel) or (lenient and path.is_file()):
                     try:
-                        out.cert_data[t] = read_cert_data(path)
+                        out.cert_data[t] = read_cert_data(path, stream_mb)
                     except Exception as exc:  # noqa: BLE001
                         problems.append((rel, f"unreadable: {type(exc).__name__}: {exc}"))
     if out.lid is not None and set(out.lid.tasks) != set(tasks):

@@ -659,7 +659,14 @@ class CertificationSection(_Section):
     Prefect server is configured; without one every process worker would start its own temporary
     server), else threads. ``scheduler``: the address of an existing Dask scheduler
     (``tcp://host:8786``) instead of a local cluster. ``batch_size``: rows per bound pass when certifying (shards start at multiples
-    of it, so it also caps how finely a small certification set can be sharded)."""
+    of it, so it also caps how finely a small certification set can be sharded).
+
+    ``memory_mb``: stream the certification set instead of loading it whole, holding at most about this
+    many MiB of its features at a time (``components.streaming``): a Parquet ``data.certification`` file
+    (files form) is read by row groups, and a ``data.loader`` that returns its certification split as a
+    ``torch.utils.data.DataLoader`` is read batch by batch into a file. Stored versions' certification
+    data larger than this are read back as streams too. Not with the source form, ``data.group``,
+    ``spec.recall`` or ``spec.worst_group`` (those select rows of the set in memory)."""
 
     shards: Positive = 1
     workers: Positive | None = None
@@ -667,6 +674,7 @@ class CertificationSection(_Section):
     scheduler: Annotated[str, _pattern(r"(tcp|tls|inproc|ucx)://\S+", "a Dask scheduler address such as tcp://host:8786",
                                        max_len=500)] | None = None
     batch_size: Positive = 2048
+    memory_mb: Positive | None = None
 
 
 class LidgateConfig(_Section):
@@ -723,7 +731,28 @@ class LidgateConfig(_Section):
                 if r.cls not in self.data.classes:
                     raise _Invalid("", at=("spec", "recall", i, "class"),
                                    message=f"class {r.cls} is not one of data.classes {sorted(self.data.classes)}")
+        if self.certification.memory_mb is not None:
+            self._check_streamable()
         return self
+
+    def _check_streamable(self) -> None:
+        """``certification.memory_mb`` streams the certification set: only sources that can be read in
+        pieces, and no constraint that selects rows of it in memory."""
+        at = ("certification", "memory_mb")
+        d = self.data
+        if d.form == "source":
+            raise _Invalid("", at=at, message="a streamed certification set comes from a Parquet data.certification "
+                                              "file or a data.loader that returns a DataLoader; the source form splits "
+                                              "one file in memory (remove memory_mb, or give the three files)")
+        if d.form == "files" and d.certification is not None and d.certification.suffix.lower() != ".parquet":
+            raise _Invalid("", at=at, message=f"a streamed data.certification file is read by Parquet row groups; "
+                                              f"{d.certification.name} is not a .parquet file (convert it, or remove "
+                                              "memory_mb)")
+        for used, name in ((d.group is not None, "data.group"), (bool(self.spec.recall), "spec.recall"),
+                           (self.spec.worst_group is not None, "spec.worst_group")):
+            if used:
+                raise _Invalid("", at=at, message=f"{name} selects rows of the certification set in memory, so it "
+                                                  "cannot be streamed; remove memory_mb or the constraint")
 
     def model_post_init(self, context: Any, /) -> None:
         base = context.get("base_dir") if isinstance(context, dict) else None

@@ -27,7 +27,7 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -35,6 +35,9 @@ import torch
 from torch import Tensor
 
 from components.config import DATA_SUFFIXES, DataSection, LidgateConfig, SplitSection
+
+if TYPE_CHECKING:
+    from lid_engine.stream import CertificationStream
 
 __all__ = [
     "SPLIT_NAMES",
@@ -76,6 +79,8 @@ class DataSplits:
         task: the task name certificates use (``data.task``).
         train, search, certification: ``(x, y)``; ``x`` float32 (float64 when the source holds
             float64) with shape ``(n, *feature_shape)``, ``y`` int64 class ids of shape ``(n,)``.
+            ``certification`` is a ``lid_engine.CertificationStream`` instead when the configuration
+            streams it (``certification.memory_mb``): read a chunk at a time, never whole (``streamed``).
         provenance: JSON-able record of the source (see the module docstring).
         feature_shape: the shape of one example.
         classes: the class ids (configured, or the sorted labels present in any split).
@@ -86,14 +91,23 @@ class DataSplits:
     task: str
     train: Pair
     search: Pair
-    certification: Pair
+    certification: Pair | CertificationStream
     provenance: dict[str, Any]
     feature_shape: tuple[int, ...]
     classes: tuple[int, ...]
     groups: dict[str, np.ndarray] | None = None
 
     def __post_init__(self) -> None:
-        for name, (x, y) in self.items():
+        for name, part in self.items():
+            if name == "certification" and _is_stream(part):
+                if tuple(part.feature_shape) != tuple(self.feature_shape):
+                    raise DataError(f"DataSplits: the streamed certification split ({part.name}) has examples of shape "
+                                    f"{tuple(part.feature_shape)}, expected feature_shape {tuple(self.feature_shape)}")
+                if self.groups is not None:
+                    raise DataError("DataSplits: a streamed certification split has no groups (data.group needs the "
+                                    "set in memory)")
+                continue
+            x, y = part
             if not (isinstance(x, Tensor) and isinstance(y, Tensor)):
                 raise DataError(f"DataSplits: split '{name}' must be a pair of tensors")
             if y.dtype != torch.int64 or y.dim() != 1 or len(x) != len(y) or len(y) == 0:
@@ -109,18 +123,36 @@ class DataSplits:
         """``[("train", (x, y)), ("search", …), ("certification", …)]``."""
         return [(name, getattr(self, name)) for name in SPLIT_NAMES]
 
-    def fingerprints(self) -> dict[str, str]:
-        """sha256 of each split as ``lid_engine.fingerprint_data`` computes it (what a certificate records)."""
-        from lid_engine import fingerprint_data  # lazy: lid_engine pulls in the search's dependencies
+    @property
+    def streamed(self) -> bool:
+        """Whether the certification split is a stream (read a chunk at a time) rather than tensors."""
+        return _is_stream(self.certification)
 
-        return {name: fingerprint_data(x, y) for name, (x, y) in self.items()}
+    def head(self, name: str, k: int) -> Pair:
+        """The first ``k`` rows of split ``name`` as tensors (a stream reads only those)."""
+        part = getattr(self, name)
+        return part.head(k) if _is_stream(part) else (part[0][:k], part[1][:k])
+
+    def labels(self, name: str) -> Tensor:
+        """Every label of split ``name`` (a stream's are read without its features: 8 bytes a row)."""
+        part = getattr(self, name)
+        return torch.cat(list(part.labels())) if _is_stream(part) else part[1]
+
+    def fingerprints(self) -> dict[str, str]:
+        """sha256 of each split as ``lid_engine.fingerprint_data`` computes it (what a certificate records;
+        a streamed split is read once, a chunk at a time, to the same digest)."""
+        from lid_engine import data_fingerprint  # lazy: lid_engine pulls in the search's dependencies
+
+        return {name: data_fingerprint(part) for name, part in self.items()}
 
     def to_dtype(self, dtype: torch.dtype) -> DataSplits:
         """The same data with the examples cast to ``dtype`` (a model's floating dtype); recorded in the
-        provenance. A file read as float64 and a float32 model agree this way, for every training function."""
-        if all(x.dtype == dtype for _, (x, _) in self.items()):
+        provenance. A file read as float64 and a float32 model agree this way, for every training function
+        (a streamed split is cast a chunk at a time as it is read)."""
+        if all((part.dtype if _is_stream(part) else part[0].dtype) == dtype for _, part in self.items()):
             return self
-        cast = {name: (x.to(dtype), y) for name, (x, y) in self.items()}
+        cast = {name: part.astype(dtype) if _is_stream(part) else (part[0].to(dtype), part[1])
+                for name, part in self.items()}
         return DataSplits(task=self.task, train=cast["train"], search=cast["search"],
                           certification=cast["certification"], provenance={**self.provenance, "dtype": str(dtype)},
                           feature_shape=self.feature_shape, classes=self.classes, groups=self.groups)
@@ -222,6 +254,10 @@ def check_same_features(expected: Sequence[str] | None, data: DataSplits, what: 
 def load_splits(config: LidgateConfig) -> DataSplits:
     """Load the task a configuration's ``data`` section names.
 
+    With ``certification.memory_mb`` the certification split is a stream (``DataSplits.streamed``): the
+    Parquet ``data.certification`` file read by row groups, or the DataLoader a loader returns for it
+    written batch by batch to a temporary safetensors file (``components.streaming``).
+
     Args:
         config: a validated configuration (paths already resolved; ``code`` directories are where
             a loader function is imported from).
@@ -243,6 +279,12 @@ def load_splits(config: LidgateConfig) -> DataSplits:
         read = {}
         for name in SPLIT_NAMES:
             path = getattr(d, name)
+            if name == "certification" and config.certification.memory_mb is not None:
+                from components.streaming import ParquetStream  # (it imports this module)
+
+                stream = ParquetStream(path, d, config.certification.memory_mb)
+                splits[name], records[name], read[name] = stream, stream.provenance(), None
+                continue
             x, y, records[name], read[name] = _read_file(path, d, need_group=True)
             splits[name] = (x, y)
         _refuse_shared_files(records)
@@ -919,10 +961,12 @@ def _from_loader(config: LidgateConfig
             raise DataError(f"{where}: returned a dict with keys {_listing([str(k) for k in result])}; expected "
                             f"exactly {_listing(list(SPLIT_NAMES))}, or 'x' and 'y' (with optional 'group' and "
                             "'features')")
-        splits = {name: _pair(result[name], where, f"split '{name}'") for name in SPLIT_NAMES}
+        splits = {name: _pair(result[name], where, f"split '{name}'") for name in SPLIT_NAMES[:2]}
+        splits["certification"] = _certification_split(result["certification"], config, where)
         if d.classes is not None:
-            for name, (_, y) in splits.items():
-                _check_classes(y, d.classes, f"{where} (y of the split '{name}')")
+            for name, part in splits.items():
+                if not _is_stream(part):  # a stream's rows were checked as they were read
+                    _check_classes(part[1], d.classes, f"{where} (y of the split '{name}')")
         provenance["returned"] = "splits"
     else:
         if isinstance(result, torch.utils.data.Dataset):
@@ -938,9 +982,29 @@ def _from_loader(config: LidgateConfig
         if d.classes is not None:
             _check_classes(y, d.classes, where)
         splits, provenance["split"], _ = _split_arrays(x, y, d.split, where=where)
-    if d.shape is not None:
-        splits = {k: (_reshape(x, d.shape, f"{where} (split '{k}')"), y) for k, (x, y) in splits.items()}
+    if config.certification.memory_mb is not None and not _is_stream(splits["certification"]):
+        raise DataError(f"{where}: certification.memory_mb asks for a streamed certification set, but the loader "
+                        f"returned it in memory ({provenance['returned']}); return a dict whose 'certification' is a "
+                        "torch.utils.data.DataLoader (or Dataset), or remove memory_mb")
+    if d.shape is not None:  # (a stream was reshaped as it was read)
+        splits = {k: v if _is_stream(v) else (_reshape(v[0], d.shape, f"{where} (split '{k}')"), v[1])
+                  for k, v in splits.items()}
     return splits, provenance, groups
+
+
+def _certification_split(value: Any, config: LidgateConfig, where: str) -> Any:
+    """A loader's certification split: ``(x, y)`` arrays, or a DataLoader / Dataset — streamed into a file
+    with ``certification.memory_mb``, else read whole."""
+    if not isinstance(value, (torch.utils.data.DataLoader, torch.utils.data.Dataset)):
+        return _pair(value, where, "split 'certification'")
+    from components.streaming import loader_stream  # (it imports this module)
+
+    what = f"{where} (split 'certification')"
+    stream = loader_stream(value, config.data, what, config.certification.memory_mb)
+    if config.certification.memory_mb is not None:
+        return stream
+    x, y = stream.head(stream.n)  # not streamed: read whole, as arrays from a loader are
+    return x.numpy(), y.numpy()
 
 
 def _pair(value: Any, where: str, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -992,25 +1056,44 @@ def _materialise(ds: torch.utils.data.Dataset, where: str) -> tuple[np.ndarray, 
 def _assemble(d: DataSection, splits: Mapping[str, tuple[np.ndarray, np.ndarray]],
               provenance: dict[str, Any], groups: Mapping[str, np.ndarray] | None = None) -> DataSplits:
     where = _source_name(d)
-    for name in SPLIT_NAMES:
+    stream = splits["certification"] if _is_stream(splits["certification"]) else None
+    arrays = [n for n in SPLIT_NAMES if not (stream is not None and n == "certification")]
+    for name in arrays:
         _check_rows(splits[name][0], f"{where}", f"split '{name}'")
-    shapes = {name: tuple(splits[name][0].shape[1:]) for name in SPLIT_NAMES}
+    shapes = {name: tuple(splits[name][0].shape[1:]) for name in arrays}
+    if stream is not None:
+        shapes["certification"] = tuple(stream.feature_shape)
     if len(set(shapes.values())) != 1:
         raise DataError(f"{where}: the splits have examples of different shapes "
                         f"({', '.join(f'{k} {list(v)}' for k, v in shapes.items())}); expected one shape")
     # Splits read from differently typed files are brought to the widest type rather than refused.
-    dtype = np.float64 if any(splits[n][0].dtype == np.float64 for n in SPLIT_NAMES) else np.float32
+    wide = any(splits[n][0].dtype == np.float64 for n in arrays) or (stream is not None and stream.dtype == torch.float64)
+    dtype = np.float64 if wide else np.float32
+    labels = [splits[n][1] for n in arrays] + ([] if stream is None else [y.numpy() for y in stream.labels()])
     if d.classes is not None:  # each source was checked against them where its rows are numbered
         classes = tuple(sorted(d.classes))
     else:
-        classes = tuple(int(c) for c in np.unique(np.concatenate([splits[n][1] for n in SPLIT_NAMES])))
-    provenance["rows"] = {name: int(len(splits[name][0])) for name in SPLIT_NAMES}
+        classes = tuple(int(c) for c in np.unique(np.concatenate(labels)))
+    provenance["rows"] = {name: len(stream) if name == "certification" and stream is not None
+                          else int(len(splits[name][0])) for name in SPLIT_NAMES}
     tensors = {name: (_tensor(splits[name][0].astype(dtype, copy=False)), torch.from_numpy(splits[name][1]))
-               for name in SPLIT_NAMES}
+               for name in arrays}
+    if stream is not None:
+        tensors["certification"] = stream.astype(torch.float64 if wide else torch.float32)
     return DataSplits(task=d.task, train=tensors["train"], search=tensors["search"],
                       certification=tensors["certification"], provenance=provenance,
                       feature_shape=shapes["train"], classes=classes,
                       groups=None if groups is None else {k: np.asarray(groups[k]) for k in SPLIT_NAMES})
+
+
+def _is_stream(value: Any) -> bool:
+    """Whether a split is a ``lid_engine.CertificationStream`` (pairs are tuples; the engine is imported
+    only when something else is met)."""
+    if isinstance(value, (tuple, list)):
+        return False
+    from lid_engine.stream import CertificationStream
+
+    return isinstance(value, CertificationStream)
 
 
 def _source_name(d: DataSection) -> str:

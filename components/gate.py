@@ -318,7 +318,7 @@ def signature_problem(registry: Registry, version: LoadedVersion, trusted_keys: 
     """Why the version's certificate signature cannot be trusted, or None: the DSSE envelope in its
     run must verify with one of ``trusted_keys`` and its statement must name exactly this version's
     model, certificate and certification data. Shared by the gate and the audit."""
-    from lid_engine import fingerprint_data
+    from lid_engine import data_fingerprint
 
     from .signing import SignatureError, signed_mismatch, subject_digests, verify_envelope
 
@@ -332,7 +332,7 @@ def signature_problem(registry: Registry, version: LoadedVersion, trusted_keys: 
     except Exception as exc:  # noqa: BLE001 — anything unexpected is a failed check, never a pass
         return f"the signature could not be checked: {type(exc).__name__}: {exc}"
     expected = {"model": version.tags.get(tg.TAG_MODEL_SHA), "lid/lid.json": version.tags.get(tg.TAG_CERT_SHA),
-                **{f"cert_data/{t}": fingerprint_data(x, y) for t, (x, y) in (version.cert_data or {}).items()}}
+                **{f"cert_data/{t}": data_fingerprint(data) for t, data in (version.cert_data or {}).items()}}
     return signed_mismatch(signed, expected)
 
 

@@ -35,7 +35,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from torch import Tensor, nn  # noqa: E402
 
-from lid_engine import LID, fingerprint_model  # noqa: E402
+from lid_engine import LID, CertificationStream, fingerprint_model  # noqa: E402
 from lid_engine.files import utc_now  # noqa: E402
 
 from . import artifacts as art  # noqa: E402
@@ -87,7 +87,7 @@ class LoadedVersion:
     spec: ModelSpec | None
     lid: LID | None
     lid_dir: Path | None
-    cert_data: dict[str, tuple[Tensor, Tensor]]
+    cert_data: dict[str, tuple[Tensor, Tensor] | CertificationStream]  # streams for files above stream_mb
     lineage: list[str]
     tags: dict[str, str]
     directory: Path | None = None
@@ -130,8 +130,11 @@ def _check_cert_data(cert_data) -> dict[str, tuple[Tensor, Tensor]]:
     out = {}
     for t, xy in cert_data.items():
         _check_task(t)
+        if isinstance(xy, CertificationStream):  # written a chunk at a time
+            out[t] = xy
+            continue
         if not isinstance(xy, (tuple, list)) or len(xy) != 2 or not all(isinstance(v, Tensor) for v in xy):
-            raise RegistryError(f"cert_data['{t}'] must be a pair of tensors (x, y)")
+            raise RegistryError(f"cert_data['{t}'] must be a pair of tensors (x, y) or a lid_engine.CertificationStream")
         x, y = xy
         if len(x) != len(y):
             raise RegistryError(f"cert_data['{t}']: x has {len(x)} rows, y has {len(y)}")
@@ -160,6 +163,8 @@ class Registry:
         cache_dir: where artifacts are downloaded (a fresh sub-directory per download, so a
             re-download never overwrites files a caller still uses); default: a private temp dir.
         registry_uri: the model registry, when it is not the tracking server (default: ``tracking_uri``).
+        stream_mb: certification data files larger than this many MiB are loaded as streams
+            (``lid_engine.SafetensorsStream``, read about that much at a time) instead of tensors.
     """
 
     def __init__(
@@ -170,9 +175,11 @@ class Registry:
         artifact_location: str | Path | None = None,
         cache_dir: str | Path | None = None,
         registry_uri: str | None = None,
+        stream_mb: int | None = art.STREAM_ABOVE_MB,
     ):
         from mlflow import MlflowClient
 
+        self.stream_mb = stream_mb
         self.tracking_uri = str(tracking_uri)
         self.registry_uri = str(registry_uri or tracking_uri)
         self.model_name = model_name
@@ -240,7 +247,7 @@ class Registry:
         spec: ModelSpec,
         *,
         lid: LID | None,
-        cert_data: Mapping[str, tuple[Tensor, Tensor]],
+        cert_data: Mapping[str, tuple[Tensor, Tensor] | CertificationStream],
         lineage: Sequence[str] = (),
         validation: Mapping | None = None,
         extra_tags: Mapping[str, str] | None = None,
@@ -254,7 +261,8 @@ class Registry:
             model: the model; ``spec`` must rebuild exactly this architecture (checked).
             spec: how to rebuild it (``components.factory.ModelSpec``).
             lid: its certified LID, or None (the gate then blocks it: ``no_certificate``).
-            cert_data: ``{task: (x, y)}``, the held-out certification data of every LID task.
+            cert_data: ``{task: (x, y)}``, the held-out certification data of every LID task; a
+                ``lid_engine.CertificationStream`` is written a chunk at a time (to the same file).
             lineage: earlier champion versions whose certificates this model must still satisfy
                 (oldest first); the last one is recorded as ``lid.parent``.
             validation: the data-validation summary (JSON-able), stored as ``validation.json``.
@@ -406,7 +414,7 @@ class Registry:
         version, tags, run_id = str(mv.version), dict(mv.tags or {}), mv.run_id
         dest = self._fresh_dir(version)
         files = art.read_version(lambda rel: art.download(self.tracking_uri, run_id, rel, dest), dest, tags,
-                                 lenient=not strict)
+                                 lenient=not strict, stream_mb=self.stream_mb)
         files.problems.extend(self._mlflow_model_problems(mv, dest))
         if strict and files.problems:
             raise RegistryIntegrityError(version, files.problems)

@@ -1,12 +1,20 @@
-"""Certification data read from storage a chunk at a time, for sets larger
-than memory: ``ParquetStream`` implements ``lid_engine.CertificationStream`` over a Parquet file's row
-groups, reading each chunk exactly as ``components.data`` reads a whole file, so the counts, the data
-fingerprint and the provenance record are the in-memory ones.
+"""Certification data read from storage a chunk at a time, for sets larger than memory.
+
+* ``ParquetStream`` implements ``lid_engine.CertificationStream`` over a Parquet file's row groups,
+  reading each chunk exactly as ``components.data`` reads a whole file, so the counts, the data
+  fingerprint and the provenance record are the in-memory ones.
+* ``loader_stream`` reads a team's ``torch.utils.data.DataLoader`` (or Dataset) once, batch by batch,
+  checking each batch as ``components.data`` checks a loader's arrays, into a safetensors file that
+  every later reading (the fingerprint, the counts, shards on process workers, the registry's copy)
+  reads again: all of them see the same rows, whatever the loader would give on another pass.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +26,7 @@ from torch import Tensor
 from components.config import DataSection, LidgateConfig
 from components.data import (
     DataError,
+    _arrays_xy,
     _check_classes,
     _format,
     _labels,
@@ -28,9 +37,10 @@ from components.data import (
     feature_names,
 )
 from lid_engine.files import file_sha256
-from lid_engine.stream import CertificationStream
+from lid_engine.errors import InvalidInputError
+from lid_engine.stream import CertificationStream, SafetensorsStream
 
-__all__ = ["ParquetStream", "certification_stream"]
+__all__ = ["ParquetStream", "certification_stream", "loader_stream"]
 
 
 class ParquetStream(CertificationStream):
@@ -42,6 +52,8 @@ class ParquetStream(CertificationStream):
     Arrow, pandas, the array); a row group larger than the budget is refused, since Parquet is read a
     row group at a time. Labels can be read alone (one column).
     """
+
+    portable = True  # pickles as its path: a worker reopens the file (and checks its sha256)
 
     def __init__(self, path: str | Path, data_cfg: DataSection, memory_mb: int = 512) -> None:
         import pyarrow.parquet as pq
@@ -183,3 +195,72 @@ def certification_stream(config: LidgateConfig, memory_mb: int = 512) -> Parquet
         raise DataError(f"a streamed certification set is the certification file of the files form "
                         f"(data.certification); this configuration uses the {d.form} form")
     return ParquetStream(d.certification, d, memory_mb)
+
+
+def loader_stream(loader: Any, data_cfg: DataSection, where: str, memory_mb: int | None = None,
+                  directory: str | Path | None = None) -> SafetensorsStream:
+    """Read a team's certification ``DataLoader`` (or ``Dataset``) once into a safetensors file, a batch at
+    a time, and open it as a stream.
+
+    Each batch must be an ``(x, y)`` pair and is checked as ``components.data`` checks a loader's arrays
+    (numbers, finite, integer labels ≥ 0, ``data.classes``, ``data.shape`` applied); every batch must
+    have the dtype and example shape of the first. With ``memory_mb``, a batch whose features take
+    more than that many MiB is refused (the loader's ``batch_size`` sets how much is held at once). A
+    Dataset is read in batches of 256 items. A loader that shuffles is refused: the certify flow reads
+    the data again and must find the same fingerprint.
+
+    The file lives in a temporary folder (``directory``: below it; default: the system's, ``TMPDIR``)
+    removed when the stream is garbage-collected.
+
+    Raises:
+        DataError: the loader shuffles, raises while reading, or gives a batch that fails a check (named
+            by its first row).
+    """
+    import torch.utils.data as tud
+
+    if isinstance(loader, tud.Dataset):
+        loader = tud.DataLoader(loader, batch_size=256, shuffle=False)
+    if not isinstance(loader, tud.DataLoader):
+        raise DataError(f"{where}: is {type(loader).__name__}; expected a torch.utils.data.DataLoader or Dataset")
+    sampler = loader.batch_sampler.sampler if loader.batch_sampler is not None else loader.sampler
+    if not isinstance(sampler, (tud.SequentialSampler, tud.dataloader._InfiniteConstantSampler)):
+        raise DataError(f"{where}: the DataLoader reads through a {type(sampler).__name__}; a certification set "
+                        "must come in the same order on every reading (shuffle=False, no sampler)")
+    folder = tempfile.mkdtemp(prefix="lidgate-certification-", dir=directory)
+    try:
+        stream = SafetensorsStream.write_chunks(_checked_batches(loader, data_cfg, where, memory_mb),
+                                                Path(folder) / "certification.safetensors", name=where)
+    except InvalidInputError as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise DataError(str(exc)) from None
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    stream.name = where
+    weakref.finalize(stream, shutil.rmtree, folder, True)
+    return stream
+
+
+def _checked_batches(loader: Any, d: DataSection, where: str, memory_mb: int | None) -> Iterator[tuple[Tensor, Tensor]]:
+    row = 0
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            break
+        except Exception as exc:  # noqa: BLE001 — the team's Dataset or collate function failed
+            raise DataError(f"{where}: reading the batch at row {row} raised {type(exc).__name__}: {_short(exc)}") from exc
+        here = f"{where}, batch at row {row} (row numbers below count from {row})"
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise DataError(f"{here}: is {type(batch).__name__}; expected an (x, y) pair of batched tensors")
+        x, y = _arrays_xy(batch[0], batch[1], here, "x of the batch", "y of the batch")
+        if memory_mb is not None and x.nbytes > memory_mb * 2**20:
+            raise DataError(f"{here}: the batch's features take {x.nbytes / 2**20:.1f} MiB, more than "
+                            f"certification.memory_mb = {memory_mb}; give the DataLoader a smaller batch_size")
+        if d.classes is not None:
+            _check_classes(y, d.classes, here)
+        if d.shape is not None:
+            x = _reshape(x, d.shape, here)
+        row += len(y)
+        yield _tensor(x), torch.from_numpy(y)

@@ -401,15 +401,7 @@ def _validate(session_factory: Any, x: Any, y: Any, a: _Args) -> ValidationRepor
 
     flat = xv.reshape(n, -1)
     d = flat.shape[1]
-    finite = np.isfinite(flat)
-    nonfinite = d - finite.sum(axis=1)
-    with np.errstate(invalid="ignore"):
-        row_min = np.where(finite, flat, np.inf).min(axis=1).astype(np.float64) if d else np.full(n, np.nan)
-        row_max = np.where(finite, flat, -np.inf).max(axis=1).astype(np.float64) if d else np.full(n, np.nan)
-    no_finite = nonfinite == d
-    row_min[no_finite] = np.nan
-    row_max[no_finite] = np.nan
-    aggregates = pd.DataFrame({"y": yv, "x_nonfinite": nonfinite.astype(np.int64), "x_min": row_min, "x_max": row_max})
+    finite, aggregates = _aggregates(flat, yv)
     if 0 < d <= MAX_FEATURE_COLUMNS:
         feats = pd.DataFrame(flat, columns=[f"f{i}" for i in range(d)])
         df = pd.concat([feats, aggregates], axis=1)
@@ -418,16 +410,11 @@ def _validate(session_factory: Any, x: Any, y: Any, a: _Args) -> ValidationRepor
 
     session = session_factory()
     gxe = session.gxe
-    meta = lambda key: {"lidgate_check": key}  # noqa: E731
+    meta = _meta
     exps: list[tuple[str, Any]] = [
         ("rows", gxe.ExpectTableRowCountToBeBetween(min_value=a.min_rows, meta=meta("rows"))),
-        ("finite", gxe.ExpectColumnValuesToBeBetween(column="x_nonfinite", max_value=0, meta=meta("finite"))),
-        ("labels", gxe.ExpectColumnValuesToBeInSet(column="y", value_set=a.classes, meta=meta("labels"))),
+        *_row_expectations(gxe, a),
     ]
-    if a.value_range:
-        lo, hi = a.value_range
-        exps.append(("range_low", gxe.ExpectColumnValuesToBeBetween(column="x_min", min_value=lo, meta=meta("range_low"))))
-        exps.append(("range_high", gxe.ExpectColumnValuesToBeBetween(column="x_max", max_value=hi, meta=meta("range_high"))))
     if need_conf is not None:
         exps.append(("confidence_rows", gxe.ExpectTableRowCountToBeBetween(min_value=need_conf, meta=meta("confidence_rows"))))
     types = {k: type(e).__name__ for k, e in exps}
@@ -533,6 +520,184 @@ def _validate(session_factory: Any, x: Any, y: Any, a: _Args) -> ValidationRepor
     return ValidationReport(a.name, a.role, all(c.success for c in checks), n, checks)
 
 
+def _meta(key: str) -> dict[str, str]:
+    return {"lidgate_check": key}
+
+
+def _row_expectations(gxe: Any, a: _Args) -> list[tuple[str, Any]]:
+    """The expectations on each row's aggregates: ``finite``, ``labels`` and (with a value range) the two
+    halves of ``range``."""
+    exps = [("finite", gxe.ExpectColumnValuesToBeBetween(column="x_nonfinite", max_value=0, meta=_meta("finite"))),
+            ("labels", gxe.ExpectColumnValuesToBeInSet(column="y", value_set=a.classes, meta=_meta("labels")))]
+    if a.value_range:
+        lo, hi = a.value_range
+        exps.append(("range_low", gxe.ExpectColumnValuesToBeBetween(column="x_min", min_value=lo, meta=_meta("range_low"))))
+        exps.append(("range_high", gxe.ExpectColumnValuesToBeBetween(column="x_max", max_value=hi,
+                                                                     meta=_meta("range_high"))))
+    return exps
+
+
+def _aggregates(flat: np.ndarray, yv: np.ndarray) -> tuple[np.ndarray, Any]:
+    """``(finite mask, table)`` of rows ``flat`` (examples × features) with labels ``yv``: the table has the
+    columns ``y``, ``x_nonfinite``, ``x_min`` and ``x_max`` (over the finite values; NaN when none)."""
+    import pandas as pd
+
+    n, d = flat.shape
+    finite = np.isfinite(flat)
+    nonfinite = d - finite.sum(axis=1)
+    with np.errstate(invalid="ignore"):
+        row_min = np.where(finite, flat, np.inf).min(axis=1).astype(np.float64) if d else np.full(n, np.nan)
+        row_max = np.where(finite, flat, -np.inf).max(axis=1).astype(np.float64) if d else np.full(n, np.nan)
+    no_finite = nonfinite == d
+    row_min[no_finite] = np.nan
+    row_max[no_finite] = np.nan
+    table = pd.DataFrame({"y": yv, "x_nonfinite": nonfinite.astype(np.int64), "x_min": row_min, "x_max": row_max})
+    return finite, table
+
+
+#: rows of per-row aggregates (32 bytes each) checked by one GX run when a stream is validated
+STREAM_BLOCK_ROWS = 1 << 20
+
+
+def _validate_stream(session_factory: Any, stream: Any, a: _Args, block_rows: int | None = None) -> ValidationReport:
+    """``_validate`` for a ``lid_engine.CertificationStream``: its features are read a chunk at a time and
+    reduced to the per-row aggregates as they come; GX checks the aggregates a block of ``block_rows``
+    rows at a time (``finite``, ``labels``, ``range``, counts added over the blocks), and the row counts
+    of the blocks with ``ExpectColumnSumToBeBetween`` (``rows``, ``confidence_rows``). The raw ``f*``
+    columns are left out: the checks never use them."""
+    import pandas as pd
+
+    block_rows = block_rows or STREAM_BLOCK_ROWS
+    pre = "python pre-check (streamed)"
+    checks: list[DataCheck] = []
+    shape = tuple(stream.feature_shape)
+    if shape != a.shape:
+        checks.append(DataCheck("shape", False, f"x: per-example shape {shape} but the task expects {a.shape}", pre))
+    else:
+        checks.append(DataCheck("shape", True, f"x ({stream.n}, {', '.join(map(str, shape))}) read in chunks from "
+                                               f"{stream.name}, y ({stream.n},)", pre))
+    checks.append(DataCheck("dtype", True, f"features {str(stream.dtype).replace('torch.', '')}, labels int64", pre))
+    session = session_factory()
+    gxe = session.gxe
+    exps = _row_expectations(gxe, a)
+    types = {k: type(e).__name__ for k, e in exps}
+    bad: dict[str, int] = {k: 0 for k, _ in exps}
+    first: dict[str, str] = {}  # check -> where it first failed
+    errors: dict[str, str] = {}
+    blocks: list[int] = []
+    pending: list[Any] = []
+    held = row = 0
+    lo, hi = a.value_range if a.value_range else (None, None)
+
+    def run_block() -> None:
+        nonlocal pending, held
+        table = pd.concat(pending, ignore_index=True)
+        start = row - len(table)
+        try:  # (an expectation belongs to one suite: each block's are built afresh)
+            res = session.run(f"{a.role}-{a.name}-rows{start}", table, _row_expectations(gxe, a))
+        except Exception as exc:  # noqa: BLE001 — fail closed with the reason
+            res = {}
+            for k, _ in exps:
+                errors.setdefault(k, f"Great Expectations run failed on rows {start}..{row - 1}: {type(exc).__name__}: "
+                                     f"{exc}")
+        for k, _ in exps:
+            r = res.get(k)
+            if k in errors:
+                continue
+            if r is None or _gx_failed(r):
+                errors[k] = (f"Great Expectations raised while checking rows {start}..{row - 1}: {_gx_failed(r)}"
+                             if r is not None else "Great Expectations returned no result for this expectation")
+            elif not r.success:
+                bad[k] += int(r.result.get("unexpected_count", 0))
+        blocks.append(len(table))
+        pending, held = [], 0
+
+    for xb, yb in stream.chunks():
+        flat = xb.reshape(len(xb), -1).numpy()
+        yv = yb.numpy()
+        finite, table = _aggregates(flat, yv)
+        # where each check first fails, found while the chunk's features are still in memory
+        if "finite" not in first and not finite.all():
+            i, j = (int(v) for v in np.argwhere(~finite)[0])
+            first["finite"] = f"first at row {row + i}: column f{j} = {flat[i, j]}"
+        if "labels" not in first:
+            out = np.flatnonzero(~np.isin(yv, a.classes))
+            if len(out):
+                first["labels"] = f"first at row {row + int(out[0])}: value {int(yv[out[0]])}"
+        if a.value_range and "range" not in first:
+            outside = finite & ((flat < lo) | (flat > hi))
+            if outside.any():
+                i, j = (int(v) for v in np.argwhere(outside)[0])
+                first["range"] = f"first at row {row + i}: column f{j} = {flat[i, j]}"
+        pending.append(table)
+        held += len(table)
+        row += len(table)
+        if held >= block_rows:
+            run_block()
+    if pending:
+        run_block()
+    n = row
+    d = math.prod(shape)
+
+    def where(key: str) -> str:
+        return f" ({first[key]})" if key in first else ""
+
+    if "finite" in errors:
+        checks.append(DataCheck("finite", False, errors["finite"], types["finite"]))
+    else:
+        checks.append(DataCheck("finite", bad["finite"] == 0, f"features: no NaN/inf in {n} rows × {d} values"
+                                if bad["finite"] == 0 else f"features: NaN/inf in {_rows(bad['finite'])}{where('finite')}",
+                                types["finite"]))
+    cls = _classes_text(a.classes)
+    if "labels" in errors:
+        checks.append(DataCheck("labels", False, errors["labels"], types["labels"]))
+    else:
+        checks.append(DataCheck("labels", bad["labels"] == 0, f"label column: all {n} labels in task classes {cls}"
+                                if bad["labels"] == 0 else
+                                f"label column: {_rows(bad['labels'])} outside task classes {cls}{where('labels')}",
+                                types["labels"]))
+    if a.value_range:
+        typ = f"{types['range_low']} (x_min, x_max)"
+        err = errors.get("range_low") or errors.get("range_high")
+        if err:
+            checks.append(DataCheck("range", False, err, typ))
+        elif bad["range_low"] == 0 and bad["range_high"] == 0:
+            checks.append(DataCheck("range", True, f"features: all finite values within [{_fmt(lo)}, {_fmt(hi)}]", typ))
+        else:
+            parts = [f"{side} {_fmt(v)} in {_rows(bad[k])}" for side, v, k in
+                     (("below", lo, "range_low"), ("above", hi, "range_high")) if bad[k]]
+            checks.append(DataCheck("range", False, f"features: values outside [{_fmt(lo)}, {_fmt(hi)}]: "
+                                                    f"{', '.join(parts)}{where('range')}", typ))
+    # the row counts: a real expectation over the blocks' sizes
+    need_conf = min_rows_for_confidence(a.confidence, a.target) if a.confidence is not None else None
+    counts = [("rows", a.min_rows)] + ([("confidence_rows", need_conf)] if need_conf is not None else [])
+    count_exps = [(k, gxe.ExpectColumnSumToBeBetween(column="rows", min_value=v, meta=_meta(k))) for k, v in counts]
+    try:
+        res, run_error = session.run(f"{a.role}-{a.name}-blocks", pd.DataFrame({"rows": blocks}), count_exps), None
+    except Exception as exc:  # noqa: BLE001
+        res, run_error = {}, f"Great Expectations run failed: {type(exc).__name__}: {exc}"
+    for key, need in counts:
+        typ = f"ExpectColumnSumToBeBetween (rows of {len(blocks)} streamed block(s))"
+        r = res.get(key)
+        err = run_error or (None if r is not None and not _gx_failed(r) else
+                            f"Great Expectations raised while checking: {_gx_failed(r)}" if r is not None else
+                            "Great Expectations returned no result for this expectation")
+        if err:
+            checks.append(DataCheck(key, False, err, typ))
+        elif key == "rows":
+            checks.append(DataCheck("rows", bool(r.success), f"row count {n}" + (f" ≥ {need}" if r.success else
+                                                                                  f" < required {need}"), typ))
+        else:
+            ok = bool(r.success)
+            checks.append(DataCheck(key, ok, f"{n} rows ≥ {need} needed to certify ≥ {_fmt(a.target)} at confidence "
+                                             f"{_fmt(a.confidence)}" if ok else
+                                    f"too small for the stated confidence: need ≥ {need} rows to certify ≥ "
+                                    f"{_fmt(a.target)} at confidence {_fmt(a.confidence)} (have {n})", typ))
+    order = ["shape", "dtype", "rows", "finite", "labels", "range", "confidence_rows"]
+    checks.sort(key=lambda c: order.index(c.name))
+    return ValidationReport(a.name, a.role, all(c.success for c in checks), n, checks)
+
+
 def validate_dataset(
     x: Tensor | np.ndarray,
     y: Tensor | np.ndarray,
@@ -553,11 +718,16 @@ def validate_dataset(
     task's label set. ``value_range``: inclusive bounds for every finite feature value.
     ``confidence`` + ``target_lower_bound`` (certification only): the set must have at least
     :func:`min_rows_for_confidence` rows. Bad *arguments* raise ``ValueError``.
+
+    ``x`` may be a ``lid_engine.CertificationStream`` (``y`` None): read a chunk at a time, the same checks
+    run on each row's aggregates a block at a time (``_validate_stream``).
     """
     a = _parse_args(
         role=role, name=name, n_features=n_features, classes=classes, min_rows=min_rows,
         value_range=value_range, confidence=confidence, target_lower_bound=target_lower_bound,
     )
+    if _is_stream(x) and y is None:
+        return _validate_stream(_GXSession, x, a)
     return _validate(_GXSession, x, y, a)
 
 
@@ -585,4 +755,13 @@ def validate_all(datasets: Mapping[str, tuple[Any, Any, dict]]) -> dict[str, Val
             session.append(_GXSession())
         return session[0]
 
-    return {key: _validate(shared, x, y, a) for key, (x, y, a) in parsed.items()}
+    return {key: _validate_stream(shared, x, a) if _is_stream(x) and y is None else _validate(shared, x, y, a)
+            for key, (x, y, a) in parsed.items()}
+
+
+def _is_stream(x: Any) -> bool:
+    if type(x).__module__.startswith(("torch", "numpy")):
+        return False
+    from lid_engine.stream import CertificationStream
+
+    return isinstance(x, CertificationStream)

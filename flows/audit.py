@@ -150,9 +150,9 @@ def _heldout_accuracy(records: list, cache: dict) -> None:
         loaded = cache.get(record.version)
         if loaded is None or loaded.model is None:
             continue
-        for task, (x, y) in data.items():
-            try:
-                record.accuracy[task] = accuracy(loaded.model, x, y)
+        for task, xy in data.items():
+            try:  # (x, y), or a stream of stored data larger than the registry's stream_mb
+                record.accuracy[task] = accuracy(loaded.model, *(xy if isinstance(xy, tuple) else (xy,)))
             except Exception:  # noqa: BLE001 — data of another shape (a different model family): not comparable
                 continue
 

@@ -168,8 +168,9 @@ def _preflight(config: LidgateConfig, model, data: DataSplits, first: bool = Fal
         spec_constraints(config.spec, data)
     except ConstraintError as exc:
         raise DataError(str(exc)) from None
-    for name, (x, y) in data.items():
-        outputs = check_model_outputs(model, x, f"task '{data.task}', split '{name}'")
+    for name, _ in data.items():
+        outputs = check_model_outputs(model, data.head(name, 256)[0], f"task '{data.task}', split '{name}'")
+        y = data.labels(name)  # (a streamed split's labels are read without its features)
         if int(y.max()) >= outputs or int(y.min()) < 0:
             raise DataError(f"task '{data.task}', split '{name}': labels go from {int(y.min())} to {int(y.max())}, "
                             f"but the model has {outputs} outputs; expected class ids 0..{outputs - 1}")

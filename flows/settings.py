@@ -23,13 +23,16 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Settings:
-    """Resolved locations: the lidgate home, the MLflow URIs and the registered model's name."""
+    """Resolved locations: the lidgate home, the MLflow URIs and the registered model's name; and above
+    how many MiB stored certification data are read back as streams (``certification.memory_mb``; None:
+    the registry's default)."""
 
     home: Path
     tracking_uri: str
     registry_uri: str
     artifact_location: str
     model_name: str
+    stream_mb: int | None = None
 
     @property
     def staging(self) -> Path:
@@ -82,7 +85,7 @@ def settings_for(config: LidgateConfig | None = None, *, model_name: str | None 
         or (home / "mlartifacts").as_uri()
     name = config.name if config is not None else (model_name or os.environ.get("LIDGATE_MODEL_NAME", "lidgate-model"))
     return Settings(home=home, tracking_uri=tracking, registry_uri=registry, artifact_location=artifacts,
-                    model_name=name)
+                    model_name=name, stream_mb=config.certification.memory_mb if config is not None else None)
 
 
 def prefect_server_configured() -> bool:
@@ -92,7 +95,9 @@ def prefect_server_configured() -> bool:
 
 def open_registry(settings: Settings) -> Registry:
     """The MLflow registry for ``settings`` (the one way flows, the demo and the CLI open it)."""
+    from components.artifacts import STREAM_ABOVE_MB
     from components.registry import Registry
 
     return Registry(settings.tracking_uri, settings.model_name, artifact_location=settings.artifact_location,
-                    cache_dir=settings.cache_dir, registry_uri=settings.registry_uri)
+                    cache_dir=settings.cache_dir, registry_uri=settings.registry_uri,
+                    stream_mb=settings.stream_mb or STREAM_ABOVE_MB)

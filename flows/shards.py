@@ -76,14 +76,18 @@ class ShardCounter:
         self.staging = staging
         self._staged: dict[tuple[int, int], tuple[object, object]] = {}
 
-    def _staged_stream(self, data: tuple):
-        """``data`` (tensors) as a stream over a file in the staging folder, written on first use."""
+    def _staged_stream(self, data):
+        """``data`` (tensors, or a stream that would pickle as its rows) as a stream over a file in the
+        staging folder, written on first use (a stream a chunk at a time)."""
+        from lid_engine import CertificationStream
         from lid_engine.stream import SafetensorsStream
 
-        key = (id(data[0]), id(data[1]))
-        if key not in self._staged:  # the pair is kept alive with its stream, so its id is not reused
+        key = (id(data),) if isinstance(data, CertificationStream) else (id(data[0]), id(data[1]))
+        if key not in self._staged:  # the data are kept alive with their stream, so the id is not reused
             path = self.staging / f"certification-{len(self._staged)}.safetensors"
-            self._staged[key] = (data, SafetensorsStream.write(data[0], data[1], path))
+            staged = SafetensorsStream.write_chunks(data.chunks(), path, name=data.name) \
+                if isinstance(data, CertificationStream) else SafetensorsStream.write(data[0], data[1], path)
+            self._staged[key] = (data, staged)
         return self._staged[key][1]
 
     def __call__(self, model: nn.Module, box: Box, data: CertData, *, dtype, batch_size: int | None, method: str,
@@ -91,7 +95,7 @@ class ShardCounter:
         from lid_engine import Box, CertificationStream, Counts, shard_ranges
         from lid_engine.stream import batch_unit
 
-        if self.staging is not None and not isinstance(data, CertificationStream):
+        if self.staging is not None and not (isinstance(data, CertificationStream) and data.portable):
             data = self._staged_stream(data)
         n = len(data) if isinstance(data, CertificationStream) else len(data[0])
         ranges = shard_ranges(n, self.shards, batch_unit(method, batch_size))

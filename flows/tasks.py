@@ -248,7 +248,8 @@ def load_configuration(path: str | Path) -> LidgateConfig:
 
 
 def registry_for(config: LidgateConfig):
-    """The MLflow registry of the configuration's model."""
+    """The MLflow registry of the configuration's model (stored certification data larger than
+    ``certification.memory_mb`` is loaded as streams)."""
     return open_registry(settings_for(config))
 
 
@@ -313,6 +314,7 @@ def recover_registry(config: LidgateConfig, *, move_alias: bool = False) -> list
 def _finish_export(config: LidgateConfig, registry) -> list[dict]:
     """Export the champion to ONNX when a crash came between its promotion and its export."""
     from components import tags as tg
+    from lid_engine.certificate import head_rows
 
     champion = registry.champion() if config.export.onnx else None
     if champion is None:
@@ -324,7 +326,7 @@ def _finish_export(config: LidgateConfig, registry) -> list[dict]:
     try:
         loaded = registry.load(version=champion)
         try:
-            x = next(iter(loaded.cert_data.values()))[0][:4]
+            x = head_rows(next(iter(loaded.cert_data.values())), 4)[0]
             export = export_candidate(config, champion, loaded.model, x)
         finally:
             registry.release(loaded)
@@ -396,8 +398,10 @@ def validate_data(config: LidgateConfig, data: DataSplits, lookahead_dir: str | 
     sets: dict[str, tuple[Any, Any, dict]] = {
         "training": (*data.train, {"role": "training", "min_rows": 10, **common}),
         "search": (*data.search, {"role": "training", "min_rows": 10, **common}),
-        "certification": (*data.certification, {"role": "certification", "confidence": config.spec.confidence,
-                                                "target_lower_bound": target, **common}),
+        # a streamed certification split is validated a chunk at a time (components.validation)
+        "certification": (*((data.certification, None) if data.streamed else data.certification),
+                          {"role": "certification", "confidence": config.spec.confidence,
+                           "target_lower_bound": target, **common}),
     }
     if lookahead_dir is not None and Path(lookahead_dir).is_dir():
         from components.buffer import LookaheadBuffer
@@ -637,7 +641,7 @@ def _vacuous_threshold(model: nn.Module, data: DataSplits, tau: float, metric: s
     outputs = model_outputs(model, data.search[0])
     chance, why = 1.0 / max(outputs, 1), f"1/{outputs} outputs"
     if metric == "accuracy":
-        labels = data.certification[1]
+        labels = data.labels("certification")
         majority = float(torch.bincount(labels.long()).max()) / max(len(labels), 1)
         if majority > chance:
             chance, why = majority, "the most frequent class's share of the certification data"
@@ -698,7 +702,7 @@ def register_candidate(config: LidgateConfig, candidate: Candidate, certificatio
                     TAG_CANDIDATE_SOURCE: candidate.source, TAG_PROJECTION: str(candidate.projection).lower(),
                     TAG_OWNER: owner_tag(),
                     **({TAG_CERTIFICATION_ERROR: certification.error[:2000]} if certification.error else {})},
-        example_input=data.certification[0][:2],
+        example_input=data.head("certification", 2)[0],
     )
     if certification.signature is not None:
         registry.log_record(version, SIGNATURE_RECORD, certification.signature)
@@ -784,7 +788,7 @@ def register_and_gate(config: LidgateConfig, candidate: Candidate, certification
                                              **candidate.metrics}}
     if decision.promoted and (config.export.onnx if export is None else export):
         try:
-            details["onnx"] = export_candidate(config, version, candidate.model, data.certification[0][:4])
+            details["onnx"] = export_candidate(config, version, candidate.model, data.head("certification", 4)[0])
             failpoint("exported")
         except Exception as exc:  # noqa: BLE001 — the promotion stands; the missing export is reported
             details["onnx"] = {"error": f"{type(exc).__name__}: {exc}"}

@@ -23,6 +23,7 @@ from .certificate import (
     certify_box,
     clopper_pearson_lower,
     count_certified,
+    data_fingerprint,
     fingerprint_data,
     fingerprint_model,
     fingerprint_stream,
@@ -32,7 +33,7 @@ from .layers import TaskMask
 from .lid import LID
 from .projection import CoefficientOptimizer, ProjectedOptimizer, ProjectionHandle, Projector, attach_projection, project_
 from .search import LidSearchError, SearchConfig, compute_lid, tau_from_accuracy
-from .stream import CertificationStream, TensorStream, shard_ranges
+from .stream import CertificationStream, SafetensorsStream, TensorStream, shard_ranges
 from .spec import Spec, certified_accuracy, certified_examples, certified_mask, worst_case_logits
 from .metrics import accuracy
 from .zonotope import Zonotope
@@ -51,8 +52,10 @@ __all__ = [
     "Certificate",
     "CertificationStream",
     "Counts",
+    "SafetensorsStream",
     "TensorStream",
     "certify_box",
+    "data_fingerprint",
     "count_certified",
     "fingerprint_stream",
     "shard_ranges",

@@ -673,7 +673,7 @@ def certify_box(
         domain_sha256=fingerprint_tensors(box.tensors()),
         data_sha256=data_fingerprint(data),
         bound_method=method,
-        linear_fallbacks=linear_fallbacks(model, box, *_head(data, 8)) if method == "linear" else [],
+        linear_fallbacks=linear_fallbacks(model, box, *head_rows(data, 8)) if method == "linear" else [],
         dtype=dtype_name,
         evaluation_dtypes=evaluated,
         member=int(member),
@@ -694,7 +694,8 @@ def class_sizes(data: CertData, where: str = "class_sizes") -> dict[str, int]:
     return {str(c): int(total[c]) for c in torch.nonzero(total).flatten().tolist()}
 
 
-def _head(data: CertData, k: int) -> tuple[Tensor, Tensor]:
+def head_rows(data: CertData, k: int) -> tuple[Tensor, Tensor]:
+    """The first ``k`` rows of ``(x, y)`` or of a stream (which then reads only those) as tensors."""
     return data.head(k) if isinstance(data, CertificationStream) else (data[0][:k], data[1][:k])
 
 

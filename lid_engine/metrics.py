@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .stream import CertificationStream, rebatch
+
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 4096, *, balanced: bool = False) -> float:
+def accuracy(model: nn.Module, x: Tensor | CertificationStream, y: Tensor | None = None, batch_size: int = 4096, *,
+             balanced: bool = False) -> float:
     """Fraction of ``x`` that ``model`` classifies as ``y`` (argmax of the logits).
 
     Puts the model in eval mode, so the number is the one an evaluation would report; the sound
@@ -15,7 +18,8 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 4096, *, 
 
     Args:
         model: the classifier; its output is (batch, classes) logits.
-        x: inputs, batched along dimension 0 (moved to the model's device and dtype).
+        x: inputs, batched along dimension 0 (moved to the model's device and dtype), or a
+            ``CertificationStream`` read a chunk at a time (``y`` None: the stream holds the labels).
         y: integer labels, one per input.
         batch_size: examples per forward pass (bounds the memory, not the result).
         balanced: the mean over the classes present in ``y`` of the per-class accuracy instead.
@@ -25,13 +29,17 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 4096, *, 
     """
     model.eval()
     p = next(model.parameters(), None)
-    right = []
-    for s in range(0, len(x), batch_size):
-        xb = x[s: s + batch_size]
+    if isinstance(x, CertificationStream):
+        batches = rebatch(x.chunks(), batch_size)
+    else:
+        batches = ((x[s: s + batch_size], y[s: s + batch_size]) for s in range(0, len(x), batch_size))
+    right, labels = [], []
+    for xb, yb in batches:
         if p is not None:
             xb = xb.to(p.device, p.dtype)
-        right.append((model(xb).argmax(1).cpu() == y[s: s + batch_size].cpu()))
-    correct = torch.cat(right).double()
+        right.append((model(xb).argmax(1).cpu() == yb.cpu()))
+        labels.append(yb.cpu())
+    correct, y = torch.cat(right).double(), torch.cat(labels)
     if not balanced:
         return float(correct.mean())
     classes = torch.unique(y.cpu())

@@ -27,7 +27,8 @@ from torch import Tensor
 
 from .errors import InvalidInputError
 
-__all__ = ["CertificationStream", "SafetensorsStream", "TensorStream", "batch_unit", "rebatch", "shard_ranges"]
+__all__ = ["CastStream", "CertificationStream", "SafetensorsStream", "TensorStream", "batch_unit", "rebatch",
+           "shard_ranges"]
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 
@@ -44,6 +45,9 @@ class CertificationStream(ABC):
     feature_shape: tuple[int, ...]
     dtype: torch.dtype
     name: str
+    #: True when the stream pickles as a reference to storage another process can read (a file path), so
+    #: process workers read their own rows; False when pickling would copy the data (or cannot work)
+    portable: bool = False
 
     @abstractmethod
     def _read(self, start: int, stop: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -78,6 +82,10 @@ class CertificationStream(ABC):
         for x, y in self.chunks(0, min(k, self.n)):
             xs.append(x), ys.append(y)
         return torch.cat(xs), torch.cat(ys)
+
+    def astype(self, dtype: torch.dtype) -> CertificationStream:
+        """The same rows with ``x`` cast to ``dtype`` (a model's floating dtype); ``self`` when it already is."""
+        return self if dtype == self.dtype else CastStream(self, dtype)
 
     def _range(self, start: int, stop: int | None) -> tuple[int, int]:
         stop = self.n if stop is None else stop
@@ -127,10 +135,30 @@ class TensorStream(CertificationStream):
             yield self.x[s:e], self.y[s:e]
 
 
+class CastStream(CertificationStream):
+    """Another stream's rows with ``x`` cast to ``dtype`` chunk by chunk (``CertificationStream.astype``)."""
+
+    def __init__(self, base: CertificationStream, dtype: torch.dtype) -> None:
+        if not isinstance(base, CertificationStream):
+            raise InvalidInputError(f"CastStream: expected a CertificationStream, got {type(base).__name__}")
+        self.base, self.dtype = base, dtype
+        self.n, self.feature_shape, self.name, self.portable = base.n, base.feature_shape, base.name, base.portable
+        self._check_header()
+
+    def _read(self, start: int, stop: int) -> Iterator[tuple[Tensor, Tensor]]:
+        for x, y in self.base.chunks(start, stop):
+            yield x.to(self.dtype), y
+
+    def labels(self, start: int = 0, stop: int | None = None) -> Iterator[Tensor]:
+        return self.base.labels(start, stop)
+
+
 class SafetensorsStream(CertificationStream):
     """``(x, y)`` written once to a safetensors file and read back a slice at a time (no pickles): how
     tensors held in memory reach other processes (Dask process workers) without being copied to every
     shard — the stream pickles as its path."""
+
+    portable = True
 
     def __init__(self, path, chunk_rows: int = 4096) -> None:
         from safetensors import safe_open
@@ -156,6 +184,69 @@ class SafetensorsStream(CertificationStream):
         save_file({"x": x.detach().cpu().contiguous(), "y": canonical_labels(y, str(path)).contiguous()}, str(path))
         return cls(path, chunk_rows)
 
+    @classmethod
+    def write_chunks(cls, chunks: Iterable[tuple[Tensor, Tensor]], path, *, metadata: dict[str, str] | None = None,
+                     chunk_rows: int = 4096, name: str = "certification data") -> SafetensorsStream:
+        """Write ``(x, y)`` chunks (a stream's ``chunks()``, say) to one safetensors file at ``path`` without
+        holding more than one chunk, and open it; the file has the bytes ``save_file({"x": X, "y": Y},
+        metadata=metadata)`` writes for the concatenated ``X`` and ``Y``.
+
+        ``x`` is float32 or float64 with one shape and dtype in every chunk, ``y`` int64 with one label per
+        row (checked; ``name`` says whose chunks in the errors). ``x`` and ``y`` go to sibling files first
+        (the header needs the row count), which are joined and removed; ``path`` appears complete or not
+        at all."""
+        import json
+        import os
+        import shutil
+
+        path = str(path)
+        parts = {k: f"{path}.{k}.partial" for k in ("x", "y", "all")}
+        n, first = 0, None
+        try:
+            with open(parts["x"], "wb") as fx, open(parts["y"], "wb") as fy:
+                for x, y in chunks:
+                    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+                        raise InvalidInputError(f"{name}: chunks must be pairs of tensors (x, y), got "
+                                                f"({type(x).__name__}, {type(y).__name__}) at row {n}")
+                    if first is None:
+                        first = (x.dtype, tuple(x.shape[1:]))
+                        if x.dtype not in FLOAT_DTYPES or x.dim() < 2:
+                            raise InvalidInputError(f"{name}: x must be float32 or float64 of shape (rows, features…), "
+                                                    f"got {x.dtype} of shape {tuple(x.shape)}")
+                    if (x.dtype, tuple(x.shape[1:])) != first:
+                        raise InvalidInputError(f"{name}: the chunk at row {n} has x {x.dtype} of shape {tuple(x.shape)}, "
+                                                f"the first chunk {first[0]} of shape (k, {', '.join(map(str, first[1]))}); "
+                                                "expected one dtype and example shape")
+                    if y.dtype != torch.int64 or y.dim() != 1 or len(y) != len(x):
+                        raise InvalidInputError(f"{name}: the chunk at row {n} has y {y.dtype} {tuple(y.shape)}, expected "
+                                                f"int64 of shape ({len(x)},)")
+                    fx.write(_le_bytes(x))
+                    fy.write(_le_bytes(y))
+                    n += len(x)
+            if first is None or n == 0:
+                raise InvalidInputError(f"{name}: no rows to write; expected at least one")
+            dtype, shape = first
+            x_bytes = os.path.getsize(parts["x"])
+            header: dict = {"__metadata__": {k: metadata[k] for k in sorted(metadata)}} if metadata else {}
+            # save_file's layout: tensors sorted by dtype (int64 before float64 and float32), then name
+            header["y"] = {"dtype": "I64", "shape": [n], "data_offsets": [0, 8 * n]}
+            header["x"] = {"dtype": _SAFETENSORS_CODES[dtype], "shape": [n, *shape],
+                           "data_offsets": [8 * n, 8 * n + x_bytes]}
+            text = json.dumps(header, separators=(",", ":")).encode()
+            text += b" " * (-len(text) % 8)
+            with open(parts["all"], "wb") as out:
+                out.write(len(text).to_bytes(8, "little"))
+                out.write(text)
+                for k in ("y", "x"):
+                    with open(parts[k], "rb") as f:
+                        shutil.copyfileobj(f, out, 2**22)
+            os.replace(parts["all"], path)
+        finally:
+            for p in parts.values():
+                if os.path.exists(p):
+                    os.remove(p)
+        return cls(path, chunk_rows)
+
     def _read(self, start: int, stop: int) -> Iterator[tuple[Tensor, Tensor]]:
         from safetensors import safe_open
 
@@ -165,8 +256,26 @@ class SafetensorsStream(CertificationStream):
                 e = min(s + self.chunk_rows, stop)
                 yield x[s:e], y[s:e]
 
+    def labels(self, start: int = 0, stop: int | None = None) -> Iterator[Tensor]:
+        from safetensors import safe_open
+
+        start, stop = self._range(start, stop)
+        with safe_open(self.path, "pt") as f:
+            y = f.get_slice("y")
+            for s in range(start, stop, 1 << 20):
+                yield y[s:min(s + (1 << 20), stop)]
+
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "F64": "float64"}
+_SAFETENSORS_CODES = {torch.float32: "F32", torch.float64: "F64"}
+
+
+def _le_bytes(t: Tensor) -> bytes:
+    """A tensor's values as little-endian bytes in row-major order (safetensors' encoding)."""
+    import sys
+
+    arr = t.detach().cpu().contiguous().numpy()
+    return (arr if sys.byteorder == "little" else arr.byteswap()).tobytes()
 
 
 def batch_unit(method: str, batch_size: int) -> int:

@@ -177,3 +177,149 @@ def test_pandas_indexes_and_nullable_floats_read_as_a_whole_file_does(tmp_path):
     x, y = load_file(tmp_path / "cert.parquet", cfg.data)
     assert stream.features == [f"p{i}" for i in range(FEATURES)] and stream.dtype == x.dtype
     assert fingerprint_stream(stream) == fingerprint_data(x, y)
+
+
+# ------------------------------------------------------------------ the configuration streams the split
+def test_memory_mb_streams_the_configured_parquet_file_as_it_loads_whole(big):
+    tmp, cfg = big
+    streamed_cfg = config(tmp, **{}).model_copy(
+        update={"certification": cfg.certification.model_copy(update={"memory_mb": MEMORY_MB})})
+    whole, streamed = load_splits(cfg), load_splits(streamed_cfg)
+    assert not whole.streamed and streamed.streamed
+    assert streamed.certification.chunk_rows * FEATURES * 8 * 3 <= MEMORY_MB * 2**20 < ROWS * FEATURES * 4
+    # one digest, provenance and class set whichever way the split is read: the certificate cannot tell
+    assert streamed.fingerprint() == whole.fingerprint()
+    assert streamed.provenance == whole.provenance and streamed.classes == whole.classes
+    assert torch.equal(streamed.labels("certification"), whole.certification[1])
+    assert all(torch.equal(a, b) for a, b in zip(streamed.head("certification", 5), (t[:5] for t in whole.certification)))
+    wide = streamed.to_dtype(torch.float64)
+    assert wide.certification.dtype == torch.float64
+    assert wide.fingerprint() == whole.to_dtype(torch.float64).fingerprint()
+
+
+@pytest.mark.parametrize("doc, message", [
+    ({"data": {"source": "all.parquet", "label": "digit"}}, "the source form splits one file in memory"),
+    ({"data": {"certification": "cert.csv"}}, "cert.csv is not a .parquet file"),
+    ({"data": {"group": "site"}}, "data.group selects rows of the certification set in memory"),
+    ({"spec": {"tau": 0.5, "recall": [{"class": 1, "tau": 0.5}]}}, "spec.recall selects rows"),
+])
+def test_memory_mb_refuses_what_cannot_be_streamed(tmp_path, doc, message):
+    from components.config import ConfigError
+
+    write(frame(50, 1), tmp_path / "train.parquet")
+    base = {"version": 1, "name": "m", "model": {"factory": "team_models:make"}, "spec": {"tau": 0.5},
+            "certification": {"memory_mb": 4},
+            "data": {"train": "train.parquet", "search": "search.parquet", "certification": "cert.parquet",
+                     "label": "digit"}}
+    if "source" in doc.get("data", {}):
+        base["data"] = doc["data"]
+    else:
+        base["data"].update(doc.get("data", {}))
+    base["spec"] = doc.get("spec", base["spec"])
+    with pytest.raises(ConfigError, match="certification.memory_mb") as err:
+        parse_config(base, base_dir=tmp_path, file=tmp_path / "lidgate.yaml")
+    assert message in str(err.value)
+
+
+# ------------------------------------------------------------------ a team's DataLoader
+class Noisy(torch.utils.data.Dataset):
+    """Item i computed when read (seeded by i): a set that need not be held anywhere."""
+
+    def __init__(self, n: int, features: int = FEATURES, bad_at: int | None = None, label_at: int | None = None):
+        self.n, self.features, self.bad_at, self.label_at = n, features, bad_at, label_at
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        x = torch.from_numpy(np.random.default_rng([7, i]).normal(size=self.features).astype(np.float32))
+        if i == self.bad_at:
+            x[3] = float("nan")
+        return x, (9 if i == self.label_at else i % 3)
+
+
+def materialised(ds) -> tuple[torch.Tensor, torch.Tensor]:
+    items = [ds[i] for i in range(len(ds))]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+
+def test_a_dataloader_is_read_once_in_batches_and_hashes_as_its_tensors(big):
+    from components.streaming import loader_stream
+
+    _, cfg = big
+    ds = Noisy(ROWS)
+    loader = torch.utils.data.DataLoader(ds, batch_size=500)
+    stream = loader_stream(loader, cfg.data, "team loader", memory_mb=MEMORY_MB)
+    assert ROWS * FEATURES * 4 > MEMORY_MB * 2**20  # more rows than the budget holds
+    x, y = materialised(ds)
+    assert (stream.n, stream.dtype, stream.feature_shape, stream.portable) == (ROWS, torch.float32, (FEATURES,), True)
+    assert fingerprint_stream(stream) == fingerprint_data(x, y)
+    net, box = model(), le.Box.around(model(), 0.002)
+    assert count_certified(net, box, stream, batch_size=1024) == count_certified(net, box, (x, y), batch_size=1024)
+    # a Dataset is batched by lidgate; the temporary file goes with the stream
+    folder = __import__("pathlib").Path(stream.path).parent
+    again = loader_stream(ds, cfg.data, "team dataset")
+    assert fingerprint_stream(again) == fingerprint_data(x, y)
+    del stream
+    import gc
+
+    gc.collect()
+    assert not folder.exists()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: torch.utils.data.DataLoader(Noisy(100), batch_size=10, shuffle=True),
+     "reads through a RandomSampler; a certification set must come in the same order"),
+    (lambda: torch.utils.data.DataLoader(Noisy(5000), batch_size=5000),
+     r"batch at row 0 .*: the batch's features take 1.2 MiB, more than certification.memory_mb = 1"),
+    (lambda: torch.utils.data.DataLoader(Noisy(100, bad_at=57), batch_size=25),
+     r"team loader, batch at row 50 \(row numbers below count from 50\): x of the batch holds NaN .* at row 7"),
+    (lambda: torch.utils.data.DataLoader(Noisy(100, label_at=31), batch_size=25),
+     r"batch at row 25 .*: .*9"),
+    (lambda: torch.utils.data.DataLoader(Noisy(100, features=5), batch_size=25), r"feature|shape"),
+    (lambda: [1, 2, 3], "is list; expected a torch.utils.data.DataLoader or Dataset"),
+])
+def test_a_bad_dataloader_is_refused_by_name(big, tmp_path, make, message):
+    from components.streaming import loader_stream
+
+    _, cfg = big
+    data = cfg.data.model_copy(update={"classes": [0, 1, 2], "shape": [FEATURES]})
+    with pytest.raises(DataError, match=message):
+        loader_stream(make(), data, "team loader", memory_mb=1, directory=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written is left behind
+
+
+# ------------------------------------------------------------------ GX checks a stream a block at a time
+@pytest.mark.parametrize("case", ["good", "labels", "range", "few"])
+def test_a_streamed_set_gets_the_verdicts_of_the_set_in_memory(case):
+    from components.validation import validate_all
+
+    x, y = materialised(Noisy(3000))
+    if case == "labels":
+        y[[1234, 2999]] = 7
+    if case == "range":
+        x[2100, 5] = 9.5
+    kwargs = {"role": "certification", "n_features": FEATURES, "classes": [0, 1, 2], "value_range": (-6.0, 6.0),
+              "confidence": 0.95, "target_lower_bound": 0.9999 if case == "few" else 0.85}
+    stream = le.TensorStream(x, y, chunk_rows=256, name="cert.parquet")
+    from components import validation
+
+    old = validation.STREAM_BLOCK_ROWS
+    try:
+        validation.STREAM_BLOCK_ROWS = 1000  # three GX blocks
+        reports = validate_all({"whole": (x, y, kwargs), "streamed": (stream, None, kwargs)})
+    finally:
+        validation.STREAM_BLOCK_ROWS = old
+    whole, streamed = reports["whole"], reports["streamed"]
+    assert [(c.name, c.success) for c in streamed.checks] == [(c.name, c.success) for c in whole.checks]
+    assert streamed.success == whole.success == (case == "good") and streamed.n_rows == 3000
+    details = {c.name: c.detail for c in streamed.checks}
+    if case == "labels":
+        assert details["labels"] == "label column: 2 rows outside task classes [0, 1, 2] (first at row 1234: value 7)"
+    if case == "range":
+        assert details["range"].startswith("features: values outside [-6, 6]: above 6 in 1 row (first at row 2100: "
+                                           "column f5 = 9.5")
+    if case == "few":
+        assert "too small for the stated confidence" in details["confidence_rows"]
+    assert {c.name: c.expectation for c in streamed.checks}["rows"] == \
+        "ExpectColumnSumToBeBetween (rows of 3 streamed block(s))"

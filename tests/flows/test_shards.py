@@ -5,35 +5,13 @@ where its shard task runs went."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from tests.helpers.paths import REPO
-from tests.helpers.pipeline import write_config
+from tests.helpers.pipeline import assert_same_lid, write_config
 
 pytestmark = pytest.mark.slow
-
-TIMING = ("created_at",)
-
-
-def without_timing(obj):
-    if isinstance(obj, dict):
-        return {k: without_timing(v) for k, v in obj.items() if k not in TIMING and k != "digest"}
-    if isinstance(obj, list):
-        return [without_timing(v) for v in obj]
-    return obj
-
-
-def assert_same_lid(a, b) -> None:
-    files = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
-    assert files == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
-    for f in files:
-        if f == "lid.json":
-            assert without_timing(json.loads((a / f).read_text())) == without_timing(json.loads((b / f).read_text()))
-        else:
-            assert (a / f).read_bytes() == (b / f).read_bytes(), f
 
 
 @pytest.fixture(scope="module")

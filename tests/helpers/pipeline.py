@@ -10,12 +10,37 @@ import yaml
 
 from tests.helpers.paths import REPO
 
-__all__ = ["new_scans", "registry_of", "write_config"]
+__all__ = ["assert_same_lid", "new_scans", "registry_of", "write_config"]
+
+TIMING = ("created_at",)
 
 
-def write_config(directory: Path, **search) -> Path:
-    """The digits example's configuration with a short search, its registry under ``directory``."""
-    config = yaml.safe_load((REPO / "examples" / "digits" / "lidgate.yaml").read_text())
+def without_timing(obj):
+    """A ``lid.json`` document without its creation times (and the digests that cover them)."""
+    if isinstance(obj, dict):
+        return {k: without_timing(v) for k, v in obj.items() if k not in TIMING and k != "digest"}
+    if isinstance(obj, list):
+        return [without_timing(v) for v in obj]
+    return obj
+
+
+def assert_same_lid(a: Path, b: Path) -> None:
+    """Two saved LIDs are the same files, byte for byte, apart from their creation times."""
+    import json
+
+    files = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
+    for f in files:
+        if f == "lid.json":
+            assert without_timing(json.loads((a / f).read_text())) == without_timing(json.loads((b / f).read_text()))
+        else:
+            assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+def write_config(directory: Path, example: str = "lidgate.yaml", **search) -> Path:
+    """The digits example's configuration (``example``: which file of examples/digits) with a short search,
+    its registry under ``directory``."""
+    config = yaml.safe_load((REPO / "examples" / "digits" / example).read_text())
     config.update(name="e2e", code=[str(REPO)], registry={"home": str(directory / "home")})
     config["training"] = {"kwargs": {"epochs": 20, "batch_size": 32, "lr": 0.003}}
     config["search"] = {"iterations": 30, "checkpoints": 3, **search}

@@ -402,3 +402,66 @@ def test_a_recount_that_raises_is_reported_as_not_recomputed(saved_cnn):
     (fail,) = report.failures
     assert fail.name == "member 0 / 'task' recomputed"
     assert fail.detail == "could not be recomputed: OSError: disk read error at row 128"
+
+
+# ------------------------------------------------------------------ a stream written to one file, or cast
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 700), shape=st.sampled_from([(3,), (2, 5), (1, 4, 4)]), chunk=st.integers(1, 300),
+       dtype=st.sampled_from([torch.float32, torch.float64]), task=st.sampled_from([None, "digits", "t-1.b"]))
+def test_a_stream_written_chunk_by_chunk_is_the_file_save_file_writes(tmp_path_factory, n, shape, chunk, dtype, task):
+    from safetensors.torch import save_file
+
+    from lid_engine.stream import SafetensorsStream
+
+    tmp = tmp_path_factory.mktemp("write")
+    g = torch.Generator().manual_seed(n)
+    x, y = torch.randn(n, *shape, generator=g, dtype=dtype), torch.randint(0, 9, (n,), generator=g)
+    meta = None if task is None else {"task": task}
+    save_file({"x": x, "y": y}, str(tmp / "whole.safetensors"), metadata=meta)
+    stream = SafetensorsStream.write_chunks(TensorStream(x, y, chunk_rows=chunk).chunks(), tmp / "chunks.safetensors",
+                                            metadata=meta, chunk_rows=chunk)
+    # the registry pins a file's sha256: a version written from a stream must be the version written whole
+    assert (tmp / "chunks.safetensors").read_bytes() == (tmp / "whole.safetensors").read_bytes()
+    assert sorted(p.name for p in tmp.iterdir()) == ["chunks.safetensors", "whole.safetensors"]  # no parts left
+    assert fingerprint_stream(stream) == fingerprint_data(x, y)
+    assert torch.equal(torch.cat(list(stream.labels())), y)
+
+
+@pytest.mark.parametrize("chunks, message", [
+    ([], "no rows to write"),
+    ([(torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64)), (torch.zeros(2, 4), torch.zeros(2, dtype=torch.int64))],
+     r"chunk at row 2 has x torch.float32 of shape \(2, 4\)"),
+    ([(torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64)), (torch.zeros(2, 3).double(), torch.zeros(2, dtype=torch.int64))],
+     r"chunk at row 2 has x torch.float64"),
+    ([(torch.zeros(2, 3), torch.zeros(3, dtype=torch.int64))], r"y torch.int64 \(3,\), expected int64 of shape \(2,\)"),
+    ([(torch.zeros(2, 3, dtype=torch.int32), torch.zeros(2, dtype=torch.int64))], "must be float32 or float64"),
+])
+def test_writing_bad_chunks_is_refused_and_leaves_no_file(tmp_path, chunks, message):
+    from lid_engine.stream import SafetensorsStream
+
+    with pytest.raises(InvalidInputError, match=message):
+        SafetensorsStream.write_chunks(iter(chunks), tmp_path / "out.safetensors", name="team data")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cast_stream_counts_and_hashes_as_the_cast_tensors():
+    model = mlp()
+    x, y = labelled(model, (6,), 300)
+    wide = TensorStream(x.double(), y, chunk_rows=77, name="wide")
+    cast = wide.astype(torch.float32)
+    assert wide.astype(torch.float64) is wide and cast.dtype == torch.float32 and cast.name == "wide"
+    assert fingerprint_stream(cast) == fingerprint_data(x.double().float(), y)
+    box = Box.around(model, 1e-3)
+    assert count_certified(model, box, cast, dtype=torch.float32, batch_size=64, method="ibp") == \
+        count_certified(model, box, (x.double().float(), y), dtype=torch.float32, batch_size=64, method="ibp")
+
+
+def test_accuracy_of_a_stream_is_the_accuracy_of_its_tensors():
+    model = mlp()
+    x, y = labelled(model, (6,), 500)
+    y = y.clone()
+    y[::7] = (y[::7] + 1) % 4
+    stream = TensorStream(x, y, chunk_rows=33)
+    for balanced in (False, True):
+        assert le.accuracy(model, stream, batch_size=64, balanced=balanced) == pytest.approx(
+            le.accuracy(model, x, y, batch_size=64, balanced=balanced), abs=1e-12)
