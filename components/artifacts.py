@@ -152,12 +152,15 @@ def stage_version(
     return {pin_tag(rel): file_sha256(directory / rel) for rel in pinned}
 
 
-def read_cert_data(path: Path, stream_mb: int | None = STREAM_ABOVE_MB) -> tuple[Tensor, Tensor] | SafetensorsStream:
+def read_cert_data(path: Path, stream_mb: int | None = STREAM_ABOVE_MB,
+                   sha256: str | None = None) -> tuple[Tensor, Tensor] | SafetensorsStream:
     """``(x, y)`` from a task's certification data file, or, for a file larger than ``stream_mb`` MiB, a
     ``lid_engine.SafetensorsStream`` over it that reads about ``stream_mb`` MiB at a time (None: always
-    tensors)."""
+    tensors); a stream checks the file against ``sha256`` (its pin) again before its first read."""
     if stream_mb is not None and path.stat().st_size > stream_mb * 2**20:
         stream = SafetensorsStream(path)
+        if sha256:
+            stream.pin(sha256)
         row = max(1, math.prod(stream.feature_shape) * stream.dtype.itemsize)
         stream.chunk_rows = max(1, stream_mb * 2**20 // row)
         return stream
@@ -260,7 +263,7 @@ def read_version(fetch: Callable[[str], Path], directory: Path, tags: Mapping[st
                 path = directory / rel
                 if pinned(path, rel) or (lenient and path.is_file()):
                     try:
-                        out.cert_data[t] = read_cert_data(path, stream_mb)
+                        out.cert_data[t] = read_cert_data(path, stream_mb, tags.get(pin_tag(rel)))
                     except Exception as exc:  # noqa: BLE001
                         problems.append((rel, f"unreadable: {type(exc).__name__}: {exc}"))
     if out.lid is not None and set(out.lid.tasks) != set(tasks):

@@ -104,9 +104,11 @@ class ParquetStream(CertificationStream):
         self._verified = True
         self._check_header()
 
-    def _identity(self) -> tuple[int, int]:
-        st = os.stat(self.path)  # not the inode: a worker on another machine reads its own copy at the same path
-        return st.st_size, st.st_mtime_ns
+    def _identity(self) -> tuple[int, ...]:
+        # a worker in another process re-takes it after checking the file's sha256 (its own copy may be
+        # another inode); in one process, a file replaced by another is caught even within the clock's resolution
+        st = os.stat(self.path)
+        return st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev
 
     def _check_unchanged(self) -> None:
         """Every reading must see the file the stream was opened on: the fingerprint, the counts and each
@@ -116,9 +118,8 @@ class ParquetStream(CertificationStream):
         except OSError as exc:
             raise DataError(f"{self.name}: cannot be read any more ({exc.strerror or exc})") from None
         if now != self._stat:
-            raise DataError(f"{self.name}: the file changed while it was being certified (its size or modification "
-                            "time differ from when it was opened; a copy on a worker must keep both); certify a "
-                            "file nothing writes to")
+            raise DataError(f"{self.name}: the file changed while it was being certified (its size, modification "
+                            "time or inode differ from when it was opened); certify a file nothing writes to")
 
     def __getstate__(self) -> dict[str, Any]:  # shards on other processes reopen the file by path
         return {k: v for k, v in self.__dict__.items() if k != "_file"}

@@ -156,7 +156,11 @@ class CastStream(CertificationStream):
 class SafetensorsStream(CertificationStream):
     """``(x, y)`` written once to a safetensors file and read back a slice at a time (no pickles): how
     tensors held in memory reach other processes (Dask process workers) without being copied to every
-    shard — the stream pickles as its path."""
+    shard — the stream pickles as its path.
+
+    Every reading must see the file the stream was opened on: a file whose size, modification time or
+    inode changed since is refused, and a copy unpickled in another process checks the file's sha256 (taken
+    when the stream is first pickled) before its first read."""
 
     portable = True
 
@@ -164,6 +168,8 @@ class SafetensorsStream(CertificationStream):
         from safetensors import safe_open
 
         self.path, self.name, self.chunk_rows = str(path), str(path), chunk_rows
+        self.sha256: str | None = None  # taken when first pickled: what a reader elsewhere must find
+        self._stat, self._verified = self._identity(), True
         with safe_open(self.path, "pt") as f:
             if set(f.keys()) != {"x", "y"}:
                 raise InvalidInputError(f"{self.name}: expected tensors 'x' and 'y', found {sorted(f.keys())}")
@@ -247,23 +253,66 @@ class SafetensorsStream(CertificationStream):
                     os.remove(p)
         return cls(path, chunk_rows)
 
+    def _identity(self) -> tuple[int, ...]:
+        import os
+
+        try:
+            st = os.stat(self.path)
+        except OSError as exc:
+            raise InvalidInputError(f"{self.name}: cannot be read ({exc.strerror or exc})") from None
+        # a file replaced by another (a new inode) is caught even within the clock's resolution
+        return st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev
+
+    def _check_file(self) -> None:
+        """The file at the path is the one the stream was opened on (see the class docstring)."""
+        if not self._verified:
+            from .files import file_sha256
+
+            digest = file_sha256(self.path)
+            if digest != self.sha256:
+                raise InvalidInputError(f"{self.name}: the file here is not the one being certified (sha256 "
+                                        f"{digest[:12]}…, expected {str(self.sha256)[:12]}…); give every worker "
+                                        "the same file")
+            self._stat, self._verified = self._identity(), True
+        if self._identity() != self._stat:
+            raise InvalidInputError(f"{self.name}: the file changed while it was being read (its size, "
+                                    "modification time or inode differ from when it was opened)")
+
+    def pin(self, sha256: str) -> SafetensorsStream:
+        """Check the file's bytes against ``sha256`` (a registered fingerprint) before the first read: what
+        is read is then what was pinned, even if the file changed after it was checked elsewhere."""
+        self.sha256, self._verified = sha256, False
+        return self
+
+    def __getstate__(self) -> dict:
+        if self.sha256 is None:
+            from .files import file_sha256
+
+            self._check_file()
+            self.sha256 = file_sha256(self.path)
+        return {**self.__dict__, "_verified": False}
+
     def _read(self, start: int, stop: int) -> Iterator[tuple[Tensor, Tensor]]:
         from safetensors import safe_open
 
+        self._check_file()
         with safe_open(self.path, "pt") as f:
             x, y = f.get_slice("x"), f.get_slice("y")
             for s in range(start, stop, self.chunk_rows):
                 e = min(s + self.chunk_rows, stop)
                 yield x[s:e], y[s:e]
+        self._check_file()
 
     def labels(self, start: int = 0, stop: int | None = None) -> Iterator[Tensor]:
         from safetensors import safe_open
 
         start, stop = self._range(start, stop)
+        self._check_file()
         with safe_open(self.path, "pt") as f:
             y = f.get_slice("y")
             for s in range(start, stop, 1 << 20):
                 yield y[s:min(s + (1 << 20), stop)]
+        self._check_file()
 
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "F64": "float64"}

@@ -465,3 +465,25 @@ def test_accuracy_of_a_stream_is_the_accuracy_of_its_tensors():
     for balanced in (False, True):
         assert le.accuracy(model, stream, batch_size=64, balanced=balanced) == pytest.approx(
             le.accuracy(model, x, y, batch_size=64, balanced=balanced), abs=1e-12)
+
+
+def test_a_safetensors_stream_refuses_a_file_changed_under_it(tmp_path):
+    import os
+    import pickle
+
+    from lid_engine.stream import SafetensorsStream
+
+    x, y = labelled(MODEL, (6,), 300)
+    stream = SafetensorsStream.write(x, y, tmp_path / "cert.safetensors", chunk_rows=64)
+    copy = pickle.loads(pickle.dumps(stream))  # a worker's copy: checks the bytes before its first read
+    assert fingerprint_stream(copy) == fingerprint_data(x, y)
+    SafetensorsStream.write(x, (y + 1) % 4, tmp_path / "other.safetensors")
+    os.replace(tmp_path / "other.safetensors", tmp_path / "cert.safetensors")
+    with pytest.raises(InvalidInputError, match="changed while it was being read"):
+        fingerprint_stream(stream)
+    with pytest.raises(InvalidInputError, match="not the one being certified"):
+        list(pickle.loads(pickle.dumps(copy)).chunks())
+    # a stream pinned to a registered sha256 reads only a file with those bytes
+    pinned = SafetensorsStream(tmp_path / "cert.safetensors").pin("0" * 64)
+    with pytest.raises(InvalidInputError, match="not the one being certified"):
+        pinned.head(1)
