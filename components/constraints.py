@@ -87,9 +87,13 @@ def spec_constraints(spec: SpecSection, data: DataSplits) -> tuple[list[Constrai
 
     Raises:
         ConstraintError: a group with fewer than ``spec.worst_group.min_examples`` search or
-            certification examples (its certificate would say little), or group names that collide.
+            certification examples (its certificate would say little), group names that collide, or a
+            recall or group constraint on a streamed certification set.
     """
     task = data.task
+    if data.streamed and (spec.recall or spec.worst_group is not None):
+        raise ConstraintError(f"task '{task}': spec.recall and spec.worst_group select rows of the certification set "
+                              "in memory, and this one is streamed (certification.memory_mb); remove one or the other")
     out = [Constraint(task, "metric", task, None, spec.metric, data.search, data.certification)]
     notes: list[str] = []
     for r in spec.recall:

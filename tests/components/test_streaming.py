@@ -323,3 +323,17 @@ def test_a_streamed_set_gets_the_verdicts_of_the_set_in_memory(case):
         assert "too small for the stated confidence" in details["confidence_rows"]
     assert {c.name: c.expectation for c in streamed.checks}["rows"] == \
         "ExpectColumnSumToBeBetween (rows of 3 streamed block(s))"
+
+
+def test_a_recall_constraint_on_a_streamed_set_is_refused_by_name(big):
+    """The configuration refuses the pair; a team's flow that builds one in Python is refused too."""
+    from components.config import SpecSection
+    from components.constraints import ConstraintError, spec_constraints
+
+    tmp, cfg = big
+    streamed = load_splits(cfg.model_copy(update={"certification": cfg.certification.model_copy(
+        update={"memory_mb": MEMORY_MB})}))
+    spec = SpecSection.model_validate({"tau": 0.5, "recall": [{"class": 1, "tau": 0.5}]})
+    with pytest.raises(ConstraintError, match=r"task 'task': spec.recall and spec.worst_group .* streamed"):
+        spec_constraints(spec, streamed)
+    assert len(spec_constraints(SpecSection.model_validate({"tau": 0.5}), streamed)[0]) == 1
