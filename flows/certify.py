@@ -103,8 +103,12 @@ def certify_flow(candidate_dir: str) -> dict:
     dtype = getattr(torch, record["dtype"]) if record.get("dtype") else None
     data = tasks.load_data.fn(config, record["data_paths"], record["task"], dtype=dtype)
     if data.fingerprint() != record["data_sha256"]:
+        same = "certify on the same files"
+        if config.data.form == "loader" and not record["data_paths"]:
+            same = (f"data.loader.function {config.data.loader.function} must return the same rows on every call "
+                    "(seed its randomness; a DataLoader without shuffling)")
         raise CandidateError(f"the data of task '{record['task']}' differ here from where the candidate was trained "
-                             "(fingerprints differ); certify on the same files")
+                             f"(fingerprints differ); {same}")
     registry = tasks.registry_for(config)
     champion = None
     if record.get("champion"):

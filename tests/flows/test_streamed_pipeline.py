@@ -153,3 +153,32 @@ def test_a_parquet_file_read_by_row_groups_gives_the_lid_of_the_file_in_memory(t
     a, b = certify(files, streamed), certify(whole(files), loaded)
     assert a.lid is not None and b.lid is not None, (a.error, b.error)
     assert_same_lid(a.lid.save(tmp / "parquet-streamed"), b.lid.save(tmp / "parquet-whole"))
+
+
+def test_a_loader_that_gives_other_rows_when_read_again_registers_nothing(config, tmp_path):
+    """The certify flow reads the data again and must find the fingerprint the trainer recorded: a loader
+    whose rows change from call to call is refused by name, and nothing is registered."""
+    from flows.certify import CandidateError
+    from flows.retrain import bootstrap_flow
+
+    (tmp_path / "drifting.py").write_text(
+        "import torch\n"
+        "from torch.utils.data import DataLoader, TensorDataset\n"
+        "from examples.digits.stream import load_streamed\n"
+        "CALLS = [0]\n"
+        "def load():\n"
+        "    CALLS[0] += 1\n"
+        "    out = load_streamed(copies=12)\n"
+        "    x, y = (torch.cat(t) for t in zip(*out['certification']))\n"
+        "    x[0, 0] = CALLS[0] / 10  # another value on every call\n"
+        "    out['certification'] = DataLoader(TensorDataset(x, y), batch_size=256)\n"
+        "    return out\n")
+    doc = yaml.safe_load(config.read_text())
+    doc["code"] = [str(REPO), str(tmp_path)]
+    doc["data"]["loader"] = {"function": "drifting:load"}
+    config.write_text(yaml.safe_dump(doc))
+    with pytest.raises(CandidateError, match="data.loader.function drifting:load must return the same rows on every "
+                                             "call"):
+        bootstrap_flow(config=str(config))
+    registry = registry_of(config)
+    assert registry.history() == [] and registry.champion() is None
