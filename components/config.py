@@ -744,9 +744,10 @@ class LidgateConfig(_Section):
             raise _Invalid("", at=at, message="a streamed certification set comes from a Parquet data.certification "
                                               "file or a data.loader that returns a DataLoader; the source form splits "
                                               "one file in memory (remove memory_mb, or give the three files)")
-        if d.form == "files" and d.certification is not None and d.certification.suffix.lower() != ".parquet":
+        if d.form == "files" and d.certification is not None \
+                and DATA_SUFFIXES.get(d.certification.suffix.lower()) != "parquet":
             raise _Invalid("", at=at, message=f"a streamed data.certification file is read by Parquet row groups; "
-                                              f"{d.certification.name} is not a .parquet file (convert it, or remove "
+                                              f"{d.certification.name} is not a Parquet file (convert it, or remove "
                                               "memory_mb)")
         for used, name in ((d.group is not None, "data.group"), (bool(self.spec.recall), "spec.recall"),
                            (self.spec.worst_group is not None, "spec.worst_group")):

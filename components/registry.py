@@ -49,7 +49,7 @@ from .factory import ModelSpec  # noqa: E402
 
 __all__ = ["LoadedVersion", "Registry", "RegistryError", "RegistryIntegrityError", "VersionInfo"]
 
-_TASK_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,99}$")
+_TASK_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,99}\Z")
 
 
 class RegistryError(RuntimeError):

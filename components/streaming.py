@@ -12,10 +12,12 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import weakref
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +109,8 @@ class ParquetStream(CertificationStream):
     def _identity(self) -> tuple[int, ...]:
         # a worker in another process re-takes it after checking the file's sha256 (its own copy may be
         # another inode); in one process, a file replaced by another is caught even within the clock's resolution
-        st = os.stat(self.path)
-        return st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev
+        st = os.stat(self.path)  # (the change time: a rewrite with the modification time put back is caught)
+        return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
 
     def _check_unchanged(self) -> None:
         """Every reading must see the file the stream was opened on: the fingerprint, the counts and each
@@ -119,7 +121,7 @@ class ParquetStream(CertificationStream):
             raise DataError(f"{self.name}: cannot be read any more ({exc.strerror or exc})") from None
         if now != self._stat:
             raise DataError(f"{self.name}: the file changed while it was being certified (its size, modification "
-                            "time or inode differ from when it was opened); certify a file nothing writes to")
+                            "or change time or inode differ from when it was opened); certify a file nothing writes to")
 
     def __getstate__(self) -> dict[str, Any]:  # shards on other processes reopen the file by path
         return {k: v for k, v in self.__dict__.items() if k != "_file"}
@@ -164,22 +166,24 @@ class ParquetStream(CertificationStream):
     def _read(self, start: int, stop: int) -> Iterator[tuple[Tensor, Tensor]]:
         d = self.data_cfg
         for a, batch in self._batches(start, stop, [*self.features, d.label]):
-            where = f"{self.name}, rows {a}..{a + batch.num_rows - 1} (row numbers below count from {a})"
-            x, y, _ = _table_xy(batch.to_pandas(), d, where, keep_float64=True)
-            if d.classes is not None:
-                _check_classes(y, d.classes, where)
-            if d.shape is not None:
-                x = _reshape(x, d.shape, where)
+            with _rows_from(a):
+                where = f"{self.name}, rows {a}..{a + batch.num_rows - 1}"
+                x, y, _ = _table_xy(batch.to_pandas(), d, where, keep_float64=True)
+                if d.classes is not None:
+                    _check_classes(y, d.classes, where)
+                if d.shape is not None:
+                    x = _reshape(x, d.shape, where)
             yield _tensor(x), torch.from_numpy(y)
 
     def labels(self, start: int = 0, stop: int | None = None) -> Iterator[Tensor]:
         start, stop = self._range(start, stop)
         label = self.data_cfg.label
         for a, batch in self._batches(start, stop, [label]):
-            where = f"{self.name}, rows {a}..{a + batch.num_rows - 1} (row numbers below count from {a})"
-            y = _labels(batch.to_pandas()[label], where, f"label column {label!r}")
-            if self.data_cfg.classes is not None:
-                _check_classes(y, self.data_cfg.classes, where)
+            with _rows_from(a):
+                where = f"{self.name}, rows {a}..{a + batch.num_rows - 1}"
+                y = _labels(batch.to_pandas()[label], where, f"label column {label!r}")
+                if self.data_cfg.classes is not None:
+                    _check_classes(y, self.data_cfg.classes, where)
             yield torch.from_numpy(y)
 
     def provenance(self) -> dict[str, Any]:
@@ -223,10 +227,12 @@ def loader_stream(loader: Any, data_cfg: DataSection, where: str, memory_mb: int
         loader = tud.DataLoader(loader, batch_size=256, shuffle=False)
     if not isinstance(loader, tud.DataLoader):
         raise DataError(f"{where}: is {type(loader).__name__}; expected a torch.utils.data.DataLoader or Dataset")
-    sampler = loader.batch_sampler.sampler if loader.batch_sampler is not None else loader.sampler
+    sampler = getattr(loader.batch_sampler, "sampler", None) if loader.batch_sampler is not None else loader.sampler
     if not isinstance(sampler, (tud.SequentialSampler, tud.dataloader._InfiniteConstantSampler)):
-        raise DataError(f"{where}: the DataLoader reads through a {type(sampler).__name__}; a certification set "
-                        "must come in the same order on every reading (shuffle=False, no sampler)")
+        how = f"a {type(sampler).__name__}" if sampler is not None else \
+            f"a batch_sampler of type {type(loader.batch_sampler).__name__}"
+        raise DataError(f"{where}: the DataLoader reads through {how}; a certification set must come in the same "
+                        "order on every reading (shuffle=False, no sampler or batch_sampler)")
     folder = tempfile.mkdtemp(prefix="lidgate-certification-", dir=directory)
     try:
         stream = SafetensorsStream.write_chunks(_checked_batches(loader, data_cfg, where, memory_mb),
@@ -242,26 +248,37 @@ def loader_stream(loader: Any, data_cfg: DataSection, where: str, memory_mb: int
     return stream
 
 
+@contextmanager
+def _rows_from(first: int) -> Iterator[None]:
+    """Errors about a chunk whose first row is ``first``: their "row N" (counted within the chunk, as the
+    whole-file checks count) becomes the row of the file or loader."""
+    try:
+        yield
+    except DataError as exc:
+        raise DataError(re.sub(r"\brow (\d+)", lambda m: f"row {int(m.group(1)) + first}", str(exc))) from None
+
+
 def _checked_batches(loader: Any, d: DataSection, where: str, memory_mb: int | None) -> Iterator[tuple[Tensor, Tensor]]:
     row = 0
-    batches = iter(loader)
+    batches = enumerate(iter(loader))
     while True:
         try:
-            batch = next(batches)
+            index, batch = next(batches)
         except StopIteration:
             break
         except Exception as exc:  # noqa: BLE001 — the team's Dataset or collate function failed
             raise DataError(f"{where}: reading the batch at row {row} raised {type(exc).__name__}: {_short(exc)}") from exc
-        here = f"{where}, batch at row {row} (row numbers below count from {row})"
+        here = f"{where}, batch {index} (rows from {row} on)"
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise DataError(f"{here}: is {type(batch).__name__}; expected an (x, y) pair of batched tensors")
-        x, y = _arrays_xy(batch[0], batch[1], here, "x of the batch", "y of the batch")
-        if memory_mb is not None and x.nbytes > memory_mb * 2**20:
-            raise DataError(f"{here}: the batch's features take {x.nbytes / 2**20:.1f} MiB, more than "
-                            f"certification.memory_mb = {memory_mb}; give the DataLoader a smaller batch_size")
-        if d.classes is not None:
-            _check_classes(y, d.classes, here)
-        if d.shape is not None:
-            x = _reshape(x, d.shape, here)
+        with _rows_from(row):
+            x, y = _arrays_xy(batch[0], batch[1], here, "x of the batch", "y of the batch")
+            if memory_mb is not None and x.nbytes > memory_mb * 2**20:
+                raise DataError(f"{here}: the batch's features take {x.nbytes / 2**20:.1f} MiB, more than "
+                                f"certification.memory_mb = {memory_mb}; give the DataLoader a smaller batch_size")
+            if d.classes is not None:
+                _check_classes(y, d.classes, here)
+            if d.shape is not None:
+                x = _reshape(x, d.shape, here)
         row += len(y)
         yield _tensor(x), torch.from_numpy(y)

@@ -582,6 +582,7 @@ def _validate_stream(session_factory: Any, stream: Any, a: _Args, block_rows: in
     exps = _row_expectations(gxe, a)
     types = {k: type(e).__name__ for k, e in exps}
     bad: dict[str, int] = {k: 0 for k, _ in exps}
+    failed: set[str] = set()  # checks GX failed on some block
     first: dict[str, str] = {}  # check -> where it first failed
     errors: dict[str, str] = {}
     blocks: list[int] = []
@@ -607,7 +608,8 @@ def _validate_stream(session_factory: Any, stream: Any, a: _Args, block_rows: in
             if r is None or _gx_failed(r):
                 errors[k] = (f"Great Expectations raised while checking rows {start}..{row - 1}: {_gx_failed(r)}"
                              if r is not None else "Great Expectations returned no result for this expectation")
-            elif not r.success:
+            elif not r.success:  # the verdict is GX's; the count only says how many rows
+                failed.add(k)
                 bad[k] += int(r.result.get("unexpected_count", 0))
         blocks.append(len(table))
         pending, held = [], 0
@@ -645,15 +647,17 @@ def _validate_stream(session_factory: Any, stream: Any, a: _Args, block_rows: in
     if "finite" in errors:
         checks.append(DataCheck("finite", False, errors["finite"], types["finite"]))
     else:
-        checks.append(DataCheck("finite", bad["finite"] == 0, f"features: no NaN/inf in {n} rows × {d} values"
-                                if bad["finite"] == 0 else f"features: NaN/inf in {_rows(bad['finite'])}{where('finite')}",
+        ok = "finite" not in failed
+        checks.append(DataCheck("finite", ok, f"features: no NaN/inf in {n} rows × {d} values"
+                                if ok else f"features: NaN/inf in {_rows(bad['finite'])}{where('finite')}",
                                 types["finite"]))
     cls = _classes_text(a.classes)
     if "labels" in errors:
         checks.append(DataCheck("labels", False, errors["labels"], types["labels"]))
     else:
-        checks.append(DataCheck("labels", bad["labels"] == 0, f"label column: all {n} labels in task classes {cls}"
-                                if bad["labels"] == 0 else
+        ok = "labels" not in failed
+        checks.append(DataCheck("labels", ok, f"label column: all {n} labels in task classes {cls}"
+                                if ok else
                                 f"label column: {_rows(bad['labels'])} outside task classes {cls}{where('labels')}",
                                 types["labels"]))
     if a.value_range:
@@ -661,11 +665,11 @@ def _validate_stream(session_factory: Any, stream: Any, a: _Args, block_rows: in
         err = errors.get("range_low") or errors.get("range_high")
         if err:
             checks.append(DataCheck("range", False, err, typ))
-        elif bad["range_low"] == 0 and bad["range_high"] == 0:
+        elif not {"range_low", "range_high"} & failed:
             checks.append(DataCheck("range", True, f"features: all finite values within [{_fmt(lo)}, {_fmt(hi)}]", typ))
         else:
             parts = [f"{side} {_fmt(v)} in {_rows(bad[k])}" for side, v, k in
-                     (("below", lo, "range_low"), ("above", hi, "range_high")) if bad[k]]
+                     (("below", lo, "range_low"), ("above", hi, "range_high")) if k in failed]
             checks.append(DataCheck("range", False, f"features: values outside [{_fmt(lo)}, {_fmt(hi)}]: "
                                                     f"{', '.join(parts)}{where('range')}", typ))
     # the row counts: a real expectation over the blocks' sizes

@@ -158,8 +158,8 @@ class SafetensorsStream(CertificationStream):
     tensors held in memory reach other processes (Dask process workers) without being copied to every
     shard — the stream pickles as its path.
 
-    Every reading must see the file the stream was opened on: a file whose size, modification time or
-    inode changed since is refused, and a copy unpickled in another process checks the file's sha256 (taken
+    Every reading must see the file the stream was opened on: a file whose size, modification or change
+    time or inode changed since is refused, and a copy unpickled in another process checks the file's sha256 (taken
     when the stream is first pickled) before its first read."""
 
     portable = True
@@ -195,7 +195,8 @@ class SafetensorsStream(CertificationStream):
                      chunk_rows: int = 4096, name: str = "certification data") -> SafetensorsStream:
         """Write ``(x, y)`` chunks (a stream's ``chunks()``, say) to one safetensors file at ``path`` without
         holding more than one chunk, and open it; the file has the bytes ``save_file({"x": X, "y": Y},
-        metadata=metadata)`` writes for the concatenated ``X`` and ``Y``.
+        metadata=metadata)`` writes for the concatenated ``X`` and ``Y`` when ``metadata`` has at most one
+        key (save_file orders several keys differently from one process to the next).
 
         ``x`` is float32 or float64 with one shape and dtype in every chunk, ``y`` int64 with one label per
         row (checked; ``name`` says whose chunks in the errors). ``x`` and ``y`` go to sibling files first
@@ -233,12 +234,12 @@ class SafetensorsStream(CertificationStream):
                 raise InvalidInputError(f"{name}: no rows to write; expected at least one")
             dtype, shape = first
             x_bytes = os.path.getsize(parts["x"])
-            header: dict = {"__metadata__": {k: metadata[k] for k in sorted(metadata)}} if metadata else {}
+            header: dict = {} if metadata is None else {"__metadata__": {k: metadata[k] for k in sorted(metadata)}}
             # save_file's layout: tensors sorted by dtype (int64 before float64 and float32), then name
             header["y"] = {"dtype": "I64", "shape": [n], "data_offsets": [0, 8 * n]}
             header["x"] = {"dtype": _SAFETENSORS_CODES[dtype], "shape": [n, *shape],
                            "data_offsets": [8 * n, 8 * n + x_bytes]}
-            text = json.dumps(header, separators=(",", ":")).encode()
+            text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
             text += b" " * (-len(text) % 8)
             with open(parts["all"], "wb") as out:
                 out.write(len(text).to_bytes(8, "little"))
@@ -260,8 +261,9 @@ class SafetensorsStream(CertificationStream):
             st = os.stat(self.path)
         except OSError as exc:
             raise InvalidInputError(f"{self.name}: cannot be read ({exc.strerror or exc})") from None
-        # a file replaced by another (a new inode) is caught even within the clock's resolution
-        return st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev
+        # a file replaced by another (a new inode), or rewritten in place with its modification time put
+        # back (the change time cannot be set), is caught too
+        return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
 
     def _check_file(self) -> None:
         """The file at the path is the one the stream was opened on (see the class docstring)."""
@@ -276,7 +278,7 @@ class SafetensorsStream(CertificationStream):
             self._stat, self._verified = self._identity(), True
         if self._identity() != self._stat:
             raise InvalidInputError(f"{self.name}: the file changed while it was being read (its size, "
-                                    "modification time or inode differ from when it was opened)")
+                                    "modification or change time or inode differ from when it was opened)")
 
     def pin(self, sha256: str) -> SafetensorsStream:
         """Check the file's bytes against ``sha256`` (a registered fingerprint) before the first read: what

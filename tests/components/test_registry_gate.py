@@ -198,6 +198,11 @@ def test_register_rejects_bad_input(registry, base_model, base_lid, data):
         registry.register(base_model, SPEC, lid=None, cert_data=data["cert"], extra_tags={"lid.status": "promoted"})
     with pytest.raises(RegistryError, match="no version"):
         registry.register(base_model, SPEC, lid=None, cert_data=data["cert"], lineage=["7"])
+    with pytest.raises(RegistryError, match=r"task name 't1\\n'"):  # a trailing newline is not part of a name
+        registry.register(base_model, SPEC, lid=None, cert_data={"t1\n": data["cert"]["t1"]})
+    with pytest.raises(RegistryError, match=r"cert_data\['t1'\] must be a pair of tensors \(x, y\) or a "
+                                            "lid_engine.CertificationStream"):
+        registry.register(base_model, SPEC, lid=None, cert_data={"t1": [1, 2, 3]})
     with pytest.raises(FactoryError, match="ModelSpec.factory"):
         ModelSpec("os.system", {})  # not module:function
     assert registry.history() == []

@@ -112,13 +112,13 @@ def test_bad_files_and_rows_are_named(tmp_path):
     df.loc[613, "p7"] = np.nan
     write(df, tmp_path / "cert.parquet", row_group_size=100)
     stream = certification_stream(cfg, MEMORY_MB)  # the header is fine; the bad value is found when its chunk is read
-    with pytest.raises(DataError, match=r"cert\.parquet, rows 600\.\.699 .*feature column 'p7' holds NaN .* at row 13"):
+    with pytest.raises(DataError, match=r"cert\.parquet, rows 600\.\.699: feature column 'p7' holds NaN .* at row 613 "):
         fingerprint_stream(stream)
 
     df = frame(900, 5)
     df.loc[402, "digit"] = -1
     write(df, tmp_path / "cert.parquet", row_group_size=100)
-    with pytest.raises(DataError, match=r"rows 400\.\.499 .*label column 'digit' holds -1 at row 2"):
+    with pytest.raises(DataError, match=r"rows 400\.\.499: label column 'digit' holds -1 at row 402;"):
         list(certification_stream(cfg, MEMORY_MB).labels())
 
     write(frame(900, 5).drop(columns=["digit"]), tmp_path / "cert.parquet")
@@ -199,7 +199,7 @@ def test_memory_mb_streams_the_configured_parquet_file_as_it_loads_whole(big):
 
 @pytest.mark.parametrize("doc, message", [
     ({"data": {"source": "all.parquet", "label": "digit"}}, "the source form splits one file in memory"),
-    ({"data": {"certification": "cert.csv"}}, "cert.csv is not a .parquet file"),
+    ({"data": {"certification": "cert.csv"}}, "cert.csv is not a Parquet file"),
     ({"data": {"group": "site"}}, "data.group selects rows of the certification set in memory"),
     ({"spec": {"tau": 0.5, "recall": [{"class": 1, "tau": 0.5}]}}, "spec.recall selects rows"),
 ])
@@ -271,13 +271,15 @@ def test_a_dataloader_is_read_once_in_batches_and_hashes_as_its_tensors(big):
     (lambda: torch.utils.data.DataLoader(Noisy(100), batch_size=10, shuffle=True),
      "reads through a RandomSampler; a certification set must come in the same order"),
     (lambda: torch.utils.data.DataLoader(Noisy(5000), batch_size=5000),
-     r"batch at row 0 .*: the batch's features take 1.2 MiB, more than certification.memory_mb = 1"),
+     r"team loader, batch 0 \(rows from 0 on\): the batch's features take 1.2 MiB, more than certification.memory_mb = 1"),
     (lambda: torch.utils.data.DataLoader(Noisy(100, bad_at=57), batch_size=25),
-     r"team loader, batch at row 50 \(row numbers below count from 50\): x of the batch holds NaN .* at row 7"),
+     r"team loader, batch 2 \(rows from 50 on\): x of the batch holds NaN .* at row 57"),
     (lambda: torch.utils.data.DataLoader(Noisy(100, label_at=31), batch_size=25),
-     r"batch at row 25 .*: .*9"),
+     r"team loader, batch 1 \(rows from 25 on\): label 9 at row 31 is not one of data.classes"),
     (lambda: torch.utils.data.DataLoader(Noisy(100, features=5), batch_size=25), r"feature|shape"),
     (lambda: [1, 2, 3], "is list; expected a torch.utils.data.DataLoader or Dataset"),
+    (lambda: torch.utils.data.DataLoader(Noisy(6), batch_sampler=[[0, 1], [2, 3], [4, 5]]),
+     "reads through a batch_sampler of type list; a certification set must come in the same order"),
 ])
 def test_a_bad_dataloader_is_refused_by_name(big, tmp_path, make, message):
     from components.streaming import loader_stream

@@ -407,8 +407,9 @@ def test_a_recount_that_raises_is_reported_as_not_recomputed(saved_cnn):
 # ------------------------------------------------------------------ a stream written to one file, or cast
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 700), shape=st.sampled_from([(3,), (2, 5), (1, 4, 4)]), chunk=st.integers(1, 300),
-       dtype=st.sampled_from([torch.float32, torch.float64]), task=st.sampled_from([None, "digits", "t-1.b"]))
-def test_a_stream_written_chunk_by_chunk_is_the_file_save_file_writes(tmp_path_factory, n, shape, chunk, dtype, task):
+       dtype=st.sampled_from([torch.float32, torch.float64]),
+       meta=st.sampled_from([None, {}, {"task": "digits"}, {"task": "t-1.b"}, {"task": "naïve\u2028é"}]))
+def test_a_stream_written_chunk_by_chunk_is_the_file_save_file_writes(tmp_path_factory, n, shape, chunk, dtype, meta):
     from safetensors.torch import save_file
 
     from lid_engine.stream import SafetensorsStream
@@ -416,7 +417,6 @@ def test_a_stream_written_chunk_by_chunk_is_the_file_save_file_writes(tmp_path_f
     tmp = tmp_path_factory.mktemp("write")
     g = torch.Generator().manual_seed(n)
     x, y = torch.randn(n, *shape, generator=g, dtype=dtype), torch.randint(0, 9, (n,), generator=g)
-    meta = None if task is None else {"task": task}
     save_file({"x": x, "y": y}, str(tmp / "whole.safetensors"), metadata=meta)
     stream = SafetensorsStream.write_chunks(TensorStream(x, y, chunk_rows=chunk).chunks(), tmp / "chunks.safetensors",
                                             metadata=meta, chunk_rows=chunk)
@@ -483,6 +483,15 @@ def test_a_safetensors_stream_refuses_a_file_changed_under_it(tmp_path):
         fingerprint_stream(stream)
     with pytest.raises(InvalidInputError, match="not the one being certified"):
         list(pickle.loads(pickle.dumps(copy)).chunks())
+    # rewritten in place at the same size with its modification time put back: the change time differs
+    fresh = SafetensorsStream(tmp_path / "cert.safetensors")
+    st = os.stat(tmp_path / "cert.safetensors")
+    raw = bytearray((tmp_path / "cert.safetensors").read_bytes())
+    raw[-1] ^= 1
+    (tmp_path / "cert.safetensors").write_bytes(bytes(raw))
+    os.utime(tmp_path / "cert.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(InvalidInputError, match="changed while it was being read"):
+        fresh.head(1)
     # a stream pinned to a registered sha256 reads only a file with those bytes
     pinned = SafetensorsStream(tmp_path / "cert.safetensors").pin("0" * 64)
     with pytest.raises(InvalidInputError, match="not the one being certified"):
