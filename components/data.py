@@ -251,12 +251,13 @@ def check_same_features(expected: Sequence[str] | None, data: DataSplits, what: 
                     "selected by name)")
 
 
-def load_splits(config: LidgateConfig) -> DataSplits:
+def load_splits(config: LidgateConfig, scratch: str | Path | None = None) -> DataSplits:
     """Load the task a configuration's ``data`` section names.
 
     With ``certification.memory_mb`` the certification split is a stream (``DataSplits.streamed``): the
     Parquet ``data.certification`` file read by row groups, or the DataLoader a loader returns for it
-    written batch by batch to a temporary safetensors file (``components.streaming``).
+    written batch by batch to a temporary safetensors file (``components.streaming``) in a folder below
+    ``scratch`` (the pipeline passes one under the lidgate home; default: the system's temporary folder).
 
     Args:
         config: a validated configuration (paths already resolved; ``code`` directories are where
@@ -297,7 +298,7 @@ def load_splits(config: LidgateConfig) -> DataSplits:
         provenance = {"form": "source", "source": record, "split": split_record}
     else:
         assert d.loader is not None
-        splits, provenance, groups = _from_loader(config)
+        splits, provenance, groups = _from_loader(config, scratch)
     provenance["shape"] = list(d.shape) if d.shape else None
     return _assemble(d, splits, provenance, groups)
 
@@ -916,7 +917,7 @@ def _assignment_sha256(idx: Mapping[str, np.ndarray], n: int) -> str:
 
 
 # ------------------------------------------------------------------------------ loaders
-def _from_loader(config: LidgateConfig
+def _from_loader(config: LidgateConfig, scratch: str | Path | None = None
                  ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, Any], dict[str, np.ndarray] | None]:
     from components.factory import resolve
 
@@ -962,7 +963,7 @@ def _from_loader(config: LidgateConfig
                             f"exactly {_listing(list(SPLIT_NAMES))}, or 'x' and 'y' (with optional 'group' and "
                             "'features')")
         splits = {name: _pair(result[name], where, f"split '{name}'") for name in SPLIT_NAMES[:2]}
-        splits["certification"] = _certification_split(result["certification"], config, where)
+        splits["certification"] = _certification_split(result["certification"], config, where, scratch)
         if d.classes is not None:
             for name, part in splits.items():
                 if not _is_stream(part):  # a stream's rows were checked as they were read
@@ -992,7 +993,7 @@ def _from_loader(config: LidgateConfig
     return splits, provenance, groups
 
 
-def _certification_split(value: Any, config: LidgateConfig, where: str) -> Any:
+def _certification_split(value: Any, config: LidgateConfig, where: str, scratch: str | Path | None) -> Any:
     """A loader's certification split: ``(x, y)`` arrays, or a DataLoader / Dataset — streamed into a file
     with ``certification.memory_mb``, else read whole."""
     if not isinstance(value, (torch.utils.data.DataLoader, torch.utils.data.Dataset)):
@@ -1000,7 +1001,7 @@ def _certification_split(value: Any, config: LidgateConfig, where: str) -> Any:
     from components.streaming import loader_stream  # (it imports this module)
 
     what = f"{where} (split 'certification')"
-    stream = loader_stream(value, config.data, what, config.certification.memory_mb)
+    stream = loader_stream(value, config.data, what, config.certification.memory_mb, directory=scratch)
     if config.certification.memory_mb is not None:
         return stream
     x, y = stream.head(stream.n)  # not streamed: read whole, as arrays from a loader are

@@ -39,6 +39,7 @@ from components.data import (
     feature_names,
 )
 from lid_engine.files import file_sha256
+from components.owner import owner_tag
 from lid_engine.errors import InvalidInputError
 from lid_engine.stream import CertificationStream, SafetensorsStream
 
@@ -214,8 +215,9 @@ def loader_stream(loader: Any, data_cfg: DataSection, where: str, memory_mb: int
     Dataset is read in batches of 256 items. A loader that shuffles is refused: the certify flow reads
     the data again and must find the same fingerprint.
 
-    The file lives in a temporary folder (``directory``: below it; default: the system's, ``TMPDIR``)
-    removed when the stream is garbage-collected.
+    The file lives in a temporary folder (below ``directory``, created if need be; default: the
+    system's, ``TMPDIR``) removed when the stream is garbage-collected; the folder's ``owner.json``
+    names this process, so a recovery can remove what a process that died left behind.
 
     Raises:
         DataError: the loader shuffles, raises while reading, or gives a batch that fails a check (named
@@ -233,8 +235,11 @@ def loader_stream(loader: Any, data_cfg: DataSection, where: str, memory_mb: int
             f"a batch_sampler of type {type(loader.batch_sampler).__name__}"
         raise DataError(f"{where}: the DataLoader reads through {how}; a certification set must come in the same "
                         "order on every reading (shuffle=False, no sampler or batch_sampler)")
+    if directory is not None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
     folder = tempfile.mkdtemp(prefix="lidgate-certification-", dir=directory)
     try:
+        (Path(folder) / "owner.json").write_text(owner_tag())
         stream = SafetensorsStream.write_chunks(_checked_batches(loader, data_cfg, where, memory_mb),
                                                 Path(folder) / "certification.safetensors", name=where)
     except InvalidInputError as exc:

@@ -40,6 +40,11 @@ class Settings:
         return self.home / "staging"
 
     @property
+    def streams_dir(self) -> Path:
+        """Files a streamed certification DataLoader is read into (one folder per reading process)."""
+        return self.home / "streams"
+
+    @property
     def lookahead_dir(self) -> Path:
         """The lookahead buffer of upcoming data for this model (biases the next LID)."""
         return self.home / "lookahead" / self.model_name

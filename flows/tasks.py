@@ -338,27 +338,35 @@ def _finish_export(config: LidgateConfig, registry) -> list[dict]:
 
 
 def _clean_staging(settings: Settings) -> list[dict]:
-    """Remove candidate folders left in the staging area by runs that ended without cleaning up."""
+    """Remove candidate folders left in the staging area, and folders a streamed DataLoader was read into
+    (``streams_dir``), by runs that ended without cleaning up: their owner process is gone from this
+    host, or (another host's, or unreadable) they are older than a day (a week for streams)."""
     import shutil
 
     from components.owner import owner_alive
     from flows.certify import CANDIDATE_FILE
 
-    removed = []
-    for folder in sorted(settings.staging.glob("*")) if settings.staging.is_dir() else []:
-        try:
-            owner = json.loads((folder / CANDIDATE_FILE).read_text(encoding="utf-8")).get("owner")
-            alive = owner_alive(json.loads(owner) if isinstance(owner, str) else None)
-        except (OSError, ValueError, AttributeError):
-            alive = None
-        age_s = time.time() - folder.stat().st_mtime
-        if alive is False or (alive is None and age_s > 86400):
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder.name)
-    if not removed:
-        return []
-    return [{"kind": "staging_cleaned", "version": None, "at": utc_now(),
-             "detail": f"removed {len(removed)} candidate folder(s) left by ended runs: {', '.join(removed[:5])}"}]
+    def owner(folder: Path, streams: bool):
+        doc = json.loads((folder / ("owner.json" if streams else CANDIDATE_FILE)).read_text(encoding="utf-8"))
+        return doc if streams else (json.loads(doc["owner"]) if isinstance(doc.get("owner"), str) else None)
+
+    out = []
+    for kind, root, limit_s, what in (("staging_cleaned", settings.staging, 86400, "candidate folder(s)"),
+                                      ("streams_cleaned", settings.streams_dir, 7 * 86400, "streamed data folder(s)")):
+        removed = []
+        for folder in sorted(root.glob("*")) if root.is_dir() else []:
+            try:
+                alive = owner_alive(owner(folder, kind == "streams_cleaned"))
+            except (OSError, ValueError, AttributeError, KeyError, TypeError):
+                alive = None
+            age_s = time.time() - folder.stat().st_mtime
+            if alive is False or (alive is None and age_s > limit_s):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder.name)
+        if removed:
+            out.append({"kind": kind, "version": None, "at": utc_now(),
+                        "detail": f"removed {len(removed)} {what} left by ended runs: {', '.join(removed[:5])}"})
+    return out
 
 
 @task(name="load data", **STEP)
@@ -378,7 +386,8 @@ def load_data(config: LidgateConfig, paths: Sequence[str | Path] = (), task_name
     if paths:
         data = load_update(config, list(paths), task_name)
     else:
-        data = load_splits(config)
+        # a streamed DataLoader's rows go to a file under the home (a shared volume beyond one machine)
+        data = load_splits(config, scratch=settings_for(config).streams_dir)
         if task_name is not None:
             data.task = task_name
     return data.to_dtype(dtype) if dtype is not None else data

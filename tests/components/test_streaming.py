@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
 
 import numpy as np
@@ -256,8 +258,9 @@ def test_a_dataloader_is_read_once_in_batches_and_hashes_as_its_tensors(big):
     assert fingerprint_stream(stream) == fingerprint_data(x, y)
     net, box = model(), le.Box.around(model(), 0.002)
     assert count_certified(net, box, stream, batch_size=1024) == count_certified(net, box, (x, y), batch_size=1024)
-    # a Dataset is batched by lidgate; the temporary file goes with the stream
+    # a Dataset is batched by lidgate; the temporary file goes with the stream, and names its owner
     folder = __import__("pathlib").Path(stream.path).parent
+    assert json.loads((folder / "owner.json").read_text())["pid"] == os.getpid()
     again = loader_stream(ds, cfg.data, "team dataset")
     assert fingerprint_stream(again) == fingerprint_data(x, y)
     del stream
