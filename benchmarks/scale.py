@@ -3,6 +3,7 @@ and the memory peak of each (``python -m benchmarks.scale``; ``--quick`` for a s
 
     python -m benchmarks.scale                  # ~10–15 min on 2 shared cores → results/scale.{md,json,*.png}
     python -m benchmarks.scale --quick --out D  # tiny sizes (a smoke test), written to D
+    python -m benchmarks.scale --part pipeline  # one part only, merged into the scale.json already in --out
 
 Every measurement ("cell") runs in a fresh subprocess (``python -m benchmarks.scale cell JSON``), so its
 peak resident set (``ru_maxrss``) is its own and not the maximum of everything measured before it.
@@ -21,6 +22,19 @@ model on paper for more workers: ``T(W) ≈ T_start(W) + o·S + T_count(1)/W`` (
 **Search** times ``compute_lid`` (20 iterations, one checkpoint) on MLPs 784-h-10 of 805 … 2·10⁶
 parameters and search batch sizes 64 … 1024; seconds per iteration are (T(22 it.) − T(2 it.)) / 20, so
 the set-up and the checkpoint's certification are not in them.
+
+**The pipeline with a streamed certification set** (part ``pipeline``) runs what a configuration file
+asks for (``components.config.load_config``): ``load_splits`` → ``flows.tasks.validate_data.fn`` →
+``DataSplits.fingerprint()`` → ``count_certified`` on the 784-100-10 MLP, with ``certification.memory_mb``
+(streamed) and without it (loaded whole), for two sources of N synthetic MNIST-sized rows: a Parquet
+``data.certification`` file (row groups of 4,096 rows) and a team's ``data.loader`` whose certification
+split is a ``DataLoader`` (batch 1,024) over a map-style Dataset computing each row when asked. The files
+are written by a separate subprocess; a cell that loads a set whole is skipped where its peak, scaled
+from the same source's next smaller size, would pass ``pipeline_whole_gib``, and every pipeline cell is
+killed if its process passes a cap (so a mistake cannot exhaust the shared machine's memory).
+
+``--part`` (repeatable: certify, compare, search, pipeline) measures only those parts and replaces their
+cells in the ``scale.json`` already in ``--out``; the report says which code and load each part saw.
 
 One Prefect test-harness server is started for the whole run and shared by every cell (its URL in
 ``PREFECT_API_URL``): without one, every Dask process worker would start its own temporary server.
@@ -67,6 +81,8 @@ FULL = {
     "batches": [64, 256, 1024],
     "batch_hidden": [126, 1258],
     "compare_rows": 100_000,
+    "pipeline_rows": [10_000, 100_000, 1_000_000],
+    "pipeline_whole_gib": 6.0,
 }
 QUICK = {
     "rows": [4_096],
@@ -76,7 +92,15 @@ QUICK = {
     "batches": [64],
     "batch_hidden": [13],
     "compare_rows": None,
+    "pipeline_rows": [3_000],
+    "pipeline_whole_gib": 6.0,
 }
+PARTS = ("certify", "compare", "search", "pipeline")
+PIPE_MEMORY_MB = 64  # certification.memory_mb of the streamed cells
+PIPE_GROUP = 4096  # rows per Parquet row group
+PIPE_LOADER_BATCH = 1024  # the team's DataLoader batch_size
+PIPE_SMALL = 1024  # rows of the train and search splits
+PIPE_POOL = 4096  # distinct base rows; row i is base row i % PIPE_POOL shifted by a per-block offset (mod 1)
 
 
 _POOLS: dict[int, list[tuple[Tensor, Tensor]]] = {}
