@@ -184,7 +184,8 @@ def cell(spec: dict) -> dict:
     out = {"torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)")}
     with TreePeak() as tree:
         out.update({"idle": idle_cell, "count": count_cell, "sharded": sharded_cell, "probe": probe_cell,
-                    "search": search_cell}[spec["kind"]](spec))
+                    "search": search_cell, "pipeline": pipeline_cell,
+                    "pipeline-write": pipeline_write_cell}[spec["kind"]](spec))
     out["peak_mib"] = peak_mib()
     out["tree_peak_mib"] = tree.peak / 2**20
     return out
@@ -329,6 +330,190 @@ def search_cell(spec: dict) -> dict:
     lo, hi = SEARCH_ITERS
     r["per_iter_s"] = (r[f"t{hi}_s"] - r[f"t{lo}_s"]) / (hi - lo)
     return r
+
+
+# ------------------------------------------------------------------- the pipeline with a streamed set
+_PIPE_POOLS: dict[int, tuple] = {}
+
+
+def pipeline_rows(idx, salt: int = 0):
+    """Rows ``idx`` (an int64 array) of the synthetic MNIST-sized set ``salt`` (0: certification, 1: train,
+    2: search): float32 features in [0, 1] and labels 0..9, the same values whichever rows are asked for
+    together (the Parquet writer asks for a row group, the Dataset for one row)."""
+    import numpy as np
+
+    if salt not in _PIPE_POOLS:
+        rng = np.random.default_rng(100 + salt)
+        _PIPE_POOLS[salt] = (rng.random((PIPE_POOL, FEATURES), dtype=np.float32), rng.integers(0, 10, PIPE_POOL))
+    px, py = _PIPE_POOLS[salt]
+    idx = np.asarray(idx, dtype=np.int64)
+    block = idx // PIPE_POOL
+    shift = ((block * 0.6180339887498949) % 1.0).astype(np.float32)
+    x = np.mod(px[idx % PIPE_POOL] + shift[:, None], np.float32(1.0))
+    y = (py[idx % PIPE_POOL] + block) % 10
+    return x, y.astype(np.int64)
+
+
+class PipelineRows(torch.utils.data.Dataset):
+    """The certification rows of ``pipeline_rows``, each computed when it is read (a map-style Dataset)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        import numpy as np
+
+        x, y = pipeline_rows(np.array([i]))
+        return torch.from_numpy(x[0]), int(y[0])
+
+
+def pipeline_loader(rows: int) -> dict:
+    """A team's ``data.loader``: small train and search arrays, the certification split as a DataLoader."""
+    import numpy as np
+
+    small = np.arange(PIPE_SMALL)
+    return {"train": pipeline_rows(small, 1), "search": pipeline_rows(small, 2),
+            "certification": torch.utils.data.DataLoader(PipelineRows(rows), batch_size=PIPE_LOADER_BATCH,
+                                                         shuffle=False)}
+
+
+def pipeline_model():
+    """The configuration's model factory (the cells build the same MLP themselves)."""
+    return mlp(HIDDEN)
+
+
+def _parquet(path: Path, n: int, salt: int) -> None:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = [f"px{j}" for j in range(FEATURES)]
+    schema = pa.schema([*(pa.field(c, pa.float32()) for c in names), pa.field("label", pa.int64())])
+    with pq.ParquetWriter(path, schema) as w:
+        for a in range(0, n, PIPE_GROUP):
+            x, y = pipeline_rows(np.arange(a, min(n, a + PIPE_GROUP)), salt)
+            cols = np.ascontiguousarray(x.T)
+            w.write_table(pa.Table.from_arrays([*cols, y], schema=schema), row_group_size=PIPE_GROUP)
+
+
+def pipeline_write_cell(spec: dict) -> dict:
+    """Write the Parquet files of one size (train, search: PIPE_SMALL rows; certification: N rows)."""
+    work = Path(spec["dir"])
+    t = time.perf_counter()
+    for name, n, salt in (("train", PIPE_SMALL, 1), ("search", PIPE_SMALL, 2), ("certification", spec["rows"], 0)):
+        _parquet(work / f"{name}.parquet", n, salt)
+    return {"write_s": time.perf_counter() - t, "file_mib": (work / "certification.parquet").stat().st_size / 2**20}
+
+
+def pipeline_config(spec: dict) -> Path:
+    """The configuration file of a pipeline cell (written beside its data)."""
+    import yaml
+
+    work = Path(spec["dir"])
+    data = {"task": "synthetic-mnist", "classes": list(range(10)), "value_range": [0.0, 1.0]}
+    if spec["source"] == "parquet":
+        data.update(train="train.parquet", search="search.parquet", certification="certification.parquet",
+                    label="label")
+    else:
+        data["loader"] = {"function": "benchmarks.scale:pipeline_loader", "kwargs": {"rows": spec["rows"]}}
+    doc = {"version": 1, "name": "scale-pipeline", "code": [str(ROOT)],
+           "model": {"factory": "benchmarks.scale:pipeline_model"}, "data": data,
+           "spec": {"tau": 0.5, "confidence": 0.95},
+           "certification": {"batch_size": BATCH, **({"memory_mb": spec["memory_mb"]} if spec["memory_mb"] else {})}}
+    path = work / f"{spec['source']}-{'streamed' if spec['memory_mb'] else 'whole'}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+class PhasePeak:
+    """Resident memory of this process per phase, sampled every ``every`` seconds from /proc/self/status:
+    the largest VmRSS, RssAnon (heap, tensors) and RssFile (pages of mapped files) seen in the phase."""
+
+    FIELDS = ("VmRSS", "RssAnon", "RssFile")
+
+    def __init__(self, every: float = 0.02) -> None:
+        import threading
+
+        self.every, self.stop = every, threading.Event()
+        self.lock = threading.Lock()
+        self.peak = dict.fromkeys(self.FIELDS, 0)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def read(self) -> dict[str, int]:
+        out = {}
+        with open("/proc/self/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in self.FIELDS:
+                    out[k] = int(v.split()[0]) * 1024
+        return out
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.sample()
+            self.stop.wait(self.every)
+
+    def sample(self) -> None:
+        now = self.read()
+        with self.lock:
+            for k in self.FIELDS:
+                self.peak[k] = max(self.peak[k], now.get(k, 0))
+
+    def take(self) -> dict[str, float]:
+        """The peaks since the last ``take`` (MiB), and start afresh."""
+        self.sample()
+        with self.lock:
+            out, self.peak = {k: v / 2**20 for k, v in self.peak.items()}, dict.fromkeys(self.FIELDS, 0)
+        return out
+
+    def __enter__(self) -> PhasePeak:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def pipeline_cell(spec: dict) -> dict:
+    """load_splits → validate_data → fingerprint → count_certified, as the pipeline runs them, timed and
+    with the memory of each phase; the set streamed (``memory_mb``) or loaded whole."""
+    import great_expectations  # noqa: F401  (imported before the phases: its import is not the data's cost)
+
+    import lid_engine as le
+    from components.config import load_config
+    from components.data import load_splits
+    from flows.tasks import validate_data
+
+    config = load_config(pipeline_config(spec))
+    model = mlp(HIDDEN).eval()
+    box = le.Box.around(model, radius=RADIUS)
+    le.count_certified(model, box, SyntheticStream(BATCH), batch_size=BATCH)  # warm-up: first kernels, allocator
+    scratch = Path(spec["dir"]) / f"scratch-{spec['source']}-{'streamed' if spec['memory_mb'] else 'whole'}"
+    out: dict = {"baseline_mib": peak_mib(), "phases": {}}
+    with PhasePeak() as pp:
+        pp.take()
+        out["baseline_now_mib"] = pp.read()["VmRSS"] / 2**20
+
+        def phase(name: str, fn):
+            t = time.perf_counter()
+            r = fn()
+            out[f"{name}_s"] = time.perf_counter() - t
+            out["phases"][name] = {**pp.take(), "maxrss_mib": peak_mib()}
+            return r
+
+        data = phase("load", lambda: load_splits(config, scratch=scratch))
+        validation = phase("validate", lambda: validate_data.fn(config, data))
+        fp = phase("fingerprint", data.fingerprint)
+        c = phase("count", lambda: le.count_certified(model, box, data.certification, batch_size=BATCH))
+    out.update(streamed=data.streamed, validation_passed=validation.passed, fingerprint=fp, counts=_counts(c),
+               cert_rows=len(data.certification) if data.streamed else len(data.certification[1]))
+    if not validation.passed:
+        out["validation"] = validation.reports
+    return out
 
 
 # ----------------------------------------------------------------------------------------- the driver

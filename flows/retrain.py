@@ -34,7 +34,7 @@ from flows.settings import settings_for
 if TYPE_CHECKING:
     from components.config import LidgateConfig
     from components.data import DataSplits
-    from flows.tasks import Candidate, Champion
+    from flows.tasks import Champion
 
 ACTIONS = ("bootstrap", "retrain", "submit")
 
