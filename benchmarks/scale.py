@@ -496,7 +496,7 @@ def pipeline_cell(spec: dict) -> dict:
     out: dict = {"baseline_mib": peak_mib(), "phases": {}}
     with PhasePeak() as pp:
         pp.take()
-        out["baseline_now_mib"] = pp.read()["VmRSS"] / 2**20
+        out["baseline_now"] = {k: v / 2**20 for k, v in pp.read().items()}
 
         def phase(name: str, fn):
             t = time.perf_counter()
@@ -517,7 +517,26 @@ def pipeline_cell(spec: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- the driver
-def run_cell(spec: dict, env: dict) -> dict:
+def _tree_rss(pid: int) -> int:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def run_cell(spec: dict, env: dict, cap_mib: float | None = None) -> dict:
+    """Run one cell in a fresh process; with ``cap_mib``, kill it (and fail) if its process tree's resident
+    memory passes that many MiB (checked every 0.2 s)."""
     # through sh, which forks the cell: a process exec'd straight from this one would inherit this process's
     # (torch + prefect) peak as the floor of its own ru_maxrss
     cmd = ["sh", "-c", '"$@"; exit $?', "sh", sys.executable, "-m", "benchmarks.scale", "cell", json.dumps(spec)]
@@ -525,18 +544,48 @@ def run_cell(spec: dict, env: dict) -> dict:
     if spec.get("omp") == "default":
         cell_env.pop("OMP_WAIT_POLICY", None)
     t = time.perf_counter()
-    p = subprocess.run(cmd, cwd=ROOT, env=cell_env, capture_output=True, text=True, timeout=1800)
-    wall = time.perf_counter() - t
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-    if p.returncode or not lines:
-        raise RuntimeError(f"benchmarks.scale: cell {spec} failed (exit {p.returncode}):\n{p.stdout[-3000:]}\n"
-                           f"{p.stderr[-5000:]}")
+    with tempfile.TemporaryFile("w+") as fout, tempfile.TemporaryFile("w+") as ferr:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=cell_env, stdout=fout, stderr=ferr, text=True)
+        killed = None
+        while proc.poll() is None:
+            if time.perf_counter() - t > 1800:
+                killed = "ran past 1800 s"
+            elif cap_mib is not None and (rss := _tree_rss(proc.pid) / 2**20) > cap_mib:
+                killed = f"its resident memory passed the cap of {cap_mib:,.0f} MiB ({rss:,.0f} MiB)"
+            if killed:
+                import psutil
+
+                for c in psutil.Process(proc.pid).children(recursive=True):
+                    c.kill()
+                proc.kill()
+                proc.wait()
+                break
+            time.sleep(0.2)
+        wall = time.perf_counter() - t
+        fout.seek(0), ferr.seek(0)
+        stdout, stderr = fout.read(), ferr.read()
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+    if killed:
+        raise CellKilled(f"benchmarks.scale: cell {spec} was killed: {killed}")
+    if proc.returncode or not lines:
+        raise RuntimeError(f"benchmarks.scale: cell {spec} failed (exit {proc.returncode}):\n{stdout[-3000:]}\n"
+                           f"{stderr[-5000:]}")
     out = {**spec, **json.loads(lines[-1][len("RESULT "):]), "process_s": wall}
+    out.pop("dir", None)
     print(f"  {label(out)}: {brief(out)}", flush=True)
     return out
 
 
+class CellKilled(RuntimeError):
+    """A cell stopped by ``run_cell`` for its memory or time."""
+
+
 def label(c: dict) -> str:
+    if c["kind"] == "pipeline":
+        return (f"pipeline {c['source']} {c['rows']:,} rows, "
+                + (f"streamed (memory_mb {c['memory_mb']})" if c["memory_mb"] else "whole"))
+    if c["kind"] == "pipeline-write":
+        return f"write Parquet files, {c['rows']:,} certification rows"
     if c["kind"] in ("count", "sharded"):
         where = "in process" if c["kind"] == "count" else f"{c['mode']} ×{c['workers']}"
         extra = f" {c['data']}" if c.get("data") else ""
@@ -550,6 +599,11 @@ def label(c: dict) -> str:
 
 
 def brief(c: dict) -> str:
+    if c["kind"] == "pipeline":
+        return (f"load {c['load_s']:.2f} s, validate {c['validate_s']:.2f} s, fingerprint {c['fingerprint_s']:.2f} s, "
+                f"count {c['count_s']:.2f} s, peak {c['peak_mib']:,.0f} MiB")
+    if "write_s" in c:
+        return f"{c['write_s']:.1f} s, {c['file_mib']:,.0f} MiB"
     if "count_s" in c:
         return f"count {c['count_s']:.2f} s ({c['rows'] / c['count_s']:,.0f} rows/s), peak {c['peak_mib']:.0f} MiB"
     if "per_shard_s" in c:
@@ -559,7 +613,19 @@ def brief(c: dict) -> str:
     return f"peak {c['peak_mib']:.0f} MiB"
 
 
-def plan(sizes: dict) -> list[dict]:
+def part_of(c: dict) -> str:
+    """Which part (``--part``) a cell belongs to."""
+    if c["kind"].startswith("pipeline"):
+        return "pipeline"
+    if c["kind"] == "search":
+        return "search"
+    if c["kind"] in ("count", "sharded") and (c.get("data") or c.get("omp")):
+        return "compare"
+    return "certify"  # the row/worker grid, the probes and the idle baselines
+
+
+def plan(sizes: dict, parts: tuple[str, ...] = PARTS) -> list[dict]:
+    """The cells of ``parts`` (the pipeline's are planned as they run: see ``pipeline_cells``)."""
     cells: list[dict] = [{"kind": "idle"}, {"kind": "idle", "prefect": True}]
     for n in sizes["rows"]:
         cells += [{"kind": "count", "rows": n, "torch_threads": t} for t in (1, 2)]
@@ -575,6 +641,68 @@ def plan(sizes: dict) -> list[dict]:
     cells += [{"kind": "search", "hidden": h, "batch": sizes["search_batch"]} for h in sizes["hidden"]]
     cells += [{"kind": "search", "hidden": h, "batch": b} for h in sizes["batch_hidden"] for b in sizes["batches"]
               if b != sizes["search_batch"]]
+    return [c for c in cells if part_of(c) in parts]
+
+
+def mem_available_mib() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def pipeline_cells(sizes: dict, env: dict) -> list[dict]:
+    """Part 3: per size, the Parquet files written by one subprocess, then for each source the set streamed
+    and loaded whole, each cell in its own process. A whole cell is skipped where its peak, scaled from the
+    same source's next smaller whole cell, would pass ``pipeline_whole_gib`` or half the memory available;
+    a streamed cell where the growth of its peak between the two smaller sizes, carried on, would pass half
+    the memory available. Every cell is killed at min(whole limit + 2 GiB, 70 % of the memory available)."""
+    import shutil
+
+    limit_mib = sizes["pipeline_whole_gib"] * 1024
+    cells: list[dict] = []
+    seen: dict[tuple[str, bool], list[tuple[int, float]]] = {}
+    for n in sorted(sizes["pipeline_rows"]):
+        work = Path(tempfile.mkdtemp(prefix=f"lidgate-scale-pipeline-{n}-"))
+        try:
+            cells.append(run_cell({"kind": "pipeline-write", "rows": n, "dir": str(work)}, env))
+            for source in ("parquet", "loader"):
+                for streamed in (True, False):
+                    spec = {"kind": "pipeline", "source": source, "rows": n,
+                            "memory_mb": PIPE_MEMORY_MB if streamed else None}
+                    avail = mem_available_mib()
+                    before = seen.get((source, streamed), [])
+                    predicted = None
+                    if before and not streamed:
+                        m, peak = before[-1]
+                        predicted = peak * n / m
+                    elif len(before) >= 2 and streamed:
+                        (m1, p1), (m2, p2) = before[-2:]
+                        predicted = p2 + max(0.0, p2 - p1) * (n - m2) / (m2 - m1)
+                    why = None
+                    if predicted is not None and not streamed and predicted > limit_mib:
+                        why = (f"its peak, scaled from {before[-1][0]:,} rows, would be about {predicted:,.0f} MiB, "
+                               f"above the {limit_mib:,.0f} MiB this benchmark allows a whole set")
+                    elif predicted is not None and predicted > avail / 2:
+                        why = (f"its peak would be about {predicted:,.0f} MiB, above half the {avail:,.0f} MiB "
+                               "available")
+                    if why:
+                        cells.append({**spec, "skipped": why, "predicted_mib": predicted, "available_mib": avail})
+                        print(f"  {label(spec)}: skipped ({why})", flush=True)
+                        continue
+                    cap = min(limit_mib + 2048, 0.7 * avail)
+                    try:
+                        c = run_cell({**spec, "dir": str(work)}, env, cap_mib=cap)
+                    except CellKilled as exc:
+                        cells.append({**spec, "skipped": str(exc).split(": ", 1)[-1], "available_mib": avail})
+                        print(f"  {label(spec)}: {exc}", flush=True)
+                        continue
+                    c["available_mib"] = avail
+                    cells.append(c)
+                    seen.setdefault((source, streamed), []).append((n, c["peak_mib"]))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     return cells
 
 
@@ -603,38 +731,80 @@ def environment(home: str) -> dict:
     return env
 
 
-def measure(quick: bool) -> dict:
+def measure(quick: bool, parts: tuple[str, ...] = PARTS) -> dict:
     sizes = QUICK if quick else FULL
-    doc = {"quick": quick, "machine": machine("start"), "sizes": sizes}
+    doc = {"quick": quick, "machine": machine("start"), "sizes": sizes, "cells": []}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lidgate-scale-") as home:
         env = environment(home)
         os.environ["PREFECT_HOME"] = home  # the harness below reads it in this process
         os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-        import prefect.settings
-        from prefect.testing.utilities import prefect_test_harness
+        cells = plan(sizes, parts)
+        if cells:  # the sharded cells need a Prefect API; the pipeline's run its steps' functions directly
+            import prefect.settings
+            from prefect.testing.utilities import prefect_test_harness
 
-        t = time.perf_counter()
-        with prefect_test_harness(server_startup_timeout=90):
-            doc["server_start_s"] = time.perf_counter() - t
-            env["PREFECT_API_URL"] = prefect.settings.PREFECT_API_URL.value()
-            print(f"Prefect test-harness server at {env['PREFECT_API_URL']} ({doc['server_start_s']:.1f} s)", flush=True)
-            doc["cells"] = [run_cell(spec, env) for spec in plan(sizes)]
+            t = time.perf_counter()
+            with prefect_test_harness(server_startup_timeout=90):
+                doc["server_start_s"] = time.perf_counter() - t
+                env["PREFECT_API_URL"] = prefect.settings.PREFECT_API_URL.value()
+                print(f"Prefect test-harness server at {env['PREFECT_API_URL']} ({doc['server_start_s']:.1f} s)",
+                      flush=True)
+                doc["cells"] = [run_cell(spec, env) for spec in cells]
+        if "pipeline" in parts:
+            doc["cells"] += pipeline_cells(sizes, env)
     doc["wall_s"] = time.perf_counter() - t0
     doc["machine"].update(machine("end"))
+    doc["runs"] = [{"parts": list(parts), "machine": doc["machine"], "wall_s": doc["wall_s"]}]
+    for c in doc["cells"]:
+        c["run"] = 0
+    return finish(doc)
+
+
+def finish(doc: dict) -> dict:
+    """The figures computed from the cells (after a measurement, a merge, or reading the JSON)."""
     doc["equal_counts"] = equal_counts(doc["cells"])
-    doc["model"] = paper_model(doc["cells"], sizes)
+    doc["pipeline_equal"] = pipeline_equal(doc["cells"])
+    parts = {part_of(c) for c in doc["cells"]}
+    doc["model"] = paper_model(doc["cells"], doc["sizes"]) if "certify" in parts else None
     return doc
+
+
+def merge(old: dict, new: dict) -> dict:
+    """``old`` with the parts ``new`` measured replaced by ``new``'s cells; each cell keeps the index of
+    the run (``doc["runs"]``: its parts, machine, load and code) that measured it."""
+    if old["quick"] != new["quick"]:
+        raise SystemExit("benchmarks.scale: --part merges into a scale.json of the same mode (--quick or not)")
+    runs = old.get("runs") or [{"parts": sorted({part_of(c) for c in old["cells"]}, key=PARTS.index),
+                                "machine": old["machine"], "wall_s": old["wall_s"]}]
+    run = new["runs"][0]
+    index = len(runs)
+    parts = set(run["parts"])
+    cells = [{**c, "run": c.get("run", 0)} for c in old["cells"] if part_of(c) not in parts]
+    cells += [{**c, "run": index} for c in new["cells"]]
+    cells.sort(key=lambda c: PARTS.index(part_of(c)))  # (stable: each part keeps its order)
+    doc = {**old, "cells": cells, "runs": [*runs, run], "sizes": {**old["sizes"], **new["sizes"]}}
+    return finish(doc)
 
 
 def equal_counts(cells: list[dict]) -> dict[str, bool]:
     """Per row count: every way of counting gave the same counts (class by class)."""
     by_rows: dict[int, list[dict]] = {}
     for c in cells:
-        if "counts" in c:
+        if "counts" in c and c["kind"] in ("count", "sharded"):
             by_rows.setdefault(c["rows"], []).append(c["counts"])
     return {str(n): all(x == cs[0] for x in cs) for n, cs in sorted(by_rows.items())}
+
+
+def pipeline_equal(cells: list[dict]) -> dict[str, bool]:
+    """Per size: the pipeline's cells (both sources, streamed and whole) hold the same rows, so they must
+    give the same counts and the same data fingerprint."""
+    by_rows: dict[int, list[tuple]] = {}
+    for c in cells:
+        if c["kind"] == "pipeline" and "counts" in c:
+            by_rows.setdefault(c["rows"], []).append((c["counts"], c["fingerprint"], c["cert_rows"]))
+    return {str(n): all(x == cs[0] for x in cs) and cs[0][2] == n for n, cs in sorted(by_rows.items())}
 
 
 def _find(cells, **kw) -> dict | None:
@@ -680,7 +850,8 @@ def report(doc: dict, out: Path) -> None:
     idle = _find(cells, kind="idle", prefect=None)
     idle_p = _find(cells, kind="idle", prefect=True)
     lines = [
-        "# How cost grows: certification against rows and workers, search against parameters",
+        "# How cost grows: certification against rows and workers, search against parameters, the pipeline with "
+        "a streamed certification set",
         "",
         f"Measured by `python -m benchmarks.scale{' --quick' if doc['quick'] else ''}` "
         f"(code at {m['commit'][:10]}{' + local changes' if m['dirty'] else ''}), {m['date']}, "
@@ -700,6 +871,7 @@ def report(doc: dict, out: Path) -> None:
         f"- one Prefect test-harness server for the whole run (started in {doc['server_start_s']:.1f} s, not "
         "counted in any cell)",
         "- **CUDA: not measured** (no GPU was lent to this task); every number is CPU",
+        *later_runs(doc),
         "",
         "## 1. Certification against rows and workers",
         "",
@@ -784,7 +956,133 @@ def report(doc: dict, out: Path) -> None:
                      f"{mib(c['peak_mib'] - idle['peak_mib'])} |")
     lines += ["", *search_reading(cells, doc["sizes"]),
               "", "![search time against parameters](scale_params.png)", ""]
+    lines += pipeline_section(doc)
     (out / "scale.md").write_text("\n".join(lines) + "\n")
+
+
+def run_of(doc: dict, c: dict) -> dict:
+    """The machine record (code, load, date) of the run that measured cell ``c``."""
+    runs = doc.get("runs") or [{"machine": doc["machine"]}]
+    return runs[c.get("run", 0)]["machine"]
+
+
+def later_runs(doc: dict) -> list[str]:
+    """Header lines for the parts measured again after the first run (``--part``)."""
+    out = []
+    for r in (doc.get("runs") or [])[1:]:
+        m = r["machine"]
+        out.append(f"- **remeasured later**, part{'s' if len(r['parts']) > 1 else ''} {', '.join(r['parts'])}: "
+                   f"`python -m benchmarks.scale{' --quick' if doc['quick'] else ''} "
+                   + " ".join(f"--part {p}" for p in r["parts"])
+                   + f"` (code at {m['commit'][:10]}{' + local changes' if m['dirty'] else ''}), {m['date']}, "
+                   f"{r['wall_s'] / 60:.1f} min; load at start `{m['start_uptime']}`, at end `{m['end_uptime']}`")
+    return out
+
+
+def pipeline_section(doc: dict) -> list[str]:
+    cells = [c for c in doc["cells"] if c["kind"] == "pipeline"]
+    writes = {c["rows"]: c for c in doc["cells"] if c["kind"] == "pipeline-write"}
+    if not cells:
+        return []
+    m = run_of(doc, cells[0])
+    lines = ["## 3. The pipeline with a streamed certification set", "",
+             f"Measured at code {m['commit'][:10]}{' + local changes' if m['dirty'] else ''}, {m['date']}; load at "
+             f"start `{m['start_uptime']}`, at end `{m['end_uptime']}`.", "",
+             "A configuration file (parsed by `components.config.load_config`) names N synthetic MNIST-sized rows "
+             f"(784 float32 features in [0, 1], labels 0..9; train and search {PIPE_SMALL:,} rows each) in two "
+             f"sources: a Parquet `data.certification` file in row groups of {PIPE_GROUP:,} rows, and a team's "
+             "`data.loader` returning `{\"train\": (x, y), \"search\": (x, y), \"certification\": DataLoader}`, the "
+             f"DataLoader (batch_size {PIPE_LOADER_BATCH:,}) over a map-style Dataset that computes each row when "
+             "it is read. Both sources hold the same rows. Each cell, in a fresh process, runs `load_splits` → "
+             "`flows.tasks.validate_data.fn` (Great Expectations; imported before the phases) → "
+             "`DataSplits.fingerprint()` → `count_certified` (MLP 784-100-10, `Box.around(radius=1e-05)`, "
+             f"batch_size {BATCH:,}, torch's default 2 threads), once with `certification: {{memory_mb: "
+             f"{PIPE_MEMORY_MB}}}` (streamed) and once without (whole: the Parquet file read by `load_file`'s path, "
+             "the DataLoader read once into a temporary safetensors file and then whole into memory). The Parquet "
+             "files are written by a separate process first. Peak RSS is the cell's `ru_maxrss`; it includes the "
+             "imports (torch, lid_engine, pandas, pyarrow, Great Expectations, prefect) and a warm-up count, "
+             "whose level before the first phase is the baseline column.", "",
+             "| source | rows | streamed / whole | memory_mb | load s | validate s | fingerprint s | count s | "
+             "total s | peak RSS MiB | baseline MiB | peak − baseline MiB |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    skipped = []
+    for c in sorted(cells, key=lambda c: (c["source"] != "parquet", c["rows"], c["memory_mb"] is None)):
+        mode = "streamed" if c["memory_mb"] else "whole"
+        head = f"| {'Parquet file' if c['source'] == 'parquet' else 'DataLoader'} | {c['rows']:,} | {mode} | " \
+               f"{c['memory_mb'] or '—'} | "
+        if "skipped" in c:
+            lines.append(head + "not run | | | | | | | |")
+            skipped.append(c)
+            continue
+        ph = [c[f"{k}_s"] for k in ("load", "validate", "fingerprint", "count")]
+        lines.append(head + " | ".join(f"{v:.2f}" for v in ph) + f" | {sum(ph):.2f} | {mib(c['peak_mib'])} | "
+                     f"{mib(c['baseline_mib'])} | {mib(c['peak_mib'] - c['baseline_mib'])} |")
+    lines += [""]
+    for c in skipped:
+        lines.append(f"- Not run: {'Parquet file' if c['source'] == 'parquet' else 'DataLoader'}, {c['rows']:,} rows, "
+                     f"{'streamed' if c['memory_mb'] else 'whole'}: {c['skipped']} (memory available then: "
+                     f"{c['available_mib']:,.0f} MiB).")
+    if writes:
+        lines.append("- Writing the Parquet files (separate process, not in the table): "
+                     + ", ".join(f"{n:,} rows {w['write_s']:.1f} s ({w['file_mib']:,.0f} MiB)"
+                                 for n, w in sorted(writes.items())) + ".")
+    eq = doc.get("pipeline_equal", {})
+    lines += ["- Same counts (class by class), same data fingerprint and N certification rows in every cell of "
+              "a size, both sources, streamed and whole: "
+              + ", ".join(f"{int(n):,} rows {'✓' if ok else '✗'}" for n, ok in eq.items()), ""]
+    lines += ["Resident memory by phase (sampled every 20 ms from /proc/self/status: the largest VmRSS in the phase, "
+              "and of it the largest RssAnon — heap, tensors — and RssFile — pages of files mapped into the "
+              "process, such as a safetensors file read through `safe_open`; MiB):", "",
+              "| source | rows | streamed / whole | load | validate | fingerprint | count |",
+              "|---|---:|---|---|---|---|---|"]
+    for c in sorted(cells, key=lambda c: (c["source"] != "parquet", c["rows"], c["memory_mb"] is None)):
+        if "skipped" in c:
+            continue
+        ph = c["phases"]
+        lines.append(f"| {'Parquet file' if c['source'] == 'parquet' else 'DataLoader'} | {c['rows']:,} | "
+                     f"{'streamed' if c['memory_mb'] else 'whole'} | "
+                     + " | ".join(f"{ph[k]['VmRSS']:,.0f} (anon {ph[k]['RssAnon']:,.0f}, file {ph[k]['RssFile']:,.0f})"
+                                  for k in ("load", "validate", "fingerprint", "count")) + " |")
+    lines += ["", "### What the numbers say", "", *pipeline_reading(doc, cells), ""]
+    return lines
+
+
+def pipeline_reading(doc: dict, cells: list[dict]) -> list[str]:
+    """The pipeline table in words, computed from it."""
+    out = []
+    run = [c for c in cells if "skipped" not in c]
+    m = run_of(doc, run[0]) if run else doc["machine"]
+    load = max(m["start_loadavg"][0], m["end_loadavg"][0])
+    out.append(f"- Machine load: 1-min load {m['start_loadavg'][0]:.1f} at the start and {m['end_loadavg'][0]:.1f} at "
+               f"the end on {m['cpus']} CPUs" + (" — the cells shared the cores with other work, so times can be off by "
+                                                 "up to ~2× either way; memory is not affected" if load > m["cpus"] else "")
+               + ".")
+    for source, name in (("parquet", "Parquet file"), ("loader", "DataLoader")):
+        st = sorted((c for c in run if c["source"] == source and c["memory_mb"]), key=lambda c: c["rows"])
+        wh = {c["rows"]: c for c in run if c["source"] == source and not c["memory_mb"]}
+        if len(st) >= 2:
+            a, b = st[0], st[-1]
+            ga, gb = a["peak_mib"] - a["baseline_mib"], b["peak_mib"] - b["baseline_mib"]
+            anon = max(b["phases"][k]["RssAnon"] for k in b["phases"]) - b["baseline_now"]["RssAnon"]
+            out.append(f"- {name}, streamed: from {a['rows']:,} to {b['rows']:,} rows ({b['rows'] // a['rows']:,}× the "
+                       f"rows) the peak above the baseline went from {mib(ga)} to {mib(gb)} MiB (peak RSS "
+                       f"{mib(a['peak_mib'])} → {mib(b['peak_mib'])} MiB); at {b['rows']:,} rows the largest anonymous "
+                       f"memory (RssAnon) was {mib(anon)} MiB above the level before loading, the largest file-mapped "
+                       f"memory (RssFile) {mib(max(b['phases'][k]['RssFile'] for k in b['phases']))} MiB. Time: "
+                       f"{b['rows'] / sum(b[f'{k}_s'] for k in ('load', 'validate', 'fingerprint', 'count')):,.0f} rows/s "
+                       "for the four phases together at the largest size.")
+        both = [n for n in sorted(wh) if any(c["rows"] == n for c in st)]
+        if both:
+            n = both[-1]
+            s_, w = next(c for c in st if c["rows"] == n), wh[n]
+            ts = {k: s_[f"{k}_s"] for k in ("load", "validate", "fingerprint", "count")}
+            tw = {k: w[f"{k}_s"] for k in ts}
+            out.append(f"- {name} at {n:,} rows, streamed against whole: peak {mib(s_['peak_mib'])} against "
+                       f"{mib(w['peak_mib'])} MiB ({mib(s_['peak_mib'] - s_['baseline_mib'])} against "
+                       f"{mib(w['peak_mib'] - w['baseline_mib'])} MiB above the baseline); time {sum(ts.values()):.1f} "
+                       f"against {sum(tw.values()):.1f} s ({sum(ts.values()) / sum(tw.values()):.2f}×) — per phase "
+                       + ", ".join(f"{k} {ts[k]:.2f} / {tw[k]:.2f} s" for k in ts) + ".")
+    return out
 
 
 def reading(doc: dict) -> list[str]:
@@ -837,10 +1135,15 @@ def reading(doc: dict) -> list[str]:
     tp = _find(cells, kind="sharded", data="tensors")
     sp = _find(cells, kind="sharded", rows=tp["rows"], mode=tp["mode"], workers=tp["workers"], data=None) if tp else None
     if tp and sp:
-        out.append(f"- Rows as tensors instead of a stream ({tp['rows']:,} rows, {tp['mode']} ×{tp['workers']}): "
+        at = {k: run_of(doc, c)["commit"][:7] for k, c in (("t", tp), ("s", sp))}
+        when = (f"; both measured at code {at['t']}" if at["t"] == at["s"] else
+                f"; the tensors row measured at code {at['t']}, the stream row at {at['s']}, in another run and load")
+        out.append(f"- Rows as tensors instead of a stream ({tp['rows']:,} rows, {tp['mode']} ×{tp['workers']}{when}): "
                    f"count {tp['count_s']:.2f} s against {sp['count_s']:.2f} s, process tree peak "
-                   f"{mib(tp['tree_peak_mib'])} MiB against {mib(sp['tree_peak_mib'])} MiB: each shard's slice is "
-                   "pickled to its worker; a stream sends only its source and row range.")
+                   f"{mib(tp['tree_peak_mib'])} MiB against {mib(sp['tree_peak_mib'])} MiB. Since 3358ac3 local "
+                   "process workers read in-memory tensors from a safetensors file written once per certification set "
+                   "(pickled as its path) instead of receiving every shard's slice pickled; measured before that (at "
+                   "381fe18), this row's process tree peaked at 6,352 MiB and its count took 24.00 s.")
     return out + [""]
 
 
@@ -921,18 +1224,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for scale.{md,json} and the plots")
     p.add_argument("--render", action="store_true", help="rewrite scale.md and the plots from scale.json, measure nothing")
+    p.add_argument("--part", action="append", choices=PARTS,
+                   help="measure only this part (repeatable) and merge it into the scale.json in --out")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.render:
-        doc = json.loads((args.out / "scale.json").read_text())
-        doc["model"] = paper_model(doc["cells"], doc["sizes"])  # JSON turned its worker counts into strings
+        doc = finish(json.loads((args.out / "scale.json").read_text()))
+    elif args.part:
+        parts = tuple(p for p in PARTS if p in args.part)
+        if not (args.out / "scale.json").exists():
+            raise SystemExit(f"benchmarks.scale: --part merges into {args.out / 'scale.json'}, which does not exist; "
+                             "run every part first (no --part)")
+        old = json.loads((args.out / "scale.json").read_text())
+        doc = merge(old, measure(args.quick, parts))
+        (args.out / "scale.json").write_text(json.dumps(doc, indent=1))
     else:
         doc = measure(args.quick)
         (args.out / "scale.json").write_text(json.dumps(doc, indent=1))
     report(doc, args.out)
     plots(doc, args.out)
     print(f"wrote {args.out / 'scale.md'} ({doc['wall_s']:.0f} s)")
-    return 0 if all(doc["equal_counts"].values()) else 1
+    return 0 if all(doc["equal_counts"].values()) and all(doc["pipeline_equal"].values()) else 1
 
 
 if __name__ == "__main__":

@@ -182,3 +182,19 @@ def test_a_loader_that_gives_other_rows_when_read_again_registers_nothing(config
         bootstrap_flow(config=str(config))
     registry = registry_of(config)
     assert registry.history() == [] and registry.champion() is None
+
+
+def test_a_streamed_set_that_fails_its_checks_is_rejected_with_the_row(config):
+    """GX checks the streamed set a block at a time; a value outside data.value_range is refused before
+    training, naming the first row and column, and nothing is registered."""
+    from flows.retrain import bootstrap_flow
+
+    doc = yaml.safe_load(config.read_text())
+    doc["data"]["value_range"] = [0.0, 0.95]  # the noisy copies reach 1.0
+    config.write_text(yaml.safe_dump(doc))
+    r = bootstrap_flow(config=str(config))
+    assert r["version"] is None and not r["promoted"] and r["reasons"][0]["code"] == "validation_failed"
+    detail = r["reasons"][0]["detail"]
+    assert "certification: range: features: values outside [0, 0.95]: above 0.95 in" in detail
+    assert "(first at row " in detail and ": column f" in detail
+    assert registry_of(config).history() == []
