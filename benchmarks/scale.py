@@ -971,7 +971,7 @@ def later_runs(doc: dict) -> list[str]:
     out = []
     for r in (doc.get("runs") or [])[1:]:
         m = r["machine"]
-        out.append(f"- **remeasured later**, part{'s' if len(r['parts']) > 1 else ''} {', '.join(r['parts'])}: "
+        out.append(f"- **measured in a later run**, part{'s' if len(r['parts']) > 1 else ''} {', '.join(r['parts'])}: "
                    f"`python -m benchmarks.scale{' --quick' if doc['quick'] else ''} "
                    + " ".join(f"--part {p}" for p in r["parts"])
                    + f"` (code at {m['commit'][:10]}{' + local changes' if m['dirty'] else ''}), {m['date']}, "
