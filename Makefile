@@ -56,9 +56,11 @@ bench: venv
 bench-soak: venv
 	$(PY) -m benchmarks.soak
 
-# How cost grows (benchmarks/scale.py; ~15 min on 2 shared cores): certification against rows (10^3..10^6) and
+# How cost grows (benchmarks/scale.py; ~20 min on 2 shared cores): certification against rows (10^3..10^6) and
 # Dask workers (threads, processes; through flows.shards under one Prefect test-harness server), LID search against
-# parameters and batch size, peak memory of each (every cell in a fresh process); writes benchmarks/results/scale.*
+# parameters and batch size, the pipeline with a streamed certification set (certification.memory_mb against whole,
+# ~5 min, ~10 GB of scratch files under TMPDIR), peak memory of each (every cell in a fresh process); writes
+# benchmarks/results/scale.*. One part alone: $(PY) -m benchmarks.scale --part pipeline (certify, compare, search)
 bench-scale: venv
 	$(PY) -m benchmarks.scale
 
