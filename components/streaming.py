@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -249,6 +250,9 @@ def loader_stream(loader: Any, data_cfg: DataSection, where: str, memory_mb: int
         shutil.rmtree(folder, ignore_errors=True)
         raise
     stream.name = where
+    if memory_mb is not None:  # later readings hold about memory_mb of it at a time
+        row = max(1, math.prod(stream.feature_shape) * stream.dtype.itemsize)
+        stream.chunk_rows = max(1, memory_mb * 2**20 // row)
     weakref.finalize(stream, shutil.rmtree, folder, True)
     return stream
 

@@ -159,8 +159,12 @@ class SafetensorsStream(CertificationStream):
     shard — the stream pickles as its path.
 
     Every reading must see the file the stream was opened on: a file whose size, modification or change
-    time or inode changed since is refused, and a copy unpickled in another process checks the file's sha256 (taken
-    when the stream is first pickled) before its first read."""
+    time or inode changed since is refused, and a copy unpickled in another process checks the file's
+    sha256 (taken when the stream is first pickled) before its first read.
+
+    The header is checked by the safetensors library; the rows are then read a chunk at a time with plain
+    positioned reads (not a memory map, whose pages would stay resident for a whole reading), so a reading
+    holds about one chunk of the file."""
 
     portable = True
 
@@ -179,6 +183,7 @@ class SafetensorsStream(CertificationStream):
                 raise InvalidInputError(f"{self.name}: 'y' must be int64 of shape ({shape[0]},)")
         self.n, self.feature_shape = shape[0], shape[1:]
         self._check_header()
+        self._offsets = _data_offsets(self.path)  # where the bytes of 'x' and of 'y' start in the file
 
     @classmethod
     def write(cls, x: Tensor, y: Tensor, path, chunk_rows: int = 4096) -> SafetensorsStream:
@@ -294,31 +299,51 @@ class SafetensorsStream(CertificationStream):
             self.sha256 = file_sha256(self.path)
         return {**self.__dict__, "_verified": False}
 
-    def _read(self, start: int, stop: int) -> Iterator[tuple[Tensor, Tensor]]:
-        from safetensors import safe_open
+    def _rows(self, f, name: str, dtype: torch.dtype, shape: tuple[int, ...], s: int, e: int) -> Tensor:
+        """Rows ``[s, e)`` of tensor ``name`` read from the open file ``f``."""
+        row = math.prod(shape) * dtype.itemsize
+        out = torch.empty((e - s, *shape), dtype=dtype)
+        view = memoryview(out.numpy()).cast("B")
+        f.seek(self._offsets[name] + s * row)
+        if f.readinto(view) != len(view):
+            raise InvalidInputError(f"{self.name}: the file ended inside rows {s}..{e} of '{name}'")
+        if not _LITTLE_ENDIAN:  # safetensors stores little-endian values
+            out.numpy().byteswap(inplace=True)
+        return out
 
+    def _read(self, start: int, stop: int) -> Iterator[tuple[Tensor, Tensor]]:
         self._check_file()
-        with safe_open(self.path, "pt") as f:
-            x, y = f.get_slice("x"), f.get_slice("y")
+        with open(self.path, "rb", buffering=0) as f:
             for s in range(start, stop, self.chunk_rows):
                 e = min(s + self.chunk_rows, stop)
-                yield x[s:e], y[s:e]
+                yield (self._rows(f, "x", self.dtype, tuple(self.feature_shape), s, e),
+                       self._rows(f, "y", torch.int64, (), s, e))
         self._check_file()
 
     def labels(self, start: int = 0, stop: int | None = None) -> Iterator[Tensor]:
-        from safetensors import safe_open
-
         start, stop = self._range(start, stop)
         self._check_file()
-        with safe_open(self.path, "pt") as f:
-            y = f.get_slice("y")
+        with open(self.path, "rb", buffering=0) as f:
             for s in range(start, stop, 1 << 20):
-                yield y[s:min(s + (1 << 20), stop)]
+                yield self._rows(f, "y", torch.int64, (), s, min(s + (1 << 20), stop))
         self._check_file()
 
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "F64": "float64"}
 _SAFETENSORS_CODES = {torch.float32: "F32", torch.float64: "F64"}
+
+
+_LITTLE_ENDIAN = __import__("sys").byteorder == "little"
+
+
+def _data_offsets(path: str) -> dict[str, int]:
+    """Where each tensor's bytes start in a safetensors file: 8 + the header's length + its data_offsets."""
+    import json
+
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    return {k: 8 + size + int(v["data_offsets"][0]) for k, v in header.items() if k != "__metadata__"}
 
 
 def _le_bytes(t: Tensor) -> bytes:

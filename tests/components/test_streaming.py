@@ -255,6 +255,7 @@ def test_a_dataloader_is_read_once_in_batches_and_hashes_as_its_tensors(big):
     assert ROWS * FEATURES * 4 > MEMORY_MB * 2**20  # more rows than the budget holds
     x, y = materialised(ds)
     assert (stream.n, stream.dtype, stream.feature_shape, stream.portable) == (ROWS, torch.float32, (FEATURES,), True)
+    assert stream.chunk_rows * FEATURES * 4 <= MEMORY_MB * 2**20 and max(len(c) for c, _ in stream.chunks()) < ROWS
     assert fingerprint_stream(stream) == fingerprint_data(x, y)
     net, box = model(), le.Box.around(model(), 0.002)
     assert count_certified(net, box, stream, batch_size=1024) == count_certified(net, box, (x, y), batch_size=1024)
