@@ -18,6 +18,7 @@ components add a Parquet source read by row groups. Nothing here imports beyond 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
@@ -63,18 +64,38 @@ class CertificationStream(ABC):
 
     def chunks(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         """Checked chunks ``(x, y)`` of rows ``[start, stop)``: ``x`` of ``dtype`` and ``(k, *feature_shape)``,
-        ``y`` int64 of shape ``(k,)``, exactly ``stop − start`` rows in all."""
+        ``y`` int64 of shape ``(k,)``, exactly ``stop − start`` rows in all.
+
+        Every reading of all the rows is hashed as it goes, and must give the rows the first one gave
+        (``InvalidInputError`` otherwise, when the reading ends): a certificate's fingerprint and its
+        counts are separate readings, so they are bound to the same bytes by construction, whatever
+        happens to the source in between."""
         start, stop = self._range(start, stop)
+        full = start == 0 and stop == self.n
+        hx, hy = hashlib.sha256(), hashlib.sha256()
         row = start
         for x, y in self._read(start, stop):
             self._check_chunk(x, y, row)
             row += len(x)
             if row > stop:
                 raise InvalidInputError(f"{self.name}: the source returned rows past row {stop} (asked for {start}..{stop})")
+            if full:
+                hx.update(x.detach().cpu().contiguous().numpy())
+                hy.update(y.detach().cpu().contiguous().numpy())
             yield x, y
         if row != stop:
             raise InvalidInputError(f"{self.name}: the source ended at row {row}, expected rows {start}..{stop} "
                                     f"({self.n} rows in all)")
+        if full:
+            self._same_rows(hx.digest() + hy.digest())
+
+    def _same_rows(self, digest: bytes) -> None:
+        """Record the first whole reading's digest; refuse a later one that differs."""
+        first = self.__dict__.setdefault("_rows_digest", digest)
+        if first != digest:
+            raise InvalidInputError(f"{self.name}: two readings of all the rows gave different rows (the source "
+                                    "changed while it was being certified, or does not give the same rows every "
+                                    "time); nothing read from it can be certified")
 
     def head(self, k: int) -> tuple[Tensor, Tensor]:
         """The first ``k`` rows (fewer when the stream is shorter) as tensors."""

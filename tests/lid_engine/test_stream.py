@@ -496,3 +496,40 @@ def test_a_safetensors_stream_refuses_a_file_changed_under_it(tmp_path):
     pinned = SafetensorsStream(tmp_path / "cert.safetensors").pin("0" * 64)
     with pytest.raises(InvalidInputError, match="not the one being certified"):
         pinned.head(1)
+
+
+class Drifting(CertificationStream):
+    """Gives other rows from its ``change_after``-th whole reading on: a source changed mid-certification."""
+
+    def __init__(self, x, y, change_after: int):
+        self.x, self.y, self.change_after, self.readings = x, y, change_after, 0
+        self.n, self.feature_shape, self.dtype, self.name = len(x), tuple(x.shape[1:]), x.dtype, "drifting.parquet"
+
+    def _read(self, start, stop):
+        if (start, stop) == (0, self.n):
+            self.readings += 1
+        x = self.x if self.readings < self.change_after else self.x.flip(0)
+        for s in range(start, stop, 128):
+            yield x[s:min(s + 128, stop)], self.y[s:min(s + 128, stop)]
+
+
+@pytest.mark.parametrize("change_after", [2, 3])
+def test_a_source_that_changes_between_readings_certifies_nothing(change_after):
+    """The fingerprint and the counts of a certificate are separate readings (and each LID member is
+    counted again): a source whose rows change between them is refused, so no certificate can name
+    rows other than those it counted."""
+    stream = Drifting(X, Y, change_after)
+    with pytest.raises(InvalidInputError, match="drifting.parquet: two readings of all the rows gave different rows"):
+        LID.certify(MODEL, [BOX, Box.around(MODEL, 0.01)], {"t": stream}, {"t": Spec("accuracy", 0.1)})
+    steady = Drifting(X, Y, change_after=10**9)
+    lid = LID.certify(MODEL, [BOX], {"t": steady}, {"t": Spec("accuracy", 0.1)})
+    assert lid.certificates[0]["t"].data_sha256 == fingerprint_data(X, Y) and steady.readings >= 2
+
+
+def test_verify_fails_closed_on_a_source_that_changes_between_readings(tmp_path):
+    lid = LID.certify(MODEL, [BOX], {"t": TensorStream(X, Y)}, {"t": Spec("accuracy", 0.1)})
+    directory = lid.save(tmp_path / "lid")
+    assert verify(directory, MODEL, Drifting(X, Y, change_after=10**9)).ok
+    report = verify(directory, MODEL, Drifting(X, Y, change_after=2))
+    assert not report.ok
+    assert "two readings of all the rows gave different rows" in str(report)
