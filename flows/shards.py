@@ -17,8 +17,9 @@ Where the workers come from (``CertificationSection``):
 A shard gets the model, the domain and its rows: a stream travels as its source and a row range that
 the shard reads itself; tensors held in memory are written once per certification set to a safetensors
 file that local process workers read their rows from (``lid_engine.stream.SafetensorsStream``), and
-travel as slices to thread workers or to an external scheduler's. It returns plain numbers (``Counts``),
-never CUDA tensors, which Dask cannot move between processes. The LID search itself stays where the
+travel as slices to thread workers or to an external scheduler's. It returns plain numbers (``Counts``,
+and for a stream a digest of the rows it read, which must equal that range's digest in one whole reading
+here: ``lid_engine.stream.range_digests``), never CUDA tensors, which Dask cannot move between processes. The LID search itself stays where the
 certify flow runs (the ``gpu`` pool).
 """
 
@@ -49,16 +50,20 @@ __all__ = ["ShardCounter", "certify_shard", "shard_counter"]
 
 @task(name="certify-shard", cache_policy=NO_CACHE, persist_result=False)
 def certify_shard(model: nn.Module, box: Box, data: CertData, rows: tuple[int, int] | None, *, dtype, batch_size: int,
-                  method: str, threads: int | None = None) -> Counts:
-    """The certified counts of rows ``rows`` of ``data`` (all of it when None), on a Dask worker."""
+                  method: str, threads: int | None = None) -> tuple[Counts, str | None]:
+    """The certified counts of rows ``rows`` of ``data`` (all of it when None), on a Dask worker, and for a
+    stream the digest of the rows it read (``lid_engine.stream.range_digests``)."""
     import torch
 
-    from lid_engine import count_certified
+    from lid_engine import CertificationStream, count_certified
+    from lid_engine.stream import TappedStream
 
     if threads is not None:
         torch.set_num_threads(threads)
-    return count_certified(model, box, data, dtype=dtype, batch_size=batch_size, method=method, rows=rows,
-                           where="certify shard")
+    tapped = TappedStream(data) if isinstance(data, CertificationStream) else None
+    counts = count_certified(model, box, tapped or data, dtype=dtype, batch_size=batch_size, method=method, rows=rows,
+                             where="certify shard")
+    return counts, tapped.digest() if tapped is not None else None
 
 
 class ShardCounter:
@@ -75,6 +80,8 @@ class ShardCounter:
         # back by each shard (instead of pickling every shard's rows for every member)
         self.staging = staging
         self._staged: dict[tuple[int, int], tuple[object, object]] = {}
+        # per stream and shard ranges: the digests of the ranges' rows (the stream kept alive with them)
+        self._digests: dict[tuple, tuple[object, list[str]]] = {}
 
     def _staged_stream(self, data):
         """``data`` (tensors, or a stream that would pickle as its rows) as a stream over a file in the
@@ -92,8 +99,8 @@ class ShardCounter:
 
     def __call__(self, model: nn.Module, box: Box, data: CertData, *, dtype, batch_size: int | None, method: str,
                  where: str) -> Counts:
-        from lid_engine import Box, CertificationStream, Counts, shard_ranges
-        from lid_engine.stream import batch_unit
+        from lid_engine import Box, CertificationStream, Counts, InvalidInputError, shard_ranges
+        from lid_engine.stream import batch_unit, range_digests
 
         if self.staging is not None and not (isinstance(data, CertificationStream) and data.portable):
             data = self._staged_stream(data)
@@ -110,7 +117,19 @@ class ShardCounter:
                 "model": model, "box": box, "data": piece, "rows": rows, "dtype": dtype, "batch_size": batch_size,
                 "method": method, "threads": self.threads}))
         self.submitted += len(futures)
-        return Counts.total(f.result() for f in futures)
+        results = [f.result() for f in futures]
+        if isinstance(data, CertificationStream):
+            # the rows each shard counted must be the rows of one whole reading here, which the stream binds
+            # to its fingerprint's (lid_engine.stream): a worker reading other rows certifies nothing
+            key = (id(data), tuple(ranges))
+            if key not in self._digests:
+                self._digests[key] = (data, range_digests(data, ranges))
+            for (a, b), (_, got), want in zip(ranges, results, self._digests[key][1]):
+                if got != want:
+                    raise InvalidInputError(f"{data.name}: the shard of rows {a}..{b} counted other rows than this "
+                                            "process reads there (a different file on the worker, or a source that "
+                                            "changed); nothing counted from it can be certified")
+        return Counts.total(counts for counts, _ in results)
 
 
 def _cpu(model: nn.Module) -> nn.Module:

@@ -28,8 +28,8 @@ from torch import Tensor
 
 from .errors import InvalidInputError
 
-__all__ = ["CastStream", "CertificationStream", "SafetensorsStream", "TensorStream", "batch_unit", "rebatch",
-           "shard_ranges"]
+__all__ = ["CastStream", "CertificationStream", "SafetensorsStream", "TappedStream", "TensorStream", "batch_unit",
+           "range_digests", "rebatch", "shard_ranges"]
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 
@@ -80,8 +80,7 @@ class CertificationStream(ABC):
             if row > stop:
                 raise InvalidInputError(f"{self.name}: the source returned rows past row {stop} (asked for {start}..{stop})")
             if full:
-                hx.update(x.detach().cpu().contiguous().numpy())
-                hy.update(y.detach().cpu().contiguous().numpy())
+                _hash_rows(hx, hy, x, y)
             yield x, y
         if row != stop:
             raise InvalidInputError(f"{self.name}: the source ended at row {row}, expected rows {start}..{stop} "
@@ -172,6 +171,49 @@ class CastStream(CertificationStream):
 
     def labels(self, start: int = 0, stop: int | None = None) -> Iterator[Tensor]:
         return self.base.labels(start, stop)
+
+
+class TappedStream(CertificationStream):
+    """Another stream's rows, hashed as they are read: ``digest()`` is ``range_digests``' digest of the rows
+    read so far (one contiguous range), so a shard can say which rows it counted."""
+
+    def __init__(self, base: CertificationStream) -> None:
+        self.base, self.n, self.feature_shape, self.dtype, self.name = base, base.n, base.feature_shape, base.dtype, base.name
+        self._hx, self._hy = hashlib.sha256(), hashlib.sha256()
+
+    def _read(self, start: int, stop: int) -> Iterator[tuple[Tensor, Tensor]]:
+        for x, y in self.base.chunks(start, stop):
+            _hash_rows(self._hx, self._hy, x, y)
+            yield x, y
+
+    def digest(self) -> str:
+        return (self._hx.digest() + self._hy.digest()).hex()
+
+
+def range_digests(stream: CertificationStream, ranges: list[tuple[int, int]]) -> list[str]:
+    """A digest of the rows of each contiguous range ``[a, b)`` (in order, covering ``0..n``), from one whole
+    reading of ``stream`` — which the stream binds to its other whole readings (``chunks``). A shard that
+    counted rows ``[a, b)`` through a ``TappedStream`` must report the same digest."""
+    if not ranges or ranges[0][0] != 0 or ranges[-1][1] != stream.n or \
+            any(b != c for (_, b), (c, _) in zip(ranges, ranges[1:])):
+        raise InvalidInputError(f"range_digests: {ranges} are not contiguous ranges covering 0..{stream.n}")
+    out: list[str] = []
+    hx, hy = hashlib.sha256(), hashlib.sha256()
+    row, k = 0, 0
+    for x, y in stream.chunks():
+        while len(x):
+            take = min(ranges[k][1] - row, len(x))
+            _hash_rows(hx, hy, x[:take], y[:take])
+            x, y, row = x[take:], y[take:], row + take
+            if row == ranges[k][1]:
+                out.append((hx.digest() + hy.digest()).hex())
+                hx, hy, k = hashlib.sha256(), hashlib.sha256(), k + 1
+    return out
+
+
+def _hash_rows(hx, hy, x: Tensor, y: Tensor) -> None:
+    hx.update(x.detach().cpu().contiguous().numpy())
+    hy.update(y.detach().cpu().contiguous().numpy())
 
 
 class SafetensorsStream(CertificationStream):

@@ -70,3 +70,46 @@ def test_shards_go_to_the_scheduler_the_configuration_names(unsharded, tmp_path)
         assert result.shards == {"shards": 2, "tasks": 2 * len(result.lid), "cluster": f"scheduler {address}"}
         assert len(cluster.scheduler.task_prefixes) > 0  # the scheduler really ran them
     assert_same_lid(one, result.lid.save(tmp_path / "external"))
+
+
+def test_a_shard_that_counts_other_rows_certifies_nothing(harness):
+    """Each shard reports a digest of the rows it counted, which must equal that range's digest in one
+    whole reading where the certificate is made: a worker that reads other rows (another file at the same
+    path, say) is refused, so the certificate cannot name rows other than those counted."""
+    import threading
+
+    from prefect import flow
+    from torch import nn
+
+    import lid_engine as le
+    from components.config import CertificationSection
+    from flows.shards import shard_counter
+    from lid_engine.stream import CertificationStream
+
+    class TwoFaced(CertificationStream):
+        """The rows it was made with in the thread that made it, other rows in any other thread."""
+
+        def __init__(self, x, y, lie: bool):
+            self.x, self.y, self.lie, self.owner = x, y, lie, threading.get_ident()
+            self.n, self.feature_shape, self.dtype, self.name = len(x), (x.shape[1],), x.dtype, "cert.parquet"
+
+        def _read(self, start, stop):
+            x = self.x.flip(0) if self.lie and threading.get_ident() != self.owner else self.x
+            yield x[start:stop], self.y[start:stop]
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x = torch.randn(300, 5)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    box, spec = le.Box.around(model, 1e-3), le.Spec("accuracy", 0.5)
+
+    @flow(name="two-faced-shards")
+    def run(lie: bool):
+        with shard_counter(CertificationSection(shards=3, workers=2, batch_size=64)) as counter:
+            return le.certify_box(model, box, TwoFaced(x, y, lie), None, spec, batch_size=64, counter=counter)
+
+    assert run(False).certified == le.certify_box(model, box, x, y, spec, batch_size=64).certified
+    with pytest.raises(Exception, match=r"cert.parquet: the shard of rows \d+..\d+ counted other rows than this "
+                                        "process reads there"):
+        run(True)

@@ -533,3 +533,22 @@ def test_verify_fails_closed_on_a_source_that_changes_between_readings(tmp_path)
     report = verify(directory, MODEL, Drifting(X, Y, change_after=2))
     assert not report.ok
     assert "two readings of all the rows gave different rows" in str(report)
+
+
+@settings(max_examples=20, deadline=None)
+@given(shards=st.integers(1, 7), unit=st.sampled_from([1, 50, 128]), chunk=st.integers(1, 300))
+def test_a_shard_that_reads_its_range_reports_that_range_s_digest(shards, unit, chunk):
+    """Shards read row ranges through a TappedStream; each digest equals the digest of that range in one
+    whole reading (range_digests), whatever the chunking, and differs when the rows differ."""
+    from lid_engine.stream import TappedStream, range_digests
+
+    stream = TensorStream(X, Y, chunk_rows=chunk)
+    ranges = shard_ranges(len(X), shards, unit)
+    whole = range_digests(TensorStream(X, Y, chunk_rows=97), ranges)
+    for (a, b), want in zip(ranges, whole):
+        tapped = TappedStream(stream)
+        assert sum(len(x) for x, _ in tapped.chunks(a, b)) == b - a and tapped.digest() == want
+    other = Y.clone()
+    other[ranges[-1][0]] = (other[ranges[-1][0]] + 1) % 4
+    assert range_digests(TensorStream(X, other), ranges)[-1] != whole[-1]
+    assert range_digests(TensorStream(X, other), ranges)[:-1] == whole[:-1]
