@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -39,25 +38,26 @@ from components.data import (
     _tensor,
     feature_names,
 )
-from lid_engine.files import file_sha256
 from components.owner import owner_tag
 from lid_engine.errors import InvalidInputError
-from lid_engine.stream import CertificationStream, SafetensorsStream
+from lid_engine.stream import CertificationStream, GuardedFile, SafetensorsStream
 
 __all__ = ["ParquetStream", "certification_stream", "loader_stream"]
 
 
-class ParquetStream(CertificationStream):
+class ParquetStream(GuardedFile, CertificationStream):
     """A Parquet certification file read a bounded chunk at a time, never whole.
 
     Each chunk is read as ``load_file`` reads the whole file (the same columns, dtype, shape and
     checks), so counts, ``lid_engine.fingerprint_stream`` and ``provenance()`` equal the in-memory
     ones. At most ``memory_mb`` MiB of feature values are staged per chunk (as float64, three copies:
     Arrow, pandas, the array); a row group larger than the budget is refused, since Parquet is read a
-    row group at a time. Labels can be read alone (one column).
+    row group at a time. Labels can be read alone (one column). The file must not change while it is
+    read, here or on a worker (``lid_engine.stream.GuardedFile``).
     """
 
     portable = True  # pickles as its path: a worker reopens the file (and checks its sha256)
+    _file_error = DataError
 
     def __init__(self, path: str | Path, data_cfg: DataSection, memory_mb: int = 512) -> None:
         import pyarrow.parquet as pq
@@ -103,56 +103,21 @@ class ParquetStream(CertificationStream):
                                 f"far more than memory_mb = {memory_mb}; rewrite the file with smaller "
                                 f"row groups (pyarrow.parquet.write_table(..., row_group_size={self.chunk_rows}))")
             self._starts.append(self._starts[-1] + rg.num_rows)
-        self._stat = self._identity()
-        self.sha256 = file_sha256(path)  # what every reader elsewhere must find at this path
-        self._verified = True
+        self._guard(self._file_sha256())  # what every reader elsewhere must find at this path (the provenance's)
         self._check_header()
 
-    def _identity(self) -> tuple[int, ...]:
-        # a worker in another process re-takes it after checking the file's sha256 (its own copy may be
-        # another inode); in one process, a file replaced by another is caught even within the clock's resolution
-        st = os.stat(self.path)  # (the change time: a rewrite with the modification time put back is caught)
-        return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
-
-    def _check_unchanged(self) -> None:
-        """Every reading must see the file the stream was opened on: the fingerprint, the counts and each
-        shard read it separately, so a file replaced or rewritten in between is refused."""
-        try:
-            now = self._identity()
-        except OSError as exc:
-            raise DataError(f"{self.name}: cannot be read any more ({exc.strerror or exc})") from None
-        if now != self._stat:
-            raise DataError(f"{self.name}: the file changed while it was being certified (its size, modification "
-                            "or change time or inode differ from when it was opened); certify a file nothing writes to")
-
     def __getstate__(self) -> dict[str, Any]:  # shards on other processes reopen the file by path
-        return {k: v for k, v in self.__dict__.items() if k != "_file"}
+        return {k: v for k, v in super().__getstate__().items() if k != "_file"}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         import pyarrow.parquet as pq
 
-        self.__dict__.update(state)
+        self.__dict__.update(state)  # (unverified: the content is checked before the first read)
         self._file = pq.ParquetFile(self.path)
-        self._verified = False  # another process (a Dask worker): check the content before the first read
-
-    def _check_content(self) -> None:
-        """In another process, the file at the path must hold the bytes the stream was opened on (a
-        worker's own copy, say); then its size and time are the ones later readings must keep."""
-        if self._verified:
-            return
-        try:
-            digest = file_sha256(self.path)
-        except OSError as exc:
-            raise DataError(f"{self.name}: cannot be read here ({exc.strerror or exc})") from None
-        if digest != self.sha256:
-            raise DataError(f"{self.name}: the file here is not the one being certified (sha256 {digest[:12]}…, "
-                            f"expected {self.sha256[:12]}…); give every worker the same file")
-        self._stat, self._verified = self._identity(), True
 
     def _batches(self, start: int, stop: int, columns: list[str]):
         """(first row, Arrow record batch) of rows ``[start, stop)``, row group by row group."""
-        self._check_content()
-        self._check_unchanged()
+        self._check_file()
         for i in range(len(self._starts) - 1):
             lo, hi = self._starts[i], self._starts[i + 1]
             if hi <= start or lo >= stop:
@@ -163,7 +128,7 @@ class ParquetStream(CertificationStream):
                 if b > a:
                     yield a, batch.slice(a - row, b - a)
                 row += batch.num_rows
-        self._check_unchanged()
+        self._check_file()
 
     def _read(self, start: int, stop: int) -> Iterator[tuple[Tensor, Tensor]]:
         d = self.data_cfg

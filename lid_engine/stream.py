@@ -22,13 +22,14 @@ import hashlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from .errors import InvalidInputError
 
-__all__ = ["CastStream", "CertificationStream", "SafetensorsStream", "TappedStream", "TensorStream", "batch_unit",
+__all__ = ["CastStream", "CertificationStream", "GuardedFile", "SafetensorsStream", "TappedStream", "TensorStream", "batch_unit",
            "range_digests", "rebatch", "shard_ranges"]
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
@@ -216,14 +217,75 @@ def _hash_rows(hx, hy, x: Tensor, y: Tensor) -> None:
     hy.update(y.detach().cpu().contiguous().numpy())
 
 
-class SafetensorsStream(CertificationStream):
+class GuardedFile:
+    """For a stream over one file that must not change under it (``SafetensorsStream``; lidgate's
+    components' ``ParquetStream``): every reading calls ``_check_file``, which refuses a file whose size,
+    modification or change time or inode differ from when it was opened (a file replaced by another, or
+    rewritten in place with its modification time put back: the change time cannot be set), and a copy
+    unpickled in another process (a Dask worker) first checks the file's bytes against ``sha256`` —
+    taken when the stream is opened or first pickled, or given by ``pin`` — and then keeps that file's
+    identity. ``_file_error`` is the exception raised."""
+
+    path: Path | str
+    name: str
+    sha256: str | None
+    _file_error: type[Exception] = InvalidInputError
+
+    def _guard(self, sha256: str | None = None) -> None:
+        """For ``__init__``: this process has the file open as it is now."""
+        self.sha256, self._stat, self._verified = sha256, self._identity(), True
+
+    def _identity(self) -> tuple[int, ...]:
+        import os
+
+        try:
+            st = os.stat(self.path)
+        except OSError as exc:
+            raise self._file_error(f"{self.name}: cannot be read ({exc.strerror or exc})") from None
+        return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
+
+    def _file_sha256(self) -> str:
+        from .files import file_sha256
+
+        try:
+            return file_sha256(self.path)
+        except OSError as exc:
+            raise self._file_error(f"{self.name}: cannot be read ({exc.strerror or exc})") from None
+
+    def _check_file(self) -> None:
+        """The file at the path is the one the stream was opened on (see the class docstring)."""
+        if not self._verified:
+            digest = self._file_sha256()
+            if digest != self.sha256:
+                raise self._file_error(f"{self.name}: the file here is not the one being certified (sha256 "
+                                       f"{digest[:12]}…, expected {str(self.sha256)[:12]}…); give every worker the "
+                                       "same file")
+            self._stat, self._verified = self._identity(), True
+        if self._identity() != self._stat:
+            raise self._file_error(f"{self.name}: the file changed while it was being certified (its size, "
+                                   "modification or change time or inode differ from when it was opened); certify "
+                                   "a file nothing writes to")
+
+    def pin(self, sha256: str):
+        """Check the file's bytes against ``sha256`` (a registered fingerprint) before the first read: what
+        is read is then what was pinned, even if the file changed after it was checked elsewhere."""
+        self.sha256, self._verified = sha256, False
+        return self
+
+    def __getstate__(self) -> dict:
+        """Another process checks the file's sha256 before its first read (taken now if not yet known)."""
+        if self.sha256 is None:
+            self._check_file()
+            self.sha256 = self._file_sha256()
+        return {**self.__dict__, "_verified": False}
+
+
+class SafetensorsStream(GuardedFile, CertificationStream):
     """``(x, y)`` written once to a safetensors file and read back a slice at a time (no pickles): how
     tensors held in memory reach other processes (Dask process workers) without being copied to every
     shard — the stream pickles as its path.
 
-    Every reading must see the file the stream was opened on: a file whose size, modification or change
-    time or inode changed since is refused, and a copy unpickled in another process checks the file's
-    sha256 (taken when the stream is first pickled) before its first read.
+    Every reading must see the file the stream was opened on (``GuardedFile``).
 
     The header is checked by the safetensors library; the rows are then read a chunk at a time with plain
     positioned reads (not a memory map, whose pages would stay resident for a whole reading), so a reading
@@ -235,8 +297,7 @@ class SafetensorsStream(CertificationStream):
         from safetensors import safe_open
 
         self.path, self.name, self.chunk_rows = str(path), str(path), chunk_rows
-        self.sha256: str | None = None  # taken when first pickled: what a reader elsewhere must find
-        self._stat, self._verified = self._identity(), True
+        self._guard()  # (the sha256 is taken when first pickled: what a reader elsewhere must find)
         with safe_open(self.path, "pt") as f:
             if set(f.keys()) != {"x", "y"}:
                 raise InvalidInputError(f"{self.name}: expected tensors 'x' and 'y', found {sorted(f.keys())}")
@@ -322,46 +383,6 @@ class SafetensorsStream(CertificationStream):
                     os.remove(p)
         return cls(path, chunk_rows)
 
-    def _identity(self) -> tuple[int, ...]:
-        import os
-
-        try:
-            st = os.stat(self.path)
-        except OSError as exc:
-            raise InvalidInputError(f"{self.name}: cannot be read ({exc.strerror or exc})") from None
-        # a file replaced by another (a new inode), or rewritten in place with its modification time put
-        # back (the change time cannot be set), is caught too
-        return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
-
-    def _check_file(self) -> None:
-        """The file at the path is the one the stream was opened on (see the class docstring)."""
-        if not self._verified:
-            from .files import file_sha256
-
-            digest = file_sha256(self.path)
-            if digest != self.sha256:
-                raise InvalidInputError(f"{self.name}: the file here is not the one being certified (sha256 "
-                                        f"{digest[:12]}…, expected {str(self.sha256)[:12]}…); give every worker "
-                                        "the same file")
-            self._stat, self._verified = self._identity(), True
-        if self._identity() != self._stat:
-            raise InvalidInputError(f"{self.name}: the file changed while it was being read (its size, "
-                                    "modification or change time or inode differ from when it was opened)")
-
-    def pin(self, sha256: str) -> SafetensorsStream:
-        """Check the file's bytes against ``sha256`` (a registered fingerprint) before the first read: what
-        is read is then what was pinned, even if the file changed after it was checked elsewhere."""
-        self.sha256, self._verified = sha256, False
-        return self
-
-    def __getstate__(self) -> dict:
-        if self.sha256 is None:
-            from .files import file_sha256
-
-            self._check_file()
-            self.sha256 = file_sha256(self.path)
-        return {**self.__dict__, "_verified": False}
-
     def _rows(self, f, name: str, dtype: torch.dtype, shape: tuple[int, ...], s: int, e: int) -> Tensor:
         """Rows ``[s, e)`` of tensor ``name`` read from the open file ``f``."""
         row = math.prod(shape) * dtype.itemsize
@@ -411,10 +432,8 @@ def _data_offsets(path: str) -> dict[str, int]:
 
 def _le_bytes(t: Tensor) -> bytes:
     """A tensor's values as little-endian bytes in row-major order (safetensors' encoding)."""
-    import sys
-
     arr = t.detach().cpu().contiguous().numpy()
-    return (arr if sys.byteorder == "little" else arr.byteswap()).tobytes()
+    return (arr if _LITTLE_ENDIAN else arr.byteswap()).tobytes()
 
 
 def batch_unit(method: str, batch_size: int) -> int:

@@ -479,7 +479,7 @@ def test_a_safetensors_stream_refuses_a_file_changed_under_it(tmp_path):
     assert fingerprint_stream(copy) == fingerprint_data(x, y)
     SafetensorsStream.write(x, (y + 1) % 4, tmp_path / "other.safetensors")
     os.replace(tmp_path / "other.safetensors", tmp_path / "cert.safetensors")
-    with pytest.raises(InvalidInputError, match="changed while it was being read"):
+    with pytest.raises(InvalidInputError, match="changed while it was being certified"):
         fingerprint_stream(stream)
     with pytest.raises(InvalidInputError, match="not the one being certified"):
         list(pickle.loads(pickle.dumps(copy)).chunks())
@@ -490,7 +490,7 @@ def test_a_safetensors_stream_refuses_a_file_changed_under_it(tmp_path):
     raw[-1] ^= 1
     (tmp_path / "cert.safetensors").write_bytes(bytes(raw))
     os.utime(tmp_path / "cert.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns))
-    with pytest.raises(InvalidInputError, match="changed while it was being read"):
+    with pytest.raises(InvalidInputError, match="changed while it was being certified"):
         fresh.head(1)
     # a stream pinned to a registered sha256 reads only a file with those bytes
     pinned = SafetensorsStream(tmp_path / "cert.safetensors").pin("0" * 64)
