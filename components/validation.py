@@ -322,6 +322,33 @@ def _classes_text(classes: list[int]) -> str:
     return "[" + ", ".join(str(c) for c in classes) + "]"
 
 
+# What each check says, for a set in memory and a streamed one alike (``where``: " (first at row …)" or "").
+def _rows_detail(ok: bool, n: int, need: int) -> str:
+    return f"row count {n}" + (f" ≥ {need}" if ok else f" < required {need}")
+
+
+def _finite_detail(ok: bool, n: int, d: int, count: int = 0, where: str = "") -> str:
+    return f"features: no NaN/inf in {n} rows × {d} values" if ok else f"features: NaN/inf in {_rows(count)}{where}"
+
+
+def _labels_detail(ok: bool, n: int, classes: list[int], count: int = 0, where: str = "") -> str:
+    cls = _classes_text(classes)
+    return (f"label column: all {n} labels in task classes {cls}" if ok else
+            f"label column: {_rows(count)} outside task classes {cls}{where}")
+
+
+def _range_detail(ok: bool, lo: float, hi: float, parts: Sequence[str] = (), where: str = "") -> str:
+    return (f"features: all finite values within [{_fmt(lo)}, {_fmt(hi)}]" if ok else
+            f"features: values outside [{_fmt(lo)}, {_fmt(hi)}]: {', '.join(parts)}{where}")
+
+
+def _confidence_detail(ok: bool, n: int, need: int, a: _Args) -> str:
+    if ok:
+        return f"{n} rows ≥ {need} needed to certify ≥ {_fmt(a.target)} at confidence {_fmt(a.confidence)}"
+    return (f"too small for the stated confidence: need ≥ {need} rows to certify ≥ {_fmt(a.target)} "
+            f"at confidence {_fmt(a.confidence)} (have {n})")
+
+
 # ----------------------------------------------------------------------------------- validation
 def _validate(session_factory: Any, x: Any, y: Any, a: _Args) -> ValidationReport:
     checks: list[DataCheck] = []
@@ -375,12 +402,6 @@ def _validate(session_factory: Any, x: Any, y: Any, a: _Args) -> ValidationRepor
     )
     need_conf = min_rows_for_confidence(a.confidence, a.target) if a.confidence is not None else None
 
-    def conf_text(have: int) -> str:
-        return (
-            f"too small for the stated confidence: need ≥ {need_conf} rows to certify ≥ {_fmt(a.target)} "
-            f"at confidence {_fmt(a.confidence)} (have {have})"
-        )
-
     if not structural:
         for nm in gx_names:
             checks.append(DataCheck(nm, False, "not checked: x and y do not line up as a table (see 'shape')", "skipped"))
@@ -391,7 +412,7 @@ def _validate(session_factory: Any, x: Any, y: Any, a: _Args) -> ValidationRepor
             if nm == "rows":
                 checks.append(DataCheck("rows", False, f"empty data set: 0 rows (need ≥ {max(1, a.min_rows)})", pre))
             elif nm == "confidence_rows":
-                checks.append(DataCheck(nm, False, conf_text(0), pre))
+                checks.append(DataCheck(nm, False, _confidence_detail(False, 0, need_conf, a), pre))
             else:
                 checks.append(DataCheck(nm, False, "not checked: the data set is empty", "skipped"))
         return ValidationReport(a.name, a.role, False, 0, checks)
@@ -442,15 +463,14 @@ def _validate(session_factory: Any, x: Any, y: Any, a: _Args) -> ValidationRepor
     if err:
         checks.append(DataCheck("rows", False, err, types["rows"]))
     else:
-        ok = bool(r.success)
-        checks.append(DataCheck("rows", ok, f"row count {n}" + (f" ≥ {a.min_rows}" if ok else f" < required {a.min_rows}"), types["rows"]))
+        checks.append(DataCheck("rows", bool(r.success), _rows_detail(bool(r.success), n, a.min_rows), types["rows"]))
 
     # finite
     r, err = get("finite")
     if err:
         checks.append(DataCheck("finite", False, err, types["finite"]))
     elif r.success:
-        checks.append(DataCheck("finite", True, f"features: no NaN/inf in {n} rows × {d} values", types["finite"]))
+        checks.append(DataCheck("finite", True, _finite_detail(True, n, d), types["finite"]))
     else:
         cnt = int(r.result.get("unexpected_count", 0))
         i = first_row(r)
@@ -458,20 +478,19 @@ def _validate(session_factory: Any, x: Any, y: Any, a: _Args) -> ValidationRepor
         if i is not None:
             j = int(np.flatnonzero(~finite[i])[0])
             where = f" (first at row {i}: column f{j} = {flat[i, j]})"
-        checks.append(DataCheck("finite", False, f"features: NaN/inf in {_rows(cnt)}{where}", types["finite"]))
+        checks.append(DataCheck("finite", False, _finite_detail(False, n, d, cnt, where), types["finite"]))
 
     # labels
     r, err = get("labels")
-    cls = _classes_text(a.classes)
     if err:
         checks.append(DataCheck("labels", False, err, types["labels"]))
     elif r.success:
-        checks.append(DataCheck("labels", True, f"label column: all {n} labels in task classes {cls}", types["labels"]))
+        checks.append(DataCheck("labels", True, _labels_detail(True, n, a.classes), types["labels"]))
     else:
         cnt = int(r.result.get("unexpected_count", 0))
         i = first_row(r)
         where = f" (first at row {i}: value {yv[i].item()})" if i is not None else ""
-        checks.append(DataCheck("labels", False, f"label column: {_rows(cnt)} outside task classes {cls}{where}", types["labels"]))
+        checks.append(DataCheck("labels", False, _labels_detail(False, n, a.classes, cnt, where), types["labels"]))
 
     # range
     if a.value_range:
@@ -481,7 +500,7 @@ def _validate(session_factory: Any, x: Any, y: Any, a: _Args) -> ValidationRepor
         if el or eh:
             checks.append(DataCheck("range", False, el or eh, typ))
         elif rl.success and rh.success:
-            checks.append(DataCheck("range", True, f"features: all finite values within [{_fmt(lo)}, {_fmt(hi)}]", typ))
+            checks.append(DataCheck("range", True, _range_detail(True, lo, hi), typ))
         else:
             parts, firsts = [], []
             if not rl.success:
@@ -497,25 +516,16 @@ def _validate(session_factory: Any, x: Any, y: Any, a: _Args) -> ValidationRepor
                 bad = finite[i] & ((flat[i] < lo) | (flat[i] > hi))
                 j = int(np.flatnonzero(bad)[0])
                 where = f" (first at row {i}: column f{j} = {flat[i, j]})"
-            checks.append(
-                DataCheck("range", False, f"features: values outside [{_fmt(lo)}, {_fmt(hi)}]: {', '.join(parts)}{where}", typ)
-            )
+            checks.append(DataCheck("range", False, _range_detail(False, lo, hi, parts, where), typ))
 
     # confidence_rows
     if need_conf is not None:
         r, err = get("confidence_rows")
         if err:
             checks.append(DataCheck("confidence_rows", False, err, types["confidence_rows"]))
-        elif r.success:
-            checks.append(
-                DataCheck(
-                    "confidence_rows", True,
-                    f"{n} rows ≥ {need_conf} needed to certify ≥ {_fmt(a.target)} at confidence {_fmt(a.confidence)}",
-                    types["confidence_rows"],
-                )
-            )
         else:
-            checks.append(DataCheck("confidence_rows", False, conf_text(n), types["confidence_rows"]))
+            ok = bool(r.success)
+            checks.append(DataCheck("confidence_rows", ok, _confidence_detail(ok, n, need_conf, a), types["confidence_rows"]))
 
     return ValidationReport(a.name, a.role, all(c.success for c in checks), n, checks)
 
@@ -648,30 +658,22 @@ def _validate_stream(session_factory: Any, stream: Any, a: _Args, block_rows: in
         checks.append(DataCheck("finite", False, errors["finite"], types["finite"]))
     else:
         ok = "finite" not in failed
-        checks.append(DataCheck("finite", ok, f"features: no NaN/inf in {n} rows × {d} values"
-                                if ok else f"features: NaN/inf in {_rows(bad['finite'])}{where('finite')}",
-                                types["finite"]))
-    cls = _classes_text(a.classes)
+        checks.append(DataCheck("finite", ok, _finite_detail(ok, n, d, bad["finite"], where("finite")), types["finite"]))
     if "labels" in errors:
         checks.append(DataCheck("labels", False, errors["labels"], types["labels"]))
     else:
         ok = "labels" not in failed
-        checks.append(DataCheck("labels", ok, f"label column: all {n} labels in task classes {cls}"
-                                if ok else
-                                f"label column: {_rows(bad['labels'])} outside task classes {cls}{where('labels')}",
+        checks.append(DataCheck("labels", ok, _labels_detail(ok, n, a.classes, bad["labels"], where("labels")),
                                 types["labels"]))
     if a.value_range:
         typ = f"{types['range_low']} (x_min, x_max)"
         err = errors.get("range_low") or errors.get("range_high")
         if err:
             checks.append(DataCheck("range", False, err, typ))
-        elif not {"range_low", "range_high"} & failed:
-            checks.append(DataCheck("range", True, f"features: all finite values within [{_fmt(lo)}, {_fmt(hi)}]", typ))
         else:
             parts = [f"{side} {_fmt(v)} in {_rows(bad[k])}" for side, v, k in
                      (("below", lo, "range_low"), ("above", hi, "range_high")) if k in failed]
-            checks.append(DataCheck("range", False, f"features: values outside [{_fmt(lo)}, {_fmt(hi)}]: "
-                                                    f"{', '.join(parts)}{where('range')}", typ))
+            checks.append(DataCheck("range", not parts, _range_detail(not parts, lo, hi, parts, where("range")), typ))
     # the row counts: a real expectation over the blocks' sizes
     need_conf = min_rows_for_confidence(a.confidence, a.target) if a.confidence is not None else None
     counts = [("rows", a.min_rows)] + ([("confidence_rows", need_conf)] if need_conf is not None else [])
@@ -688,15 +690,10 @@ def _validate_stream(session_factory: Any, stream: Any, a: _Args, block_rows: in
                             "Great Expectations returned no result for this expectation")
         if err:
             checks.append(DataCheck(key, False, err, typ))
-        elif key == "rows":
-            checks.append(DataCheck("rows", bool(r.success), f"row count {n}" + (f" ≥ {need}" if r.success else
-                                                                                  f" < required {need}"), typ))
         else:
             ok = bool(r.success)
-            checks.append(DataCheck(key, ok, f"{n} rows ≥ {need} needed to certify ≥ {_fmt(a.target)} at confidence "
-                                             f"{_fmt(a.confidence)}" if ok else
-                                    f"too small for the stated confidence: need ≥ {need} rows to certify ≥ "
-                                    f"{_fmt(a.target)} at confidence {_fmt(a.confidence)} (have {n})", typ))
+            detail = _rows_detail(ok, n, need) if key == "rows" else _confidence_detail(ok, n, need, a)
+            checks.append(DataCheck(key, ok, detail, typ))
     order = ["shape", "dtype", "rows", "finite", "labels", "range", "confidence_rows"]
     checks.sort(key=lambda c: order.index(c.name))
     return ValidationReport(a.name, a.role, all(c.success for c in checks), n, checks)
