@@ -145,38 +145,51 @@ def peak_mib(who: int = resource.RUSAGE_SELF) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- cells
-class TreePeak:
-    """The largest resident set of this process and all its descendants together (Dask process workers
-    included), sampled every ``every`` seconds in a background thread. ``ru_maxrss`` of the children is no
-    use for them: a process started by fork + exec inherits its parent's peak as its own floor."""
+class _Sampler:
+    """Calls ``sample()`` every ``every`` seconds in a background thread while the ``with`` block runs."""
 
-    def __init__(self, every: float = 0.1) -> None:
+    def __init__(self, every: float) -> None:
         import threading
 
-        import psutil
-
-        self.me, self.every, self.peak = psutil.Process(), every, 0
-        self.stop = threading.Event()
+        self.every, self.stop = every, threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        raise NotImplementedError
 
     def _run(self) -> None:
         while not self.stop.is_set():
-            total = 0
-            for p in [self.me, *self.me.children(recursive=True)]:
-                try:
-                    total += p.memory_info().rss
-                except Exception:  # a worker that exited between listing and reading
-                    pass
-            self.peak = max(self.peak, total)
+            self.sample()
             self.stop.wait(self.every)
 
-    def __enter__(self) -> TreePeak:
+    def __enter__(self):
         self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self.thread.join()
+
+
+class TreePeak(_Sampler):
+    """The largest resident set of this process and all its descendants together (Dask process workers
+    included), sampled every ``every`` seconds in a background thread. ``ru_maxrss`` of the children is no
+    use for them: a process started by fork + exec inherits its parent's peak as its own floor."""
+
+    def __init__(self, every: float = 0.1) -> None:
+        import psutil
+
+        super().__init__(every)
+        self.me, self.peak = psutil.Process(), 0
+
+    def sample(self) -> None:
+        total = 0
+        for p in [self.me, *self.me.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except Exception:  # a worker that exited between listing and reading
+                pass
+        self.peak = max(self.peak, total)
 
 
 def cell(spec: dict) -> dict:
@@ -430,7 +443,7 @@ def pipeline_config(spec: dict) -> Path:
     return path
 
 
-class PhasePeak:
+class PhasePeak(_Sampler):
     """Resident memory of this process per phase, sampled every ``every`` seconds from /proc/self/status:
     the largest VmRSS, RssAnon (heap, tensors) and RssFile (pages of mapped files) seen in the phase."""
 
@@ -439,10 +452,9 @@ class PhasePeak:
     def __init__(self, every: float = 0.02) -> None:
         import threading
 
-        self.every, self.stop = every, threading.Event()
+        super().__init__(every)
         self.lock = threading.Lock()
         self.peak = dict.fromkeys(self.FIELDS, 0)
-        self.thread = threading.Thread(target=self._run, daemon=True)
 
     def read(self) -> dict[str, int]:
         out = {}
@@ -452,11 +464,6 @@ class PhasePeak:
                 if k in self.FIELDS:
                     out[k] = int(v.split()[0]) * 1024
         return out
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            self.sample()
-            self.stop.wait(self.every)
 
     def sample(self) -> None:
         now = self.read()
@@ -470,14 +477,6 @@ class PhasePeak:
         with self.lock:
             out, self.peak = {k: v / 2**20 for k, v in self.peak.items()}, dict.fromkeys(self.FIELDS, 0)
         return out
-
-    def __enter__(self) -> PhasePeak:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
 
 
 def pipeline_cell(spec: dict) -> dict:
