@@ -19,8 +19,8 @@ the shard reads itself; tensors held in memory are written once per certificatio
 file that local process workers read their rows from (``lid_engine.stream.SafetensorsStream``), and
 travel as slices to thread workers or to an external scheduler's. It returns plain numbers (``Counts``,
 and for a stream a digest of the rows it read, which must equal that range's digest in one whole reading
-here: ``lid_engine.stream.range_digests``), never CUDA tensors, which Dask cannot move between processes. The LID search itself stays where the
-certify flow runs (the ``gpu`` pool).
+here: ``lid_engine.stream.range_digests``), never CUDA tensors, which Dask cannot move between
+processes. The LID search itself stays where the certify flow runs (the ``gpu`` pool).
 """
 
 from __future__ import annotations
