@@ -1088,9 +1088,9 @@ def _assemble(d: DataSection, splits: Mapping[str, tuple[np.ndarray, np.ndarray]
 
 
 def _is_stream(value: Any) -> bool:
-    """Whether a split is a ``lid_engine.CertificationStream`` (pairs are tuples; the engine is imported
-    only when something else is met)."""
-    if isinstance(value, (tuple, list)):
+    """Whether a split (or a data set handed to validation) is a ``lid_engine.CertificationStream``; the
+    engine is imported only when something other than a pair, a tensor or an array is met."""
+    if isinstance(value, (tuple, list, Tensor, np.ndarray)):
         return False
     from lid_engine.stream import CertificationStream
 

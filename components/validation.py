@@ -727,6 +727,8 @@ def validate_dataset(
         role=role, name=name, n_features=n_features, classes=classes, min_rows=min_rows,
         value_range=value_range, confidence=confidence, target_lower_bound=target_lower_bound,
     )
+    from components.data import _is_stream
+
     if _is_stream(x) and y is None:
         return _validate_stream(_GXSession, x, a)
     return _validate(_GXSession, x, y, a)
@@ -756,13 +758,7 @@ def validate_all(datasets: Mapping[str, tuple[Any, Any, dict]]) -> dict[str, Val
             session.append(_GXSession())
         return session[0]
 
+    from components.data import _is_stream
+
     return {key: _validate_stream(shared, x, a) if _is_stream(x) and y is None else _validate(shared, x, y, a)
             for key, (x, y, a) in parsed.items()}
-
-
-def _is_stream(x: Any) -> bool:
-    if type(x).__module__.startswith(("torch", "numpy")):
-        return False
-    from lid_engine.stream import CertificationStream
-
-    return isinstance(x, CertificationStream)
